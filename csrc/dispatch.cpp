@@ -1,0 +1,103 @@
+// CPUID / xgetbv feature detection and the process-wide current ISA.
+#include "dispatch.h"
+
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <stdexcept>
+
+#if XC_X86
+#include <cpuid.h>
+#endif
+
+namespace xcompile {
+namespace {
+
+#if XC_X86
+// XCR0: which register states the OS saves on context switch. A CPU may report AVX-512 in CPUID
+// while the kernel has it disabled; using it then faults, so both must agree.
+uint64_t xgetbv0() {
+  uint32_t eax, edx;
+  __asm__ volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));
+  return (uint64_t(edx) << 32) | eax;
+}
+
+Isa detect() {
+  unsigned eax, ebx, ecx, edx;
+  if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx)) return Isa::scalar;
+  const bool osxsave = ecx & (1u << 27), avx = ecx & (1u << 28), fma = ecx & (1u << 12);
+  if (!osxsave || !avx) return Isa::scalar;
+  const uint64_t xcr0 = xgetbv0();
+  const bool os_ymm = (xcr0 & 0x6) == 0x6;     // SSE + AVX state
+  const bool os_zmm = (xcr0 & 0xe6) == 0xe6;   // + opmask, ZMM_Hi256, Hi16_ZMM
+  if (!os_ymm || __get_cpuid_max(0, nullptr) < 7) return Isa::scalar;
+  __cpuid_count(7, 0, eax, ebx, ecx, edx);
+  const bool avx2 = ebx & (1u << 5);
+  const bool avx512f = ebx & (1u << 16), avx512bw = ebx & (1u << 30), avx512vl = ebx & (1u << 31);
+  if (os_zmm && avx512f && avx512bw && avx512vl && avx2 && fma) return Isa::avx512;
+  if (avx2 && fma) return Isa::avx2;
+  return Isa::scalar;
+}
+#else
+Isa detect() { return Isa::scalar; }
+#endif
+
+Isa cpu_best() {
+  static const Isa best = detect();
+  return best;
+}
+
+std::atomic<int> current{int(cpu_best())};
+
+std::string supported_names() {
+  std::string names;
+  for (Isa isa : supported_isas()) names += (names.empty() ? "" : ", ") + std::string(isa_name(isa));
+  return names;
+}
+
+}  // namespace
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::scalar: return "scalar";
+    case Isa::avx2: return "avx2";
+    case Isa::avx512: return "avx512";
+  }
+  return "unknown";
+}
+
+Isa best_isa() { return cpu_best(); }
+
+std::vector<Isa> supported_isas() {
+  std::vector<Isa> isas;
+  for (int i = 0; i <= int(cpu_best()); ++i) isas.push_back(Isa(i));
+  return isas;
+}
+
+Isa current_isa() { return Isa(current.load(std::memory_order_relaxed)); }
+
+void set_isa(const std::string& name) {
+  for (Isa isa : supported_isas()) {
+    if (name == isa_name(isa)) {
+      current.store(int(isa), std::memory_order_relaxed);
+      return;
+    }
+  }
+  bool known = false;
+  for (int i = 0; i <= int(Isa::avx512); ++i) known = known || name == isa_name(Isa(i));
+  throw std::invalid_argument((known ? "this CPU cannot run ISA '" : "unknown ISA '") + name +
+                              "'; choose one of: " + supported_names());
+}
+
+void set_isa_from_env() {
+  const char* forced = std::getenv("XCOMPILE_ISA");
+  if (forced && *forced) {
+    try {
+      set_isa(forced);
+    } catch (const std::invalid_argument& e) {
+      throw std::invalid_argument(std::string("XCOMPILE_ISA: ") + e.what());
+    }
+  }
+}
+
+}  // namespace xcompile

@@ -1,0 +1,41 @@
+// Run-time ISA dispatch for the csrc kernels.
+//
+// One build runs on any x86-64 CPU: every vector path is compiled with a function target
+// attribute (XC_TARGET_*), never -march=native, and the path a kernel takes is chosen once at
+// import from CPUID (and the OS-enabled register state from xgetbv), or forced with
+// XCOMPILE_ISA=<name> / set_isa(name) so every path can be tested on a machine that has it.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#define XC_X86 1
+#define XC_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define XC_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma")))
+#else
+#define XC_X86 0
+#endif
+
+namespace xcompile {
+
+// Ordered slowest to fastest: best_isa() is the largest value the CPU supports.
+// Only paths that are genuinely different code are listed (no avx512_bf16 yet: activations stay
+// fp32, so _mm512_dpbf16_ps would cost accuracy; that path would alias avx512 today).
+enum class Isa : int {
+  scalar = 0,  // portable C++, the baseline every CPU runs
+  avx2 = 1,    // AVX2 + FMA, 8 x fp32
+  avx512 = 2,  // AVX-512 F + BW + VL, 16 x fp32, masked tails
+};
+
+const char* isa_name(Isa isa);
+Isa best_isa();                    // the fastest path this CPU (and OS) supports
+std::vector<Isa> supported_isas();  // every path this CPU can run, slowest first
+Isa current_isa();                 // the path kernels take now
+// Forces a path by name; throws std::invalid_argument (ValueError in Python) naming the
+// supported ones when the name is unknown or this CPU lacks it.
+void set_isa(const std::string& name);
+// Applies XCOMPILE_ISA when it is set (called once at import).
+void set_isa_from_env();
+
+}  // namespace xcompile

@@ -1,0 +1,66 @@
+"""The generation loop: prefill the prompt, then one token per decode step until a stop.
+
+    result = generate(model, prompt_ids, max_new_tokens=16, sampler=Sampler(...), eos_ids={2},
+                      on_token=print_piece)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from xcompile.errors import UserError
+from xcompile.runtime.model import Model
+from xcompile.runtime.sampling import Sampler
+
+
+@dataclass
+class Generation:
+    prompt_tokens: int
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str = "length"
+    prefill_ms: float = 0.0
+    decode_ms: list[float] = field(default_factory=list)
+
+    @property
+    def per_token_ms(self) -> float:
+        return sum(self.decode_ms) / len(self.decode_ms) if self.decode_ms else 0.0
+
+
+def check_prompt(model: Model, prompt_ids: list[int]) -> None:
+    if not prompt_ids:
+        raise UserError("the prompt is empty after tokenization; give some text")
+    if len(prompt_ids) >= model.context:
+        raise UserError(f"the prompt is {len(prompt_ids)} tokens, the model's context is "
+                        f"{model.context}; shorten the prompt")
+
+
+def generate(model: Model, prompt_ids: list[int], max_new_tokens: int, sampler: Sampler,
+             eos_ids: set[int], on_token: Callable[[int], None] | None = None) -> Generation:
+    check_prompt(model, prompt_ids)
+    budget = min(max_new_tokens, model.context - len(prompt_ids))
+    cache = model.new_cache(len(prompt_ids) + budget)
+    out = Generation(prompt_tokens=len(prompt_ids))
+    if budget <= 0:
+        return out
+
+    t0 = time.perf_counter()
+    logits = model.forward(prompt_ids, 0, cache)[-1]
+    out.prefill_ms = (time.perf_counter() - t0) * 1e3
+    position = len(prompt_ids)
+    while True:
+        token = sampler(logits)
+        out.tokens.append(token)
+        if on_token:
+            on_token(token)
+        if token in eos_ids:
+            out.finish_reason = "stop"
+            break
+        if len(out.tokens) >= budget:
+            break
+        t0 = time.perf_counter()
+        logits = model.forward([token], position, cache)[-1]
+        out.decode_ms.append((time.perf_counter() - t0) * 1e3)
+        position += 1
+    return out

@@ -1,0 +1,72 @@
+"""Artifacts loaded for running: manifest checked, weights mapped (no copy), plan built once.
+
+    model = Model.load("artifacts/")
+    cache = model.new_cache(capacity)
+    logits = model.forward(ids, start, cache)   # ids (S,) -> logits (S, vocab) fp32
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import torch
+
+from xcompile import artifacts
+from xcompile.errors import UserError
+from xcompile.runtime.kv_cache import KVCache
+from xcompile.runtime.plan import Plan, build_plan
+
+
+@dataclass
+class Model:
+    root: Path
+    manifest: artifacts.Manifest
+    graph: onnx.ModelProto
+    weights: dict[str, torch.Tensor]
+    use_kernels: bool = True
+
+    @classmethod
+    def load(cls, root: str | Path, use_kernels: bool = True, rank: int = 0) -> Model:
+        root = Path(root)
+        manifest = artifacts.read_manifest(root)
+        artifacts.verify(root, manifest)
+        graph_file = root / ("model.onnx" if (root / "model.onnx").is_file() else
+                             f"rank{rank}.onnx")
+        try:
+            graph = onnx.load(str(graph_file), load_external_data=False)
+        except Exception as e:  # protobuf's DecodeError and friends
+            raise UserError(f"{graph_file}: not a readable ONNX graph ({e.__class__.__name__}); "
+                            "rebuild the artifacts") from None
+        weights = dict(artifacts.map_tensors(root / f"rank{rank}.safetensors"))
+        return cls(root, manifest, graph, weights, use_kernels)
+
+    @property
+    def config(self) -> dict:
+        return self.manifest.config or {}
+
+    @property
+    def context(self) -> int:
+        return int(self.config["max_positions"])
+
+    def new_cache(self, capacity: int) -> KVCache:
+        c = self.config
+        self._cache = KVCache(c["layers"], c["kv_heads"], c["head_dim"], capacity)
+        self._plan = build_plan(self.graph, self.weights, self._cache.buffers, self.use_kernels)
+        return self._cache
+
+    @property
+    def plan(self) -> Plan:
+        return self._plan
+
+    def forward(self, ids: list[int], start: int, cache: KVCache) -> torch.Tensor:
+        """ids: the S new tokens at positions start..start+S-1 -> logits (S, vocab)."""
+        if cache is not self._cache:
+            raise ValueError("forward() takes the cache from this model's new_cache()")
+        s = len(ids)
+        feeds = cache.past(start)
+        feeds["input_ids"] = torch.tensor([ids], dtype=torch.int64)
+        feeds["position_ids"] = torch.arange(start, start + s, dtype=torch.int64)[None]
+        with torch.inference_mode():
+            return self._plan.run(feeds)[0]

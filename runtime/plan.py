@@ -1,0 +1,203 @@
+"""The execution plan: a graph turned, once, into a flat list of bound steps.
+
+    plan = build_plan(model, weights, use_kernels=True)
+    logits = plan.run({"input_ids": ..., "position_ids": ..., "past_key_values.0.key": view, ...})
+
+Building the plan does all the graph work a decode step should not: topological order, constant
+folding (shapes, casts of small tensors), binding weights to the steps that use them, and these
+rewrites:
+  - MatMul(x, Transpose(Cast?(W))) with W a weight (N, K) -> one Linear step on W as stored
+    (csrc GEMV for a few rows, torch for many; W is never transposed or copied);
+  - Concat(past_key_values.i.*, new, axis=2) -> KV append: the new rows are written into the
+    preallocated cache behind the past view and the step returns a view of the whole, no copy.
+Running is one loop over the steps; `use_kernels=False` runs every step on its torch reference.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import onnx
+import torch
+from onnx import numpy_helper
+
+from xcompile.errors import UserError
+from xcompile.runtime.ops import DTYPES, OPS
+
+PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)$")
+GEMV_MAX_ROWS = 8  # rows up to which the csrc GEMV beats torch's GEMM (decode, small batches)
+
+
+@dataclass
+class Step:
+    name: str
+    fn: Callable[..., Any]
+    ins: tuple[int, ...]  # value slots; -1 for an omitted optional input
+    outs: tuple[int, ...]
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+class Plan:
+    def __init__(self, steps: list[Step], slots: list[Any], feeds: dict[str, int], fetch: int):
+        self.steps = steps
+        self.slots = slots  # constants filled in; the rest written by steps while running
+        self.feeds = feeds
+        self.fetch = fetch
+
+    def run(self, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
+        env = self.slots
+        for name, slot in self.feeds.items():
+            env[slot] = feeds[name]
+        for step in self.steps:
+            result = step.fn(*[env[i] if i >= 0 else None for i in step.ins], **step.attrs)
+            if len(step.outs) == 1:
+                env[step.outs[0]] = result
+            else:
+                for slot, value in zip(step.outs, result):
+                    env[slot] = value
+        return env[self.fetch]
+
+    def op_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for step in self.steps:
+            kind = step.name.rsplit("/", 1)[-1].split("_")[0]
+            counts[kind] = counts.get(kind, 0) + 1
+        return counts
+
+
+def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def linear_step(weight: torch.Tensor, use_kernels: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x (..., K) @ weight (N, K)ᵀ -> (..., N) fp32; weight fp32 or bf16 as stored."""
+    from xcompile.runtime import kernels
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if use_kernels and rows <= GEMV_MAX_ROWS:
+            return kernels.linear(x.contiguous(), weight)
+        return torch.nn.functional.linear(x, weight.to(x.dtype))
+
+    return run
+
+
+def kv_append(past: torch.Tensor, new: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+    """past (B,kv,P,d) is a view of cache (B,kv,capacity,d); write new (B,kv,S,d) at P..P+S and
+    return the view (B,kv,P+S,d)."""
+    p, s = past.shape[2], new.shape[2]
+    if p + s > cache.shape[2]:
+        raise UserError(f"context full: {p + s} tokens do not fit the KV cache of "
+                        f"{cache.shape[2]}; ask for fewer tokens")
+    cache[:, :, p:p + s].copy_(new)
+    return cache[:, :, : p + s]
+
+
+def build_plan(model: onnx.ModelProto, weights: dict[str, torch.Tensor],
+               cache: dict[str, torch.Tensor], use_kernels: bool = True,
+               fetch: str = "logits") -> Plan:
+    """cache: past input name (past_key_values.{i}.key|value) -> its preallocated buffer."""
+    graph = model.graph
+    slot: dict[str, int] = {}
+    slots: list[Any] = []
+    const: set[str] = set()
+
+    def index(name: str) -> int:
+        if name == "":
+            return -1
+        if name not in slot:
+            slot[name] = len(slots)
+            slots.append(None)
+        return slot[name]
+
+    for init in graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            t = weights.get(init.name)
+            if t is None:
+                raise UserError(f"weights lack tensor {init.name!r} that the graph uses; "
+                                "rebuild the artifacts")
+            if tuple(t.shape) != tuple(init.dims) or t.dtype != DTYPES[init.data_type]:
+                raise UserError(f"weight {init.name!r} is {t.dtype} {tuple(t.shape)}, graph "
+                                f"expects {DTYPES[init.data_type]} {tuple(init.dims)}; rebuild")
+        else:
+            t = torch.from_numpy(numpy_helper.to_array(init).copy())
+        slots[index(init.name)] = t
+        const.add(init.name)
+
+    producer = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+
+    def weight_chain(name: str) -> tuple[str, list[onnx.NodeProto]] | None:
+        """MatMul's B operand -> (weight name, [Transpose, Cast?]) when it is W(N,K)ᵀ."""
+        node = producer.get(name)
+        if node is None or node.op_type != "Transpose" or _attrs(node).get("perm") != [1, 0]:
+            return None
+        chain = [node]
+        src = node.input[0]
+        if src in producer and producer[src].op_type == "Cast" and _attrs(producer[src])["to"] == 1:
+            chain.append(producer[src])
+            src = producer[src].input[0]
+        if src not in const or src in producer:
+            return None
+        return src, chain
+
+    absorbed: set[str] = set()  # node names whose work a Linear step took over
+    linears: dict[str, str] = {}  # MatMul node name -> weight name
+    for node in graph.node:
+        if node.op_type == "MatMul":
+            found = weight_chain(node.input[1])
+            if found:
+                linears[node.name] = found[0]
+                for n in found[1]:
+                    if all(consumers.get(o, 0) <= 1 for o in n.output):
+                        absorbed.add(n.name)
+
+    steps: list[Step] = []
+    for node in graph.node:
+        if node.name in absorbed:
+            continue
+        attrs = _attrs(node)
+        ins = tuple(index(n) for n in node.input)
+        outs = tuple(index(n) for n in node.output)
+        if node.name in linears:
+            w = slots[slot[linears[node.name]]]
+            steps.append(Step(node.name, linear_step(w, use_kernels), ins[:1], outs))
+            continue
+        if node.op_type == "Concat" and PAST.match(node.input[0]) and attrs.get("axis") == 2:
+            buf = cache[node.input[0]]
+            steps.append(Step(node.name + "/kv_append", kv_append, ins, outs, {"cache": buf}))
+            continue
+        if node.op_type not in OPS:
+            raise UserError(f"the graph uses op {node.op_type!r} ({node.name}), which this runtime "
+                            "does not run; rebuild the artifacts with this xcompile version")
+        if node.domain not in ("", "ai.onnx"):
+            raise UserError(f"op {node.domain}.{node.op_type} is not supported by this runtime")
+        fn = OPS[node.op_type]
+        if all(n in const or n == "" for n in node.input):  # fold now, once
+            result = fn(*[slots[slot[n]] if n else None for n in node.input], **attrs)
+            results = result if len(node.output) > 1 else (result,)
+            for name, value in zip(node.output, results):
+                slots[index(name)] = value
+                const.add(name)
+            continue
+        steps.append(Step(node.name + "/" + node.op_type if "/" not in node.name else node.name,
+                          fn, ins, outs, attrs))
+
+    # keep only the steps the fetched output needs
+    if fetch not in slot:
+        raise UserError(f"the graph has no output {fetch!r}; rebuild the artifacts")
+    needed = {slot[fetch]}
+    kept = []
+    for step in reversed(steps):
+        if any(o in needed for o in step.outs):
+            kept.append(step)
+            needed.update(i for i in step.ins if i >= 0)
+    kept.reverse()
+    feeds = {i.name: slot[i.name] for i in graph.input if i.name in slot and slot[i.name] in needed}
+    return Plan(kept, slots, feeds, slot[fetch])

@@ -1,0 +1,67 @@
+"""Shared fixtures: seeded tiny checkpoints per family, made with transformers from config, and
+their compiled artifacts (built once per session)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+FAMILIES = ("llama", "mistral", "qwen2", "gptj")
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """checkpoint(family) -> folder of a seeded random HF checkpoint (3 layers, GQA where the
+    family has it)."""
+    from xcompile.toy import make_checkpoint
+
+    made = {}
+
+    def get(family: str):
+        if family not in made:
+            made[family] = make_checkpoint(family, tmp_path_factory.mktemp(f"ckpt-{family}"))
+        return made[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def compiled(tmp_path_factory, checkpoint):
+    """compiled(family, dtype) -> artifacts folder made by `xcompile quantize`."""
+    from xcompile.quantize import quantize
+
+    made = {}
+
+    def get(family: str, dtype: str = "fp32"):
+        key = (family, dtype)
+        if key not in made:
+            out = tmp_path_factory.mktemp(f"art-{family}-{dtype}") / "artifacts"
+            quantize(checkpoint(family), out, dtype, progress=False)
+            made[key] = out
+        return made[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def hf_model(checkpoint):
+    """hf_model(family, dtype=torch.float32) -> transformers' own model on the same weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    made = {}
+
+    def get(family: str, dtype=None):
+        dtype = dtype or torch.float32
+        if (family, dtype) not in made:
+            made[family, dtype] = AutoModelForCausalLM.from_pretrained(
+                checkpoint(family), dtype=dtype, attn_implementation="eager").eval()
+        return made[family, dtype]
+
+    return get
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _quiet():
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

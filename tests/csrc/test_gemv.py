@@ -1,0 +1,111 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from xcompile import _C
+from xcompile.runtime import kernels
+
+KS = [1, 7, 15, 16, 17, 64, 100, 2048 + 3]
+NS = [1, 3, 33, 257]
+MS = [1, 2, 5]
+
+
+def _operands(m, n, k, dtype, bias, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=gen)
+    # Scaled like a trained layer so outputs are O(1) and one tolerance fits every K.
+    w = (torch.randn(n, k, generator=gen) / k**0.5).to(dtype)
+    b = torch.randn(n, generator=gen) if bias else None
+    return x, w, b
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("k", KS)
+def test_linear_matches_reference(isa, k, dtype, bias):
+    for n in NS:
+        for m in MS:
+            x, w, b = _operands(m, n, k, dtype, bias, seed=k * 1000 + n * 10 + m)
+            got, expected = kernels.linear(x, w, b), kernels.linear_reference(x, w, b)
+            # torch.allclose, not assert_close: same test, a tenth of the cost over ~1000 calls.
+            assert got.shape == expected.shape and torch.allclose(
+                got, expected, rtol=1e-5, atol=1e-5
+            ), f"M={m} N={n}: max abs error {(got - expected).abs().max().item():.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_linear_threads_agree_and_rows_beyond_block(isa, threads, dtype):
+    # M = 9 spans several x-row blocks on every path; N * K is large enough to use the pool.
+    x, w, b = _operands(9, 515, 1031, dtype, True, seed=1)
+    expected = kernels.linear_reference(x, w, b)
+    results = []
+    for n in (1, 2, 3):
+        kernels.set_num_threads(n)
+        results.append(kernels.linear(x, w, b))
+        torch.testing.assert_close(results[-1], expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+
+
+def test_linear_leading_dims_out_and_bf16_bias():
+    x, w, _ = _operands(6, 33, 100, torch.bfloat16, False, seed=2)
+    b = torch.randn(33).to(torch.bfloat16)
+    x = x.reshape(2, 3, 100)
+    out = torch.empty(2, 3, 33)
+    assert kernels.linear(x, w, b, out=out) is out
+    torch.testing.assert_close(out, kernels.linear_reference(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+def test_linear_empty_k_is_bias():
+    out = kernels.linear(torch.empty(2, 0), torch.empty(3, 0), torch.tensor([1.0, 2.0, 3.0]))
+    assert torch.equal(out, torch.tensor([[1.0, 2.0, 3.0]] * 2))
+
+
+@pytest.mark.parametrize(
+    "x, w, b, match",
+    [
+        (torch.randn(2, 8, dtype=torch.bfloat16), torch.randn(4, 8), None, "x has dtype"),
+        (torch.randn(2, 8), torch.randn(4, 8, dtype=torch.float16), None, "weight has dtype"),
+        (torch.randn(2, 8), torch.randn(8, 4).t(), None, "contiguous"),
+        (torch.randn(2, 8), torch.randn(4, 7), None, "do not match"),
+        (torch.randn(2, 8), torch.randn(4, 8), torch.randn(5), "bias has shape"),
+    ],
+)
+def test_linear_rejects_bad_inputs(x, w, b, match):
+    with pytest.raises(ValueError, match=match):
+        kernels.linear(x, w, b)
+
+
+def test_linear_rejects_out_aliasing_x():
+    x = torch.randn(2, 4)
+    with pytest.raises(ValueError, match="shares memory"):
+        kernels.linear(x, torch.randn(4, 4), out=x)
+
+
+def test_set_isa_rejects_unknown_and_unsupported_names():
+    before = _C.isa()
+    for name in ("avx1024", "amx", ""):
+        with pytest.raises(ValueError, match="choose one of: scalar"):
+            _C.set_isa(name)
+    assert _C.isa() == before
+    assert _C.supported_isas()[0] == "scalar" and before == _C.supported_isas()[-1]
+
+
+def test_set_num_threads_rejects_zero():
+    with pytest.raises(ValueError, match=">= 1"):
+        _C.set_num_threads(0)
+
+
+def test_extension_does_not_link_libtorch():
+    dynamic = subprocess.run(
+        ["readelf", "-d", _C.__file__], capture_output=True, text=True, check=True
+    ).stdout
+    needed = [line for line in dynamic.splitlines() if "(NEEDED)" in line]
+    assert needed, dynamic
+    assert not [lib for lib in needed if "torch" in lib or "c10" in lib], needed
+    # And importing it pulls in no torch either.
+    probe = "import sys, xcompile._C; print('torch' in sys.modules)"
+    assert subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout.strip() == "False"

@@ -1,0 +1,429 @@
+"""The artifact format: manifest schema, safetensors header reading and streaming writing, verify.
+
+This is the one module of `xcompile/` the runtime imports, so it uses only the standard library
+and numpy-free code (torch is touched only in `map_tensors`, which the runtime calls).
+
+    artifacts/
+      manifest.json        written last; its presence marks a complete folder
+      model.onnx           the graph; initializers are external references into rank{r}.safetensors
+      rank{r}.safetensors  that rank's weights, names = graph initializer names
+      tokenizer.json ...   copied from the checkpoint
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from xcompile.errors import UserError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
+
+# safetensors dtype name -> (bytes per element, ONNX TensorProto.DataType)
+DTYPES: dict[str, tuple[int, int]] = {
+    "F64": (8, 11),
+    "F32": (4, 1),
+    "F16": (2, 10),
+    "BF16": (2, 16),
+    "I64": (8, 7),
+    "I32": (4, 6),
+    "I16": (2, 5),
+    "I8": (1, 3),
+    "U8": (1, 2),
+    "BOOL": (1, 9),
+}
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "chat_template.jinja",
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# safetensors: header read (validated), streaming write
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str  # safetensors name: F32, BF16, ...
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offset in the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+def read_safetensors_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
+    """Parse and validate a safetensors header without reading any tensor data.
+
+    Refuses (UserError) anything that is not a well-formed file: a header length past the file, bad
+    JSON, unknown dtypes, offsets that overlap, leave holes, disagree with the shape or run past the
+    end of the file.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise UserError(f"{path}: not a safetensors file (too short); re-create it")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES or 8 + n > size:
+                raise UserError(f"{path}: corrupt safetensors header length; re-create the file")
+            raw = f.read(n)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror}); check the path and permissions") from e
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise UserError(f"{path}: corrupt safetensors header (not JSON); re-create the file") from None
+    if not isinstance(header, dict):
+        raise UserError(f"{path}: corrupt safetensors header (not an object); re-create the file")
+    data_start = 8 + n
+    tensors: dict[str, TensorInfo] = {}
+    spans = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        bad = f"{path}: corrupt safetensors entry {name!r}; re-create the file"
+        if not isinstance(entry, dict):
+            raise UserError(bad)
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype not in DTYPES:
+            raise UserError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
+        if not (isinstance(shape, list) and all(type(d) is int and 0 <= d < 2**40 for d in shape)):
+            raise UserError(bad)
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(type(o) is int and o >= 0 for o in offsets)
+            and offsets[0] <= offsets[1]
+        ):
+            raise UserError(bad)
+        count = 1
+        for d in shape:
+            count *= d
+        if offsets[1] - offsets[0] != count * DTYPES[dtype][0]:
+            raise UserError(bad)
+        spans.append((offsets[0], offsets[1]))
+        tensors[name] = TensorInfo(
+            name, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1]
+        )
+    spans.sort()
+    cursor = 0
+    for begin, end in spans:
+        if begin != cursor:
+            raise UserError(f"{path}: corrupt safetensors offsets (overlap or hole); re-create it")
+        cursor = end
+    if data_start + cursor != size:
+        raise UserError(f"{path}: size {size} does not match its header (truncated?); re-create it")
+    return tensors
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for d in self.shape:
+            count *= d
+        return count * DTYPES[self.dtype][0]
+
+
+def plan_safetensors(tensors: Iterable[PlannedTensor]) -> tuple[bytes, dict[str, TensorInfo]]:
+    """Lay out a safetensors file before any data exists: (header bytes, name -> absolute span).
+
+    Larger elements first keeps every tensor aligned to its element size, which torch.frombuffer
+    and the kernels want. The header is padded with spaces to 8 bytes, as safetensors does.
+    """
+    ordered = sorted(tensors, key=lambda t: (-DTYPES[t.dtype][0], t.name))
+    header: dict[str, Any] = {}
+    offset = 0
+    for t in ordered:
+        header[t.name] = {
+            "dtype": t.dtype,
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + t.nbytes],
+        }
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    start = 8 + len(raw)
+    spans = {
+        name: TensorInfo(
+            name, e["dtype"], tuple(e["shape"]), start + e["data_offsets"][0],
+            start + e["data_offsets"][1],
+        )
+        for name, e in header.items()
+    }
+    return struct.pack("<Q", len(raw)) + raw, spans
+
+
+class SafetensorsWriter:
+    """Writes a planned safetensors file one tensor at a time (never the whole model in memory).
+
+    safetensors' own save_file wants every tensor at once; this writes the header first, then each
+    tensor's bytes in the planned order, and checks each against the plan.
+    """
+
+    def __init__(self, path: str | os.PathLike, tensors: Iterable[PlannedTensor]):
+        self.header, self.spans = plan_safetensors(tensors)
+        self._order = sorted(self.spans.values(), key=lambda t: t.begin)
+        self._next = 0
+        self._f = open(path, "wb")
+        self._f.write(self.header)
+        self._hash = hashlib.sha256(self.header)
+        self.size = len(self.header)
+
+    def order(self) -> list[str]:
+        return [t.name for t in self._order]
+
+    def write(self, name: str, data: bytes | memoryview) -> None:
+        expected = self._order[self._next]
+        if name != expected.name or len(data) != expected.nbytes:
+            raise RuntimeError(f"safetensors writer: got {name} ({len(data)} B), planned "
+                               f"{expected.name} ({expected.nbytes} B)")
+        self._f.write(data)
+        self._hash.update(data)
+        self.size += len(data)
+        self._next += 1
+
+    def close(self) -> None:
+        if self._next != len(self._order):
+            raise RuntimeError("safetensors writer closed before every tensor was written")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+
+    def entry(self) -> dict[str, Any]:
+        """The manifest's file entry, hashed while writing (no second read of a large file)."""
+        return {"size": self.size, "sha256": self._hash.hexdigest()}
+
+
+# ---------------------------------------------------------------------------------------------
+# manifest
+
+
+@dataclass
+class Manifest:
+    family: str
+    dtype: str  # fp32 | bf16 | int8 | int4
+    ranks: int
+    source: dict[str, Any]  # {"path": str, "config_sha256": str}
+    passes: list[str]
+    files: dict[str, dict[str, Any]]  # relative path -> {"size": int, "sha256": str}
+    quant: dict[str, Any] | None = None  # {"bits", "group_size", "sym", "algo"}
+    config: dict[str, Any] | None = None  # the model facts the runtime needs (layers, heads, ...)
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, indent=2, sort_keys=True) + "\n"
+
+
+_MANIFEST_TYPES: dict[str, Any] = {
+    "format_version": int,
+    "family": str,
+    "dtype": str,
+    "ranks": int,
+    "source": dict,
+    "passes": list,
+    "files": dict,
+    "quant": (dict, type(None)),
+    "config": (dict, type(None)),
+}
+
+
+def _safe_relative(name: str, root: Path) -> Path:
+    p = Path(name)
+    if not name or p.is_absolute() or ".." in p.parts or "\\" in name:
+        raise UserError(f"manifest names a file outside the artifacts ({name!r}); rebuild them")
+    full = root / p
+    if full.is_symlink() or not full.resolve().is_relative_to(root.resolve()):
+        raise UserError(f"artifact file {name!r} points outside the artifacts folder; rebuild them")
+    return full
+
+
+def read_manifest(root: str | os.PathLike) -> Manifest:
+    """Read and type-check manifest.json; refuse unknown versions and keys with one line."""
+    root = Path(root)
+    path = root / MANIFEST
+    if not root.is_dir():
+        raise UserError(f"{root}: no such artifacts folder; build one with `xcompile quantize`")
+    if not path.is_file():
+        raise UserError(f"{root}: no manifest.json, so not (complete) artifacts; "
+                        "build them with `xcompile quantize`")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise UserError(f"{path}: unreadable or not JSON; rebuild the artifacts") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: not a JSON object; rebuild the artifacts")
+    version = data.get("format_version")
+    if type(version) is not int:
+        raise UserError(f"{path}: format_version missing or not an integer; rebuild the artifacts")
+    if version != FORMAT_VERSION:
+        raise UserError(
+            f"{path}: format_version {version} is not the one this xcompile reads "
+            f"({FORMAT_VERSION}); rebuild the artifacts with this version or install a matching one"
+        )
+    unknown = set(data) - set(_MANIFEST_TYPES)
+    if unknown:
+        raise UserError(f"{path}: unknown keys {sorted(unknown)}; rebuild the artifacts")
+    for key, kind in _MANIFEST_TYPES.items():
+        if key not in data or not isinstance(data[key], kind) or isinstance(data[key], bool):
+            raise UserError(f"{path}: {key!r} missing or of the wrong type; rebuild the artifacts")
+    if data["ranks"] < 1:
+        raise UserError(f"{path}: ranks must be >= 1; rebuild the artifacts")
+    for name, entry in data["files"].items():
+        if not (
+            isinstance(entry, dict)
+            and type(entry.get("size")) is int
+            and isinstance(entry.get("sha256"), str)
+        ):
+            raise UserError(f"{path}: file entry {name!r} malformed; rebuild the artifacts")
+        _safe_relative(name, root)
+    return Manifest(**data)
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify(root: str | os.PathLike, manifest: Manifest, checksums: bool = True) -> None:
+    """Every file the manifest lists exists inside the folder with the listed size (and sha256)."""
+    root = Path(root)
+    for name, entry in manifest.files.items():
+        full = _safe_relative(name, root)
+        if not full.is_file():
+            raise UserError(f"{root}: {name} is missing; rebuild the artifacts")
+        size = full.stat().st_size
+        if size != entry["size"]:
+            raise UserError(f"{root}: {name} is {size} bytes, manifest says {entry['size']} "
+                            "(truncated or replaced); rebuild the artifacts")
+        if checksums and sha256_file(full) != entry["sha256"]:
+            raise UserError(f"{root}: {name} does not match its sha256 in the manifest "
+                            "(modified or corrupt); rebuild the artifacts")
+
+
+def file_entry(path: str | os.PathLike) -> dict[str, Any]:
+    return {"size": Path(path).stat().st_size, "sha256": sha256_file(path)}
+
+
+def is_artifacts(path: str | os.PathLike) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+class AtomicFolder:
+    """A temporary sibling folder that becomes `dest` on commit, or vanishes on any failure.
+
+    An interrupted compile never leaves something that looks like artifacts: the manifest is the
+    last file written, and the folder only appears under its name by one rename. Replacing existing
+    artifacts moves the old folder aside first and removes it after the rename.
+    """
+
+    def __init__(self, dest: str | os.PathLike):
+        self.dest = Path(dest).absolute()
+
+    def __enter__(self) -> Path:
+        if self.dest.exists() and not is_artifacts(self.dest):
+            if not self.dest.is_dir() or any(self.dest.iterdir()):
+                raise UserError(f"{self.dest} exists and is not xcompile artifacts; "
+                                "choose another -o or remove it")
+        parent = self.dest.parent
+        if not parent.is_dir():
+            raise UserError(f"{parent}: output's parent folder does not exist; create it first")
+        try:
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.tmp-", dir=parent))
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp's 0700 is for the name, not the folder
+        except OSError as e:
+            raise UserError(f"{parent}: cannot write there ({e.strerror}); choose another -o") from e
+        return self.tmp
+
+    def __exit__(self, kind, value, tb) -> bool:
+        if kind is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            if isinstance(value, OSError) and not isinstance(value, UserError):
+                raise UserError(f"{self.dest}: write failed ({value.strerror or value}); "
+                                "free space or choose another -o") from value
+            return False
+        old = None
+        if self.dest.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.old-", dir=self.dest.parent))
+            os.rename(self.dest, old / "artifacts")
+        os.rename(self.tmp, self.dest)
+        _fsync_dir(self.dest.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return False
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_manifest(folder: Path, manifest: Manifest) -> None:
+    """Write manifest.json last, through a temporary name, fsynced."""
+    tmp = folder / (MANIFEST + ".part")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(manifest.to_json())
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, folder / MANIFEST)
+
+
+def map_tensors(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
+    """Yield (name, torch tensor) views of a safetensors file's mmap: no copy, read-only pages.
+
+    Uses our validated header so a corrupt file is refused before any byte is interpreted.
+    """
+    import mmap
+
+    import torch
+
+    torch_dtypes = {
+        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+        "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+        "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    }
+    header = read_safetensors_header(path)
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if os.path.getsize(path) else None
+    for info in header.values():
+        dtype = torch_dtypes[info.dtype]
+        count = info.nbytes // DTYPES[info.dtype][0]
+        if count == 0:
+            yield info.name, torch.empty(info.shape, dtype=dtype)
+            continue
+        # ACCESS_COPY: private copy-on-write pages, shared with the page cache until written
+        t = torch.frombuffer(mm, dtype=dtype, count=count, offset=info.begin)
+        yield info.name, t.view(info.shape)

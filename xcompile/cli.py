@@ -1,0 +1,85 @@
+"""`xcompile`: compile a Hugging Face checkpoint into artifacts, and look inside them.
+
+    xcompile quantize MODEL [-o artifacts] (--fp32 | --bf16)
+    xcompile inspect ARTIFACTS [--graph]
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import typer
+
+from xcompile.errors import UserError, run_cli
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Compile Hugging Face checkpoints into xcompile artifacts.")
+
+
+@app.callback()
+def _main(verbose: bool = typer.Option(False, "--verbose", help="Tracebacks on errors.")):
+    pass
+
+
+@app.command()
+def quantize(
+    model: Path = typer.Argument(..., help="Hugging Face checkpoint folder."),
+    out: Path = typer.Option(Path("artifacts"), "-o", "--out", help="Artifacts folder to write."),
+    fp32: bool = typer.Option(False, "--fp32", help="Keep weights in FP32."),
+    bf16: bool = typer.Option(False, "--bf16", help="Store matrices in BF16."),
+    verbose: bool = typer.Option(False, "--verbose", help="Tracebacks on errors."),
+) -> None:
+    """Compile MODEL into artifacts (streamed tensor by tensor)."""
+    chosen = [name for name, on in (("fp32", fp32), ("bf16", bf16)) if on]
+    if len(chosen) != 1:
+        raise UserError("choose exactly one weight format: --fp32 or --bf16")
+    from xcompile.quantize import quantize as run
+
+    manifest = run(model, out, chosen[0])
+    size = sum(f["size"] for f in manifest.files.values())
+    typer.echo(f"wrote {out} ({manifest.family}, {manifest.dtype}, {size / 1e6:.1f} MB)")
+
+
+@app.command()
+def inspect(
+    artifacts_dir: Path = typer.Argument(..., metavar="ARTIFACTS", help="Artifacts folder."),
+    graph: bool = typer.Option(False, "--graph", help="Op counts per type and the passes run."),
+    verbose: bool = typer.Option(False, "--verbose", help="Tracebacks on errors."),
+) -> None:
+    """Print what artifacts hold: family, dtype, parameters, ranks, files, ops."""
+    import onnx
+
+    from xcompile import artifacts
+    from xcompile.quantize import parameter_count
+
+    m = artifacts.read_manifest(artifacts_dir)
+    artifacts.verify(artifacts_dir, m, checksums=False)
+    weights = sorted(n for n in m.files if n.endswith(".safetensors"))
+    params = sum(parameter_count(artifacts_dir / n) for n in weights) if m.ranks == 1 else None
+    typer.echo(f"family      {m.family}")
+    typer.echo(f"dtype       {m.dtype}" + (f"  {m.quant}" if m.quant else ""))
+    if params is not None:
+        typer.echo(f"parameters  {params:,}")
+    typer.echo(f"ranks       {m.ranks}")
+    typer.echo(f"passes      {', '.join(m.passes) or '(none: primitive graph)'}")
+    typer.echo("files")
+    for name, entry in sorted(m.files.items()):
+        typer.echo(f"  {name:28s} {entry['size']:>14,d} B  sha256 {entry['sha256'][:12]}")
+    for name in sorted(n for n in m.files if n.endswith(".onnx")):
+        g = onnx.load(str(artifacts_dir / name), load_external_data=False).graph
+        counts = Counter(n.op_type if not n.domain else f"{n.domain}.{n.op_type}" for n in g.node)
+        typer.echo(f"ops in {name}: {len(g.node)} nodes")
+        shown = counts.most_common() if graph else counts.most_common(8)
+        for op, count in shown:
+            typer.echo(f"  {op:32s} {count:6d}")
+        if not graph and len(counts) > 8:
+            typer.echo(f"  ... {len(counts) - 8} more op types (--graph lists all)")
+
+
+def main() -> None:
+    run_cli(app, "xcompile")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Llama (and the families built like it): RMSNorm, half-split rotary, GQA, gated SiLU MLP.
+
+Biases (Llama's attention_bias / mlp_bias, Qwen2's QKV biases) need no flag: a linear gets its
+bias when the checkpoint has one.
+"""
+
+from __future__ import annotations
+
+from xcompile.errors import UserError
+from xcompile.frontend.decoder import ACTIVATIONS, DecoderSpec, WeightNames
+
+ARCHITECTURES = ("LlamaForCausalLM",)
+
+NAMES = WeightNames(
+    embed="model.embed_tokens.weight",
+    final_norm="model.norm",
+    lm_head="lm_head",
+    layer="model.layers.{i}.",
+    attn_norm="input_layernorm",
+    mlp_norm="post_attention_layernorm",
+    q="self_attn.q_proj",
+    k="self_attn.k_proj",
+    v="self_attn.v_proj",
+    o="self_attn.o_proj",
+    gate="mlp.gate_proj",
+    up="mlp.up_proj",
+    down="mlp.down_proj",
+)
+
+
+def rope(config, rotary_cls) -> tuple[tuple[float, ...], float]:
+    """inv_freq and the cos/sin scale, computed by transformers' own rotary module for this
+    config (so every static rope type it knows: default, linear, llama3, yarn, ...)."""
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind in ("dynamic", "longrope"):
+        raise UserError(f"rope_type {kind!r} changes with sequence length and is not supported; "
+                        "use a checkpoint with a static rope type (default, linear, llama3, yarn)")
+    rotary = rotary_cls(config=config)
+    return tuple(float(f) for f in rotary.inv_freq), float(rotary.attention_scaling)
+
+
+def llama_like(config, family: str, rotary_cls, windows: tuple[int | None, ...] = ()) -> DecoderSpec:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if config.hidden_act not in ACTIVATIONS:
+        raise UserError(f"activation {config.hidden_act!r} is not supported "
+                        f"(supported: {', '.join(sorted(ACTIVATIONS))})")
+    inv_freq, scale = rope(config, rotary_cls)
+    return DecoderSpec(
+        family=family,
+        layers=config.num_hidden_layers,
+        hidden=config.hidden_size,
+        heads=config.num_attention_heads,
+        kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+        head_dim=head_dim,
+        vocab=config.vocab_size,
+        max_positions=config.max_position_embeddings,
+        norm="rms",
+        norm_eps=config.rms_norm_eps,
+        rotary="half",
+        rotary_dim=head_dim,
+        inv_freq=inv_freq,
+        rotary_scale=scale,
+        activation=ACTIVATIONS[config.hidden_act],
+        names=NAMES,
+        sliding_window=windows,
+    )
+
+
+def spec(config) -> DecoderSpec:
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    return llama_like(config, "llama", LlamaRotaryEmbedding)

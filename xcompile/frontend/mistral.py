@@ -1,0 +1,16 @@
+"""Mistral: Llama's block with a sliding attention window on every layer."""
+
+from __future__ import annotations
+
+from xcompile.frontend.decoder import DecoderSpec
+from xcompile.frontend.llama import llama_like
+
+ARCHITECTURES = ("MistralForCausalLM",)
+
+
+def spec(config) -> DecoderSpec:
+    from transformers.models.mistral.modeling_mistral import MistralRotaryEmbedding
+
+    window = getattr(config, "sliding_window", None)
+    return llama_like(config, "mistral", MistralRotaryEmbedding,
+                      (window,) * config.num_hidden_layers if window else ())

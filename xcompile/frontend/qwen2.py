@@ -1,0 +1,18 @@
+"""Qwen2: Llama's block with Q/K/V biases and a sliding window on the layers its config marks."""
+
+from __future__ import annotations
+
+from xcompile.frontend.decoder import DecoderSpec
+from xcompile.frontend.llama import llama_like
+
+ARCHITECTURES = ("Qwen2ForCausalLM",)
+
+
+def spec(config) -> DecoderSpec:
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
+
+    kinds = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    window = config.sliding_window if getattr(config, "use_sliding_window", False) else None
+    windows = tuple(window if kind == "sliding_attention" else None for kind in kinds)
+    return llama_like(config, "qwen2", Qwen2RotaryEmbedding,
+                      windows if any(w is not None for w in windows) else ())

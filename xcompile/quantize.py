@@ -1,0 +1,175 @@
+"""`xcompile quantize`: checkpoint -> artifacts, streaming tensor by tensor.
+
+    checkpoint ──(headers only)──► DecoderSpec ──► primitive graph ──► plan rank0.safetensors
+         └── one tensor at a time: read, convert (fp32 / bf16), write, free ──┘
+
+Peak memory is about one tensor in its source and its target dtype, whatever the model size: the
+source is read with plain file reads (not mmap, whose touched pages would count as resident).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from xcompile import artifacts
+from xcompile.artifacts import (DTYPES, AtomicFolder, Manifest, PlannedTensor, SafetensorsWriter,
+                                TensorInfo)
+from xcompile.errors import UserError
+from xcompile.frontend import decoder
+from xcompile.frontend.checkpoint import Checkpoint
+from xcompile.frontend.graph import GraphBuilder
+
+FLOATS = {"F32", "F16", "BF16", "F64"}
+TORCH = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+         "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+         "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+WEIGHT_FILE = "rank0.safetensors"
+
+
+def target_dtype(info: TensorInfo, dtype: str) -> str:
+    """fp32: every float tensor F32. bf16: matrices BF16, vectors (norms, biases) stay F32."""
+    if info.dtype not in FLOATS:
+        return info.dtype
+    if dtype == "bf16" and len(info.shape) >= 2:
+        return "BF16"
+    return "F32"
+
+
+def build_graph(ckpt: Checkpoint, spec: decoder.DecoderSpec, dtype: str
+                ) -> tuple[onnx.ModelProto, list[PlannedTensor]]:
+    """The graph over the weights as they will be stored, and those weights (only the used ones).
+    External offsets are placeholders until `locate` fills them from the file's plan."""
+    planned = {name: PlannedTensor(name, target_dtype(info, dtype), info.shape)
+               for name, (_, info) in ckpt.tensors.items()}
+    probe = {name: TensorInfo(name, t.dtype, t.shape, 0, t.nbytes) for name, t in planned.items()}
+    b = GraphBuilder(probe, WEIGHT_FILE)
+    try:
+        decoder.build(spec, b)
+    except KeyError as e:
+        raise UserError(f"{ckpt.path}: checkpoint lacks tensor {e.args[0]!r} that a "
+                        f"{spec.family} model needs; is it complete?") from None
+    metadata = {"family": spec.family, "dtype": dtype}
+    model = b.model(f"xcompile_{spec.family}", metadata)
+    used = [planned[i.name] for i in model.graph.initializer if i.name in planned
+            and i.data_location == onnx.TensorProto.EXTERNAL]
+    return model, used
+
+
+def locate(model: onnx.ModelProto, spans: dict[str, TensorInfo]) -> None:
+    for init in model.graph.initializer:
+        if init.name in spans:
+            for entry in init.external_data:
+                if entry.key == "offset":
+                    entry.value = str(spans[init.name].begin)
+                elif entry.key == "length":
+                    entry.value = str(spans[init.name].nbytes)
+
+
+def read_tensor(path: Path, info: TensorInfo, handle) -> torch.Tensor:
+    """One tensor by a plain read of its bytes (handle: the open source file)."""
+    buf = np.empty(info.nbytes, dtype=np.uint8)
+    handle.seek(info.begin)
+    if handle.readinto(memoryview(buf)) != info.nbytes:
+        raise UserError(f"{path}: truncated while reading {info.name}; re-download it")
+    return torch.frombuffer(buf, dtype=TORCH[info.dtype]).view(info.shape) if info.nbytes else \
+        torch.empty(info.shape, dtype=TORCH[info.dtype])
+
+
+def to_bytes(t: torch.Tensor) -> memoryview:
+    t = t.contiguous()
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    return memoryview(t.numpy()).cast("B")
+
+
+def copy_tokenizer(src: Path, dst: Path, config: dict) -> list[str]:
+    if not (src / "tokenizer.json").is_file():
+        raise UserError(f"{src}: no tokenizer.json; add the model's fast tokenizer file "
+                        "(transformers' tokenizer.save_pretrained writes it)")
+    copied = []
+    for name in artifacts.TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+            copied.append(name)
+    if "generation_config.json" not in copied:  # what transformers derives from config.json
+        import json
+
+        keys = ("bos_token_id", "eos_token_id", "pad_token_id")
+        (dst / "generation_config.json").write_text(
+            json.dumps({k: config[k] for k in keys if config.get(k) is not None}, indent=2))
+        copied.append("generation_config.json")
+    return copied
+
+
+def quantize(model_dir: str | Path, out: str | Path, dtype: str, progress: bool | None = None
+             ) -> Manifest:
+    if dtype not in ("fp32", "bf16"):
+        raise UserError(f"--{dtype} is not available yet; use --fp32 or --bf16")
+    ckpt = Checkpoint.open(model_dir)
+    spec = ckpt.family.spec(ckpt.transformers_config())
+    model, used = build_graph(ckpt, spec, dtype)
+    if progress is None:
+        progress = sys.stderr.isatty()
+
+    with AtomicFolder(out) as tmp:
+        files = {}
+        for name in copy_tokenizer(ckpt.path, tmp, ckpt.config):
+            files[name] = artifacts.file_entry(tmp / name)
+        writer = SafetensorsWriter(tmp / WEIGHT_FILE, used)
+        locate(model, writer.spans)
+        handles = {}
+        try:
+            for name in _progress(writer.order(), progress, "converting"):
+                path, info = ckpt.tensors[name]
+                if path not in handles:
+                    handles[path] = open(path, "rb")
+                t = read_tensor(path, info, handles[path])
+                t = t.to(TORCH[writer.spans[name].dtype])
+                writer.write(name, to_bytes(t))
+                del t
+            writer.close()
+        finally:
+            for h in handles.values():
+                h.close()
+        files[WEIGHT_FILE] = writer.entry()
+        onnx.save(model, tmp / "model.onnx")
+        onnx.checker.check_model(str(tmp / "model.onnx"))  # external data must resolve too
+        files["model.onnx"] = artifacts.file_entry(tmp / "model.onnx")
+        manifest = Manifest(
+            family=spec.family,
+            dtype=dtype,
+            ranks=1,
+            source={"path": str(ckpt.path.absolute()), "config_sha256": ckpt.config_sha256},
+            passes=[],
+            files=files,
+            config=spec.runtime_config(),
+        )
+        artifacts.write_manifest(tmp, manifest)
+    return manifest
+
+
+def _progress(items, enabled: bool, label: str):
+    if not enabled:
+        yield from items
+        return
+    from rich.progress import Progress
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task(label, total=len(items))
+        for item in items:
+            yield item
+            bar.advance(task)
+
+
+def parameter_count(path: str | os.PathLike) -> int:
+    total = 0
+    for info in artifacts.read_safetensors_header(path).values():
+        total += info.nbytes // DTYPES[info.dtype][0]
+    return total

@@ -1,0 +1,98 @@
+"""Seeded random checkpoints made from config with transformers: for the demo, tests and
+benchmarks (no weights come from a hub).
+
+    python -m xcompile.toy llama /tmp/toy-llama            # tiny, 3 layers
+    python -m xcompile.toy llama /tmp/llama-1b --size 1b   # 1.1B parameters, about 4.4 GB FP32
+
+Weights are drawn wider than a trained model's (init_std) so that greedy choices are decisive:
+parity tests compare tokens, and a near-tie would make them flaky rather than wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+TINY = {
+    "llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  tie_word_embeddings=False),
+    "mistral": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                    num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=256,
+                    sliding_window=8, head_dim=16),
+    "qwen2": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  tie_word_embeddings=True),
+    "gptj": dict(n_embd=64, n_inner=128, n_layer=3, n_head=4, rotary_dim=8, n_positions=256,
+                 activation_function="gelu_new", tie_word_embeddings=False),
+}
+ONE_B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+             num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
+             vocab_size=32000, tie_word_embeddings=False)
+CONFIGS = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
+           "gptj": "GPTJConfig"}
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def make_tokenizer(vocab_size: int = 512):
+    """A byte-level BPE trained on the shipped corpus: '<s>' prepended, '</s>' is EOS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    corpus = (Path(__file__).parent / "data" / "corpus.txt").read_text(encoding="utf-8")
+    tok.train_from_iterator(corpus.splitlines(), trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", chat_template=CHAT_TEMPLATE)
+
+
+def make_checkpoint(family: str, out: str | Path, size: str = "tiny", seed: int = 0,
+                    init_std: float | None = None, **overrides) -> Path:
+    import torch
+    import transformers
+
+    out = Path(out)
+    tokenizer = make_tokenizer()
+    fields = dict(TINY[family]) if size == "tiny" else dict(ONE_B)
+    if family == "gptj" and size != "tiny":
+        raise ValueError("the 1b size is a Llama-shaped model")
+    fields.setdefault("vocab_size", len(tokenizer))
+    fields.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                  initializer_range=init_std or (0.3 if size == "tiny" else 0.02), **overrides)
+    config = getattr(transformers, CONFIGS[family])(**fields)
+    torch.manual_seed(seed)
+    with torch.device("cpu"):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if size == "tiny":  # norms and biases at random too, so a wrong one shows in the logits
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.dim() == 1:
+                    p.add_(torch.randn_like(p) * 0.1)
+    model.eval()
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("family", choices=sorted(TINY))
+    parser.add_argument("out")
+    parser.add_argument("--size", choices=["tiny", "1b"], default="tiny")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    print(make_checkpoint(args.family, args.out, args.size, args.seed))
+
+
+if __name__ == "__main__":
+    main()

@@ -30,7 +30,7 @@ _LINEAR_WEIGHT_KERNELS = {torch.float32: _C.gemv_f32, torch.bfloat16: _C.gemv_bf
 
 def _check(name: str, t: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> None:
     if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.device.type != "cpu":
         raise ValueError(f"{name} is on {t.device}; xcompile kernels run on CPU tensors only")
     if t.dtype not in dtypes:
@@ -62,7 +62,9 @@ def rmsnorm(
         out = torch.empty_like(x)
     else:
         _check_out(out, tuple(x.shape))
-    _C.rmsnorm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // max(cols, 1), cols, eps)
+    _C.rmsnorm(
+        x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // max(cols, 1), cols, eps
+    )
     return out
 
 
@@ -105,12 +107,16 @@ def linear(
         _check_out(out, shape)
         if out.numel() and out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
             raise ValueError("out shares memory with x; linear cannot run in place")
-    rows = x.numel() // k if k else int(torch.Size(x.shape[:-1]).numel())
     if k == 0:  # an empty sum: only the bias remains
         return out.copy_(bias.expand(shape)) if bias is not None else out.zero_()
     _LINEAR_WEIGHT_KERNELS[weight.dtype](
-        x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(), out.data_ptr(),
-        rows, n, k,
+        x.data_ptr(),
+        weight.data_ptr(),
+        0 if bias is None else bias.data_ptr(),
+        out.data_ptr(),
+        x.numel() // k,
+        n,
+        k,
     )
     return out
 

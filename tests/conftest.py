@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import os
 
-import pytest
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see runtime/__init__.py; before torch loads
+
+import pytest  # noqa: E402
 
 FAMILIES = ("llama", "mistral", "qwen2", "gptj")
 

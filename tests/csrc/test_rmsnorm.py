@@ -14,8 +14,10 @@ def test_rmsnorm_matches_reference(isa, rows, cols):
     weight = torch.randn(cols, generator=gen)
     eps = 1e-6
     torch.testing.assert_close(
-        kernels.rmsnorm(x, weight, eps), kernels.rmsnorm_reference(x, weight, eps),
-        rtol=1e-5, atol=1e-6,
+        kernels.rmsnorm(x, weight, eps),
+        kernels.rmsnorm_reference(x, weight, eps),
+        rtol=1e-5,
+        atol=1e-6,
     )
 
 

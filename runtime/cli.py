@@ -51,6 +51,12 @@ def run(
     verbose: bool = typer.Option(False, "--verbose", help="Tracebacks on errors."),
 ) -> None:
     """Generate text from ARTIFACTS."""
+    from xcompile import artifacts
+
+    if top_p is not None and top_p <= 0:
+        raise UserError("--top-p must be in (0, 1]; 1 keeps every token")
+    artifacts.read_manifest(artifacts_dir)  # fails fast, before torch loads; Model.load verifies
+
     from xcompile.runtime.generate import generate
     from xcompile.runtime.model import Model
     from xcompile.runtime.sampling import Sampler, SamplingParams
@@ -63,8 +69,6 @@ def run(
 
         torch.set_num_threads(threads)
         kernels.set_num_threads(threads)
-    if top_p is not None and top_p <= 0:
-        raise UserError("--top-p must be in (0, 1]; 1 keeps every token")
     model = Model.load(artifacts_dir, use_kernels=not reference)
     tokenizer = TextTokenizer(artifacts_dir)
     defaults = _sampling_defaults(artifacts_dir)

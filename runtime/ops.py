@@ -63,8 +63,10 @@ def shape(x, start=0, end=None):
     return torch.tensor(dims, dtype=torch.int64)
 
 
-def reduce_mean(x, axes=None, keepdims=1):
-    return x.mean(dim=list(axes), keepdim=bool(keepdims))
+def reduce_mean(x, axes_input=None, keepdims=1, axes=None):
+    """opset 18 takes the axes as an input; older opsets as an attribute"""
+    dims = _axes(axes_input) if axes_input is not None else list(axes or range(x.dim()))
+    return x.mean(dim=dims, keepdim=bool(keepdims))
 
 
 def layer_norm(x, scale, bias=None, axis=-1, epsilon=1e-5):
@@ -99,6 +101,7 @@ OPS = {
     "Div": torch.div,
     "Neg": torch.neg,
     "Sqrt": torch.sqrt,
+    "Reciprocal": torch.reciprocal,
     "Pow": torch.pow,
     "Sigmoid": torch.sigmoid,
     "Tanh": torch.tanh,

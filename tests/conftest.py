@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see runtime/__init__.py; before torch loads
+# the "verified" stamps of artifacts.verify go to a throwaway folder, not the user's cache
+os.environ["XCOMPILE_CACHE"] = __import__("tempfile").mkdtemp(prefix="xcompile-test-cache-")
 
 import pytest  # noqa: E402
 

@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 
 ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-ENV.pop("COLUMNS", None)
 
 
 def _script(name: str) -> str:
@@ -29,7 +28,7 @@ def _script(name: str) -> str:
 
 def run(cwd: Path, prog: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([_script(prog), *map(str, args)], cwd=cwd, env=ENV, capture_output=True,
-                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL, check=False)
 
 
 def user_error(res: subprocess.CompletedProcess, *words: str) -> str:
@@ -78,9 +77,10 @@ def art(compiled, tmp_path):
     return dst
 
 
-def quantize(ckpt: Path, *extra: str) -> tuple[subprocess.CompletedProcess, Path]:
+def quantize(ckpt: Path, *flags: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """`xcompile quantize CKPT -o out FLAGS` in tmp_path/work; (result, that folder)."""
     work = ckpt.parent / "work"
-    return run(work, "xcompile", "quantize", ckpt, "-o", "out", *(extra or ("--fp32",))), work
+    return run(work, "xcompile", "quantize", ckpt, "-o", "out", *flags), work
 
 
 def write_manifest(art: Path, **changes) -> None:
@@ -105,7 +105,7 @@ def test_missing_checkpoint_folder(tmp_path):
 
 def test_checkpoint_without_config(ckpt):
     (ckpt / "config.json").unlink()
-    res, work = quantize(ckpt)
+    res, work = quantize(ckpt, "--fp32")
     user_error(res, str(ckpt), "no config.json", "Hugging Face model folder")
     no_output(work)
 
@@ -120,7 +120,7 @@ def test_config_unreadable_or_not_json(ckpt, breakage):
         cfg.mkdir()
     else:
         cfg.write_text('["LlamaForCausalLM"]')
-    res, work = quantize(ckpt)
+    res, work = quantize(ckpt, "--fp32")
     user_error(res, "config.json", "fix or re-download")
     no_output(work)
 
@@ -133,7 +133,7 @@ def test_unsupported_architecture(ckpt, archs):
     else:
         cfg["architectures"] = archs
     (ckpt / "config.json").write_text(json.dumps(cfg))
-    res, work = quantize(ckpt)
+    res, work = quantize(ckpt, "--fp32")
     line = user_error(res, "not supported", "supported families")
     for family in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "GPTJForCausalLM"):
         assert family in line, line
@@ -144,7 +144,7 @@ def test_unsupported_architecture(ckpt, archs):
 
 def test_missing_tokenizer(ckpt):
     (ckpt / "tokenizer.json").unlink()
-    res, work = quantize(ckpt)
+    res, work = quantize(ckpt, "--fp32")
     user_error(res, "tokenizer.json", "save_pretrained")
     no_output(work)
 
@@ -158,7 +158,7 @@ def test_no_safetensors(ckpt, pickle):
 
         torch.save(load_file(weights), ckpt / "pytorch_model.bin")
     weights.unlink()
-    res, work = quantize(ckpt)
+    res, work = quantize(ckpt, "--fp32")
     line = user_error(res, "no *.safetensors")
     if pickle:
         assert "pickle" in line and "convert them to safetensors" in line, line
@@ -168,7 +168,7 @@ def test_no_safetensors(ckpt, pickle):
 def test_truncated_safetensors(ckpt):
     weights = ckpt / "model.safetensors"
     os.truncate(weights, weights.stat().st_size - 100)
-    res, work = quantize(ckpt)
+    res, work = quantize(ckpt, "--fp32")
     user_error(res, "model.safetensors", "truncated", "re-create")
     no_output(work)
 
@@ -180,7 +180,7 @@ def test_checkpoint_lacks_a_tensor(ckpt):
     tensors = load_file(weights)
     del tensors["model.norm.weight"]
     save_file(tensors, weights)
-    res, work = quantize(ckpt)
+    res, work = quantize(ckpt, "--fp32")
     user_error(res, "model.norm.weight", "llama", "complete")
     no_output(work)
 
@@ -207,8 +207,7 @@ def test_output_exists_and_is_not_artifacts(ckpt, kind):
 
 @pytest.mark.parametrize("flags", [[], ["--fp32", "--bf16"]], ids=["none", "two"])
 def test_dtype_flags(ckpt, flags):
-    res, work = quantize(ckpt, *flags) if flags else (
-        run(ckpt.parent / "work", "xcompile", "quantize", ckpt, "-o", "out"), ckpt.parent / "work")
+    res, work = quantize(ckpt, *flags)
     user_error(res, "exactly one", "--fp32", "--bf16")
     no_output(work)
 

@@ -34,9 +34,16 @@ def quantize(
     chosen = [name for name, on in (("fp32", fp32), ("bf16", bf16)) if on]
     if len(chosen) != 1:
         raise UserError("choose exactly one weight format: --fp32 or --bf16")
+    from xcompile.artifacts import AtomicFolder
+    from xcompile.frontend.checkpoint import Checkpoint
+
+    # config, headers, tokenizer and output first: bad input fails before torch loads
+    ckpt = Checkpoint.open(model)
+    ckpt.require_tokenizer()
+    AtomicFolder(out).check()
     from xcompile.quantize import quantize as run
 
-    manifest = run(model, out, chosen[0])
+    manifest = run(ckpt, out, chosen[0])
     size = sum(f["size"] for f in manifest.files.values())
     typer.echo(f"wrote {out} ({manifest.family}, {manifest.dtype}, {size / 1e6:.1f} MB)")
 

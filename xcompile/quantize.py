@@ -90,9 +90,6 @@ def to_bytes(t: torch.Tensor) -> memoryview:
 
 
 def copy_tokenizer(src: Path, dst: Path, config: dict) -> list[str]:
-    if not (src / "tokenizer.json").is_file():
-        raise UserError(f"{src}: no tokenizer.json; add the model's fast tokenizer file "
-                        "(transformers' tokenizer.save_pretrained writes it)")
     copied = []
     for name in artifacts.TOKENIZER_FILES:
         if (src / name).is_file():
@@ -108,11 +105,13 @@ def copy_tokenizer(src: Path, dst: Path, config: dict) -> list[str]:
     return copied
 
 
-def quantize(model_dir: str | Path, out: str | Path, dtype: str, progress: bool | None = None
-             ) -> Manifest:
+def quantize(model_dir: str | Path | Checkpoint, out: str | Path, dtype: str,
+             progress: bool | None = None) -> Manifest:
     if dtype not in ("fp32", "bf16"):
         raise UserError(f"--{dtype} is not available yet; use --fp32 or --bf16")
-    ckpt = Checkpoint.open(model_dir)
+    ckpt = model_dir if isinstance(model_dir, Checkpoint) else Checkpoint.open(model_dir)
+    ckpt.require_tokenizer()  # the cheap checks first: no work before a refusal
+    AtomicFolder(out).check()
     spec = ckpt.family.spec(ckpt.transformers_config())
     model, used = build_graph(ckpt, spec, dtype)
     if progress is None:

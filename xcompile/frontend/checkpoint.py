@@ -48,6 +48,11 @@ class Checkpoint:
                             f"{', '.join(sorted(known))}")
         return cls(path, config, hashlib.sha256(raw).hexdigest(), family, _tensors(path))
 
+    def require_tokenizer(self) -> None:
+        if not (self.path / "tokenizer.json").is_file():
+            raise UserError(f"{self.path}: no tokenizer.json; add the model's fast tokenizer file "
+                            "(transformers' tokenizer.save_pretrained writes it)")
+
     def transformers_config(self):
         from transformers import AutoConfig
 

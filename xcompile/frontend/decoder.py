@@ -140,12 +140,14 @@ def norm(spec: DecoderSpec, b: GraphBuilder, scope: str, name: str, x: str) -> s
         return b.op("LayerNormalization", scope,
                     [x, b.weight(name + ".weight"), b.weight(name + ".bias")],
                     axis=-1, epsilon=spec.norm_eps)
-    # RMSNorm: x / sqrt(mean(x²) + eps) * w
-    sq = b.op("Mul", scope + "/square", [x, x])
-    var = b.op("ReduceMean", scope, [sq], axes=[-1], keepdims=1)
-    eps = b.const(f"{scope}/eps", spec.norm_eps, np.float32)
+    # RMSNorm: x * 1/sqrt(mean(x²) + eps) * w, in the op order torch's exporter writes (and
+    # onnxscript's fusion rules match)
+    sq = b.op("Pow", scope, [x, b.const("/scalar/2.0", 2.0, np.float32)])
+    var = b.op("ReduceMean", scope, [sq, b.const("/axes/-1", [-1])], keepdims=1)
+    eps = b.const(f"/scalar/eps={spec.norm_eps}", spec.norm_eps, np.float32)
     rms = b.op("Sqrt", scope, [b.op("Add", scope + "/eps", [var, eps])])
-    return b.op("Mul", scope + "/weight", [b.op("Div", scope, [x, rms]), b.weight(name + ".weight")])
+    normed = b.op("Mul", scope, [x, b.op("Reciprocal", scope, [rms])])
+    return b.op("Mul", scope + "/weight", [normed, b.weight(name + ".weight")])
 
 
 def rotary_tables(spec: DecoderSpec, b: GraphBuilder, pos: str) -> tuple[str, str]:

@@ -4,8 +4,6 @@ lm_head, plain GELU MLP."""
 
 from __future__ import annotations
 
-import torch
-
 from xcompile.errors import UserError
 from xcompile.frontend.decoder import ACTIVATIONS, DecoderSpec, WeightNames
 
@@ -28,6 +26,8 @@ NAMES = WeightNames(
 
 
 def spec(config) -> DecoderSpec:
+    import torch
+
     head_dim = config.n_embd // config.n_head
     rotary_dim = config.rotary_dim or head_dim
     if config.activation_function not in ACTIVATIONS:

@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from xcompile.artifacts import DTYPES, TensorInfo
 
-OPSET = 17
+OPSET = 18
 
 # what the compute side of the graph runs in; weights stored in another dtype get a Cast
 COMPUTE = TensorProto.FLOAT

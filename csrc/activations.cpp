@@ -1,0 +1,161 @@
+// Elementwise MLP activations, fp32, over n contiguous elements (any shape, flattened):
+//   silu_mul:  out = gate * sigmoid(gate) * up          (Llama's act_fn(gate_proj(x)) * up_proj(x))
+//   gelu_tanh: out = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))   (GPT-J's gelu_new)
+// out may alias any input (each element is read before it is written at the same index).
+//
+// The vector paths use the identities x * sigmoid(x) = x / (1 + exp(-x)) and
+// 0.5 (1 + tanh(u)) = sigmoid(2u) = 1 / (1 + exp(-2u)), so both need one exp (vec_math.h) and one
+// division per element, and neither loses digits to 1 + tanh(u) cancelling where u << 0.
+// The scalar path is the formulas as written, with the C library's expf / tanhf.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "dispatch.h"
+#include "kernels.h"
+#include "threads.h"
+#include "vec_math.h"
+
+#if XC_X86
+#include <immintrin.h>
+#endif
+
+namespace xcompile {
+namespace {
+
+constexpr float kGeluC = 0.7978845608028654f;  // sqrt(2 / pi)
+constexpr float kGeluA = 0.044715f;
+
+// A span kernel: n elements from a (and b, for binary ops) into out.
+using SpanFn = void (*)(const float* a, const float* b, float* out, int64_t n);
+
+void silu_mul_scalar(const float* gate, const float* up, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+}
+
+void gelu_tanh_scalar(const float* x, const float*, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = x[i];
+    out[i] = 0.5f * v * (1.0f + std::tanh(kGeluC * (v + kGeluA * v * v * v)));
+  }
+}
+
+#if XC_X86
+// out = a / (1 + exp(a * (c1 + c2 a^2))) [* b]: silu is c1 = -1, c2 = 0; gelu_tanh is
+// c1 = -2 sqrt(2/pi), c2 = c1 * 0.044715 (the exponent is -2u).
+template <bool Mul>
+XC_TARGET_AVX2 inline __m256 sigmoid_gate_avx2(__m256 a, __m256 b, __m256 c1, __m256 c2) {
+  const __m256 z = _mm256_mul_ps(a, _mm256_fmadd_ps(c2, _mm256_mul_ps(a, a), c1));
+  const __m256 y = _mm256_div_ps(a, _mm256_add_ps(_mm256_set1_ps(1.0f), vec_math::exp_avx2(z)));
+  return Mul ? _mm256_mul_ps(y, b) : y;
+}
+
+template <bool Mul>
+XC_TARGET_AVX2 void span_avx2(const float* a, const float* b, float* out, int64_t n, float c1,
+                              float c2) {
+  const __m256 vc1 = _mm256_set1_ps(c1), vc2 = _mm256_set1_ps(c2);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 vb = Mul ? _mm256_loadu_ps(b + i) : vc1;
+    _mm256_storeu_ps(out + i, sigmoid_gate_avx2<Mul>(_mm256_loadu_ps(a + i), vb, vc1, vc2));
+  }
+  if (i < n) {  // tail through a zero-padded stack buffer: same arithmetic as the full vectors
+    alignas(32) float ta[8] = {}, tb[8] = {}, to[8];
+    for (int64_t t = i; t < n; ++t) {
+      ta[t - i] = a[t];
+      if (Mul) tb[t - i] = b[t];
+    }
+    _mm256_store_ps(to, sigmoid_gate_avx2<Mul>(_mm256_load_ps(ta), _mm256_load_ps(tb), vc1, vc2));
+    for (int64_t t = i; t < n; ++t) out[t] = to[t - i];
+  }
+}
+
+XC_TARGET_AVX2 void silu_mul_avx2(const float* gate, const float* up, float* out, int64_t n) {
+  span_avx2<true>(gate, up, out, n, -1.0f, 0.0f);
+}
+XC_TARGET_AVX2 void gelu_tanh_avx2(const float* x, const float*, float* out, int64_t n) {
+  span_avx2<false>(x, nullptr, out, n, -2.0f * kGeluC, -2.0f * kGeluC * kGeluA);
+}
+
+template <bool Mul>
+XC_TARGET_AVX512 inline __m512 sigmoid_gate_avx512(__m512 a, __m512 b, __m512 c1, __m512 c2) {
+  const __m512 z = _mm512_mul_ps(a, _mm512_fmadd_ps(c2, _mm512_mul_ps(a, a), c1));
+  const __m512 y =
+      _mm512_div_ps(a, _mm512_add_ps(_mm512_set1_ps(1.0f), vec_math::exp_avx512(z)));
+  return Mul ? _mm512_mul_ps(y, b) : y;
+}
+
+template <bool Mul>
+XC_TARGET_AVX512 void span_avx512(const float* a, const float* b, float* out, int64_t n, float c1,
+                                  float c2) {
+  const __m512 vc1 = _mm512_set1_ps(c1), vc2 = _mm512_set1_ps(c2);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 vb = Mul ? _mm512_loadu_ps(b + i) : vc1;
+    _mm512_storeu_ps(out + i, sigmoid_gate_avx512<Mul>(_mm512_loadu_ps(a + i), vb, vc1, vc2));
+  }
+  if (i < n) {
+    const __mmask16 tail = __mmask16((1u << (n - i)) - 1);
+    const __m512 vb = Mul ? _mm512_maskz_loadu_ps(tail, b + i) : vc1;
+    _mm512_mask_storeu_ps(out + i, tail,
+                          sigmoid_gate_avx512<Mul>(_mm512_maskz_loadu_ps(tail, a + i), vb, vc1, vc2));
+  }
+}
+
+XC_TARGET_AVX512 void silu_mul_avx512(const float* gate, const float* up, float* out, int64_t n) {
+  span_avx512<true>(gate, up, out, n, -1.0f, 0.0f);
+}
+XC_TARGET_AVX512 void gelu_tanh_avx512(const float* x, const float*, float* out, int64_t n) {
+  span_avx512<false>(x, nullptr, out, n, -2.0f * kGeluC, -2.0f * kGeluC * kGeluA);
+}
+#endif
+
+SpanFn silu_mul_kernel() {
+  switch (current_isa()) {
+#if XC_X86
+    case Isa::avx512: return silu_mul_avx512;
+    case Isa::avx2: return silu_mul_avx2;
+#endif
+    default: return silu_mul_scalar;
+  }
+}
+
+SpanFn gelu_tanh_kernel() {
+  switch (current_isa()) {
+#if XC_X86
+    case Isa::avx512: return gelu_tanh_avx512;
+    case Isa::avx2: return gelu_tanh_avx2;
+#endif
+    default: return gelu_tanh_scalar;
+  }
+}
+
+// Splits n elements into one contiguous chunk per thread (a multiple of 64 elements, so chunk
+// edges fall on cache lines of a 64-byte-aligned tensor and every vector but the last is full).
+// A decode-sized span (an MLP's intermediate size, ~10^4) takes a few microseconds on one core:
+// the pool is woken only well above that.
+void run_span(SpanFn span, const float* a, const float* b, float* out, int64_t n) {
+  const int threads = num_threads();
+  const bool parallel = threads > 1 && n >= (int64_t(1) << 16);
+  const int64_t chunk = parallel ? ((n + threads - 1) / threads + 63) / 64 * 64 : n;
+  const int64_t chunks = (n + chunk - 1) / chunk;
+#pragma omp parallel for schedule(static) num_threads(threads) if (parallel)
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t start = c * chunk, len = std::min(chunk, n - start);
+    span(a + start, b ? b + start : nullptr, out + start, len);
+  }
+}
+
+}  // namespace
+
+void silu_mul(const float* gate, const float* up, float* out, int64_t n) {
+  run_span(silu_mul_kernel(), gate, up, out, n);
+}
+
+void gelu_tanh(const float* x, float* out, int64_t n) {
+  run_span(gelu_tanh_kernel(), x, nullptr, out, n);
+}
+
+}  // namespace xcompile

@@ -43,72 +43,67 @@ void gelu_tanh_scalar(const float* x, const float*, float* out, int64_t n) {
 }
 
 #if XC_X86
-// out = a / (1 + exp(a * (c1 + c2 a^2))) [* b]: silu is c1 = -1, c2 = 0; gelu_tanh is
-// c1 = -2 sqrt(2/pi), c2 = c1 * 0.044715 (the exponent is -2u).
-template <bool Mul>
-XC_TARGET_AVX2 inline __m256 sigmoid_gate_avx2(__m256 a, __m256 b, __m256 c1, __m256 c2) {
-  const __m256 z = _mm256_mul_ps(a, _mm256_fmadd_ps(c2, _mm256_mul_ps(a, a), c1));
+// Gelu: out = a / (1 + exp(-2u)), -2u = a (c1 + c2 a^2) with c1 = -2 sqrt(2/pi), c2 = 0.044715 c1.
+// Silu: out = a / (1 + exp(-a)) * b.
+constexpr float kGeluC1 = -2.0f * kGeluC, kGeluC2 = -2.0f * kGeluC * kGeluA;
+
+template <bool Gelu>
+XC_TARGET_AVX2 inline __m256 activation_avx2(__m256 a, __m256 b) {
+  const __m256 z = Gelu ? _mm256_mul_ps(a, _mm256_fmadd_ps(_mm256_set1_ps(kGeluC2), _mm256_mul_ps(a, a),
+                                                           _mm256_set1_ps(kGeluC1)))
+                        : _mm256_sub_ps(_mm256_setzero_ps(), a);
   const __m256 y = _mm256_div_ps(a, _mm256_add_ps(_mm256_set1_ps(1.0f), vec_math::exp_avx2(z)));
-  return Mul ? _mm256_mul_ps(y, b) : y;
+  return Gelu ? y : _mm256_mul_ps(y, b);
 }
 
-template <bool Mul>
-XC_TARGET_AVX2 void span_avx2(const float* a, const float* b, float* out, int64_t n, float c1,
-                              float c2) {
-  const __m256 vc1 = _mm256_set1_ps(c1), vc2 = _mm256_set1_ps(c2);
+template <bool Gelu>
+XC_TARGET_AVX2 void span_avx2(const float* a, const float* b, float* out, int64_t n) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
-    const __m256 vb = Mul ? _mm256_loadu_ps(b + i) : vc1;
-    _mm256_storeu_ps(out + i, sigmoid_gate_avx2<Mul>(_mm256_loadu_ps(a + i), vb, vc1, vc2));
+    const __m256 vb = Gelu ? _mm256_setzero_ps() : _mm256_loadu_ps(b + i);
+    _mm256_storeu_ps(out + i, activation_avx2<Gelu>(_mm256_loadu_ps(a + i), vb));
   }
   if (i < n) {  // tail through a zero-padded stack buffer: same arithmetic as the full vectors
     alignas(32) float ta[8] = {}, tb[8] = {}, to[8];
     for (int64_t t = i; t < n; ++t) {
       ta[t - i] = a[t];
-      if (Mul) tb[t - i] = b[t];
+      if (!Gelu) tb[t - i] = b[t];
     }
-    _mm256_store_ps(to, sigmoid_gate_avx2<Mul>(_mm256_load_ps(ta), _mm256_load_ps(tb), vc1, vc2));
+    _mm256_store_ps(to, activation_avx2<Gelu>(_mm256_load_ps(ta), _mm256_load_ps(tb)));
     for (int64_t t = i; t < n; ++t) out[t] = to[t - i];
   }
 }
 
 XC_TARGET_AVX2 void silu_mul_avx2(const float* gate, const float* up, float* out, int64_t n) {
-  span_avx2<true>(gate, up, out, n, -1.0f, 0.0f);
+  span_avx2<false>(gate, up, out, n);
 }
 XC_TARGET_AVX2 void gelu_tanh_avx2(const float* x, const float*, float* out, int64_t n) {
-  span_avx2<false>(x, nullptr, out, n, -2.0f * kGeluC, -2.0f * kGeluC * kGeluA);
+  span_avx2<true>(x, nullptr, out, n);
 }
 
-template <bool Mul>
-XC_TARGET_AVX512 inline __m512 sigmoid_gate_avx512(__m512 a, __m512 b, __m512 c1, __m512 c2) {
-  const __m512 z = _mm512_mul_ps(a, _mm512_fmadd_ps(c2, _mm512_mul_ps(a, a), c1));
-  const __m512 y =
-      _mm512_div_ps(a, _mm512_add_ps(_mm512_set1_ps(1.0f), vec_math::exp_avx512(z)));
-  return Mul ? _mm512_mul_ps(y, b) : y;
+template <bool Gelu>
+XC_TARGET_AVX512 inline __m512 activation_avx512(__m512 a, __m512 b) {
+  const __m512 z = Gelu ? _mm512_mul_ps(a, _mm512_fmadd_ps(_mm512_set1_ps(kGeluC2), _mm512_mul_ps(a, a),
+                                                           _mm512_set1_ps(kGeluC1)))
+                        : _mm512_sub_ps(_mm512_setzero_ps(), a);
+  const __m512 y = _mm512_div_ps(a, _mm512_add_ps(_mm512_set1_ps(1.0f), vec_math::exp_avx512(z)));
+  return Gelu ? y : _mm512_mul_ps(y, b);
 }
 
-template <bool Mul>
-XC_TARGET_AVX512 void span_avx512(const float* a, const float* b, float* out, int64_t n, float c1,
-                                  float c2) {
-  const __m512 vc1 = _mm512_set1_ps(c1), vc2 = _mm512_set1_ps(c2);
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    const __m512 vb = Mul ? _mm512_loadu_ps(b + i) : vc1;
-    _mm512_storeu_ps(out + i, sigmoid_gate_avx512<Mul>(_mm512_loadu_ps(a + i), vb, vc1, vc2));
-  }
-  if (i < n) {
-    const __mmask16 tail = __mmask16((1u << (n - i)) - 1);
-    const __m512 vb = Mul ? _mm512_maskz_loadu_ps(tail, b + i) : vc1;
-    _mm512_mask_storeu_ps(out + i, tail,
-                          sigmoid_gate_avx512<Mul>(_mm512_maskz_loadu_ps(tail, a + i), vb, vc1, vc2));
+template <bool Gelu>
+XC_TARGET_AVX512 void span_avx512(const float* a, const float* b, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 lanes = n - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - i)) - 1);
+    const __m512 vb = Gelu ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(lanes, b + i);
+    _mm512_mask_storeu_ps(out + i, lanes, activation_avx512<Gelu>(_mm512_maskz_loadu_ps(lanes, a + i), vb));
   }
 }
 
 XC_TARGET_AVX512 void silu_mul_avx512(const float* gate, const float* up, float* out, int64_t n) {
-  span_avx512<true>(gate, up, out, n, -1.0f, 0.0f);
+  span_avx512<false>(gate, up, out, n);
 }
 XC_TARGET_AVX512 void gelu_tanh_avx512(const float* x, const float*, float* out, int64_t n) {
-  span_avx512<false>(x, nullptr, out, n, -2.0f * kGeluC, -2.0f * kGeluC * kGeluA);
+  span_avx512<true>(x, nullptr, out, n);
 }
 #endif
 

@@ -10,6 +10,34 @@ namespace xcompile {
 // out = x * rsqrt(mean(x^2) + eps) * weight, per row (transformers' LlamaRMSNorm).
 void rmsnorm(const float* x, const float* weight, float* out, int64_t rows, int64_t cols, float eps);
 
+// x, skip (rows, cols) fp32, weight (cols), out and sum_out (rows, cols) fp32.
+// sum_out = x + skip; out = rmsnorm(sum_out) * weight (com.microsoft SkipSimplifiedLayerNormalization
+// without bias). sum_out may alias x or skip; out may alias x or skip but not sum_out.
+void skip_rmsnorm(const float* x, const float* skip, const float* weight, float* out,
+                  float* sum_out, int64_t rows, int64_t cols, float eps);
+
+// x (tokens, heads, head_dim) fp32 with token stride x_stride, out likewise with out_stride (out may
+// be x); cos, sin (tokens, rotary_dim / 2). Rotates the first rotary_dim dims of every head: pairs
+// (i, i + rotary_dim / 2) when !interleaved (Llama), (2i, 2i + 1) when interleaved (GPT-J); the
+// rest pass through.
+void rotary(const float* x, const float* cos, const float* sin, float* out, int64_t tokens,
+            int64_t heads, int64_t head_dim, int64_t rotary_dim, bool interleaved,
+            int64_t x_stride, int64_t out_stride);
+
+// gate, up, out (n) fp32: out = gate * sigmoid(gate) * up. out may alias gate or up.
+void silu_mul(const float* gate, const float* up, float* out, int64_t n);
+
+// x, out (n) fp32: out = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))). out may alias x.
+void gelu_tanh(const float* x, float* out, int64_t n);
+
+// q (S, heads, d), k_cache and v_cache (kv_heads, capacity, d) with rows 0 .. past + S - 1 valid,
+// out (S, heads, d) (may be q), all fp32. Causal GQA: query t (position past + t), head h attends
+// to keys max(0, past + t - window + 1) .. past + t of KV head h / (heads / kv_heads) (window <= 0:
+// from 0), softmax(scale * q . k) @ v.
+void attention(const float* q, const float* k_cache, const float* v_cache, float* out, int64_t S,
+               int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t capacity, int64_t past,
+               int64_t window, float scale);
+
 // x (M, K) fp32, w (N, K) fp32 (nn.Linear layout), bias (N) fp32 or null, out (M, N) fp32.
 // out[m, n] = sum_k x[m, k] * w[n, k] + bias[n]
 void gemv_f32(const float* x, const float* w, const float* bias, float* out, int64_t M, int64_t N,

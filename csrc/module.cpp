@@ -69,6 +69,81 @@ NB_MODULE(_C, m) {
       "out (rows, cols) = x * rsqrt(mean(x^2, -1) + eps) * weight; fp32, contiguous.");
 
   m.def(
+      "skip_rmsnorm",
+      [](uintptr_t x, uintptr_t skip, uintptr_t weight, uintptr_t out, uintptr_t sum_out,
+         int64_t rows, int64_t cols, double eps) {
+        check_sizes("skip_rmsnorm", {rows, cols});
+        if (rows == 0 || cols == 0) return;
+        xcompile::skip_rmsnorm(as_ptr<const float>(x, "x", true), as_ptr<const float>(skip, "skip", true),
+                               as_ptr<const float>(weight, "weight", true), as_ptr<float>(out, "out", true),
+                               as_ptr<float>(sum_out, "sum_out", true), rows, cols, float(eps));
+      },
+      "x"_a, "skip"_a, "weight"_a, "out"_a, "sum_out"_a, "rows"_a, "cols"_a, "eps"_a,
+      nb::call_guard<nb::gil_scoped_release>(),
+      "sum_out = x + skip; out = rmsnorm(sum_out) * weight; all (rows, cols) fp32, weight (cols).");
+
+  m.def(
+      "rotary",
+      [](uintptr_t x, uintptr_t cos, uintptr_t sin, uintptr_t out, int64_t tokens, int64_t heads,
+         int64_t head_dim, int64_t rotary_dim, bool interleaved, int64_t x_stride,
+         int64_t out_stride) {
+        check_sizes("rotary", {tokens, heads, head_dim, rotary_dim, x_stride, out_stride});
+        if (rotary_dim % 2 || rotary_dim > head_dim)
+          throw std::invalid_argument("rotary: rotary_dim must be even and <= head_dim");
+        if (tokens > 1 && (x_stride < heads * head_dim || out_stride < heads * head_dim))
+          throw std::invalid_argument("rotary: token strides must be >= heads * head_dim");
+        if (tokens == 0 || heads == 0 || head_dim == 0) return;
+        xcompile::rotary(as_ptr<const float>(x, "x", true), as_ptr<const float>(cos, "cos", rotary_dim > 0),
+                         as_ptr<const float>(sin, "sin", rotary_dim > 0), as_ptr<float>(out, "out", true),
+                         tokens, heads, head_dim, rotary_dim, interleaved, x_stride, out_stride);
+      },
+      "x"_a, "cos"_a, "sin"_a, "out"_a, "tokens"_a, "heads"_a, "head_dim"_a, "rotary_dim"_a,
+      "interleaved"_a, "x_stride"_a, "out_stride"_a, nb::call_guard<nb::gil_scoped_release>(),
+      "Rotary embedding of x (tokens, heads, head_dim; token stride x_stride) into out (may be x); "
+      "cos, sin (tokens, rotary_dim / 2); interleaved: GPT-J pairs, else Llama's half split.");
+
+  m.def(
+      "silu_mul",
+      [](uintptr_t gate, uintptr_t up, uintptr_t out, int64_t n) {
+        check_sizes("silu_mul", {n});
+        if (n == 0) return;
+        xcompile::silu_mul(as_ptr<const float>(gate, "gate", true), as_ptr<const float>(up, "up", true),
+                           as_ptr<float>(out, "out", true), n);
+      },
+      "gate"_a, "up"_a, "out"_a, "n"_a, nb::call_guard<nb::gil_scoped_release>(),
+      "out (n) = gate * sigmoid(gate) * up; fp32, out may alias an input.");
+
+  m.def(
+      "gelu_tanh",
+      [](uintptr_t x, uintptr_t out, int64_t n) {
+        check_sizes("gelu_tanh", {n});
+        if (n == 0) return;
+        xcompile::gelu_tanh(as_ptr<const float>(x, "x", true), as_ptr<float>(out, "out", true), n);
+      },
+      "x"_a, "out"_a, "n"_a, nb::call_guard<nb::gil_scoped_release>(),
+      "out (n) = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))); fp32, out may be x.");
+
+  m.def(
+      "attention",
+      [](uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uintptr_t out, int64_t S, int64_t heads,
+         int64_t kv_heads, int64_t head_dim, int64_t capacity, int64_t past, int64_t window,
+         double scale) {
+        check_sizes("attention", {S, heads, kv_heads, head_dim, capacity, past});
+        if (kv_heads == 0 || heads % kv_heads)
+          throw std::invalid_argument("attention: heads must be a positive multiple of kv_heads");
+        if (past + S > capacity)
+          throw std::invalid_argument("attention: past + S exceeds the cache capacity");
+        if (S == 0 || heads == 0 || head_dim == 0) return;
+        xcompile::attention(as_ptr<const float>(q, "q", true), as_ptr<const float>(k_cache, "k_cache", true),
+                            as_ptr<const float>(v_cache, "v_cache", true), as_ptr<float>(out, "out", true),
+                            S, heads, kv_heads, head_dim, capacity, past, window, float(scale));
+      },
+      "q"_a, "k_cache"_a, "v_cache"_a, "out"_a, "S"_a, "heads"_a, "kv_heads"_a, "head_dim"_a,
+      "capacity"_a, "past"_a, "window"_a, "scale"_a, nb::call_guard<nb::gil_scoped_release>(),
+      "Causal GQA of q (S, heads, d) at positions past.. over k_cache, v_cache (kv_heads, "
+      "capacity, d) into out (S, heads, d; may be q); window <= 0: no sliding window.");
+
+  m.def(
       "gemv_f32",
       [](uintptr_t x, uintptr_t w, uintptr_t bias, uintptr_t out, int64_t M, int64_t N, int64_t K) {
         check_sizes("gemv_f32", {M, N, K});

@@ -2,11 +2,13 @@
 
 The kernels take raw pointers, so everything that can go wrong with a pointer is checked here:
 dtype, device, contiguity and shape, each with a ValueError that says what to pass instead.
-The fast path (`rmsnorm`, `linear`) and the reference (`rmsnorm_reference`, `linear_reference`)
-compute the same thing; tests/csrc holds every ISA path to the references.
+Each fast path (`rmsnorm`, `linear`, ...) and its reference (`rmsnorm_reference`,
+`linear_reference`, ...) compute the same thing; tests/csrc holds every ISA path to the references.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -14,14 +16,24 @@ from xcompile import _C
 from xcompile._C import isa, num_threads, set_isa, set_num_threads, supported_isas
 
 __all__ = [
+    "attention",
+    "attention_reference",
+    "gelu_tanh",
+    "gelu_tanh_reference",
     "isa",
     "linear",
     "linear_reference",
     "num_threads",
     "rmsnorm",
     "rmsnorm_reference",
+    "rotary",
+    "rotary_reference",
     "set_isa",
     "set_num_threads",
+    "silu_mul",
+    "silu_mul_reference",
+    "skip_rmsnorm",
+    "skip_rmsnorm_reference",
     "supported_isas",
 ]
 
@@ -44,6 +56,27 @@ def _check_out(out: torch.Tensor, shape: tuple[int, ...]) -> None:
     _check("out", out, (torch.float32,))
     if tuple(out.shape) != shape:
         raise ValueError(f"out has shape {tuple(out.shape)}; expected {shape}")
+
+
+def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two contiguous tensors' bytes overlap (views of one storage side by side, such as
+    the K and V halves of one cache block, do not)."""
+    if not (a.numel() and b.numel()):
+        return False
+    a_end = a.data_ptr() + a.numel() * a.element_size()
+    b_end = b.data_ptr() + b.numel() * b.element_size()
+    return a.data_ptr() < b_end and b.data_ptr() < a_end
+
+
+def _check_alias(out: torch.Tensor, name: str, t: torch.Tensor, same_ok: bool) -> None:
+    """Rejects out overlapping t, except (when same_ok) out being exactly t's memory: the kernels
+    that run in place read each element before writing it at the same address, no other overlap."""
+    if not _shares_memory(out, t):
+        return
+    if same_ok and out.data_ptr() == t.data_ptr():
+        return
+    how = "be it exactly or not overlap it" if same_ok else "not share memory with it"
+    raise ValueError(f"out overlaps {name}; out must {how}")
 
 
 def rmsnorm(
@@ -128,3 +161,263 @@ def linear_reference(
     return torch.nn.functional.linear(
         x.float(), weight.float(), None if bias is None else bias.float()
     )
+
+
+def skip_rmsnorm(
+    x: torch.Tensor,
+    skip: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    out: torch.Tensor | None = None,
+    sum_out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add then RMSNorm: (rmsnorm(x + skip) * weight, x + skip), all fp32.
+
+    x, skip (..., C), weight (C). ONNX Runtime's com.microsoft SkipSimplifiedLayerNormalization
+    (outputs 0 and 3) without its optional bias. sum_out may be x or skip (the residual updated in
+    place); out may be x or skip too, but not sum_out.
+    """
+    _check("x", x, (torch.float32,))
+    _check("skip", skip, (torch.float32,))
+    _check("weight", weight, (torch.float32,))
+    cols = x.shape[-1] if x.dim() else 0
+    if x.dim() == 0 or skip.shape != x.shape or tuple(weight.shape) != (cols,):
+        raise ValueError(
+            f"skip_rmsnorm: x {tuple(x.shape)}, skip {tuple(skip.shape)}, weight "
+            f"{tuple(weight.shape)}; expected x and skip (..., C) alike and weight (C,)"
+        )
+    if out is None:
+        out = torch.empty_like(x)
+    else:
+        _check_out(out, tuple(x.shape))
+    if sum_out is None:
+        sum_out = torch.empty_like(x)
+    else:
+        _check("sum_out", sum_out, (torch.float32,))
+        if sum_out.shape != x.shape:
+            raise ValueError(f"sum_out has shape {tuple(sum_out.shape)}; expected {tuple(x.shape)}")
+    for name, t in (("x", x), ("skip", skip)):
+        _check_alias(out, name, t, same_ok=True)
+        _check_alias(sum_out, name, t, same_ok=True)
+    if _shares_memory(out, sum_out):
+        raise ValueError("out and sum_out share memory; pass two separate buffers")
+    _C.skip_rmsnorm(
+        x.data_ptr(),
+        skip.data_ptr(),
+        weight.data_ptr(),
+        out.data_ptr(),
+        sum_out.data_ptr(),
+        x.numel() // max(cols, 1),
+        cols,
+        eps,
+    )
+    return out, sum_out
+
+
+def skip_rmsnorm_reference(
+    x: torch.Tensor, skip: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(LlamaRMSNorm(x + skip), x + skip) in fp32."""
+    total = x.float() + skip.float()
+    return rmsnorm_reference(total, weight, eps), total
+
+
+def rotary(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    interleaved: bool,
+    rotary_dim: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Rotary position embedding of x (S, heads, head_dim) fp32; out may be x (in place).
+
+    cos, sin (S, rotary_dim / 2) fp32: cos(p * inv_freq), sin(p * inv_freq) for each token's
+    position p, not duplicated. interleaved=False rotates pairs (i, i + rotary_dim / 2) (Llama's
+    rotate_half), True pairs (2i, 2i + 1) (GPT-J's rotate_every_two). rotary_dim defaults to
+    2 * cos.shape[-1] (and must equal it when given); dims past it pass through.
+    """
+    _check("x", x, (torch.float32,))
+    _check("cos", cos, (torch.float32,))
+    _check("sin", sin, (torch.float32,))
+    if x.dim() != 3:
+        raise ValueError(f"rotary: x has shape {tuple(x.shape)}; expected (S, heads, head_dim)")
+    tokens, heads, head_dim = x.shape
+    half = cos.shape[-1] if cos.dim() == 2 else -1
+    if rotary_dim is None:
+        rotary_dim = 2 * half
+    if cos.shape != sin.shape or tuple(cos.shape) != (tokens, rotary_dim // 2) or rotary_dim % 2:
+        raise ValueError(
+            f"rotary: cos {tuple(cos.shape)}, sin {tuple(sin.shape)} for x {tuple(x.shape)} and "
+            f"rotary_dim {rotary_dim}; expected both ({tokens}, rotary_dim / 2), rotary_dim even"
+        )
+    if rotary_dim > head_dim:
+        raise ValueError(f"rotary: rotary_dim {rotary_dim} exceeds head_dim {head_dim}")
+    if out is None:
+        out = torch.empty_like(x)
+    else:
+        _check_out(out, tuple(x.shape))
+        _check_alias(out, "x", x, same_ok=True)
+    row = heads * head_dim
+    _C.rotary(
+        x.data_ptr(),
+        cos.data_ptr(),
+        sin.data_ptr(),
+        out.data_ptr(),
+        tokens,
+        heads,
+        head_dim,
+        rotary_dim,
+        interleaved,
+        row,
+        row,
+    )
+    return out
+
+
+def rotary_reference(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    interleaved: bool,
+    rotary_dim: int | None = None,
+) -> torch.Tensor:
+    """transformers' apply_rotary_pos_emb (Llama, rotate_half) or GPT-J's rotate_every_two, on
+    the first rotary_dim dims of x (S, heads, head_dim); cos, sin (S, rotary_dim / 2)."""
+    rotary_dim = 2 * cos.shape[-1] if rotary_dim is None else rotary_dim
+    x = x.float()
+    x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
+    cos, sin = cos.float()[:, None, :], sin.float()[:, None, :]  # broadcast over heads
+    if interleaved:
+        cos, sin = cos.repeat_interleave(2, dim=-1), sin.repeat_interleave(2, dim=-1)
+        rotated = torch.stack((-x_rot[..., 1::2], x_rot[..., ::2]), dim=-1).flatten(-2)
+    else:
+        cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
+        x1, x2 = x_rot[..., : rotary_dim // 2], x_rot[..., rotary_dim // 2 :]
+        rotated = torch.cat((-x2, x1), dim=-1)
+    return torch.cat((x_rot * cos + rotated * sin, x_pass), dim=-1)
+
+
+def _elementwise_out(out: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    if out is None:
+        return torch.empty_like(like)
+    _check_out(out, tuple(like.shape))
+    return out
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(gate) * up, fp32, any shape (gate and up alike); out may be gate or up."""
+    _check("gate", gate, (torch.float32,))
+    _check("up", up, (torch.float32,))
+    if gate.shape != up.shape:
+        raise ValueError(
+            f"silu_mul: gate {tuple(gate.shape)} and up {tuple(up.shape)} must have one shape"
+        )
+    out = _elementwise_out(out, gate)
+    _check_alias(out, "gate", gate, same_ok=True)
+    _check_alias(out, "up", up, same_ok=True)
+    _C.silu_mul(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel())
+    return out
+
+
+def silu_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Llama's MLP activation: act_fn(gate_proj(x)) * up_proj(x), act_fn = SiLU."""
+    return torch.nn.functional.silu(gate.float()) * up.float()
+
+
+def gelu_tanh(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), fp32, any shape; out may be x."""
+    _check("x", x, (torch.float32,))
+    out = _elementwise_out(out, x)
+    _check_alias(out, "x", x, same_ok=True)
+    _C.gelu_tanh(x.data_ptr(), out.data_ptr(), x.numel())
+    return out
+
+
+def gelu_tanh_reference(x: torch.Tensor) -> torch.Tensor:
+    """GPT-J's gelu_new: torch's GELU with the tanh approximation."""
+    return torch.nn.functional.gelu(x.float(), approximate="tanh")
+
+
+def attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    past: int,
+    scale: float,
+    window: int = 0,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal grouped-query attention of S new tokens over a preallocated KV cache, fp32.
+
+    q (S, heads, d) at positions past .. past + S - 1; k_cache, v_cache (kv_heads, capacity, d)
+    with rows 0 .. past + S - 1 valid (the new tokens' K and V already written). Query head h
+    reads KV head h // (heads // kv_heads). The query at position p sees keys 0 .. p, or
+    p - window + 1 .. p when window > 0 (Mistral's sliding_window). Returns out (S, heads, d);
+    out may be q (in place).
+    """
+    _check("q", q, (torch.float32,))
+    _check("k_cache", k_cache, (torch.float32,))
+    _check("v_cache", v_cache, (torch.float32,))
+    if q.dim() != 3 or k_cache.dim() != 3 or k_cache.shape != v_cache.shape:
+        raise ValueError(
+            f"attention: q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, v_cache "
+            f"{tuple(v_cache.shape)}; expected q (S, heads, d) and both caches (kv_heads, capacity, d)"
+        )
+    tokens, heads, head_dim = q.shape
+    kv_heads, capacity, cache_dim = k_cache.shape
+    if cache_dim != head_dim or kv_heads == 0 or heads % kv_heads:
+        raise ValueError(
+            f"attention: q has {heads} heads of {head_dim}, the caches {kv_heads} of {cache_dim}; "
+            "head sizes must match and heads be a multiple of kv_heads"
+        )
+    if past < 0 or past + tokens > capacity:
+        raise ValueError(
+            f"attention: past {past} + {tokens} new tokens does not fit the cache capacity "
+            f"{capacity}; allocate a larger cache"
+        )
+    if out is None:
+        out = torch.empty_like(q)
+    else:
+        _check_out(out, tuple(q.shape))
+        _check_alias(out, "q", q, same_ok=True)
+        _check_alias(out, "k_cache", k_cache, same_ok=False)
+        _check_alias(out, "v_cache", v_cache, same_ok=False)
+    _C.attention(
+        q.data_ptr(),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        out.data_ptr(),
+        tokens,
+        heads,
+        kv_heads,
+        head_dim,
+        capacity,
+        past,
+        window,
+        scale,
+    )
+    return out
+
+
+def attention_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    past: int,
+    scale: float,
+    window: int = 0,
+) -> torch.Tensor:
+    """The same with repeat_interleave of the KV heads, an explicit mask and torch's softmax."""
+    tokens, heads, _ = q.shape
+    kv_heads, total = k_cache.shape[0], past + tokens
+    k = k_cache[:, :total].float().repeat_interleave(heads // kv_heads, dim=0)  # (heads, T, d)
+    v = v_cache[:, :total].float().repeat_interleave(heads // kv_heads, dim=0)
+    scores = torch.einsum("shd,htd->hst", q.float(), k) * scale  # (heads, S, T)
+    query_pos = torch.arange(past, total)[:, None]
+    key_pos = torch.arange(total)[None, :]
+    visible = key_pos <= query_pos
+    if window > 0:
+        visible &= key_pos > query_pos - window
+    scores = scores.masked_fill(~visible, -math.inf)
+    return torch.einsum("hst,htd->shd", torch.softmax(scores, dim=-1), v)

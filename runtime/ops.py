@@ -63,7 +63,7 @@ def shape(x, start=0, end=None):
     return torch.tensor(dims, dtype=torch.int64)
 
 
-def reduce_mean(x, axes_input=None, keepdims=1, axes=None):
+def reduce_mean(x, axes_input=None, keepdims=1, axes=None, noop_with_empty_axes=0):
     """opset 18 takes the axes as an input; older opsets as an attribute"""
     dims = _axes(axes_input) if axes_input is not None else list(axes or range(x.dim()))
     return x.mean(dim=dims, keepdim=bool(keepdims))

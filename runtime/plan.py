@@ -25,6 +25,7 @@ import torch
 from onnx import numpy_helper
 
 from xcompile.errors import UserError
+from xcompile.runtime import fused_ops
 from xcompile.runtime.ops import DTYPES, OPS
 
 PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)$")
@@ -57,7 +58,8 @@ class Plan:
                 env[step.outs[0]] = result
             else:
                 for slot, value in zip(step.outs, result):
-                    env[slot] = value
+                    if slot >= 0:  # an omitted optional output has no slot
+                        env[slot] = value
         return env[self.fetch]
 
     def op_counts(self) -> dict[str, int]:
@@ -158,6 +160,21 @@ def build_plan(model: onnx.ModelProto, weights: dict[str, torch.Tensor],
                     if all(consumers.get(o, 0) <= 1 for o in n.output):
                         absorbed.add(n.name)
 
+    fast = fused_ops.fast_ops() if use_kernels else {}
+
+    def op_fn(node: onnx.NodeProto):
+        domain = "" if node.domain in ("", "ai.onnx") else node.domain
+        key = (domain, node.op_type)
+        if key in fast:
+            return fast[key]
+        if key in fused_ops.REFERENCE:
+            return fused_ops.REFERENCE[key]
+        if domain == "" and node.op_type in OPS:
+            return OPS[node.op_type]
+        raise UserError(f"the graph uses op {node.domain or 'ai.onnx'}.{node.op_type} "
+                        f"({node.name}), which this runtime does not run; rebuild the artifacts "
+                        "with this xcompile version")
+
     steps: list[Step] = []
     for node in graph.node:
         if node.name in absorbed:
@@ -173,12 +190,16 @@ def build_plan(model: onnx.ModelProto, weights: dict[str, torch.Tensor],
             buf = cache[node.input[0]]
             steps.append(Step(node.name + "/kv_append", kv_append, ins, outs, {"cache": buf}))
             continue
-        if node.op_type not in OPS:
-            raise UserError(f"the graph uses op {node.op_type!r} ({node.name}), which this runtime "
-                            "does not run; rebuild the artifacts with this xcompile version")
-        if node.domain not in ("", "ai.onnx"):
-            raise UserError(f"op {node.domain}.{node.op_type} is not supported by this runtime")
-        fn = OPS[node.op_type]
+        if node.op_type == "GroupQueryAttention" and len(node.input) > 4 and \
+                PAST.match(node.input[3]) and PAST.match(node.input[4]):
+            fn = fused_ops.attention_step(cache[node.input[3]], cache[node.input[4]], use_kernels)
+            steps.append(Step(node.name, fn, ins, outs, attrs))
+            continue
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            slots[outs[0]] = torch.from_numpy(numpy_helper.to_array(attrs["value"]).copy())
+            const.add(node.output[0])
+            continue
+        fn = op_fn(node)
         if all(n in const or n == "" for n in node.input):  # fold now, once
             result = fn(*[slots[slot[n]] if n else None for n in node.input], **attrs)
             results = result if len(node.output) > 1 else (result,)
@@ -186,7 +207,7 @@ def build_plan(model: onnx.ModelProto, weights: dict[str, torch.Tensor],
                 slots[index(name)] = value
                 const.add(name)
             continue
-        steps.append(Step(node.name + "/" + node.op_type if "/" not in node.name else node.name,
+        steps.append(Step(node.name if "/" in node.name else f"{node.name}/{node.op_type}",
                           fn, ins, outs, attrs))
 
     # keep only the steps the fetched output needs

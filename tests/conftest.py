@@ -32,16 +32,18 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def compiled(tmp_path_factory, checkpoint):
-    """compiled(family, dtype) -> artifacts folder made by `xcompile quantize`."""
+    """compiled(family, dtype, passes) -> artifacts folder made by `xcompile quantize`.
+    passes: None, every pass (the default); [] the primitive graph; or the names to run."""
     from xcompile.quantize import quantize
 
     made = {}
 
-    def get(family: str, dtype: str = "fp32"):
-        key = (family, dtype)
+    def get(family: str, dtype: str = "fp32", passes: list[str] | None = None):
+        key = (family, dtype, None if passes is None else tuple(passes))
         if key not in made:
-            out = tmp_path_factory.mktemp(f"art-{family}-{dtype}") / "artifacts"
-            quantize(checkpoint(family), out, dtype, progress=False)
+            tag = "fused" if passes is None else ("primitive" if not passes else len(passes))
+            out = tmp_path_factory.mktemp(f"art-{family}-{dtype}-{tag}") / "artifacts"
+            quantize(checkpoint(family), out, dtype, progress=False, passes=passes)
             made[key] = out
         return made[key]
 

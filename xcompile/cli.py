@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -28,9 +29,10 @@ def quantize(
     out: Path = typer.Option(Path("artifacts"), "-o", "--out", help="Artifacts folder to write."),
     fp32: bool = typer.Option(False, "--fp32", help="Keep weights in FP32."),
     bf16: bool = typer.Option(False, "--bf16", help="Store matrices in BF16."),
+    no_fuse: bool = typer.Option(False, "--no-fuse", help="Keep the primitive graph (no passes)."),
     verbose: bool = typer.Option(False, "--verbose", help="Tracebacks on errors."),
 ) -> None:
-    """Compile MODEL into artifacts (streamed tensor by tensor)."""
+    """Compile MODEL into artifacts (streamed tensor by tensor), fusing the graph by default."""
     chosen = [name for name, on in (("fp32", fp32), ("bf16", bf16)) if on]
     if len(chosen) != 1:
         raise UserError("choose exactly one weight format: --fp32 or --bf16")
@@ -43,7 +45,7 @@ def quantize(
     AtomicFolder(out).check()
     from xcompile.quantize import quantize as run
 
-    manifest = run(ckpt, out, chosen[0])
+    manifest = run(ckpt, out, chosen[0], passes=[] if no_fuse else None)
     size = sum(f["size"] for f in manifest.files.values())
     typer.echo(f"wrote {out} ({manifest.family}, {manifest.dtype}, {size / 1e6:.1f} MB)")
 
@@ -74,7 +76,14 @@ def inspect(
     for name, entry in sorted(m.files.items()):
         typer.echo(f"  {name:28s} {entry['size']:>14,d} B  sha256 {entry['sha256'][:12]}")
     for name in sorted(n for n in m.files if n.endswith(".onnx")):
-        g = onnx.load(str(artifacts_dir / name), load_external_data=False).graph
+        model = onnx.load(str(artifacts_dir / name), load_external_data=False)
+        g = model.graph
+        meta = {p.key: p.value for p in model.metadata_props}
+        if graph and "xcompile.pass_reports" in meta:
+            typer.echo(f"passes on {name} (nodes before -> after, rewrites):")
+            for r in json.loads(meta["xcompile.pass_reports"]):
+                typer.echo(f"  {r['name']:16s} {r['nodes_before']:6d} -> {r['nodes_after']:6d}"
+                           f"  ({r['rewrites']} rewrites)")
         counts = Counter(n.op_type if not n.domain else f"{n.domain}.{n.op_type}" for n in g.node)
         typer.echo(f"ops in {name}: {len(g.node)} nodes")
         shown = counts.most_common() if graph else counts.most_common(8)

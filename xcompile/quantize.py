@@ -9,6 +9,7 @@ source is read with plain file reads (not mmap, whose touched pages would count 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -42,10 +43,13 @@ def target_dtype(info: TensorInfo, dtype: str) -> str:
     return "F32"
 
 
-def build_graph(ckpt: Checkpoint, spec: decoder.DecoderSpec, dtype: str
-                ) -> tuple[onnx.ModelProto, list[PlannedTensor]]:
-    """The graph over the weights as they will be stored, and those weights (only the used ones).
-    External offsets are placeholders until `locate` fills them from the file's plan."""
+def build_graph(ckpt: Checkpoint, spec: decoder.DecoderSpec, dtype: str,
+                passes: list[str] | None = None
+                ) -> tuple[onnx.ModelProto, list[PlannedTensor], dict[str, list[str]], list]:
+    """The graph over the weights as they will be stored, and those weights (only the used ones,
+    including those a pass makes by concatenating others: name -> parts). External offsets are
+    placeholders until `locate` fills them from the file's plan. passes: names to run (None: all,
+    []: none, the primitive graph)."""
     planned = {name: PlannedTensor(name, target_dtype(info, dtype), info.shape)
                for name, (_, info) in ckpt.tensors.items()}
     probe = {name: TensorInfo(name, t.dtype, t.shape, 0, t.nbytes) for name, t in planned.items()}
@@ -57,9 +61,24 @@ def build_graph(ckpt: Checkpoint, spec: decoder.DecoderSpec, dtype: str
                         f"{spec.family} model needs; is it complete?") from None
     metadata = {"family": spec.family, "dtype": dtype}
     model = b.model(f"xcompile_{spec.family}", metadata)
+    reports = []
+    if passes != []:
+        from xcompile.passes import fuse
+
+        model, reports = fuse(model, passes)
+    if reports:
+        entry = model.metadata_props.add()
+        entry.key = "xcompile.pass_reports"
+        entry.value = json.dumps([r.__dict__ for r in reports])
+    meta = {p.key: p.value for p in model.metadata_props}
+    concat = json.loads(meta.get("xcompile.concat", "{}"))
+    for name, parts in concat.items():  # rows of the parts, stacked
+        first = planned[parts[0]]
+        rows = sum(planned[p].shape[0] for p in parts)
+        planned[name] = PlannedTensor(name, first.dtype, (rows, *first.shape[1:]))
     used = [planned[i.name] for i in model.graph.initializer if i.name in planned
             and i.data_location == onnx.TensorProto.EXTERNAL]
-    return model, used
+    return model, used, concat, reports
 
 
 def locate(model: onnx.ModelProto, spans: dict[str, TensorInfo]) -> None:
@@ -70,6 +89,22 @@ def locate(model: onnx.ModelProto, spans: dict[str, TensorInfo]) -> None:
                     entry.value = str(spans[init.name].begin)
                 elif entry.key == "length":
                     entry.value = str(spans[init.name].nbytes)
+
+
+def check_graph(path: Path, fused: bool) -> None:
+    """onnx.checker on the primitive graph (external data must resolve too). A fused graph
+    holds ONNX Runtime's contrib ops, which the checker does not know in the default domain: for
+    it, check that every external reference lies inside its file."""
+    if not fused:
+        onnx.checker.check_model(str(path))
+        return
+    model = onnx.load(str(path), load_external_data=False)
+    for init in model.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            where = {e.key: e.value for e in init.external_data}
+            size = (path.parent / where["location"]).stat().st_size
+            if int(where["offset"]) + int(where["length"]) > size:
+                raise RuntimeError(f"graph initializer {init.name} points past its file")
 
 
 def read_tensor(path: Path, info: TensorInfo, handle) -> torch.Tensor:
@@ -106,14 +141,15 @@ def copy_tokenizer(src: Path, dst: Path, config: dict) -> list[str]:
 
 
 def quantize(model_dir: str | Path | Checkpoint, out: str | Path, dtype: str,
-             progress: bool | None = None) -> Manifest:
+             progress: bool | None = None, passes: list[str] | None = None) -> Manifest:
+    """passes: the graph passes to run (None: all of them; []: none, the primitive graph)."""
     if dtype not in ("fp32", "bf16"):
         raise UserError(f"--{dtype} is not available yet; use --fp32 or --bf16")
     ckpt = model_dir if isinstance(model_dir, Checkpoint) else Checkpoint.open(model_dir)
     ckpt.require_tokenizer()  # the cheap checks first: no work before a refusal
     AtomicFolder(out).check()
     spec = ckpt.family.spec(ckpt.transformers_config())
-    model, used = build_graph(ckpt, spec, dtype)
+    model, used, concat, reports = build_graph(ckpt, spec, dtype, passes)
     if progress is None:
         progress = sys.stderr.isatty()
 
@@ -125,12 +161,14 @@ def quantize(model_dir: str | Path | Checkpoint, out: str | Path, dtype: str,
         locate(model, writer.spans)
         handles = {}
         try:
-            for name in _progress(writer.order(), progress, "converting"):
+            def load(name: str) -> torch.Tensor:
                 path, info = ckpt.tensors[name]
                 if path not in handles:
                     handles[path] = open(path, "rb")
-                t = read_tensor(path, info, handles[path])
-                t = t.to(TORCH[writer.spans[name].dtype])
+                return read_tensor(path, info, handles[path]).to(TORCH[target_dtype(info, dtype)])
+
+            for name in _progress(writer.order(), progress, "converting"):
+                t = torch.cat([load(p) for p in concat[name]]) if name in concat else load(name)
                 writer.write(name, to_bytes(t))
                 del t
             writer.close()
@@ -139,14 +177,14 @@ def quantize(model_dir: str | Path | Checkpoint, out: str | Path, dtype: str,
                 h.close()
         files[WEIGHT_FILE] = writer.entry()
         onnx.save(model, tmp / "model.onnx")
-        onnx.checker.check_model(str(tmp / "model.onnx"))  # external data must resolve too
+        check_graph(tmp / "model.onnx", fused=bool(reports))
         files["model.onnx"] = artifacts.file_entry(tmp / "model.onnx")
         manifest = Manifest(
             family=spec.family,
             dtype=dtype,
             ranks=1,
             source={"path": str(ckpt.path.absolute()), "config_sha256": ckpt.config_sha256},
-            passes=[],
+            passes=[r.name for r in reports if r.rewrites],
             files=files,
             config=spec.runtime_config(),
         )

@@ -21,10 +21,14 @@ def hf_greedy(model, ids: list[int], n: int) -> list[int]:
     return out[0, len(ids):].tolist()
 
 
+GRAPHS = {"fused": None, "primitive": []}
+
+
 @pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("graph", sorted(GRAPHS))
 @pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "reference"])
-def test_fp32_greedy_tokens_equal_transformers(family, kernels, compiled, hf_model):
-    art = compiled(family)
+def test_fp32_greedy_tokens_equal_transformers(family, graph, kernels, compiled, hf_model):
+    art = compiled(family, passes=GRAPHS[graph])
     model = Model.load(art, use_kernels=kernels)
     ids = TextTokenizer(art).encode(PROMPT)
     result = generate(model, ids, 16, Sampler(SamplingParams()), eos_ids=set())
@@ -32,9 +36,11 @@ def test_fp32_greedy_tokens_equal_transformers(family, kernels, compiled, hf_mod
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_fp32_prefill_logits_within_1e4(family, compiled, hf_model):
-    art = compiled(family)
-    model = Model.load(art)
+@pytest.mark.parametrize("graph", sorted(GRAPHS))
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "reference"])
+def test_fp32_prefill_logits_within_1e4(family, graph, kernels, compiled, hf_model):
+    art = compiled(family, passes=GRAPHS[graph])
+    model = Model.load(art, use_kernels=kernels)
     ids = TextTokenizer(art).encode(PROMPT)
     cache = model.new_cache(len(ids) + 1)
     ours = model.forward(ids, 0, cache)

@@ -13,6 +13,7 @@ The causal (and sliding-window) mask is built in the graph from position_ids and
 from __future__ import annotations
 
 import math
+import json
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -143,7 +144,8 @@ def norm(spec: DecoderSpec, b: GraphBuilder, scope: str, name: str, x: str) -> s
     # RMSNorm: x * 1/sqrt(mean(x²) + eps) * w, in the op order torch's exporter writes (and
     # onnxscript's fusion rules match)
     sq = b.op("Pow", scope, [x, b.const("/scalar/2.0", 2.0, np.float32)])
-    var = b.op("ReduceMean", scope, [sq, b.const("/axes/-1", [-1])], keepdims=1)
+    var = b.op("ReduceMean", scope, [sq, b.const("/axes/-1", [-1])], keepdims=1,
+               noop_with_empty_axes=0)
     eps = b.const(f"/scalar/eps={spec.norm_eps}", spec.norm_eps, np.float32)
     rms = b.op("Sqrt", scope, [b.op("Add", scope + "/eps", [var, eps])])
     normed = b.op("Mul", scope, [x, b.op("Reciprocal", scope, [rms])])
@@ -170,6 +172,12 @@ def rotary_tables(spec: DecoderSpec, b: GraphBuilder, pos: str) -> tuple[str, st
             t = b.op("Concat", scope + "/" + fn, [t2, t2], axis=-1)  # (B,S,rot/2,2)
             t = b.op("Reshape", scope + "/" + fn, [t, b.const("/shape/0,0,-1", [0, 0, -1])])
         tables.append(b.op("Unsqueeze", scope + "/" + fn, [t, b.const("/axes/1", [1])]))
+    # what the rotary pass needs to replace these tables by cos/sin caches indexed by position
+    b.metadata["xcompile.rotary"] = json.dumps({
+        "cos": tables[0], "sin": tables[1], "inv_freq": list(spec.inv_freq),
+        "scale": spec.rotary_scale, "max_positions": spec.max_positions,
+        "interleaved": spec.rotary == "interleaved", "rotary_dim": spec.rotary_dim,
+        "position_ids": pos})
     return tables[0], tables[1]
 
 

@@ -33,6 +33,7 @@ class GraphBuilder:
         self.outputs: list[onnx.ValueInfoProto] = []
         self._names: set[str] = set()
         self._weight_values: dict[str, str] = {}
+        self.metadata: dict[str, str] = {}  # facts passes need (model metadata_props)
 
     # -- nodes ----------------------------------------------------------------------------------
 
@@ -107,7 +108,7 @@ class GraphBuilder:
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
                                   producer_name="xcompile")
         model.ir_version = 8
-        for key, value in metadata.items():
+        for key, value in {**self.metadata, **metadata}.items():
             entry = model.metadata_props.add()
             entry.key, entry.value = key, value
         return model

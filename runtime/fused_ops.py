@@ -1,0 +1,193 @@
+"""The fused ops the passes emit (ONNX Runtime's com.microsoft vocabulary, and ai.xcompile), each
+as a plain torch reference and, where a csrc kernel exists, a fast version beside it.
+
+    REFERENCE[(domain, op)] / FAST[(domain, op)]: fn(*inputs, **attributes) -> output(s)
+GroupQueryAttention is not here: it is bound to the KV cache by the plan (see `attention_step`).
+Shapes: x (B, S, hidden); the fast versions take B == 1 (one sequence) and fall back otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+MS = "com.microsoft"
+XC = "ai.xcompile"
+
+
+# -- references ----------------------------------------------------------------------------------
+
+
+def rmsnorm_ref(x, scale, axis=-1, epsilon=1e-5, stash_type=1):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + epsilon) * scale
+
+
+def skip_rmsnorm_ref(x, skip, gamma, bias=None, epsilon=1e-5):
+    total = x + skip if bias is None else x + skip + bias
+    return rmsnorm_ref(total, gamma, epsilon=epsilon), None, None, total
+
+
+def skip_layernorm_ref(x, skip, gamma, beta=None, bias=None, epsilon=1e-5):
+    total = x + skip if bias is None else x + skip + bias
+    return F.layer_norm(total, total.shape[-1:], gamma, beta, epsilon), None, None, total
+
+
+def rotate(x, cos, sin, interleaved: bool):
+    """x (..., r) with cos, sin (..., r/2)"""
+    if interleaved:
+        even, odd = x[..., 0::2], x[..., 1::2]
+        return torch.stack((even * cos - odd * sin, odd * cos + even * sin), -1).flatten(-2)
+    half = x.shape[-1] // 2
+    a, b = x[..., :half], x[..., half:]
+    return torch.cat((a * cos - b * sin, b * cos + a * sin), -1)
+
+
+def rotary_ref(x, position_ids, cos_cache, sin_cache, interleaved=0, num_heads=0,
+               rotary_embedding_dim=0, scale=1.0, is_packed_batching=0):
+    """x (B, S, heads*d) or (B, heads, S, d); position_ids (B, S)"""
+    four_d = x.dim() == 4
+    b, s = x.shape[0], x.shape[2] if four_d else x.shape[1]
+    heads = x.shape[1] if four_d else num_heads
+    y = x.transpose(1, 2) if four_d else x.reshape(b, s, heads, -1)  # (B,S,heads,d)
+    r = rotary_embedding_dim or 2 * cos_cache.shape[-1]
+    cos = cos_cache[position_ids][:, :, None, : r // 2]  # (B,S,1,r/2)
+    sin = sin_cache[position_ids][:, :, None, : r // 2]
+    out = torch.cat((rotate(y[..., :r], cos, sin, bool(interleaved)), y[..., r:]), -1)
+    return out.transpose(1, 2) if four_d else out.reshape(x.shape)
+
+
+def gelu_tanh_ref(x, bias=None):
+    x = x if bias is None else x + bias
+    return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x * x * x)))
+
+
+def gelu_ref(x, bias=None):
+    x = x if bias is None else x + bias
+    return F.gelu(x)
+
+
+def silu_mul_ref(g, up):
+    return g * torch.sigmoid(g) * up
+
+
+def split(x, sizes=None, axis=0, num_outputs=None):
+    if sizes is None:
+        return torch.tensor_split(x, num_outputs, dim=axis)
+    return torch.split(x, [int(s) for s in sizes.tolist()], dim=axis)
+
+
+REFERENCE = {
+    ("", "SimplifiedLayerNormalization"): rmsnorm_ref,
+    (MS, "SimplifiedLayerNormalization"): rmsnorm_ref,
+    (MS, "SkipSimplifiedLayerNormalization"): skip_rmsnorm_ref,
+    (MS, "SkipLayerNormalization"): skip_layernorm_ref,
+    (MS, "RotaryEmbedding"): rotary_ref,
+    (MS, "FastGelu"): gelu_tanh_ref,
+    (MS, "Gelu"): gelu_ref,
+    (XC, "SiluMul"): silu_mul_ref,
+    ("", "Split"): split,
+}
+
+
+# -- fast versions (csrc kernels) ----------------------------------------------------------------
+
+
+def _fast():
+    from xcompile.runtime import kernels
+
+    def rmsnorm(x, scale, axis=-1, epsilon=1e-5, stash_type=1):
+        if scale.dtype != torch.float32 or x.dtype != torch.float32:
+            return rmsnorm_ref(x, scale, epsilon=epsilon)
+        return kernels.rmsnorm(x.contiguous(), scale, epsilon)
+
+    def skip_rmsnorm(x, skip, gamma, bias=None, epsilon=1e-5):
+        if bias is not None or gamma.dtype != torch.float32:
+            return skip_rmsnorm_ref(x, skip, gamma, bias, epsilon)
+        out, total = kernels.skip_rmsnorm(x.contiguous(), skip.contiguous(), gamma, epsilon)
+        return out, None, None, total
+
+    def rotary(x, position_ids, cos_cache, sin_cache, interleaved=0, num_heads=0,
+               rotary_embedding_dim=0, scale=1.0, is_packed_batching=0):
+        if x.dim() != 3 or x.shape[0] != 1 or not num_heads:
+            return rotary_ref(x, position_ids, cos_cache, sin_cache, interleaved, num_heads,
+                              rotary_embedding_dim, scale)
+        s = x.shape[1]
+        y = x.reshape(s, num_heads, -1).contiguous()
+        pos = position_ids[0]
+        kernels.rotary(y, cos_cache[pos].contiguous(), sin_cache[pos].contiguous(),
+                       bool(interleaved), rotary_embedding_dim or None, out=y)
+        return y.view(x.shape)
+
+    def silu_mul(g, up):
+        return kernels.silu_mul(g.contiguous(), up.contiguous())
+
+    def gelu_tanh(x, bias=None):
+        return kernels.gelu_tanh((x if bias is None else x + bias).contiguous())
+
+    return {
+        ("", "SimplifiedLayerNormalization"): rmsnorm,
+        (MS, "SimplifiedLayerNormalization"): rmsnorm,
+        (MS, "SkipSimplifiedLayerNormalization"): skip_rmsnorm,
+        (MS, "RotaryEmbedding"): rotary,
+        (MS, "FastGelu"): gelu_tanh,
+        (XC, "SiluMul"): silu_mul,
+    }
+
+
+def fast_ops() -> dict:
+    return _fast()
+
+
+# -- attention over the KV cache -----------------------------------------------------------------
+
+
+def attention_step(k_cache: torch.Tensor, v_cache: torch.Tensor, use_kernels: bool):
+    """GroupQueryAttention bound to this layer's cache buffers (B, kv, capacity, d).
+
+    q3 (B,S,heads*d), k3/v3 (B,S,kv*d), past_k (B,kv,P,d) a view of the cache -> the new K/V
+    are written at P..P+S-1, then out (B,S,heads*d), present_k/v views (B,kv,P+S,d).
+    """
+    from xcompile.errors import UserError
+
+    def run(q3, k3, v3, past_k, past_v, seqlens_k=None, total_len=None, *_, num_heads,
+            kv_num_heads, scale=None, local_window_size=-1, **__):
+        b, s, _ = q3.shape
+        p = past_k.shape[2]
+        d = k_cache.shape[-1]
+        if p + s > k_cache.shape[2]:
+            raise UserError(f"context full: {p + s} tokens do not fit the KV cache of "
+                            f"{k_cache.shape[2]}; ask for fewer tokens")
+        k_cache[:, :, p:p + s].copy_(k3.view(b, s, kv_num_heads, d).transpose(1, 2))
+        v_cache[:, :, p:p + s].copy_(v3.view(b, s, kv_num_heads, d).transpose(1, 2))
+        scale = scale or d**-0.5
+        window = local_window_size if local_window_size and local_window_size > 0 else 0
+        keys, values = k_cache[:, :, :p + s], v_cache[:, :, :p + s]
+        if use_kernels and b == 1:
+            from xcompile.runtime import kernels
+
+            q = q3.reshape(s, num_heads, d).contiguous()
+            out = kernels.attention(q, k_cache[0], v_cache[0], p, scale, window, out=q)
+            return out.view(b, s, num_heads * d), keys, values
+        return attention_reference(q3, keys, values, p, num_heads, scale, window), keys, values
+
+    return run
+
+
+def attention_reference(q3, keys, values, past: int, heads: int, scale: float, window: int):
+    """q3 (B,S,heads*d); keys/values (B,kv,T,d) -> (B,S,heads*d)"""
+    b, s, _ = q3.shape
+    kv, t, d = keys.shape[1], keys.shape[2], keys.shape[3]
+    q = q3.view(b, s, heads, d).transpose(1, 2)
+    k = keys.repeat_interleave(heads // kv, dim=1)
+    v = values.repeat_interleave(heads // kv, dim=1)
+    qpos = torch.arange(past, past + s)[:, None]
+    kpos = torch.arange(t)[None, :]
+    allowed = kpos <= qpos
+    if window:
+        allowed &= kpos > qpos - window
+    scores = (q @ k.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    out = torch.softmax(scores, dim=-1) @ v
+    return out.transpose(1, 2).reshape(b, s, heads * d)

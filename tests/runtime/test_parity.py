@@ -96,3 +96,19 @@ def test_bf16_generates_requested_tokens(compiled):
     ids = TextTokenizer(art).encode(PROMPT)
     result = generate(model, ids, 12, Sampler(SamplingParams()), eos_ids=set())
     assert len(result.tokens) == 12
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_artifacts_under_onnxruntime_agree_with_xrun(family, compiled):
+    """The fused graph means what it says: onnxruntime runs it with its own com.microsoft
+    kernels (and the SiluMul function body) and gets the logits xrun gets."""
+    from tests.passes.conftest import IDS, run_ort
+
+    art = compiled(family)
+    prefill, step = run_ort(art, IDS, steps=1)
+    model = Model.load(art)
+    cache = model.new_cache(len(IDS) + 1)
+    ours = model.forward(IDS, 0, cache)
+    assert (ours - torch.from_numpy(prefill["logits"][0])).abs().max().item() <= 1e-4
+    ours = model.forward([5], len(IDS), cache)
+    assert (ours - torch.from_numpy(step["logits"][0])).abs().max().item() <= 1e-4

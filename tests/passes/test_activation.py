@@ -1,0 +1,12 @@
+import pytest
+
+from tests.passes.conftest import assert_same_outputs, op_counts
+
+
+@pytest.mark.parametrize("family,op", [("llama", "SiluMul"), ("gptj", "FastGelu")])
+def test_activation_fuses(family, op, around):
+    before, after = around(family, "activation")
+    b, a = op_counts(before), op_counts(after)
+    assert a[op] == 3
+    assert a["Sigmoid"] == 0 and a["Tanh"] == 0
+    assert_same_outputs(before, after)

@@ -7,6 +7,9 @@
 // 0.5 (1 + tanh(u)) = sigmoid(2u) = 1 / (1 + exp(-2u)), so both need one exp (vec_math.h) and one
 // division per element, and neither loses digits to 1 + tanh(u) cancelling where u << 0.
 // The scalar path is the formulas as written, with the C library's expf / tanhf.
+// Infinite inputs: +inf gives +inf everywhere; -inf gives -inf on the vector paths (exp is clamped,
+// so -inf / (1 + 1.7e38)) where torch and the scalar path give NaN (inf / inf, inf * 0). NaN stays
+// NaN.
 #include <omp.h>
 
 #include <algorithm>
@@ -49,9 +52,10 @@ constexpr float kGeluC1 = -2.0f * kGeluC, kGeluC2 = -2.0f * kGeluC * kGeluA;
 
 template <bool Gelu>
 XC_TARGET_AVX2 inline __m256 activation_avx2(__m256 a, __m256 b) {
-  const __m256 z = Gelu ? _mm256_mul_ps(a, _mm256_fmadd_ps(_mm256_set1_ps(kGeluC2), _mm256_mul_ps(a, a),
-                                                           _mm256_set1_ps(kGeluC1)))
-                        : _mm256_sub_ps(_mm256_setzero_ps(), a);
+  const __m256 z =
+      Gelu ? _mm256_mul_ps(a, _mm256_fmadd_ps(_mm256_set1_ps(kGeluC2), _mm256_mul_ps(a, a),
+                                              _mm256_set1_ps(kGeluC1)))
+           : _mm256_sub_ps(_mm256_setzero_ps(), a);
   const __m256 y = _mm256_div_ps(a, _mm256_add_ps(_mm256_set1_ps(1.0f), vec_math::exp_avx2(z)));
   return Gelu ? y : _mm256_mul_ps(y, b);
 }
@@ -83,9 +87,10 @@ XC_TARGET_AVX2 void gelu_tanh_avx2(const float* x, const float*, float* out, int
 
 template <bool Gelu>
 XC_TARGET_AVX512 inline __m512 activation_avx512(__m512 a, __m512 b) {
-  const __m512 z = Gelu ? _mm512_mul_ps(a, _mm512_fmadd_ps(_mm512_set1_ps(kGeluC2), _mm512_mul_ps(a, a),
-                                                           _mm512_set1_ps(kGeluC1)))
-                        : _mm512_sub_ps(_mm512_setzero_ps(), a);
+  const __m512 z =
+      Gelu ? _mm512_mul_ps(a, _mm512_fmadd_ps(_mm512_set1_ps(kGeluC2), _mm512_mul_ps(a, a),
+                                              _mm512_set1_ps(kGeluC1)))
+           : _mm512_sub_ps(_mm512_setzero_ps(), a);
   const __m512 y = _mm512_div_ps(a, _mm512_add_ps(_mm512_set1_ps(1.0f), vec_math::exp_avx512(z)));
   return Gelu ? y : _mm512_mul_ps(y, b);
 }
@@ -95,7 +100,8 @@ XC_TARGET_AVX512 void span_avx512(const float* a, const float* b, float* out, in
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 lanes = n - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - i)) - 1);
     const __m512 vb = Gelu ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(lanes, b + i);
-    _mm512_mask_storeu_ps(out + i, lanes, activation_avx512<Gelu>(_mm512_maskz_loadu_ps(lanes, a + i), vb));
+    const __m512 va = _mm512_maskz_loadu_ps(lanes, a + i);
+    _mm512_mask_storeu_ps(out + i, lanes, activation_avx512<Gelu>(va, vb));
   }
 }
 

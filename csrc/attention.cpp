@@ -4,13 +4,14 @@
 //     already written at past ..)
 //   out (S, heads, d); out may be q itself (a head's q is fully read before its out is written)
 // Query head h reads KV head h / (heads / kv_heads). The query at position p sees keys lo .. p,
-// lo = max(0, p - window + 1) with a sliding window (Mistral's sliding_window = window; ONNX
-// Runtime's GroupQueryAttention local_window_size = window - 1), lo = 0 when window <= 0.
+// lo = max(0, p - window + 1) with a sliding window (Mistral's sliding_window = window, and
+// onnxruntime 1.32's GroupQueryAttention local_window_size = window, checked on its CPU provider
+// for decode and prefill), lo = 0 when window <= 0.
 //   out[t, h] = softmax(scale * q[t, h] . k[lo..p]) @ v[lo..p], softmax shifted by its max
 // A task is one token and the query heads of one KV head (its GQA group, or a part of it when
 // there are fewer (token, KV head) pairs than threads). It walks the keys in blocks small enough
 // to stay in L1 and runs every head of the task over a block before the next: K and V come from
-// L2/L3 once per group instead of once per head (8x less traffic for Llama 3's 32 / 8 heads).
+// L2/L3 once per group instead of once per head (8x less traffic for 32 query heads over 4 KV heads).
 // Tasks run longest first (later tokens see more keys). Block boundaries depend only on the
 // token, so results do not depend on the thread count.
 #include <omp.h>
@@ -99,14 +100,16 @@ XC_TARGET_AVX2 void scores_avx2(const float* q, const float* k, int64_t n, int64
                      _mm256_setzero_ps()};
     for (int64_t c = 0; c < full; c += 8) {
       const __m256 qv = _mm256_loadu_ps(q + c);
-      for (int r = 0; r < 4; ++r) acc[r] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + r * d + c), acc[r]);
+      for (int r = 0; r < 4; ++r)
+        acc[r] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k0 + r * d + c), acc[r]);
     }
     if (full < d) {
       const __m256 qv = _mm256_maskload_ps(q + full, tail);
       for (int r = 0; r < 4; ++r)
         acc[r] = _mm256_fmadd_ps(qv, _mm256_maskload_ps(k0 + r * d + full, tail), acc[r]);
     }
-    _mm_storeu_ps(s + j, _mm_mul_ps(hsum4_avx2(acc[0], acc[1], acc[2], acc[3]), _mm_set1_ps(scale)));
+    const __m128 dots = hsum4_avx2(acc[0], acc[1], acc[2], acc[3]);
+    _mm_storeu_ps(s + j, _mm_mul_ps(dots, _mm_set1_ps(scale)));
   }
   for (; j < n; ++j) {
     const float* kj = k + j * d;
@@ -175,7 +178,8 @@ XC_TARGET_AVX2 void weighted_block_avx2(const float* p, const float* v, int64_t 
   }
   if (j < n) {
     const __m256 p0 = _mm256_broadcast_ss(p + j);
-    for (int i = 0; i < NV; ++i) even[i] = _mm256_fmadd_ps(p0, load_avx2<Masked>(v + j * d + 8 * i, mask), even[i]);
+    for (int i = 0; i < NV; ++i)
+      even[i] = _mm256_fmadd_ps(p0, load_avx2<Masked>(v + j * d + 8 * i, mask), even[i]);
   }
   const __m256 vscale = _mm256_set1_ps(scale);
   for (int i = 0; i < NV; ++i) {
@@ -195,8 +199,10 @@ XC_TARGET_AVX2 void weighted_avx2(const float* p, const float* v, int64_t n, int
     weighted_block_avx2<4, false>(p, v + c, n, d, accumulate, scale, out + c, all);
   for (; c + 8 <= d; c += 8)
     weighted_block_avx2<1, false>(p, v + c, n, d, accumulate, scale, out + c, all);
-  if (c < d)
-    weighted_block_avx2<1, true>(p, v + c, n, d, accumulate, scale, out + c, lanes_below_avx2(d - c));
+  if (c < d) {
+    const __m256i tail = lanes_below_avx2(d - c);
+    weighted_block_avx2<1, true>(p, v + c, n, d, accumulate, scale, out + c, tail);
+  }
 }
 
 // ---- AVX-512 F/BW/VL: 16 lanes, masked tails --------------------------------------------------
@@ -227,14 +233,16 @@ XC_TARGET_AVX512 void scores_avx512(const float* q, const float* k, int64_t n, i
                      _mm512_setzero_ps()};
     for (int64_t c = 0; c < full; c += 16) {
       const __m512 qv = _mm512_loadu_ps(q + c);
-      for (int r = 0; r < 4; ++r) acc[r] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k0 + r * d + c), acc[r]);
+      for (int r = 0; r < 4; ++r)
+        acc[r] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k0 + r * d + c), acc[r]);
     }
     if (full < d) {
       const __m512 qv = _mm512_maskz_loadu_ps(tail, q + full);
       for (int r = 0; r < 4; ++r)
         acc[r] = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(tail, k0 + r * d + full), acc[r]);
     }
-    _mm_storeu_ps(s + j, _mm_mul_ps(hsum4_avx512(acc[0], acc[1], acc[2], acc[3]), _mm_set1_ps(scale)));
+    const __m128 dots = hsum4_avx512(acc[0], acc[1], acc[2], acc[3]);
+    _mm_storeu_ps(s + j, _mm_mul_ps(dots, _mm_set1_ps(scale)));
   }
   for (; j < n; ++j) {
     const float* kj = k + j * d;
@@ -288,7 +296,8 @@ XC_TARGET_AVX512 void weighted_block_avx512(const float* p, const float* v, int6
   }
   if (j < n) {
     const __m512 p0 = _mm512_set1_ps(p[j]);
-    for (int i = 0; i < NV; ++i) even[i] = _mm512_fmadd_ps(p0, load_avx512<Masked>(v + j * d + 16 * i, mask), even[i]);
+    for (int i = 0; i < NV; ++i)
+      even[i] = _mm512_fmadd_ps(p0, load_avx512<Masked>(v + j * d + 16 * i, mask), even[i]);
   }
   const __m512 vscale = _mm512_set1_ps(scale);
   for (int i = 0; i < NV; ++i)

@@ -11,15 +11,16 @@ namespace xcompile {
 void rmsnorm(const float* x, const float* weight, float* out, int64_t rows, int64_t cols, float eps);
 
 // x, skip (rows, cols) fp32, weight (cols), out and sum_out (rows, cols) fp32.
-// sum_out = x + skip; out = rmsnorm(sum_out) * weight (com.microsoft SkipSimplifiedLayerNormalization
-// without bias). sum_out may alias x or skip; out may alias x or skip but not sum_out.
+// sum_out = x + skip; out = rmsnorm(sum_out) * weight (com.microsoft
+// SkipSimplifiedLayerNormalization without bias). sum_out may alias x or skip; out may alias x or
+// skip but not sum_out.
 void skip_rmsnorm(const float* x, const float* skip, const float* weight, float* out,
                   float* sum_out, int64_t rows, int64_t cols, float eps);
 
-// x (tokens, heads, head_dim) fp32 with token stride x_stride, out likewise with out_stride (out may
-// be x); cos, sin (tokens, rotary_dim / 2). Rotates the first rotary_dim dims of every head: pairs
-// (i, i + rotary_dim / 2) when !interleaved (Llama), (2i, 2i + 1) when interleaved (GPT-J); the
-// rest pass through.
+// x (tokens, heads, head_dim) fp32 with token stride x_stride, out likewise with out_stride
+// (out may be x); cos, sin (tokens, rotary_dim / 2). Rotates the first rotary_dim dims of every
+// head: pairs (i, i + rotary_dim / 2) when !interleaved (Llama), (2i, 2i + 1) when interleaved
+// (GPT-J); the rest pass through.
 void rotary(const float* x, const float* cos, const float* sin, float* out, int64_t tokens,
             int64_t heads, int64_t head_dim, int64_t rotary_dim, bool interleaved,
             int64_t x_stride, int64_t out_stride);

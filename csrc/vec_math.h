@@ -1,7 +1,8 @@
 // Vector exp for the fp32 kernels that need one (softmax in attention.cpp, SiLU and GELU in
 // activations.cpp): Cephes' expf, i.e. exp(x) = 2^n * exp(r) with n = round(x / ln 2) and
 // r = x - n ln 2 (ln 2 split in two so r is exact), exp(r) a degree-7 polynomial on |r| <= ln2/2.
-// Within 2 ulp of the exact value over the range below.
+// A couple of ulp: SiLU built on it (one exp, one division) measures within 3 ulp of float64
+// over |x| < 20 on both vector paths.
 //
 // Inputs are clamped to [ln 2^-126, ln 2^127] so that 2^n stays a normal float built by shifting n
 // into the exponent field: exp underflows to 2^-126 (~1e-38) instead of 0 and overflows to ~1.7e38

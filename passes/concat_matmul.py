@@ -9,7 +9,8 @@ kernel call. W (N, K) is each checkpoint's nn.Linear weight; the graph uses Tran
 
 The concatenated weight does not exist in the checkpoint: it is an external initializer named
 after its parts, and model metadata `xcompile.concat` ({name: [parts]}) tells the quantize
-driver to write it by concatenating the parts' rows, one group at a time.
+driver to write it by concatenating the parts' rows, one group at a time
+(`xcompile.concat_rows`, {name: [rows of each part]}, tells the tp pass where parts begin).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class ConcatMatMulPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         recipes = json.loads(model.metadata_props.get("xcompile.concat", "{}"))
+        part_rows = json.loads(model.metadata_props.get("xcompile.concat_rows", "{}"))
         self.rewrites = 0
         groups: dict[ir.Value, list[tuple[ir.Node, ir.Value, list[ir.Node]]]] = {}
         for node in graph:
@@ -77,6 +79,7 @@ class ConcatMatMulPass(ir.passes.InPlacePass):
                               const_value=tensor)
             graph.register_initializer(merged)
             recipes[name] = [w.name for w in weights]
+            part_rows[name] = sizes
 
             first = members[0][0]
             scope = first.name.rsplit("/", 2)[0] if first.name else "/fused"
@@ -108,6 +111,7 @@ class ConcatMatMulPass(ir.passes.InPlacePass):
                 graph.initializers.pop(name)
         if recipes:
             model.metadata_props["xcompile.concat"] = json.dumps(recipes)
+            model.metadata_props["xcompile.concat_rows"] = json.dumps(part_rows)
         return ir.passes.PassResult(model, modified=self.rewrites > 0)
 
 

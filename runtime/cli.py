@@ -1,15 +1,18 @@
 """`xrun`: run compiled artifacts.
 
     xrun ARTIFACTS --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
-                   [--seed S] [--json] [--verbose]
+                   [--seed S] [--bind-cores/--no-bind-cores] [--core-list L]
+                   [--backend shm|torch] [--json] [--verbose]
 
-Text streams to stdout as it is made; --json prints one object at the end instead. The runtime
-imports none of the compile-time packages (transformers, neural_compressor, onnxscript, onnx_ir).
+Text streams to stdout as it is made; --json prints one object at the end instead. Sharded
+artifacts run one process per rank (runtime/launch.py); with --backend torch each rank is a
+process that torchrun started. The runtime imports none of the compile-time packages.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -45,33 +48,108 @@ def run(
                                 help="Sample within probability mass P."),
     seed: int = typer.Option(None, "--seed", help="Seed for sampling."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object at the end."),
-    threads: int = typer.Option(None, "--threads", min=1, help="Threads (default: all cores)."),
+    threads: int = typer.Option(None, "--threads", min=1, help="Threads per rank "
+                                "(default: the rank's cores)."),
+    bind_cores: bool = typer.Option(None, "--bind-cores/--no-bind-cores",
+                                    help="Pin each rank to its own cores (default: on when "
+                                         "there are at least as many cores as ranks)."),
+    core_list: str = typer.Option(None, "--core-list", help="Cores per rank, e.g. '0-27|28-55'."),
+    backend: str = typer.Option("shm", "--backend", help="Collectives: shm (one machine) or "
+                                "torch (torch.distributed under torchrun)."),
     reference: bool = typer.Option(False, "--reference",
                                    help="Run every step on its plain torch reference."),
     verbose: bool = typer.Option(False, "--verbose", help="Tracebacks on errors."),
+    rank: int = typer.Option(None, "--rank", hidden=True),
+    comm: str = typer.Option(None, "--comm", hidden=True),
+    cores: str = typer.Option(None, "--cores", hidden=True),
 ) -> None:
     """Generate text from ARTIFACTS."""
     from xcompile import artifacts
 
     if top_p is not None and top_p <= 0:
         raise UserError("--top-p must be in (0, 1]; 1 keeps every token")
-    artifacts.read_manifest(artifacts_dir)  # fails fast, before torch loads; Model.load verifies
+    if backend not in ("shm", "torch"):
+        raise UserError(f"--backend {backend!r}: choose shm or torch")
+    manifest = artifacts.read_manifest(artifacts_dir)  # cheap checks before torch loads
+    ranks = manifest.ranks
 
+    if comm is not None:  # a rank the supervisor started
+        from xcompile.runtime import launch
+
+        if cores:
+            launch.bind(launch.parse_ranges(cores))
+        from xcompile.runtime.comm import ShmComm
+
+        communicator = ShmComm(comm, rank, ranks)
+    elif backend == "torch" and "RANK" in os.environ:
+        from xcompile.runtime.comm import TorchComm
+
+        communicator = TorchComm()
+    elif ranks > 1:
+        if backend == "torch":
+            raise UserError(f"--backend torch runs under torchrun: torchrun --nproc-per-node "
+                            f"{ranks} -m xcompile.runtime.cli {artifacts_dir} --backend torch ...")
+        from xcompile.runtime import launch
+
+        groups = launch.parse_core_list(core_list, ranks) if core_list else None
+        if groups is None and bind_cores is not False:
+            groups = launch.split_cores(ranks)
+            if groups is None and bind_cores:
+                raise UserError(f"--bind-cores: {ranks} ranks but only "
+                                f"{len(os.sched_getaffinity(0))} allowed cores; use fewer ranks "
+                                "or --no-bind-cores")
+        argv = [a for a in sys.argv[1:]]
+        sys.exit(launch.supervise(argv, ranks, groups))
+    else:
+        communicator = None
+
+    _generate(artifacts_dir, communicator, prompt, max_new_tokens, temperature, top_k, top_p,
+              seed, as_json, threads, reference)
+
+
+def _generate(root, communicator, prompt, max_new_tokens, temperature, top_k, top_p, seed,
+              as_json, threads, reference) -> None:
+    import torch
+
+    from xcompile.runtime import kernels
+    from xcompile.runtime.comm import PeerLost
     from xcompile.runtime.generate import generate
     from xcompile.runtime.model import Model
     from xcompile.runtime.sampling import Sampler, SamplingParams
+    from xcompile.runtime.tensor_parallel import Leader, follow
     from xcompile.runtime.tokenizer import StreamDecoder, TextTokenizer
 
-    if threads:
-        import torch
+    n_threads = threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(n_threads)
+    kernels.set_num_threads(n_threads)
+    rank = communicator.rank if communicator else 0
+    try:
+        model = Model.load(root, use_kernels=not reference, rank=rank, comm=communicator)
+        if rank != 0:
+            follow(model, communicator)
+            return
+        leader = Leader(model, communicator) if communicator else model
+        try:
+            _lead(root, leader, prompt, max_new_tokens, temperature, top_k, top_p, seed, as_json)
+        finally:
+            if communicator is not None:
+                leader.stop()
+    except PeerLost as e:
+        if os.environ.get("XCOMPILE_SUPERVISED") or communicator.__class__.__name__ == "ShmComm":
+            sys.exit(3)  # the supervisor names the rank that died, in one line
+        raise UserError(str(e)) from None
+    finally:
+        if communicator is not None:
+            communicator.close()
 
-        from xcompile.runtime import kernels
 
-        torch.set_num_threads(threads)
-        kernels.set_num_threads(threads)
-    model = Model.load(artifacts_dir, use_kernels=not reference)
-    tokenizer = TextTokenizer(artifacts_dir)
-    defaults = _sampling_defaults(artifacts_dir)
+def _lead(root, model, prompt, max_new_tokens, temperature, top_k, top_p, seed, as_json):
+    from xcompile.runtime.generate import generate
+    from xcompile.runtime.sampling import Sampler, SamplingParams
+    from xcompile.runtime.tokenizer import StreamDecoder, TextTokenizer
+
+    tokenizer = TextTokenizer(root)
+    defaults = _sampling_defaults(root)
     params = SamplingParams(
         temperature=temperature if temperature is not None else defaults.get("temperature", 0.0),
         top_k=top_k if top_k is not None else int(defaults.get("top_k", 0)),

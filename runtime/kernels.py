@@ -58,22 +58,22 @@ def _check_out(out: torch.Tensor, shape: tuple[int, ...]) -> None:
         raise ValueError(f"out has shape {tuple(out.shape)}; expected {shape}")
 
 
-def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two contiguous tensors' bytes overlap (views of one storage side by side, such as
-    the K and V halves of one cache block, do not)."""
-    if not (a.numel() and b.numel()):
-        return False
-    a_end = a.data_ptr() + a.numel() * a.element_size()
-    b_end = b.data_ptr() + b.numel() * b.element_size()
-    return a.data_ptr() < b_end and b.data_ptr() < a_end
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """The byte range [start, end) of a contiguous tensor."""
+    start = t.data_ptr()
+    return start, start + t.nbytes
 
 
-def _check_alias(out: torch.Tensor, name: str, t: torch.Tensor, same_ok: bool) -> None:
-    """Rejects out overlapping t, except (when same_ok) out being exactly t's memory: the kernels
+def _overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    # Empty ranges overlap nothing; views side by side in one storage (the K and V halves of
+    # one cache block) do not overlap either.
+    return a[0] < a[1] and b[0] < b[1] and a[0] < b[1] and b[0] < a[1]
+
+
+def _check_alias(out: tuple[int, int], name: str, t: tuple[int, int], same_ok: bool) -> None:
+    """Rejects out's span overlapping t's, except (when same_ok) out being exactly t: kernels
     that run in place read each element before writing it at the same address, no other overlap."""
-    if not _shares_memory(out, t):
-        return
-    if same_ok and out.data_ptr() == t.data_ptr():
+    if not _overlap(out, t) or (same_ok and out == t):
         return
     how = "be it exactly or not overlap it" if same_ok else "not share memory with it"
     raise ValueError(f"out overlaps {name}; out must {how}")
@@ -196,10 +196,12 @@ def skip_rmsnorm(
         _check("sum_out", sum_out, (torch.float32,))
         if sum_out.shape != x.shape:
             raise ValueError(f"sum_out has shape {tuple(sum_out.shape)}; expected {tuple(x.shape)}")
+    out_span, sum_span = _span(out), _span(sum_out)
     for name, t in (("x", x), ("skip", skip)):
-        _check_alias(out, name, t, same_ok=True)
-        _check_alias(sum_out, name, t, same_ok=True)
-    if _shares_memory(out, sum_out):
+        span = _span(t)
+        _check_alias(out_span, name, span, same_ok=True)
+        _check_alias(sum_span, name, span, same_ok=True)
+    if _overlap(out_span, sum_span):
         raise ValueError("out and sum_out share memory; pass two separate buffers")
     _C.skip_rmsnorm(
         x.data_ptr(),
@@ -257,7 +259,7 @@ def rotary(
         out = torch.empty_like(x)
     else:
         _check_out(out, tuple(x.shape))
-        _check_alias(out, "x", x, same_ok=True)
+        _check_alias(_span(out), "x", _span(x), same_ok=True)
     row = heads * head_dim
     _C.rotary(
         x.data_ptr(),
@@ -314,8 +316,9 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None = No
             f"silu_mul: gate {tuple(gate.shape)} and up {tuple(up.shape)} must have one shape"
         )
     out = _elementwise_out(out, gate)
-    _check_alias(out, "gate", gate, same_ok=True)
-    _check_alias(out, "up", up, same_ok=True)
+    out_span = _span(out)
+    _check_alias(out_span, "gate", _span(gate), same_ok=True)
+    _check_alias(out_span, "up", _span(up), same_ok=True)
     _C.silu_mul(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel())
     return out
 
@@ -329,7 +332,7 @@ def gelu_tanh(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), fp32, any shape; out may be x."""
     _check("x", x, (torch.float32,))
     out = _elementwise_out(out, x)
-    _check_alias(out, "x", x, same_ok=True)
+    _check_alias(_span(out), "x", _span(x), same_ok=True)
     _C.gelu_tanh(x.data_ptr(), out.data_ptr(), x.numel())
     return out
 
@@ -380,9 +383,10 @@ def attention(
         out = torch.empty_like(q)
     else:
         _check_out(out, tuple(q.shape))
-        _check_alias(out, "q", q, same_ok=True)
-        _check_alias(out, "k_cache", k_cache, same_ok=False)
-        _check_alias(out, "v_cache", v_cache, same_ok=False)
+        out_span = _span(out)
+        _check_alias(out_span, "q", _span(q), same_ok=True)
+        _check_alias(out_span, "k_cache", _span(k_cache), same_ok=False)
+        _check_alias(out_span, "v_cache", _span(v_cache), same_ok=False)
     _C.attention(
         q.data_ptr(),
         k_cache.data_ptr(),

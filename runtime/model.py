@@ -15,6 +15,7 @@ import torch
 
 from xcompile import artifacts
 from xcompile.errors import UserError
+from xcompile.runtime.comm import Communicator, SingleRank
 from xcompile.runtime.kv_cache import KVCache
 from xcompile.runtime.plan import Plan, build_plan
 
@@ -26,9 +27,11 @@ class Model:
     graph: onnx.ModelProto
     weights: dict[str, torch.Tensor]
     use_kernels: bool = True
+    comm: Communicator | None = None
 
     @classmethod
-    def load(cls, root: str | Path, use_kernels: bool = True, rank: int = 0) -> Model:
+    def load(cls, root: str | Path, use_kernels: bool = True, rank: int = 0,
+             comm: Communicator | None = None) -> Model:
         root = Path(root)
         manifest = artifacts.read_manifest(root)
         artifacts.verify(root, manifest)
@@ -40,7 +43,10 @@ class Model:
             raise UserError(f"{graph_file}: not a readable ONNX graph ({e.__class__.__name__}); "
                             "rebuild the artifacts") from None
         weights = dict(artifacts.map_tensors(root / f"rank{rank}.safetensors"))
-        return cls(root, manifest, graph, weights, use_kernels)
+        if comm is not None and comm.ranks != manifest.ranks:
+            raise UserError(f"{root} is sharded for {manifest.ranks} ranks, but {comm.ranks} "
+                            "are running; launch as many ranks as the manifest says")
+        return cls(root, manifest, graph, weights, use_kernels, comm or SingleRank())
 
     @property
     def config(self) -> dict:
@@ -52,8 +58,10 @@ class Model:
 
     def new_cache(self, capacity: int) -> KVCache:
         c = self.config
-        self._cache = KVCache(c["layers"], c["kv_heads"], c["head_dim"], capacity)
-        self._plan = build_plan(self.graph, self.weights, self._cache.buffers, self.use_kernels)
+        kv_heads = c["kv_heads"] // self.manifest.ranks  # this rank's share
+        self._cache = KVCache(c["layers"], kv_heads, c["head_dim"], capacity)
+        self._plan = build_plan(self.graph, self.weights, self._cache.buffers, self.use_kernels,
+                                comm=self.comm)
         return self._cache
 
     @property

@@ -100,8 +100,9 @@ def kv_append(past: torch.Tensor, new: torch.Tensor, cache: torch.Tensor) -> tor
 
 def build_plan(model: onnx.ModelProto, weights: dict[str, torch.Tensor],
                cache: dict[str, torch.Tensor], use_kernels: bool = True,
-               fetch: str = "logits") -> Plan:
-    """cache: past input name (past_key_values.{i}.key|value) -> its preallocated buffer."""
+               fetch: str = "logits", comm=None) -> Plan:
+    """cache: past input name (past_key_values.{i}.key|value) -> its preallocated buffer;
+    comm: the Communicator the ai.xcompile collectives (AllReduce, AllGather) run on."""
     graph = model.graph
     slot: dict[str, int] = {}
     slots: list[Any] = []
@@ -193,6 +194,12 @@ def build_plan(model: onnx.ModelProto, weights: dict[str, torch.Tensor],
         if node.op_type == "GroupQueryAttention" and len(node.input) > 4 and \
                 PAST.match(node.input[3]) and PAST.match(node.input[4]):
             fn = fused_ops.attention_step(cache[node.input[3]], cache[node.input[4]], use_kernels)
+            steps.append(Step(node.name, fn, ins, outs, attrs))
+            continue
+        if node.domain == "ai.xcompile" and node.op_type in ("AllReduce", "AllGather"):
+            if comm is None:
+                raise UserError(f"{node.name} needs ranks to talk to; run the artifacts with xrun")
+            fn = comm.all_reduce if node.op_type == "AllReduce" else comm.all_gather
             steps.append(Step(node.name, fn, ins, outs, attrs))
             continue
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):

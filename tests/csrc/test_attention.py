@@ -56,17 +56,24 @@ def test_attention_softmax_is_shift_stable(isa):
     )
 
 
-def test_attention_threads_agree_and_in_place(isa, threads):
-    q, k, v = _cache(8, 2, 64, 40, 200, seed=6)
-    expected = kernels.attention_reference(q, k, v, 200, 0.125, 64)
+# (S, heads, kv_heads, past, window), each large enough to use the pool. Prefill: many tasks.
+# Decode with fewer KV heads than threads: a group's heads are split across threads (5 heads into
+# 3 + 2); with a sliding window of 100 inside a 401-token context.
+POOL_CASES = [(40, 8, 2, 200, 64), (1, 5, 1, 400, 0), (1, 8, 1, 400, 100)]
+
+
+@pytest.mark.parametrize("tokens, heads, kv_heads, past, window", POOL_CASES)
+def test_attention_threads_agree_and_in_place(isa, threads, tokens, heads, kv_heads, past, window):
+    q, k, v = _cache(heads, kv_heads, 64, tokens, past, seed=6)
+    expected = kernels.attention_reference(q, k, v, past, 0.125, window)
     results = []
     for n in (1, 2):
         kernels.set_num_threads(n)
-        results.append(kernels.attention(q, k, v, 200, 0.125, 64))
+        results.append(kernels.attention(q, k, v, past, 0.125, window))
         torch.testing.assert_close(results[-1], expected, rtol=1e-5, atol=1e-5)
-    assert torch.equal(results[0], results[1])  # each (token, head) is one thread's, fixed order
+    assert torch.equal(results[0], results[1])  # a head's sums do not depend on the split
     y = q.clone()
-    assert kernels.attention(y, k, v, 200, 0.125, 64, out=y) is y
+    assert kernels.attention(y, k, v, past, 0.125, window, out=y) is y
     assert torch.equal(y, results[0])
 
 

@@ -42,6 +42,20 @@ class WeightNames:
 
 
 @dataclass(frozen=True)
+class TensorParallel:
+    """How each weight splits across ranks, by name (the part after the layer prefix, or the
+    whole name for the embedding and lm_head), gpt-fast style. W is (N, K) as in nn.Linear.
+      column: rows split (N/R each; heads of Q/K/V, channels of gate/up), bias split alike
+      row:    columns split (K/R each), an AllReduce after, bias added once after it
+      vocab:  rows split by token id (embedding table, lm_head)
+    Anything else (norms) is replicated."""
+
+    column: tuple[str, ...]
+    row: tuple[str, ...]
+    vocab: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class DecoderSpec:
     family: str
     layers: int

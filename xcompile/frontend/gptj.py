@@ -5,7 +5,7 @@ lm_head, plain GELU MLP."""
 from __future__ import annotations
 
 from xcompile.errors import UserError
-from xcompile.frontend.decoder import ACTIVATIONS, DecoderSpec, WeightNames
+from xcompile.frontend.decoder import ACTIVATIONS, DecoderSpec, TensorParallel, WeightNames
 
 ARCHITECTURES = ("GPTJForCausalLM",)
 
@@ -22,6 +22,12 @@ NAMES = WeightNames(
     o="attn.out_proj",
     up="mlp.fc_in",
     down="mlp.fc_out",
+)
+
+TENSOR_PARALLEL = TensorParallel(
+    column=("attn.q_proj", "attn.k_proj", "attn.v_proj", "mlp.fc_in"),
+    row=("attn.out_proj", "mlp.fc_out"),
+    vocab=("transformer.wte", "lm_head"),
 )
 
 

@@ -7,7 +7,7 @@ bias when the checkpoint has one.
 from __future__ import annotations
 
 from xcompile.errors import UserError
-from xcompile.frontend.decoder import ACTIVATIONS, DecoderSpec, WeightNames
+from xcompile.frontend.decoder import ACTIVATIONS, DecoderSpec, TensorParallel, WeightNames
 
 ARCHITECTURES = ("LlamaForCausalLM",)
 
@@ -25,6 +25,13 @@ NAMES = WeightNames(
     gate="mlp.gate_proj",
     up="mlp.up_proj",
     down="mlp.down_proj",
+)
+
+TENSOR_PARALLEL = TensorParallel(
+    column=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj",
+            "mlp.up_proj"),
+    row=("self_attn.o_proj", "mlp.down_proj"),
+    vocab=("model.embed_tokens", "lm_head"),
 )
 
 

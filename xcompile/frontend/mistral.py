@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from xcompile.frontend.decoder import DecoderSpec
-from xcompile.frontend.llama import llama_like
+from xcompile.frontend.llama import TENSOR_PARALLEL, llama_like  # noqa: F401 (same layout)
 
 ARCHITECTURES = ("MistralForCausalLM",)
 

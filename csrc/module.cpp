@@ -15,6 +15,7 @@
 
 #include "dispatch.h"
 #include "kernels.h"
+#include "shm_allreduce.h"
 #include "threads.h"
 
 namespace nb = nanobind;
@@ -40,6 +41,7 @@ NB_MODULE(_C, m) {
   m.doc() = "xcompile CPU kernels (raw pointers, run-time ISA dispatch, own OpenMP pool)";
 
   xcompile::set_isa_from_env();
+  xcompile::register_shm(m);
 
   m.def("isa", [] { return std::string(xcompile::isa_name(xcompile::current_isa())); },
         "The ISA path kernels take now.");

@@ -114,7 +114,7 @@ def _insert_after(graph: ir.Graph, value: ir.Value, make: Callable[[ir.Value], l
 
 
 def shard_graph(model: onnx.ModelProto, slicing: dict[str, Slicing], rank: int, ranks: int,
-                weight_file: str) -> onnx.ModelProto:
+                weight_file: str, merge: bool = True) -> onnx.ModelProto:
     """Rank `rank`'s graph: head counts, split sizes, collectives; weights referenced (offsets to
     be filled by the caller) in `weight_file`."""
     m = ir.serde.deserialize_model(model)
@@ -163,7 +163,8 @@ def shard_graph(model: onnx.ModelProto, slicing: dict[str, Slicing], rank: int, 
 
     from xcompile.passes.allreduce_merge import AllReduceMergePass
 
-    AllReduceMergePass()(m)
+    if merge:
+        AllReduceMergePass()(m)
     RemoveUnusedNodesPass()(m)
     return ir.serde.serialize_model(m)
 

@@ -71,3 +71,55 @@ def hf_model(checkpoint):
 @pytest.fixture(autouse=True, scope="session")
 def _quiet():
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True)
+def _no_shm_leftovers():
+    """Every test leaves /dev/shm as it found it (the SHM allreduce's segment included)."""
+    before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+    yield
+    if os.path.isdir("/dev/shm"):
+        new = {n for n in set(os.listdir("/dev/shm")) - before if "xcompile" in n}
+        assert not new, f"left in /dev/shm: {sorted(new)}"
+
+
+@pytest.fixture(scope="session")
+def sharded(tmp_path_factory, compiled):
+    """sharded(family, ranks, dtype) -> artifacts made by `xcompile shard` of compiled()."""
+    from xcompile.shard import shard
+
+    made = {}
+
+    def get(family: str, ranks: int = 2, dtype: str = "fp32"):
+        key = (family, ranks, dtype)
+        if key not in made:
+            out = tmp_path_factory.mktemp(f"tp{ranks}-{family}-{dtype}") / "artifacts"
+            shard(compiled(family, dtype), ranks, out, progress=False)
+            made[key] = out
+        return made[key]
+
+    return get
+
+
+def run_xrun(args: list[str], launcher: list[str] | None = None, timeout: float = 180,
+             cwd=None) -> dict:
+    """Run xrun (optionally under a launcher such as torchrun) and return its --json object."""
+    import json
+    import subprocess
+    import sys
+
+    cmd = (launcher or [sys.executable, "-m", "xcompile.runtime.cli"]) + args + ["--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def torchrun(ranks: int) -> list[str]:
+    import socket
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}",
+            "--master-addr=127.0.0.1", f"--master-port={port}", "-m", "xcompile.runtime.cli"]

@@ -23,6 +23,13 @@ def _main(verbose: bool = typer.Option(False, "--verbose", help="Tracebacks on e
     pass
 
 
+def _weight_format(fp32: bool, bf16: bool) -> str:
+    chosen = [name for name, on in (("fp32", fp32), ("bf16", bf16)) if on]
+    if len(chosen) != 1:
+        raise UserError("choose exactly one weight format: --fp32 or --bf16")
+    return chosen[0]
+
+
 @app.command()
 def quantize(
     model: Path = typer.Argument(..., help="Hugging Face checkpoint folder."),
@@ -33,9 +40,7 @@ def quantize(
     verbose: bool = typer.Option(False, "--verbose", help="Tracebacks on errors."),
 ) -> None:
     """Compile MODEL into artifacts (streamed tensor by tensor), fusing the graph by default."""
-    chosen = [name for name, on in (("fp32", fp32), ("bf16", bf16)) if on]
-    if len(chosen) != 1:
-        raise UserError("choose exactly one weight format: --fp32 or --bf16")
+    chosen = [_weight_format(fp32, bf16)]
     from xcompile.artifacts import AtomicFolder
     from xcompile.frontend.checkpoint import Checkpoint
 
@@ -48,6 +53,55 @@ def quantize(
     manifest = run(ckpt, out, chosen[0], passes=[] if no_fuse else None)
     size = sum(f["size"] for f in manifest.files.values())
     typer.echo(f"wrote {out} ({manifest.family}, {manifest.dtype}, {size / 1e6:.1f} MB)")
+
+
+@app.command()
+def shard(
+    artifacts_dir: Path = typer.Argument(Path("artifacts"), metavar="[ARTIFACTS]",
+                                         help="Single-rank artifacts (default: artifacts)."),
+    ranks: int = typer.Option(..., "--ranks", min=1, help="Tensor-parallel ranks."),
+    out: Path = typer.Option(None, "-o", "--out", help="Write here (default: in place)."),
+    verbose: bool = typer.Option(False, "--verbose", help="Tracebacks on errors."),
+) -> None:
+    """Split artifacts into RANKS tensor-parallel shards (each rank's file holds only its
+    slices). In place when -o is left out; atomic either way."""
+    from xcompile.shard import shard as run
+
+    manifest = run(artifacts_dir, ranks, out)
+    dest = out or artifacts_dir
+    sizes = ", ".join(f"rank{r} {manifest.files[f'rank{r}.safetensors']['size'] / 1e6:.1f} MB"
+                      for r in range(ranks))
+    typer.echo(f"wrote {dest} ({ranks} ranks: {sizes})")
+
+
+@app.command()
+def build(
+    model: Path = typer.Argument(..., help="Hugging Face checkpoint folder."),
+    out: Path = typer.Option(..., "-o", "--out", help="Artifacts folder to write."),
+    fp32: bool = typer.Option(False, "--fp32", help="Keep weights in FP32."),
+    bf16: bool = typer.Option(False, "--bf16", help="Store matrices in BF16."),
+    ranks: int = typer.Option(1, "--ranks", min=1, help="Tensor-parallel ranks."),
+    verbose: bool = typer.Option(False, "--verbose", help="Tracebacks on errors."),
+) -> None:
+    """quantize, then shard, in one go (the output appears only when both are done)."""
+    import tempfile
+
+    from xcompile.artifacts import AtomicFolder
+
+    AtomicFolder(out).check()
+    if ranks == 1:
+        quantize(model, out, fp32, bf16, False, verbose)
+        return
+    from xcompile.quantize import quantize as compile_single
+    from xcompile.shard import shard as split
+
+    chosen = _weight_format(fp32, bf16)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.build-", dir=out.absolute().parent) as tmp:
+        compile_single(model, Path(tmp) / "single", chosen)
+        manifest = split(Path(tmp) / "single", ranks, out)
+    size = sum(f["size"] for f in manifest.files.values())
+    typer.echo(f"wrote {out} ({manifest.family}, {manifest.dtype}, {ranks} ranks, "
+               f"{size / 1e6:.1f} MB)")
 
 
 @app.command()

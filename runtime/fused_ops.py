@@ -92,52 +92,96 @@ REFERENCE = {
 
 
 # -- fast versions (csrc kernels) ----------------------------------------------------------------
+#
+# Each node gets its own closure (`fast_op`) that calls xcompile._C directly (the checked wrappers
+# in runtime/kernels.py cost 10-25 us a call, more than these kernels take at decode sizes) and
+# writes into output buffers it keeps per input shape: after the first token a decode step
+# allocates nothing. A buffer is reused at the next call with that shape, which is safe because a
+# step's output lives only until the step after its last reader, within one forward pass.
 
 
-def _fast():
-    from xcompile.runtime import kernels
+def _buffers():
+    cache: dict[tuple, torch.Tensor] = {}
 
-    def rmsnorm(x, scale, axis=-1, epsilon=1e-5, stash_type=1):
-        if scale.dtype != torch.float32 or x.dtype != torch.float32:
-            return rmsnorm_ref(x, scale, epsilon=epsilon)
-        return kernels.rmsnorm(x.contiguous(), scale, epsilon)
+    def get(shape: tuple[int, ...], tag: int = 0) -> torch.Tensor:
+        key = (tag, *shape)
+        buf = cache.get(key)
+        if buf is None:
+            buf = cache[key] = torch.empty(shape)
+        return buf
 
-    def skip_rmsnorm(x, skip, gamma, bias=None, epsilon=1e-5):
-        if bias is not None or gamma.dtype != torch.float32:
-            return skip_rmsnorm_ref(x, skip, gamma, bias, epsilon)
-        out, total = kernels.skip_rmsnorm(x.contiguous(), skip.contiguous(), gamma, epsilon)
-        return out, None, None, total
-
-    def rotary(x, position_ids, cos_cache, sin_cache, interleaved=0, num_heads=0,
-               rotary_embedding_dim=0, scale=1.0, is_packed_batching=0):
-        if x.dim() != 3 or x.shape[0] != 1 or not num_heads:
-            return rotary_ref(x, position_ids, cos_cache, sin_cache, interleaved, num_heads,
-                              rotary_embedding_dim, scale)
-        s = x.shape[1]
-        y = x.reshape(s, num_heads, -1).contiguous()
-        pos = position_ids[0]
-        kernels.rotary(y, cos_cache[pos].contiguous(), sin_cache[pos].contiguous(),
-                       bool(interleaved), rotary_embedding_dim or None, out=y)
-        return y.view(x.shape)
-
-    def silu_mul(g, up):
-        return kernels.silu_mul(g.contiguous(), up.contiguous())
-
-    def gelu_tanh(x, bias=None):
-        return kernels.gelu_tanh((x if bias is None else x + bias).contiguous())
-
-    return {
-        ("", "SimplifiedLayerNormalization"): rmsnorm,
-        (MS, "SimplifiedLayerNormalization"): rmsnorm,
-        (MS, "SkipSimplifiedLayerNormalization"): skip_rmsnorm,
-        (MS, "RotaryEmbedding"): rotary,
-        (MS, "FastGelu"): gelu_tanh,
-        (XC, "SiluMul"): silu_mul,
-    }
+    return get
 
 
-def fast_ops() -> dict:
-    return _fast()
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
+
+
+def fast_op(key: tuple[str, str]):
+    """A fresh fast implementation of op `key` for one node, or None (use the reference)."""
+    from xcompile import _C
+
+    out = _buffers()
+    domain, op = key
+
+    if op == "SimplifiedLayerNormalization":
+        def rmsnorm(x, scale, axis=-1, epsilon=1e-5, stash_type=1):
+            if scale.dtype != torch.float32 or x.dtype != torch.float32:
+                return rmsnorm_ref(x, scale, epsilon=epsilon)
+            x = _f32(x)
+            y = out(tuple(x.shape))
+            cols = x.shape[-1]
+            _C.rmsnorm(x.data_ptr(), scale.data_ptr(), y.data_ptr(), x.numel() // cols, cols,
+                       epsilon)
+            return y
+        return rmsnorm
+
+    if key == (MS, "SkipSimplifiedLayerNormalization"):
+        def skip_rmsnorm(x, skip, gamma, bias=None, epsilon=1e-5):
+            if bias is not None or gamma.dtype != torch.float32:
+                return skip_rmsnorm_ref(x, skip, gamma, bias, epsilon)
+            x, skip = _f32(x), _f32(skip)
+            y, total = out(tuple(x.shape), 0), out(tuple(x.shape), 1)
+            cols = x.shape[-1]
+            _C.skip_rmsnorm(x.data_ptr(), skip.data_ptr(), gamma.data_ptr(), y.data_ptr(),
+                            total.data_ptr(), x.numel() // cols, cols, epsilon)
+            return y, None, None, total
+        return skip_rmsnorm
+
+    if key == (MS, "RotaryEmbedding"):
+        def rotary(x, position_ids, cos_cache, sin_cache, interleaved=0, num_heads=0,
+                   rotary_embedding_dim=0, scale=1.0, is_packed_batching=0):
+            if x.dim() != 3 or x.shape[0] != 1 or not num_heads:
+                return rotary_ref(x, position_ids, cos_cache, sin_cache, interleaved, num_heads,
+                                  rotary_embedding_dim, scale)
+            from xcompile.runtime import kernels
+
+            s = x.shape[1]
+            y = out((s, num_heads, x.shape[2] // num_heads))
+            y.copy_(x.view(y.shape))  # x is often a column slice of the fused QKV output
+            pos = position_ids[0]
+            kernels.rotary(y, cos_cache[pos], sin_cache[pos], bool(interleaved),
+                           rotary_embedding_dim or None, out=y)
+            return y.view(x.shape)
+        return rotary
+
+    if key == (XC, "SiluMul"):
+        def silu_mul(g, up):
+            g, up = _f32(g), _f32(up)
+            y = out(tuple(g.shape))
+            _C.silu_mul(g.data_ptr(), up.data_ptr(), y.data_ptr(), g.numel())
+            return y
+        return silu_mul
+
+    if key == (MS, "FastGelu"):
+        def gelu_tanh(x, bias=None):
+            x = _f32(x if bias is None else x + bias)
+            y = out(tuple(x.shape))
+            _C.gelu_tanh(x.data_ptr(), y.data_ptr(), x.numel())
+            return y
+        return gelu_tanh
+
+    return None
 
 
 # -- attention over the KV cache -----------------------------------------------------------------

@@ -77,4 +77,5 @@ class Model:
         feeds["input_ids"] = torch.tensor([ids], dtype=torch.int64)
         feeds["position_ids"] = torch.arange(start, start + s, dtype=torch.int64)[None]
         with torch.inference_mode():
-            return self._plan.run(feeds)[0]
+            # a copy: the plan reuses its output buffers at the next call
+            return self._plan.run(feeds)[0].clone()

@@ -75,13 +75,28 @@ def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
 
 
 def linear_step(weight: torch.Tensor, use_kernels: bool) -> Callable[[torch.Tensor], torch.Tensor]:
-    """x (..., K) @ weight (N, K)ᵀ -> (..., N) fp32; weight fp32 or bf16 as stored."""
-    from xcompile.runtime import kernels
+    """x (..., K) @ weight (N, K)ᵀ -> (..., N) fp32; weight fp32 or bf16 as stored.
+
+    Few rows (decode): the csrc GEMV, called directly on pointers resolved here, writing into a
+    buffer kept per input shape (see fused_ops). Many rows (prefill): torch's GEMM."""
+    from xcompile import _C
+
+    n, k = weight.shape
+    gemv = {torch.float32: _C.gemv_f32, torch.bfloat16: _C.gemv_bf16}.get(weight.dtype)
+    w = weight.data_ptr()
+    buffers: dict[tuple[int, ...], torch.Tensor] = {}
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        if use_kernels and rows <= GEMV_MAX_ROWS:
-            return kernels.linear(x.contiguous(), weight)
+        rows = x.numel() // k
+        if use_kernels and gemv is not None and rows <= GEMV_MAX_ROWS:
+            if x.dtype != torch.float32 or not x.is_contiguous():
+                x = x.float().contiguous()
+            shape = (*x.shape[:-1], n)
+            out = buffers.get(shape)
+            if out is None:
+                out = buffers[shape] = torch.empty(shape)
+            gemv(x.data_ptr(), w, 0, out.data_ptr(), rows, n, k)
+            return out
         return torch.nn.functional.linear(x, weight.to(x.dtype))
 
     return run
@@ -161,13 +176,12 @@ def build_plan(model: onnx.ModelProto, weights: dict[str, torch.Tensor],
                     if all(consumers.get(o, 0) <= 1 for o in n.output):
                         absorbed.add(n.name)
 
-    fast = fused_ops.fast_ops() if use_kernels else {}
-
     def op_fn(node: onnx.NodeProto):
         domain = "" if node.domain in ("", "ai.onnx") else node.domain
         key = (domain, node.op_type)
-        if key in fast:
-            return fast[key]
+        fast = fused_ops.fast_op(key) if use_kernels else None
+        if fast is not None:
+            return fast
         if key in fused_ops.REFERENCE:
             return fused_ops.REFERENCE[key]
         if domain == "" and node.op_type in OPS:
@@ -194,7 +208,9 @@ def build_plan(model: onnx.ModelProto, weights: dict[str, torch.Tensor],
         if node.op_type == "GroupQueryAttention" and len(node.input) > 4 and \
                 PAST.match(node.input[3]) and PAST.match(node.input[4]):
             fn = fused_ops.attention_step(cache[node.input[3]], cache[node.input[4]], use_kernels)
-            steps.append(Step(node.name, fn, ins, outs, attrs))
+            # seqlens_k and total_sequence_length follow from the cache views: not wired, so the
+            # little graph that computes them per layer is dropped as dead code below
+            steps.append(Step(node.name, fn, ins[:5], outs, attrs))
             continue
         if node.domain == "ai.xcompile" and node.op_type in ("AllReduce", "AllGather"):
             if comm is None:

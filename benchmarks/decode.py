@@ -1,10 +1,12 @@
 """Decode speed of `xrun` beside transformers' eager generate and the machine's read bandwidth,
 all measured in this run, alternating so that the shared host's swings hit every row alike.
 
-    python benchmarks/decode.py MODEL_DIR [--dtypes fp32 bf16] [--tokens 32] [--work DIR]
+    python benchmarks/decode.py MODEL_DIR [--variants bf16 bf16:primitive fp32] [--tokens 32]
+                                         [--work DIR] [--ranks 1]
 
-For each dtype it compiles MODEL_DIR (once, into --work), runs `xrun --json` in a fresh process
-and reads per_token_ms; transformers runs in this process in FP32. GB/s = weight bytes read per
+A variant is a weight format, optionally `:primitive` (compiled with --no-fuse). Each is compiled
+from MODEL_DIR once (into --work), run by `xrun --json` in a fresh process, and its per_token_ms
+read; transformers runs in this process in FP32. GB/s = weight bytes read per
 token (every matrix but the embedding table, which is read one row at a time) / time per token.
 """
 
@@ -66,7 +68,7 @@ def transformers_ms(model_dir: Path, tokens: int, threads: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", type=Path)
-    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"])
+    parser.add_argument("--variants", nargs="+", default=["bf16", "bf16:primitive", "fp32"])
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
@@ -76,19 +78,21 @@ def main() -> None:
 
     args.work.mkdir(exist_ok=True)
     arts = {}
-    for dtype in args.dtypes:
-        arts[dtype] = args.work / f"{args.model.name}-{dtype}"
-        if not (arts[dtype] / "manifest.json").is_file():
-            subprocess.run(["xcompile", "quantize", str(args.model), "-o", str(arts[dtype]),
-                            f"--{dtype}"], check=True)
+    for variant in args.variants:
+        dtype, _, graph = variant.partition(":")
+        arts[variant] = args.work / f"{args.model.name}-{dtype}{'-' + graph if graph else ''}"
+        if not (arts[variant] / "manifest.json").is_file():
+            subprocess.run(["xcompile", "quantize", str(args.model), "-o", str(arts[variant]),
+                            f"--{dtype}", *(["--no-fuse"] if graph == "primitive" else [])],
+                           check=True)
 
     rows: dict[str, list[float]] = {}
     bws: list[float] = []
-    for _ in range(args.repeats):  # alternate: bandwidth, each dtype, bandwidth ...
-        for dtype in args.dtypes:
+    for _ in range(args.repeats):  # alternate: bandwidth, each variant, bandwidth ...
+        for variant in args.variants:
             bws.append(read_bandwidth(args.threads))
-            rows.setdefault(f"xrun {dtype}", []).append(xrun_ms(arts[dtype], args.tokens,
-                                                                args.threads))
+            rows.setdefault(f"xrun {variant}", []).append(xrun_ms(arts[variant], args.tokens,
+                                                                  args.threads))
     if not args.no_transformers:
         bws.append(read_bandwidth(args.threads))
         rows["transformers eager fp32"] = [transformers_ms(args.model, args.tokens, args.threads)]
@@ -98,10 +102,11 @@ def main() -> None:
           f"range {min(bws):.1f}-{max(bws):.1f} over {len(bws)} passes")
     print(f"{'':26s} {'ms/token':>9s} {'GB/s':>7s} {'of bw':>6s} {'floor ms':>9s}")
     for name, times in rows.items():
-        dtype = "fp32" if "fp32" in name else name.split()[-1]
-        nbytes = weight_bytes_per_token(arts.get(dtype, next(iter(arts.values()))))
-        if dtype not in arts:  # transformers fp32 without fp32 artifacts: twice the bf16 bytes
-            nbytes *= 2
+        variant = "fp32" if "transformers" in name else name.split()[-1]
+        if variant in arts:
+            nbytes = weight_bytes_per_token(arts[variant])
+        else:  # transformers fp32 without fp32 artifacts: twice the bf16 bytes
+            nbytes = 2 * weight_bytes_per_token(next(iter(arts.values())))
         ms = min(times)
         gbs = nbytes / (ms / 1e3) / 1e9
         print(f"{name:26s} {ms:9.1f} {gbs:7.1f} {gbs / bw:6.0%} {nbytes / bw / 1e6:9.1f}")

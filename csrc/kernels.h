@@ -48,4 +48,18 @@ void gemv_f32(const float* x, const float* w, const float* bias, float* out, int
 void gemv_bf16(const float* x, const uint16_t* w, const float* bias, float* out, int64_t M,
                int64_t N, int64_t K);
 
+// Weight-only INT8 / INT4 in ONNX Runtime's com.microsoft MatMulNBits layout (csrc/gemv_nbits.cpp):
+//   B (N, k_blocks, block_size * bits / 8) uint8, k_blocks = ceil(K / block_size); INT4 element 2j
+//   of a block in the low nibble of byte j, 2j + 1 in the high one. scales (N, k_blocks) fp32.
+//   zero_points uint8 or null (2^(bits-1)): INT8 (N, k_blocks), INT4 (N, ceil(k_blocks / 2)) with
+//   block 2j in the low nibble. bits 4 or 8; block_size a power of two >= 16.
+//   W[n, k] = (q[n, k] - zp[n, k / block_size]) * scales[n, k / block_size]
+// gemv_nbits: x (M, K) fp32, bias (N) fp32 or null, out (M, N) = x @ W.T + bias, fp32.
+void gemv_nbits(const float* x, const uint8_t* B, const float* scales, const uint8_t* zero_points,
+                const float* bias, float* out, int64_t M, int64_t N, int64_t K, int bits,
+                int64_t block_size);
+// dequantize_nbits: out (N, K) fp32 = W, bit for bit (q - zp in integers, one multiply).
+void dequantize_nbits(const uint8_t* B, const float* scales, const uint8_t* zero_points,
+                      float* out, int64_t N, int64_t K, int bits, int64_t block_size);
+
 }  // namespace xcompile

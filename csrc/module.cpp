@@ -35,6 +35,12 @@ void check_sizes(const char* kernel, std::initializer_list<int64_t> sizes) {
     if (s < 0) throw std::invalid_argument(std::string(kernel) + ": sizes must be >= 0");
 }
 
+void check_nbits(const char* kernel, int64_t bits, int64_t block_size) {
+  if (bits != 4 && bits != 8) throw std::invalid_argument(std::string(kernel) + ": bits must be 4 or 8");
+  if (block_size < 16 || (block_size & (block_size - 1)))
+    throw std::invalid_argument(std::string(kernel) + ": block_size must be a power of two >= 16");
+}
+
 }  // namespace
 
 NB_MODULE(_C, m) {
@@ -170,4 +176,39 @@ NB_MODULE(_C, m) {
       "x"_a, "w"_a, "bias"_a, "out"_a, "M"_a, "N"_a, "K"_a,
       nb::call_guard<nb::gil_scoped_release>(),
       "out (M, N) = x (M, K) @ w (N, K).T + bias; w bf16 bits, x/bias/out fp32.");
+
+  m.def(
+      "gemv_nbits",
+      [](uintptr_t x, uintptr_t B, uintptr_t scales, uintptr_t zero_points, uintptr_t bias,
+         uintptr_t out, int64_t M, int64_t N, int64_t K, int64_t bits, int64_t block_size) {
+        check_sizes("gemv_nbits", {M, N, K});
+        check_nbits("gemv_nbits", bits, block_size);
+        if (M == 0 || N == 0) return;
+        xcompile::gemv_nbits(as_ptr<const float>(x, "x", K > 0), as_ptr<const uint8_t>(B, "B", K > 0),
+                             as_ptr<const float>(scales, "scales", K > 0),
+                             as_ptr<const uint8_t>(zero_points, "zero_points", false),
+                             as_ptr<const float>(bias, "bias", false), as_ptr<float>(out, "out", true),
+                             M, N, K, int(bits), block_size);
+      },
+      "x"_a, "B"_a, "scales"_a, "zero_points"_a, "bias"_a, "out"_a, "M"_a, "N"_a, "K"_a, "bits"_a,
+      "block_size"_a, nb::call_guard<nb::gil_scoped_release>(),
+      "out (M, N) = x (M, K) @ W.T + bias (0: none), W from MatMulNBits' B, scales, zero_points "
+      "(0: 2^(bits-1)); fp32 x/out.");
+
+  m.def(
+      "dequantize_nbits",
+      [](uintptr_t B, uintptr_t scales, uintptr_t zero_points, uintptr_t out, int64_t N, int64_t K,
+         int64_t bits, int64_t block_size) {
+        check_sizes("dequantize_nbits", {N, K});
+        check_nbits("dequantize_nbits", bits, block_size);
+        if (N == 0 || K == 0) return;
+        xcompile::dequantize_nbits(as_ptr<const uint8_t>(B, "B", true),
+                                   as_ptr<const float>(scales, "scales", true),
+                                   as_ptr<const uint8_t>(zero_points, "zero_points", false),
+                                   as_ptr<float>(out, "out", true), N, K, int(bits), block_size);
+      },
+      "B"_a, "scales"_a, "zero_points"_a, "out"_a, "N"_a, "K"_a, "bits"_a, "block_size"_a,
+      nb::call_guard<nb::gil_scoped_release>(),
+      "out (N, K) fp32 = W of MatMulNBits' B, scales, zero_points (0: 2^(bits-1)).");
 }
+

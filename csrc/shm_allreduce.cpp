@@ -8,9 +8,10 @@
 //   2. rank r sums portion r of every slot and writes it into portion r of its own slot (no peer
 //      reads that portion before step 3); publish, wait
 //   3. data[portion r] = slot (r, b)[portion r] for every r
-// Why one barrier per chunk is enough: a peer reads slot (me, b) of chunk c - 2 only before it
-// publishes chunk c - 1's first step, and I write slot (me, b) for chunk c only after waiting for
-// that step from everyone. Sums run in a fixed order, so every rank gets the same bits.
+// No closing barrier ("everyone has read my slot") is needed: a peer reads slot (me, b) of chunk
+// c - 2 only before it publishes chunk c - 1's first step, and I write slot (me, b) for chunk c
+// only after waiting for that step from everyone. Sums run in a fixed order, so every rank gets
+// the same bits.
 //
 // A step's sequence word also carries the chunk's signature (length, dtype, path): ranks that make
 // different calls fail with a message instead of reducing garbage. Waiting spins with pause; every
@@ -22,7 +23,6 @@
 
 #include <fcntl.h>
 #include <nanobind/stl/string.h>
-#include <omp.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -39,7 +39,6 @@
 #include <thread>
 
 #include "dispatch.h"
-#include "threads.h"
 
 #if XC_X86
 #include <immintrin.h>
@@ -54,14 +53,23 @@ constexpr uint32_t kVersion = 1;
 constexpr size_t kHeaderBytes = 4096;
 constexpr size_t kSeqStride = 128;
 constexpr size_t kDataOffset = kHeaderBytes + ShmAllReduce::kMaxRanks * kSeqStride;
-constexpr size_t kSmallMaxBytes = size_t(64) << 10;  // below: every rank reduces every slot
-constexpr size_t kParallelMinBytes = size_t(1) << 20;  // below: waking the pool costs more
+// Up to here every rank reduces every slot (one step); beyond, reduce-scatter + all-gather (two)
+// moves less data per rank. Measured with 2 ranks: one step is faster at 16 KiB, even at 32 KiB,
+// slower at 64 KiB.
+constexpr size_t kSmallMaxBytes = size_t(32) << 10;
 constexpr size_t kReasonBytes = 256;
 constexpr uint32_t kDtypeF32 = 0, kDtypeBf16 = 1;
 
 using Clock = std::chrono::steady_clock;
 
-size_t segment_bytes(int ranks) { return kDataOffset + size_t(ranks) * 2 * ShmAllReduce::kSlotBytes; }
+// Chunk (= slot buffer) size: small enough that a chunk copied in is still in the writer's L2 when
+// the peers read it (4 MiB chunks ran 2x slower than 128 KiB at 4 and 16 MiB messages), large
+// enough that each rank's reduce-scatter portion (64 KiB) outweighs a barrier.
+size_t chunk_bytes(int ranks) {
+  return std::clamp(size_t(ranks) * (size_t(64) << 10), size_t(128) << 10, size_t(1) << 20);
+}
+
+size_t segment_bytes(int ranks) { return kDataOffset + size_t(ranks) * 2 * chunk_bytes(ranks); }
 
 std::string errno_text() { return std::strerror(errno); }
 
@@ -254,26 +262,6 @@ ReduceFn<uint16_t> pick_reduce<uint16_t>() {
   }
 }
 
-// Runs fn(begin, end) over [0, n) elements of `elem` bytes: in 64 KiB blocks on the kernels' pool
-// when the range is large enough to pay for waking it, else in one call.
-template <typename F>
-void over_blocks(int64_t n, size_t elem, F fn) {
-  const int threads = num_threads();
-  if (threads <= 1 || size_t(n) * elem < kParallelMinBytes) {
-    fn(int64_t(0), n);
-    return;
-  }
-  const int64_t block = int64_t((size_t(64) << 10) / elem);
-  const int64_t blocks = (n + block - 1) / block;
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t k = 0; k < blocks; ++k) fn(k * block, std::min(n, (k + 1) * block));
-}
-
-template <typename T>
-void copy_elems(T* dst, const T* src, int64_t n) {
-  over_blocks(n, sizeof(T), [&](int64_t b, int64_t e) { std::memcpy(dst + b, src + b, size_t(e - b) * sizeof(T)); });
-}
-
 }  // namespace
 
 struct ShmAllReduce::Header {
@@ -299,7 +287,7 @@ static_assert(std::atomic<uint64_t>::is_always_lock_free &&
 ShmAllReduce::ShmAllReduce(const std::string& name, int rank, int ranks, bool create,
                            double timeout_s)
     : name_(name.empty() || name[0] != '/' ? "/" + name : name), rank_(rank), ranks_(ranks),
-      creator_(create) {
+      creator_(create), slot_bytes_(chunk_bytes(ranks)) {
   static_assert(sizeof(Header) <= kHeaderBytes, "header outgrew its page");
   if (name_.size() < 2 || name_.find('/', 1) != std::string::npos || name_.size() > 255)
     throw std::invalid_argument("ShmAllReduce: name must be one path component like /xcompile-1234, got '" + name + "'");
@@ -352,7 +340,7 @@ void ShmAllReduce::create_segment(double) {
   header_->version = kVersion;
   header_->ranks = ranks_;
   header_->total_bytes = bytes_;
-  header_->slot_bytes = kSlotBytes;
+  header_->slot_bytes = slot_bytes_;
   header_->creator_pid = int32_t(::getpid());
   header_->magic.store(kMagic, std::memory_order_release);
 }
@@ -379,7 +367,7 @@ void ShmAllReduce::open_segment(double timeout_s) {
           else if (h->ranks != ranks_)
             problem = "was created for " + std::to_string(h->ranks) + " ranks, not " + std::to_string(ranks_);
           else if (h->total_bytes != segment_bytes(ranks_) || size_t(st.st_size) != h->total_bytes ||
-                   h->slot_bytes != kSlotBytes)
+                   h->slot_bytes != slot_bytes_)
             problem = "has a size this build does not expect: run every rank with the same xcompile build";
           if (!problem.empty()) {
             ::munmap(p, size_t(st.st_size));
@@ -420,7 +408,7 @@ std::atomic<uint64_t>& ShmAllReduce::seq(int r) const {
 }
 
 char* ShmAllReduce::slot(int r, int b) const {
-  return base_ + kDataOffset + (size_t(r) * 2 + size_t(b)) * kSlotBytes;
+  return base_ + kDataOffset + (size_t(r) * 2 + size_t(b)) * slot_bytes_;
 }
 
 int ShmAllReduce::attached() const {
@@ -495,7 +483,9 @@ void ShmAllReduce::check_peers_alive() {
 
 uint64_t ShmAllReduce::spin_until(int peer, uint32_t step) {
   const auto start = Clock::now();
-  auto next_check = start;  // check liveness at once when a wait is not immediate
+  // Liveness costs a few syscalls per peer: not in the first 20 ms, where a peer that is merely
+  // late would then find this rank busy in them.
+  auto next_check = start + std::chrono::milliseconds(20);
   bool idle = false;
   for (uint64_t spins = 1;; ++spins) {
     const uint64_t v = seq(peer).load(std::memory_order_acquire);
@@ -547,7 +537,7 @@ void ShmAllReduce::all_reduce(T* data, int64_t n, uint32_t dtype) {
   if (header_->abort_state.load(std::memory_order_acquire) != 0) throw_aborted();
   if (ranks_ == 1 || n == 0) return;
   const ReduceFn<T> reduce = pick_reduce<T>();
-  const int64_t chunk_elems = int64_t(kSlotBytes / sizeof(T));
+  const int64_t chunk_elems = int64_t(slot_bytes_ / sizeof(T));
   const int64_t align = 64 / int64_t(sizeof(T));  // portions start on cache lines
   const T* src[kMaxRanks];
   for (int64_t off = 0; off < n; off += chunk_elems) {
@@ -558,7 +548,7 @@ void ShmAllReduce::all_reduce(T* data, int64_t n, uint32_t dtype) {
     T* mine = reinterpret_cast<T*>(slot(rank_, b));
     for (int p = 0; p < ranks_; ++p) src[p] = reinterpret_cast<const T*>(slot(p, b));
 
-    copy_elems(mine, data + off, len);
+    std::memcpy(mine, data + off, size_t(len) * sizeof(T));
     seq(rank_).store(uint64_t(++step_) << 32 | signature, std::memory_order_release);
     wait_for_peers(step_, signature);
 
@@ -569,16 +559,13 @@ void ShmAllReduce::all_reduce(T* data, int64_t n, uint32_t dtype) {
     const int64_t portion = (len + align * ranks_ - 1) / (align * ranks_) * align;
     auto lo = [&](int r) { return std::min(len, r * portion); };
     auto hi = [&](int r) { return std::min(len, (r + 1) * portion); };
-    const T* shifted[kMaxRanks];
-    for (int p = 0; p < ranks_; ++p) shifted[p] = src[p] + lo(rank_);
-    over_blocks(hi(rank_) - lo(rank_), sizeof(T), [&](int64_t bb, int64_t e) {
-      const T* blk[kMaxRanks];
-      for (int p = 0; p < ranks_; ++p) blk[p] = shifted[p] + bb;
-      reduce(blk, ranks_, mine + lo(rank_) + bb, e - bb);
-    });
+    const T* part[kMaxRanks];
+    for (int p = 0; p < ranks_; ++p) part[p] = src[p] + lo(rank_);
+    reduce(part, ranks_, mine + lo(rank_), hi(rank_) - lo(rank_));
     seq(rank_).store(uint64_t(++step_) << 32 | signature, std::memory_order_release);
     wait_for_peers(step_, signature);
-    for (int p = 0; p < ranks_; ++p) copy_elems(data + off + lo(p), src[p] + lo(p), hi(p) - lo(p));
+    for (int p = 0; p < ranks_; ++p)
+      std::memcpy(data + off + lo(p), src[p] + lo(p), size_t(hi(p) - lo(p)) * sizeof(T));
   }
 }
 

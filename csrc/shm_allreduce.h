@@ -7,9 +7,9 @@
 //                         reason, each rank's pid and start time (to tell a reused pid)
 //   [4 KiB, 12 KiB)       one 64-bit sequence word per rank, 128 bytes apart (no false sharing,
 //                         even with the adjacent-line prefetcher): step << 32 | chunk signature
-//   [12 KiB, + ranks x 2 x kSlotBytes)
+//   [12 KiB, + ranks x 2 x slot_bytes)
 //                         data: slot (r, b) = rank r's buffer b (b = 0, 1 alternate per chunk)
-// A message larger than a slot is processed in slot-sized chunks.
+// slot_bytes = ranks x 64 KiB within [128 KiB, 1 MiB]; a message is reduced in chunks of that size.
 #pragma once
 
 #include <nanobind/nanobind.h>
@@ -24,7 +24,6 @@ namespace xcompile {
 
 class ShmAllReduce {
  public:
-  static constexpr size_t kSlotBytes = size_t(4) << 20;  // one buffer of one rank
   static constexpr int kMaxRanks = 64;
 
   // create: shm_open(O_CREAT | O_EXCL, 0600), size and initialise the segment; throws when the
@@ -71,6 +70,7 @@ class ShmAllReduce {
   std::string name_;
   int rank_, ranks_;
   bool creator_;
+  size_t slot_bytes_;  // one chunk
   bool unlinked_ = false;
   char* base_ = nullptr;
   size_t bytes_ = 0;

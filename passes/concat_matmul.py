@@ -71,8 +71,9 @@ class ConcatMatMulPass(ir.passes.InPlacePass):
             sizes = [int(w.shape[0]) for w in weights]
             name = fused_name([w.name for w in weights])
             tensor = ir.ExternalTensor(location="rank0.safetensors", offset=0,
-                                       length=sum(sizes) * int(weights[0].shape[1]) *
-                                       weights[0].dtype.itemsize, dtype=weights[0].dtype,
+                                       length=int(sum(sizes) * int(weights[0].shape[1]) *
+                                                  weights[0].dtype.itemsize),
+                                       dtype=weights[0].dtype,
                                        shape=ir.Shape([sum(sizes), weights[0].shape[1]]),
                                        name=name, base_dir="")
             merged = ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype),

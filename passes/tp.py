@@ -155,7 +155,8 @@ def shard_graph(model: onnx.ModelProto, slicing: dict[str, Slicing], rank: int, 
         if name in slicing and value.const_value is not None:
             shape = slicing[name].shape(name, tuple(value.shape), ranks)
             value.const_value = ir.ExternalTensor(
-                location=weight_file, offset=0, length=int(np.prod(shape)) * value.dtype.itemsize,
+                location=weight_file, offset=0,
+                length=int(np.prod(shape) * value.dtype.itemsize),
                 dtype=value.dtype, shape=ir.Shape(shape), name=name, base_dir="")
             value.shape = ir.Shape(shape)
     m.opset_imports[DOMAIN] = 1

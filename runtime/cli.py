@@ -73,6 +73,11 @@ def run(
     manifest = artifacts.read_manifest(artifacts_dir)  # cheap checks before torch loads
     ranks = manifest.ranks
 
+    if bind_cores is not False and comm is None and ranks == 1:
+        from xcompile.runtime import launch
+
+        launch.bind(launch.parse_core_list(core_list, 1)[0] if core_list else
+                    sorted(os.sched_getaffinity(0)))
     if comm is not None:  # a rank the supervisor started
         from xcompile.runtime import launch
 
@@ -176,6 +181,9 @@ def _lead(root, model, prompt, max_new_tokens, temperature, top_k, top_p, seed, 
             "prefill_ms": round(result.prefill_ms, 3),
             "per_token_ms": round(result.per_token_ms, 3),
             "ranks": model.manifest.ranks,
+            **({"profile_ms": {k: round(v * 1e3, 3) for k, v in sorted(
+                model.plan.profile.items(), key=lambda kv: -kv[1])}}
+               if model.plan.profile is not None else {}),
         }))
     else:
         sys.stdout.write("\n")

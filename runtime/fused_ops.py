@@ -78,6 +78,16 @@ def split(x, sizes=None, axis=0, num_outputs=None):
     return torch.split(x, [int(s) for s in sizes.tolist()], dim=axis)
 
 
+def matmul_nbits_ref(x, blocks, scales, zero_points=None, g_idx=None, bias=None, *, K, N, bits,
+                     block_size, accuracy_level=0):
+    """x (..., K) @ W(N, K)ᵀ with W in MatMulNBits' layout (see passes/quantize_nbits.py)."""
+    from xcompile.weight_only import unpack
+
+    w = unpack(blocks, scales.reshape(N, -1), zero_points, bits, block_size, K)
+    y = x @ w.T
+    return y if bias is None else y + bias
+
+
 REFERENCE = {
     ("", "SimplifiedLayerNormalization"): rmsnorm_ref,
     (MS, "SimplifiedLayerNormalization"): rmsnorm_ref,
@@ -88,6 +98,7 @@ REFERENCE = {
     (MS, "Gelu"): gelu_ref,
     (XC, "SiluMul"): silu_mul_ref,
     ("", "Split"): split,
+    (MS, "MatMulNBits"): matmul_nbits_ref,
 }
 
 
@@ -172,6 +183,26 @@ def fast_op(key: tuple[str, str]):
             _C.silu_mul(g.data_ptr(), up.data_ptr(), y.data_ptr(), g.numel())
             return y
         return silu_mul
+
+    if key == (MS, "MatMulNBits") and hasattr(_C, "gemv_nbits"):
+        def matmul_nbits(x, blocks, scales, zero_points=None, g_idx=None, bias=None, *, K, N,
+                         bits, block_size, accuracy_level=0):
+            rows = x.numel() // K
+            if g_idx is not None or rows > 8:  # prefill: dequantize, then torch's GEMM
+                w = out((N, K), 1)
+                _C.dequantize_nbits(blocks.data_ptr(), scales.data_ptr(),
+                                    0 if zero_points is None else zero_points.data_ptr(),
+                                    w.data_ptr(), N, K, bits, block_size)
+                y = torch.nn.functional.linear(x, w)
+                return y if bias is None else y + bias
+            x = _f32(x)
+            y = out((*x.shape[:-1], N))
+            _C.gemv_nbits(x.data_ptr(), blocks.data_ptr(), scales.data_ptr(),
+                          0 if zero_points is None else zero_points.data_ptr(),
+                          0 if bias is None else bias.data_ptr(), y.data_ptr(), rows, N, K, bits,
+                          block_size)
+            return y
+        return matmul_nbits
 
     if key == (MS, "FastGelu"):
         def gelu_tanh(x, bias=None):

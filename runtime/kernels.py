@@ -18,12 +18,17 @@ from xcompile._C import isa, num_threads, set_isa, set_num_threads, supported_is
 __all__ = [
     "attention",
     "attention_reference",
+    "dequantize_nbits",
+    "dequantize_nbits_reference",
     "gelu_tanh",
     "gelu_tanh_reference",
     "isa",
     "linear",
+    "linear_nbits",
+    "linear_nbits_reference",
     "linear_reference",
     "num_threads",
+    "quantize_nbits_reference",
     "rmsnorm",
     "rmsnorm_reference",
     "rotary",
@@ -161,6 +166,198 @@ def linear_reference(
     return torch.nn.functional.linear(
         x.float(), weight.float(), None if bias is None else bias.float()
     )
+
+
+def _nbits_shapes(
+    B: torch.Tensor,
+    scales: torch.Tensor,
+    zero_points: torch.Tensor | None,
+    bits: int,
+    block_size: int,
+    K: int,
+) -> int:
+    """Checks a MatMulNBits weight (B, scales, zero_points) against bits, block_size and K;
+    returns N."""
+    if bits not in (4, 8):
+        raise ValueError(f"bits is {bits}; MatMulNBits weights here are 4 or 8 bits")
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"block_size is {block_size}; pass a power of two >= 16")
+    if K < 0:
+        raise ValueError(f"K is {K}; pass the number of input features, >= 0")
+    _check("B", B, (torch.uint8,))
+    _check("scales", scales, (torch.float32,))
+    n = B.shape[0] if B.dim() else 0
+    k_blocks = -(-K // block_size)
+    blob = block_size * bits // 8
+    if tuple(B.shape) != (n, k_blocks, blob):
+        raise ValueError(
+            f"B has shape {tuple(B.shape)}; for K={K}, bits={bits}, block_size={block_size} "
+            f"expected (N, {k_blocks}, {blob})"
+        )
+    if tuple(scales.shape) != (n, k_blocks):
+        raise ValueError(f"scales has shape {tuple(scales.shape)}; expected ({n}, {k_blocks})")
+    if zero_points is not None:
+        _check("zero_points", zero_points, (torch.uint8,))
+        cols = k_blocks if bits == 8 else -(-k_blocks // 2)
+        if tuple(zero_points.shape) != (n, cols):
+            raise ValueError(
+                f"zero_points has shape {tuple(zero_points.shape)}; expected ({n}, {cols})"
+                + (" (two 4-bit zero points per byte)" if bits == 4 else "")
+            )
+    return n
+
+
+def linear_nbits(
+    x: torch.Tensor,
+    B: torch.Tensor,
+    scales: torch.Tensor,
+    zero_points: torch.Tensor | None,
+    bits: int,
+    block_size: int,
+    K: int,
+    bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x (..., K) fp32 @ W.T + bias -> (..., N) fp32, W (N, K) held as com.microsoft MatMulNBits
+    weights (ONNX Runtime's layout), dequantized in registers. For decode (few rows of x).
+
+    B             uint8 (N, k_blocks, block_size * bits / 8), k_blocks = ceil(K / block_size);
+                  INT4: element 2j of a block in the low nibble of byte j, 2j + 1 in the high one;
+                  the last block's padding past K is ignored
+    scales        float32 (N, k_blocks)
+    zero_points   uint8 or None (then 2^(bits-1)): INT8 (N, k_blocks); INT4 (N, ceil(k_blocks / 2)),
+                  block 2j in the low nibble
+    W[n, k] = (q[n, k] - zp[n, k // block_size]) * scales[n, k // block_size]
+    """
+    n = _nbits_shapes(B, scales, zero_points, bits, block_size, K)
+    _check("x", x, (torch.float32,))
+    if x.dim() == 0 or x.shape[-1] != K:
+        raise ValueError(f"linear_nbits: x has shape {tuple(x.shape)}; expected (..., {K})")
+    if bias is not None:
+        _check("bias", bias, (torch.float32, torch.bfloat16))
+        if tuple(bias.shape) != (n,):
+            raise ValueError(f"bias has shape {tuple(bias.shape)}; expected ({n},)")
+        bias = bias.float()
+    shape = (*x.shape[:-1], n)
+    if out is None:
+        out = torch.empty(shape, dtype=torch.float32)
+    else:
+        _check_out(out, shape)
+        _check_alias(_span(out), "x", _span(x), same_ok=False)
+    if K == 0:  # an empty sum: only the bias remains
+        return out.copy_(bias.expand(shape)) if bias is not None else out.zero_()
+    _C.gemv_nbits(
+        x.data_ptr(),
+        B.data_ptr(),
+        scales.data_ptr(),
+        0 if zero_points is None else zero_points.data_ptr(),
+        0 if bias is None else bias.data_ptr(),
+        out.data_ptr(),
+        x.numel() // K,
+        n,
+        K,
+        bits,
+        block_size,
+    )
+    return out
+
+
+def dequantize_nbits(
+    B: torch.Tensor,
+    scales: torch.Tensor,
+    zero_points: torch.Tensor | None,
+    bits: int,
+    block_size: int,
+    K: int,
+) -> torch.Tensor:
+    """W (N, K) fp32 from MatMulNBits weights (layout in linear_nbits), bit for bit the
+    reference's; prefill multiplies by it with torch's matmul."""
+    n = _nbits_shapes(B, scales, zero_points, bits, block_size, K)
+    out = torch.empty(n, K, dtype=torch.float32)
+    _C.dequantize_nbits(
+        B.data_ptr(),
+        scales.data_ptr(),
+        0 if zero_points is None else zero_points.data_ptr(),
+        out.data_ptr(),
+        n,
+        K,
+        bits,
+        block_size,
+    )
+    return out
+
+
+def dequantize_nbits_reference(
+    B: torch.Tensor,
+    scales: torch.Tensor,
+    zero_points: torch.Tensor | None,
+    bits: int,
+    block_size: int,
+    K: int,
+) -> torch.Tensor:
+    """The MatMulNBits layout unpacked with torch ops: (N, K) fp32."""
+    n, k_blocks = scales.shape
+    if bits == 4:  # byte j of a block holds elements 2j (low nibble) and 2j + 1 (high)
+        q = torch.stack((B & 0xF, B >> 4), dim=-1).reshape(n, k_blocks, block_size)
+    else:
+        q = B
+    if zero_points is None:
+        zp = torch.full((n, k_blocks), 1 << (bits - 1), dtype=torch.int32)
+    elif bits == 4:
+        zp = torch.stack((zero_points & 0xF, zero_points >> 4), dim=-1).reshape(n, -1)[:, :k_blocks]
+    else:
+        zp = zero_points
+    w = (q.int() - zp.int()[..., None]).float() * scales[..., None]
+    return w.reshape(n, k_blocks * block_size)[:, :K]
+
+
+def linear_nbits_reference(
+    x: torch.Tensor,
+    B: torch.Tensor,
+    scales: torch.Tensor,
+    zero_points: torch.Tensor | None,
+    bits: int,
+    block_size: int,
+    K: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """torch's linear on the reference-dequantized weight, fp32."""
+    w = dequantize_nbits_reference(B, scales, zero_points, bits, block_size, K)
+    return torch.nn.functional.linear(x.float(), w, None if bias is None else bias.float())
+
+
+def quantize_nbits_reference(
+    w: torch.Tensor, bits: int, block_size: int, sym: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Round-to-nearest MatMulNBits weights (B, scales, zero_points or None) of w (N, K), for
+    tests. sym: scale = absmax / (2^(bits-1) - 1), zero point 2^(bits-1) left implicit; asym:
+    scale = (max - min) / (2^bits - 1) over a range stretched to hold 0, zp = round(-min / scale).
+    The last block is zero-padded past K."""
+    n, k = w.shape
+    k_blocks = -(-k // block_size)
+    padded = torch.nn.functional.pad(w.float(), (0, k_blocks * block_size - k))
+    blocks = padded.reshape(n, k_blocks, block_size)
+    top = (1 << bits) - 1
+    if sym:
+        absmax = blocks.abs().amax(dim=-1)
+        scales = absmax / ((1 << (bits - 1)) - 1)
+        zp = torch.full_like(scales, 1 << (bits - 1))
+    else:
+        low = blocks.amin(dim=-1).clamp(max=0)
+        high = blocks.amax(dim=-1).clamp(min=0)
+        scales = (high - low) / top
+        zp = torch.round(-low / torch.where(scales > 0, scales, 1)).clamp(0, top)
+    scales = torch.where(scales > 0, scales, 1)  # an all-zero block: any scale, q = zp
+    q = (torch.round(blocks / scales[..., None]) + zp[..., None]).clamp(0, top).to(torch.uint8)
+    if bits == 4:
+        q = q[..., 0::2] | (q[..., 1::2] << 4)
+    zero_points = None
+    if not sym:
+        zero_points = zp.to(torch.uint8)
+        if bits == 4:
+            zero_points = torch.nn.functional.pad(zero_points, (0, k_blocks % 2))
+            zero_points = zero_points[:, 0::2] | (zero_points[:, 1::2] << 4)
+    return q.contiguous(), scales.contiguous(), zero_points
 
 
 def skip_rmsnorm(

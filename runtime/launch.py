@@ -73,9 +73,12 @@ def numa_node(cores: list[int]) -> int | None:
 
 
 def bind(cores: list[int]) -> None:
-    """Pin this process (and the thread pools it will start) to `cores`."""
+    """Pin this process to `cores`, and each of its OpenMP threads to one of them (read when
+    libgomp starts: call before torch or xcompile._C is imported)."""
     os.sched_setaffinity(0, cores)
     os.environ["OMP_NUM_THREADS"] = str(len(cores))
+    os.environ.setdefault("OMP_PROC_BIND", "close")
+    os.environ.setdefault("OMP_PLACES", "{" + "},{".join(map(str, cores)) + "}")
 
 
 def _child_setup() -> None:

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +63,8 @@ class Model:
         self._cache = KVCache(c["layers"], kv_heads, c["head_dim"], capacity)
         self._plan = build_plan(self.graph, self.weights, self._cache.buffers, self.use_kernels,
                                 comm=self.comm)
+        if os.environ.get("XCOMPILE_PROFILE"):
+            self._plan.profile = {}
         return self._cache
 
     @property

@@ -48,10 +48,14 @@ class Plan:
         self.feeds = feeds
         self.fetch = fetch
 
+    profile: dict[str, float] | None = None  # op kind -> seconds, when profiling (XCOMPILE_PROFILE)
+
     def run(self, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
         env = self.slots
         for name, slot in self.feeds.items():
             env[slot] = feeds[name]
+        if self.profile is not None:
+            return self._run_profiled(env)
         for step in self.steps:
             result = step.fn(*[env[i] if i >= 0 else None for i in step.ins], **step.attrs)
             if len(step.outs) == 1:
@@ -59,6 +63,22 @@ class Plan:
             else:
                 for slot, value in zip(step.outs, result):
                     if slot >= 0:  # an omitted optional output has no slot
+                        env[slot] = value
+        return env[self.fetch]
+
+    def _run_profiled(self, env: list) -> torch.Tensor:
+        import time
+
+        for step in self.steps:
+            t0 = time.perf_counter()
+            result = step.fn(*[env[i] if i >= 0 else None for i in step.ins], **step.attrs)
+            kind = step.name.rsplit("/", 1)[-1].split("_")[0]
+            self.profile[kind] = self.profile.get(kind, 0.0) + time.perf_counter() - t0
+            if len(step.outs) == 1:
+                env[step.outs[0]] = result
+            else:
+                for slot, value in zip(step.outs, result):
+                    if slot >= 0:
                         env[slot] = value
         return env[self.fetch]
 

@@ -190,15 +190,19 @@ class SafetensorsWriter:
         self.header, self.spans = plan_safetensors(tensors)
         self._order = sorted(self.spans.values(), key=lambda t: t.begin)
         self._next = 0
+        self.path = Path(path)
         self._f = open(path, "wb")
         self._f.write(self.header)
         self._hash = hashlib.sha256(self.header)
         self.size = len(self.header)
+        self._placed: set[str] = set()  # written by write_at
 
     def order(self) -> list[str]:
         return [t.name for t in self._order]
 
     def write(self, name: str, data: bytes | memoryview) -> None:
+        if self._placed:
+            raise RuntimeError("safetensors writer: write() after write_at()")
         expected = self._order[self._next]
         if name != expected.name or len(data) != expected.nbytes:
             raise RuntimeError(f"safetensors writer: got {name} ({len(data)} B), planned "
@@ -208,7 +212,23 @@ class SafetensorsWriter:
         self.size += len(data)
         self._next += 1
 
+    def write_at(self, name: str, data: bytes | memoryview) -> None:
+        """Write one tensor at its planned place, in any order (for tensors made together that
+        the plan puts apart, such as a quantized weight's scales and its int8 blocks)."""
+        span = self.spans[name]
+        if len(data) != span.nbytes or name in self._placed:
+            raise RuntimeError(f"safetensors writer: {name} written twice or with {len(data)} B, "
+                               f"planned {span.nbytes} B")
+        os.pwrite(self._f.fileno(), data, span.begin)
+        self._placed.add(name)
+
     def close(self) -> None:
+        if self._placed:
+            if len(self._placed) != len(self._order):
+                raise RuntimeError("safetensors writer closed before every tensor was written")
+            self.size = self._order[-1].end if self._order else len(self.header)
+            self._f.truncate(self.size)
+            self._next = len(self._order)
         if self._next != len(self._order):
             raise RuntimeError("safetensors writer closed before every tensor was written")
         self._f.flush()
@@ -216,7 +236,10 @@ class SafetensorsWriter:
         self._f.close()
 
     def entry(self) -> dict[str, Any]:
-        """The manifest's file entry, hashed while writing (no second read of a large file)."""
+        """The manifest's file entry, hashed while writing (no second read of a large file)
+        unless the tensors were placed out of order."""
+        if self._placed:
+            return file_entry(self.path)
         return {"size": self.size, "sha256": self._hash.hexdigest()}
 
 

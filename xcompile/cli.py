@@ -23,11 +23,19 @@ def _main(verbose: bool = typer.Option(False, "--verbose", help="Tracebacks on e
     pass
 
 
-def _weight_format(fp32: bool, bf16: bool) -> str:
-    chosen = [name for name, on in (("fp32", fp32), ("bf16", bf16)) if on]
+def _weight_format(fp32: bool, bf16: bool, int8: bool = False, int4: bool = False) -> str:
+    chosen = [name for name, on in (("fp32", fp32), ("bf16", bf16), ("int8", int8),
+                                    ("int4", int4)) if on]
     if len(chosen) != 1:
-        raise UserError("choose exactly one weight format: --fp32 or --bf16")
+        raise UserError("choose exactly one weight format: --fp32, --bf16, --int8 or --int4")
     return chosen[0]
+
+
+def _scheme(fmt: str, algo, group_size, sym, calib, quantize_lm_head):
+    from xcompile.weight_only import scheme_from_flags
+
+    bits = {"int8": 8, "int4": 4}.get(fmt)
+    return scheme_from_flags(bits, group_size, sym, algo, calib, quantize_lm_head)
 
 
 @app.command()
@@ -36,11 +44,22 @@ def quantize(
     out: Path = typer.Option(Path("artifacts"), "-o", "--out", help="Artifacts folder to write."),
     fp32: bool = typer.Option(False, "--fp32", help="Keep weights in FP32."),
     bf16: bool = typer.Option(False, "--bf16", help="Store matrices in BF16."),
+    int8: bool = typer.Option(False, "--int8", help="Weight-only INT8 (per channel by default)."),
+    int4: bool = typer.Option(False, "--int4", help="Weight-only INT4 (groups of 128 by default)."),
+    algo: str = typer.Option(None, "--algo", help="rtn (default), gptq or awq."),
+    group_size: int = typer.Option(None, "--group-size", help="Weights per scale: a power of "
+                                   "two >= 16, or -1 per output channel."),
+    sym: bool = typer.Option(True, "--sym/--asym", help="Symmetric (default) or with zero points."),
+    calib: Path = typer.Option(None, "--calib", help="Calibration text for gptq/awq, one "
+                               "sample a line."),
+    quantize_lm_head: bool = typer.Option(False, "--quantize-lm-head",
+                                          help="Quantize lm_head too (default: BF16)."),
     no_fuse: bool = typer.Option(False, "--no-fuse", help="Keep the primitive graph (no passes)."),
     verbose: bool = typer.Option(False, "--verbose", help="Tracebacks on errors."),
 ) -> None:
     """Compile MODEL into artifacts (streamed tensor by tensor), fusing the graph by default."""
-    chosen = [_weight_format(fp32, bf16)]
+    chosen = [_weight_format(fp32, bf16, int8, int4)]
+    scheme = _scheme(chosen[0], algo, group_size, sym, calib, quantize_lm_head)
     from xcompile.artifacts import AtomicFolder
     from xcompile.frontend.checkpoint import Checkpoint
 
@@ -50,7 +69,7 @@ def quantize(
     AtomicFolder(out).check()
     from xcompile.quantize import quantize as run
 
-    manifest = run(ckpt, out, chosen[0], passes=[] if no_fuse else None)
+    manifest = run(ckpt, out, chosen[0], passes=[] if no_fuse else None, scheme=scheme)
     size = sum(f["size"] for f in manifest.files.values())
     typer.echo(f"wrote {out} ({manifest.family}, {manifest.dtype}, {size / 1e6:.1f} MB)")
 
@@ -80,6 +99,13 @@ def build(
     out: Path = typer.Option(..., "-o", "--out", help="Artifacts folder to write."),
     fp32: bool = typer.Option(False, "--fp32", help="Keep weights in FP32."),
     bf16: bool = typer.Option(False, "--bf16", help="Store matrices in BF16."),
+    int8: bool = typer.Option(False, "--int8", help="Weight-only INT8."),
+    int4: bool = typer.Option(False, "--int4", help="Weight-only INT4."),
+    algo: str = typer.Option(None, "--algo", help="rtn (default), gptq or awq."),
+    group_size: int = typer.Option(None, "--group-size", help="Weights per scale."),
+    sym: bool = typer.Option(True, "--sym/--asym", help="Symmetric or with zero points."),
+    calib: Path = typer.Option(None, "--calib", help="Calibration text for gptq/awq."),
+    quantize_lm_head: bool = typer.Option(False, "--quantize-lm-head", help="Quantize lm_head."),
     ranks: int = typer.Option(1, "--ranks", min=1, help="Tensor-parallel ranks."),
     verbose: bool = typer.Option(False, "--verbose", help="Tracebacks on errors."),
 ) -> None:
@@ -89,15 +115,23 @@ def build(
     from xcompile.artifacts import AtomicFolder
 
     AtomicFolder(out).check()
-    if ranks == 1:
-        quantize(model, out, fp32, bf16, False, verbose)
-        return
+    chosen = _weight_format(fp32, bf16, int8, int4)
+    scheme = _scheme(chosen, algo, group_size, sym, calib, quantize_lm_head)
+    from xcompile.frontend.checkpoint import Checkpoint
     from xcompile.quantize import quantize as compile_single
+
+    ckpt = Checkpoint.open(model)
+    ckpt.require_tokenizer()
+    if ranks == 1:
+        manifest = compile_single(ckpt, out, chosen, scheme=scheme)
+        typer.echo(f"wrote {out} ({manifest.family}, {manifest.dtype})")
+        return
+    from xcompile.passes.tp import check_divisible
     from xcompile.shard import shard as split
 
-    chosen = _weight_format(fp32, bf16)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.build-", dir=out.absolute().parent) as tmp:
-        compile_single(model, Path(tmp) / "single", chosen)
+        single = compile_single(ckpt, Path(tmp) / "single", chosen, scheme=scheme)
+        check_divisible(single.config, ranks)
         manifest = split(Path(tmp) / "single", ranks, out)
     size = sum(f["size"] for f in manifest.files.values())
     typer.echo(f"wrote {out} ({manifest.family}, {manifest.dtype}, {ranks} ranks, "

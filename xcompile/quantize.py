@@ -44,7 +44,7 @@ def target_dtype(info: TensorInfo, dtype: str) -> str:
 
 
 def build_graph(ckpt: Checkpoint, spec: decoder.DecoderSpec, dtype: str,
-                passes: list[str] | None = None
+                passes: list[str] | None = None, scheme=None
                 ) -> tuple[onnx.ModelProto, list[PlannedTensor], dict[str, list[str]], list]:
     """The graph over the weights as they will be stored, and those weights (only the used ones,
     including those a pass makes by concatenating others: name -> parts). External offsets are
@@ -70,14 +70,22 @@ def build_graph(ckpt: Checkpoint, spec: decoder.DecoderSpec, dtype: str,
         entry = model.metadata_props.add()
         entry.key = "xcompile.pass_reports"
         entry.value = json.dumps([r.__dict__ for r in reports])
+    if scheme is not None:
+        import onnx_ir as ir
+
+        from xcompile.passes.quantize_nbits import QuantizeNBitsPass
+
+        ir_model = ir.serde.deserialize_model(model)
+        QuantizeNBitsPass(scheme.bits, scheme.group_size, scheme.sym,
+                          scheme.quantize_lm_head)(ir_model)
+        model = ir.serde.serialize_model(ir_model)
     meta = {p.key: p.value for p in model.metadata_props}
     concat = json.loads(meta.get("xcompile.concat", "{}"))
-    for name, parts in concat.items():  # rows of the parts, stacked
-        first = planned[parts[0]]
-        rows = sum(planned[p].shape[0] for p in parts)
-        planned[name] = PlannedTensor(name, first.dtype, (rows, *first.shape[1:]))
-    used = [planned[i.name] for i in model.graph.initializer if i.name in planned
-            and i.data_location == onnx.TensorProto.EXTERNAL]
+    # every external initializer, as the graph declares it (source weights, concatenations,
+    # quantized blocks and scales)
+    stored = {code: name for name, (_, code) in DTYPES.items()}
+    used = [PlannedTensor(i.name, stored[i.data_type], tuple(i.dims))
+            for i in model.graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL]
     return model, used, concat, reports
 
 
@@ -141,15 +149,25 @@ def copy_tokenizer(src: Path, dst: Path, config: dict) -> list[str]:
 
 
 def quantize(model_dir: str | Path | Checkpoint, out: str | Path, dtype: str,
-             progress: bool | None = None, passes: list[str] | None = None) -> Manifest:
-    """passes: the graph passes to run (None: all of them; []: none, the primitive graph)."""
-    if dtype not in ("fp32", "bf16"):
-        raise UserError(f"--{dtype} is not available yet; use --fp32 or --bf16")
+             progress: bool | None = None, passes: list[str] | None = None,
+             scheme=None) -> Manifest:
+    """dtype: fp32 | bf16 | int8 | int4 (then `scheme`, a weight_only.WeightOnly, says how);
+    passes: the graph passes to run (None: all of them; []: none, the primitive graph)."""
+    if dtype in ("int8", "int4"):
+        from xcompile.weight_only import WeightOnly
+
+        scheme = scheme or WeightOnly(8 if dtype == "int8" else 4,
+                                      -1 if dtype == "int8" else 128, True)
+    elif dtype not in ("fp32", "bf16"):
+        raise UserError(f"--{dtype}: choose --fp32, --bf16, --int8 or --int4")
+    floats = "bf16" if scheme is not None else dtype  # what is not quantized is stored so
     ckpt = model_dir if isinstance(model_dir, Checkpoint) else Checkpoint.open(model_dir)
     ckpt.require_tokenizer()  # the cheap checks first: no work before a refusal
     AtomicFolder(out).check()
     spec = ckpt.family.spec(ckpt.transformers_config())
-    model, used, concat, reports = build_graph(ckpt, spec, dtype, passes)
+    model, used, concat, reports = build_graph(ckpt, spec, floats, passes, scheme)
+    meta = {p.key: p.value for p in model.metadata_props}
+    nbits = json.loads(meta.get("xcompile.nbits", "{}"))
     if progress is None:
         progress = sys.stderr.isatty()
 
@@ -161,16 +179,37 @@ def quantize(model_dir: str | Path | Checkpoint, out: str | Path, dtype: str,
         locate(model, writer.spans)
         handles = {}
         try:
-            def load(name: str) -> torch.Tensor:
+            def load(name: str, as_dtype: torch.dtype | None = None) -> torch.Tensor:
+                if name in concat:
+                    return torch.cat([load(p, as_dtype) for p in concat[name]])
                 path, info = ckpt.tensors[name]
                 if path not in handles:
                     handles[path] = open(path, "rb")
-                return read_tensor(path, info, handles[path]).to(TORCH[target_dtype(info, dtype)])
+                t = read_tensor(path, info, handles[path])
+                return t.to(as_dtype or TORCH[target_dtype(info, floats)])
 
-            for name in _progress(writer.order(), progress, "converting"):
-                t = torch.cat([load(p) for p in concat[name]]) if name in concat else load(name)
-                writer.write(name, to_bytes(t))
-                del t
+            if not nbits:
+                for name in _progress(writer.order(), progress, "converting"):
+                    t = load(name)
+                    writer.write(name, to_bytes(t))
+                    del t
+            else:  # a weight's blocks, scales and zero points are made together
+                from xcompile.passes.quantize_nbits import nbits_names
+                from xcompile.weight_only import pack
+
+                made_from = {part: w for w in nbits for part in nbits_names(w)}
+                for name in _progress(writer.order(), progress, "quantizing"):
+                    if name in writer._placed:
+                        continue
+                    if name not in made_from:
+                        writer.write_at(name, to_bytes(load(name)))
+                        continue
+                    w = made_from[name]
+                    outputs = pack(load(w, torch.float32), scheme)
+                    for part, t in zip(nbits_names(w), outputs):
+                        if t is not None:
+                            writer.write_at(part, to_bytes(t))
+                    del outputs
             writer.close()
         finally:
             for h in handles.values():
@@ -184,8 +223,9 @@ def quantize(model_dir: str | Path | Checkpoint, out: str | Path, dtype: str,
             dtype=dtype,
             ranks=1,
             source={"path": str(ckpt.path.absolute()), "config_sha256": ckpt.config_sha256},
-            passes=[r.name for r in reports if r.rewrites],
+            passes=[r.name for r in reports if r.rewrites] + (["quantize_nbits"] if nbits else []),
             files=files,
+            quant=scheme.describe() if scheme is not None else None,
             config=spec.runtime_config(),
         )
         artifacts.write_manifest(tmp, manifest)

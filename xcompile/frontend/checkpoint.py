@@ -54,7 +54,10 @@ class Checkpoint:
                             "(transformers' tokenizer.save_pretrained writes it)")
 
     def transformers_config(self):
-        from transformers import AutoConfig
+        from xcompile.quiet import quiet_imports
+
+        with quiet_imports():
+            from transformers import AutoConfig
 
         try:
             return AutoConfig.from_pretrained(self.path)

@@ -75,6 +75,9 @@ def llama_like(config, family: str, rotary_cls, windows: tuple[int | None, ...] 
 
 
 def spec(config) -> DecoderSpec:
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+    from xcompile.quiet import quiet_imports
+
+    with quiet_imports():
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     return llama_like(config, "llama", LlamaRotaryEmbedding)

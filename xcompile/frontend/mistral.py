@@ -9,7 +9,10 @@ ARCHITECTURES = ("MistralForCausalLM",)
 
 
 def spec(config) -> DecoderSpec:
-    from transformers.models.mistral.modeling_mistral import MistralRotaryEmbedding
+    from xcompile.quiet import quiet_imports
+
+    with quiet_imports():
+        from transformers.models.mistral.modeling_mistral import MistralRotaryEmbedding
 
     window = getattr(config, "sliding_window", None)
     return llama_like(config, "mistral", MistralRotaryEmbedding,

@@ -9,7 +9,10 @@ ARCHITECTURES = ("Qwen2ForCausalLM",)
 
 
 def spec(config) -> DecoderSpec:
-    from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
+    from xcompile.quiet import quiet_imports
+
+    with quiet_imports():
+        from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
 
     kinds = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
     window = config.sliding_window if getattr(config, "use_sliding_window", False) else None

@@ -1,0 +1,356 @@
+// Decode matmul on weight-only INT8 / INT4 weights in ONNX Runtime's com.microsoft MatMulNBits
+// layout, and the dequantization prefill uses before torch's matmul:
+//   x (M, K) fp32, bias (N) fp32 or null, out (M, N) fp32
+//   B (N, k_blocks, blob) uint8, blob = block_size * bits / 8, k_blocks = ceil(K / block_size);
+//     INT4: element 2j of a block is the low nibble of byte j, 2j + 1 the high nibble
+//   scales (N, k_blocks) fp32
+//   zero_points uint8 or null (then 2^(bits-1)): INT8 (N, k_blocks); INT4 (N, ceil(k_blocks / 2)),
+//     block 2j in the low nibble
+//   W[n, k] = (q[n, k] - zp[n, k / block_size]) * scales[n, k / block_size]
+//   out[m, n] = sum_k x[m, k] * W[n, k] + bias[n]
+// Same shape of work as gemv.cpp: threads split N into blocks of R weight rows, each task streams
+// its rows once for all M. Weights are dequantized to fp32 in registers, 16 at a time, exactly as
+// the reference does ((q - zp) in integers, then one rounding multiply by the scale), and FMA'd
+// with x; block_size is a power of two >= 16, so a block is whole 16-element steps except the
+// last block's tail past K, where x and w are masked (the padding bytes are never used).
+// Not done: an AVX-512 VNNI path on int8-quantized activations. Rounding x to 8 bits costs ~1e-3
+// relative error, ten times the 1e-4 the tests hold every path to.
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "dispatch.h"
+#include "kernels.h"
+#include "threads.h"
+
+#if XC_X86
+#include <immintrin.h>
+#endif
+
+namespace xcompile {
+namespace {
+
+constexpr int R = 4;  // weight rows per task, as in gemv.cpp
+constexpr int64_t kParallelMinElems = int64_t(1) << 16;
+
+struct NBits {
+  const uint8_t* B;
+  const float* scales;
+  const uint8_t* zero_points;  // null: 2^(bits-1)
+  int64_t K, block_size, k_blocks, blob, zp_row;
+  int bits;
+
+  NBits(const uint8_t* B_, const float* scales_, const uint8_t* zp_, int64_t K_, int bits_,
+        int64_t block_size_)
+      : B(B_), scales(scales_), zero_points(zp_), K(K_), block_size(block_size_),
+        k_blocks((K_ + block_size_ - 1) / block_size_), blob(block_size_ * bits_ / 8),
+        zp_row(bits_ == 8 ? k_blocks : (k_blocks + 1) / 2), bits(bits_) {}
+
+  const uint8_t* block(int64_t n, int64_t b) const { return B + (n * k_blocks + b) * blob; }
+  float scale(int64_t n, int64_t b) const { return scales[n * k_blocks + b]; }
+  int zero_point(int64_t n, int64_t b) const {
+    if (!zero_points) return 1 << (bits - 1);
+    if (bits == 8) return zero_points[n * zp_row + b];
+    const uint8_t pair = zero_points[n * zp_row + b / 2];
+    return (b & 1) ? pair >> 4 : pair & 0xF;
+  }
+  int64_t block_len(int64_t b) const { return std::min(block_size, K - b * block_size); }
+};
+
+// q of element i of a block.
+template <int BITS>
+inline int q_at(const uint8_t* blk, int64_t i) {
+  if constexpr (BITS == 8) {
+    return blk[i];
+  } else {
+    const uint8_t pair = blk[i / 2];
+    return (i & 1) ? pair >> 4 : pair & 0xF;
+  }
+}
+
+// A block kernel: MB rows of x (stride K) times RB weight rows n0.. into out (stride N).
+using BlockFn = void (*)(const float* x, const NBits& w, int64_t n0, const float* bias,
+                         float* out, int64_t N);
+// One weight row n into out (K).
+using DequantFn = void (*)(const NBits& w, int64_t n, float* out);
+
+// ---- scalar: the plain path the others are held to --------------------------------------------
+template <int MB, int RB, int BITS>
+void block_scalar(const float* x, const NBits& w, int64_t n0, const float* bias, float* out,
+                  int64_t N) {
+  const int64_t K = w.K;
+  for (int m = 0; m < MB; ++m) {
+    double sum[RB] = {};  // RB independent chains: the double adds' latency is the limit here
+    for (int64_t b = 0; b < w.k_blocks; ++b) {
+      const uint8_t* blk[RB];
+      float s[RB];
+      int zp[RB];
+      for (int r = 0; r < RB; ++r) {
+        blk[r] = w.block(n0 + r, b);
+        s[r] = w.scale(n0 + r, b);
+        zp[r] = w.zero_point(n0 + r, b);
+      }
+      const float* xb = x + m * K + b * w.block_size;
+      for (int64_t i = 0, len = w.block_len(b); i < len; ++i)
+        for (int r = 0; r < RB; ++r)
+          sum[r] += double(xb[i]) * double(float(q_at<BITS>(blk[r], i) - zp[r]) * s[r]);
+    }
+    for (int r = 0; r < RB; ++r) out[m * N + r] = float(sum[r]) + (bias ? bias[r] : 0.0f);
+  }
+}
+
+template <int BITS>
+void dequant_scalar(const NBits& w, int64_t n, float* out) {
+  for (int64_t b = 0; b < w.k_blocks; ++b) {
+    const uint8_t* blk = w.block(n, b);
+    const float s = w.scale(n, b);
+    const int zp = w.zero_point(n, b);
+    float* ob = out + b * w.block_size;
+    for (int64_t i = 0, len = w.block_len(b); i < len; ++i) ob[i] = float(q_at<BITS>(blk, i) - zp) * s;
+  }
+}
+
+#if XC_X86
+// ---- AVX2 + FMA: 8 lanes -----------------------------------------------------------------------
+// q of elements i .. i + 7 of a block (i a multiple of 8), as int32.
+template <int BITS>
+XC_TARGET_AVX2 inline __m256i load_q8(const uint8_t* blk, int64_t i) {
+  if constexpr (BITS == 8) {
+    return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + i)));
+  } else {
+    int32_t four;
+    std::memcpy(&four, blk + i / 2, 4);
+    const __m128i bytes = _mm_cvtsi32_si128(four), low4 = _mm_set1_epi8(0x0F);
+    const __m128i lo = _mm_and_si128(bytes, low4), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low4);
+    return _mm256_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi));  // lo0 hi0 lo1 hi1 ...: element order
+  }
+}
+
+XC_TARGET_AVX2 inline __m256 dequant8(__m256i q, __m256i zp, __m256 s) {
+  return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(q, zp)), s);
+}
+
+XC_TARGET_AVX2 inline __m256i tail_mask8(int64_t n) {  // lanes < n all ones
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(int(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+XC_TARGET_AVX2 inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// MB * RB accumulators, MB x vectors, and one w at a time: MB <= 2 within 16 ymm registers.
+template <int MB, int RB, int BITS>
+XC_TARGET_AVX2 void block_avx2(const float* x, const NBits& w, int64_t n0, const float* bias,
+                               float* out, int64_t N) {
+  const int64_t K = w.K;
+  __m256 acc[MB][RB];
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < RB; ++r) acc[m][r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < w.k_blocks; ++b) {
+    const uint8_t* blk[RB];
+    __m256 s[RB];
+    __m256i zp[RB];
+    for (int r = 0; r < RB; ++r) {
+      blk[r] = w.block(n0 + r, b);
+      s[r] = _mm256_set1_ps(w.scale(n0 + r, b));
+      zp[r] = _mm256_set1_epi32(w.zero_point(n0 + r, b));
+    }
+    const float* xb = x + b * w.block_size;
+    const int64_t len = w.block_len(b);
+    int64_t i = 0;
+    for (; i + 8 <= len; i += 8) {
+      __m256 xv[MB];
+      for (int m = 0; m < MB; ++m) xv[m] = _mm256_loadu_ps(xb + m * K + i);
+      for (int r = 0; r < RB; ++r) {
+        const __m256 wv = dequant8(load_q8<BITS>(blk[r], i), zp[r], s[r]);
+        for (int m = 0; m < MB; ++m) acc[m][r] = _mm256_fmadd_ps(xv[m], wv, acc[m][r]);
+      }
+    }
+    if (i < len) {  // K's tail inside the last block: padding lanes are zeroed in x and w
+      const __m256i tail = tail_mask8(len - i);
+      __m256 xv[MB];
+      for (int m = 0; m < MB; ++m) xv[m] = _mm256_maskload_ps(xb + m * K + i, tail);
+      for (int r = 0; r < RB; ++r) {
+        const __m256 wv = _mm256_and_ps(dequant8(load_q8<BITS>(blk[r], i), zp[r], s[r]),
+                                        _mm256_castsi256_ps(tail));
+        for (int m = 0; m < MB; ++m) acc[m][r] = _mm256_fmadd_ps(xv[m], wv, acc[m][r]);
+      }
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < RB; ++r) out[m * N + r] = hsum8(acc[m][r]) + (bias ? bias[r] : 0.0f);
+}
+
+template <int BITS>
+XC_TARGET_AVX2 void dequant_avx2(const NBits& w, int64_t n, float* out) {
+  for (int64_t b = 0; b < w.k_blocks; ++b) {
+    const uint8_t* blk = w.block(n, b);
+    const __m256 s = _mm256_set1_ps(w.scale(n, b));
+    const __m256i zp = _mm256_set1_epi32(w.zero_point(n, b));
+    float* ob = out + b * w.block_size;
+    const int64_t len = w.block_len(b);
+    int64_t i = 0;
+    for (; i + 8 <= len; i += 8) _mm256_storeu_ps(ob + i, dequant8(load_q8<BITS>(blk, i), zp, s));
+    if (i < len) _mm256_maskstore_ps(ob + i, tail_mask8(len - i), dequant8(load_q8<BITS>(blk, i), zp, s));
+  }
+}
+
+// ---- AVX-512 F/BW/VL: 16 lanes, masked tail ----------------------------------------------------
+template <int BITS>
+XC_TARGET_AVX512 inline __m512i load_q16(const uint8_t* blk, int64_t i) {
+  if constexpr (BITS == 8) {
+    return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + i)));
+  } else {
+    const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + i / 2));
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    const __m128i lo = _mm_and_si128(bytes, low4), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low4);
+    return _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi));
+  }
+}
+
+XC_TARGET_AVX512 inline __m512 dequant16(__m512i q, __m512i zp, __m512 s) {
+  return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(q, zp)), s);
+}
+
+// MB * RB accumulators + MB x vectors + one w: MB <= 4 within 32 zmm registers.
+template <int MB, int RB, int BITS>
+XC_TARGET_AVX512 void block_avx512(const float* x, const NBits& w, int64_t n0, const float* bias,
+                                   float* out, int64_t N) {
+  const int64_t K = w.K;
+  __m512 acc[MB][RB];
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < RB; ++r) acc[m][r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < w.k_blocks; ++b) {
+    const uint8_t* blk[RB];
+    __m512 s[RB];
+    __m512i zp[RB];
+    for (int r = 0; r < RB; ++r) {
+      blk[r] = w.block(n0 + r, b);
+      s[r] = _mm512_set1_ps(w.scale(n0 + r, b));
+      zp[r] = _mm512_set1_epi32(w.zero_point(n0 + r, b));
+    }
+    const float* xb = x + b * w.block_size;
+    const int64_t len = w.block_len(b);
+    int64_t i = 0;
+    for (; i + 16 <= len; i += 16) {
+      __m512 xv[MB];
+      for (int m = 0; m < MB; ++m) xv[m] = _mm512_loadu_ps(xb + m * K + i);
+      for (int r = 0; r < RB; ++r) {
+        const __m512 wv = dequant16(load_q16<BITS>(blk[r], i), zp[r], s[r]);
+        for (int m = 0; m < MB; ++m) acc[m][r] = _mm512_fmadd_ps(xv[m], wv, acc[m][r]);
+      }
+    }
+    if (i < len) {  // K's tail inside the last block: padding lanes are zeroed in x and w
+      const __mmask16 tail = __mmask16((1u << (len - i)) - 1);
+      __m512 xv[MB];
+      for (int m = 0; m < MB; ++m) xv[m] = _mm512_maskz_loadu_ps(tail, xb + m * K + i);
+      for (int r = 0; r < RB; ++r) {
+        const __m512 wv = _mm512_maskz_mov_ps(tail, dequant16(load_q16<BITS>(blk[r], i), zp[r], s[r]));
+        for (int m = 0; m < MB; ++m) acc[m][r] = _mm512_fmadd_ps(xv[m], wv, acc[m][r]);
+      }
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < RB; ++r)
+      out[m * N + r] = _mm512_reduce_add_ps(acc[m][r]) + (bias ? bias[r] : 0.0f);
+}
+
+template <int BITS>
+XC_TARGET_AVX512 void dequant_avx512(const NBits& w, int64_t n, float* out) {
+  for (int64_t b = 0; b < w.k_blocks; ++b) {
+    const uint8_t* blk = w.block(n, b);
+    const __m512 s = _mm512_set1_ps(w.scale(n, b));
+    const __m512i zp = _mm512_set1_epi32(w.zero_point(n, b));
+    float* ob = out + b * w.block_size;
+    const int64_t len = w.block_len(b);
+    int64_t i = 0;
+    for (; i + 16 <= len; i += 16) _mm512_storeu_ps(ob + i, dequant16(load_q16<BITS>(blk, i), zp, s));
+    if (i < len)
+      _mm512_mask_storeu_ps(ob + i, __mmask16((1u << (len - i)) - 1),
+                            dequant16(load_q16<BITS>(blk, i), zp, s));
+  }
+}
+#endif
+
+// The kernels of one ISA and bit width: full[mb - 1] takes R weight rows, one[mb - 1] a single
+// row (the N % R leftovers), for mb = 1..max_mb rows of x.
+struct Table {
+  int max_mb;
+  BlockFn full[4];
+  BlockFn one[4];
+  DequantFn dequant;
+};
+
+template <int BITS>
+Table table_for() {
+  switch (current_isa()) {
+#if XC_X86
+    case Isa::avx512:
+      return {4,
+              {block_avx512<1, R, BITS>, block_avx512<2, R, BITS>, block_avx512<3, R, BITS>,
+               block_avx512<4, R, BITS>},
+              {block_avx512<1, 1, BITS>, block_avx512<2, 1, BITS>, block_avx512<3, 1, BITS>,
+               block_avx512<4, 1, BITS>},
+              dequant_avx512<BITS>};
+    case Isa::avx2:
+      return {2,
+              {block_avx2<1, R, BITS>, block_avx2<2, R, BITS>},
+              {block_avx2<1, 1, BITS>, block_avx2<2, 1, BITS>},
+              dequant_avx2<BITS>};
+#endif
+    default:
+      return {1, {block_scalar<1, R, BITS>}, {block_scalar<1, 1, BITS>}, dequant_scalar<BITS>};
+  }
+}
+
+Table table_for(int bits) { return bits == 8 ? table_for<8>() : table_for<4>(); }
+
+bool use_pool(int threads, int64_t N, int64_t K) {
+  return threads > 1 && N > R && N * K >= kParallelMinElems;
+}
+
+}  // namespace
+
+void gemv_nbits(const float* x, const uint8_t* B, const float* scales, const uint8_t* zero_points,
+                const float* bias, float* out, int64_t M, int64_t N, int64_t K, int bits,
+                int64_t block_size) {
+  const NBits w(B, scales, zero_points, K, bits, block_size);
+  const Table table = table_for(bits);
+  const int threads = num_threads();
+  const int64_t blocks = (N + R - 1) / R;
+#pragma omp parallel for schedule(static) num_threads(threads) if (use_pool(threads, N, K))
+  for (int64_t t = 0; t < blocks; ++t) {
+    const int64_t n0 = t * R;
+    const int64_t rows = std::min<int64_t>(R, N - n0);
+    // Equal chunks of x rows, as in gemv.cpp: each chunk re-dequantizes the rows (from cache).
+    const int64_t chunks = (M + table.max_mb - 1) / table.max_mb;
+    for (int64_t c = 0, m0 = 0; c < chunks; ++c) {
+      const int mb = int((M - m0 + (chunks - c) - 1) / (chunks - c));
+      const float* xm = x + m0 * K;
+      float* om = out + m0 * N;
+      if (rows == R) {
+        table.full[mb - 1](xm, w, n0, bias ? bias + n0 : nullptr, om + n0, N);
+      } else {
+        for (int64_t n = n0; n < n0 + rows; ++n)
+          table.one[mb - 1](xm, w, n, bias ? bias + n : nullptr, om + n, N);
+      }
+      m0 += mb;
+    }
+  }
+}
+
+void dequantize_nbits(const uint8_t* B, const float* scales, const uint8_t* zero_points,
+                      float* out, int64_t N, int64_t K, int bits, int64_t block_size) {
+  const NBits w(B, scales, zero_points, K, bits, block_size);
+  const DequantFn dequant = table_for(bits).dequant;
+  const int threads = num_threads();
+#pragma omp parallel for schedule(static) num_threads(threads) if (use_pool(threads, N, K))
+  for (int64_t n = 0; n < N; ++n) dequant(w, n, out + n * K);
+}
+
+}  // namespace xcompile

@@ -1,0 +1,106 @@
+"""Weight-only quantized MatMuls -> com.microsoft MatMulNBits, ONNX Runtime's layout.
+
+    x ─► MatMul(Transpose(Cast?(W)))       ==>  x ─► MatMulNBits(B, scales[, zero_points])
+                                                      K, N, bits, block_size
+Layout (written by the quantize driver, xcompile/quantize.py, from neural-compressor's RTN):
+    B            uint8 (N, k_blocks, block_size * bits / 8); INT4: element 2j of a block in the
+                 low nibble of byte j, 2j + 1 in the high nibble; the last block zero-padded
+    scales       float32 (N, k_blocks)
+    zero_points  uint8, asymmetric only: INT8 (N, k_blocks); INT4 (N, ceil(k_blocks / 2)), two
+                 per byte; symmetric leaves them out (ORT then uses 2^(bits-1))
+    W[n, k] = (q[n, k] - zp[n, k // block_size]) * scales[n, k // block_size]
+The pass runs when `xcompile quantize --int8/--int4` asks for it (not in passes.fuse). The
+embedding table and lm_head stay as they are unless asked (`quantize_lm_head`).
+"""
+
+from __future__ import annotations
+
+import json
+
+import onnx_ir as ir
+
+from xcompile.passes.concat_matmul import weight_chain
+
+MS = "com.microsoft"
+
+
+def block_size_for(group_size: int, k: int) -> int:
+    """MatMulNBits wants a power of two >= 16: per-channel (-1) is the next one >= K."""
+    if group_size > 0:
+        return group_size
+    size = 16
+    while size < k:
+        size *= 2
+    return size
+
+
+def nbits_names(weight: str) -> tuple[str, str, str]:
+    stem = weight.removesuffix(".weight")
+    return f"{stem}.qweight", f"{stem}.scales", f"{stem}.zero_points"
+
+
+class QuantizeNBitsPass(ir.passes.InPlacePass):
+    name = "quantize_nbits"
+
+    def __init__(self, bits: int, group_size: int, sym: bool, quantize_lm_head: bool = False):
+        super().__init__()
+        self.bits, self.group_size, self.sym = bits, group_size, sym
+        self.quantize_lm_head = quantize_lm_head
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        g = model.graph
+        plan: dict[str, dict] = {}
+        self.rewrites = 0
+        for node in list(g):
+            if node.op_type != "MatMul" or node.domain != "":
+                continue
+            if node.name.startswith("/lm_head/") and not self.quantize_lm_head:
+                continue
+            found = weight_chain(node.inputs[1])
+            if found is None:
+                continue
+            weight, chain = found
+            n, k = (int(d) for d in weight.shape)
+            block = block_size_for(self.group_size, k)
+            k_blocks = -(-k // block)
+            blob = block * self.bits // 8
+            qname, sname, zname = nbits_names(weight.name)
+            if weight.name not in plan:
+                plan[weight.name] = {"bits": self.bits, "block_size": block, "sym": self.sym,
+                                     "group_size": self.group_size, "N": n, "K": k}
+                specs = [(qname, ir.DataType.UINT8, (n, k_blocks, blob)),
+                         (sname, ir.DataType.FLOAT, (n, k_blocks))]
+                if not self.sym:
+                    zcols = k_blocks if self.bits == 8 else -(-k_blocks // 2)
+                    specs.append((zname, ir.DataType.UINT8, (n, zcols)))
+                for name, dtype, shape in specs:
+                    nbytes = int(dtype.itemsize)
+                    for d in shape:
+                        nbytes *= d
+                    tensor = ir.ExternalTensor(location="rank0.safetensors", offset=0,
+                                               length=nbytes, dtype=dtype, shape=ir.Shape(shape),
+                                               name=name, base_dir="")
+                    g.register_initializer(ir.Value(name=name, shape=tensor.shape,
+                                                    type=ir.TensorType(dtype),
+                                                    const_value=tensor))
+            inputs = [node.inputs[0], g.initializers[qname], g.initializers[sname]]
+            if not self.sym:
+                inputs.append(g.initializers[zname])
+            scope = node.name.rsplit("/", 1)[0]
+            q = ir.node("MatMulNBits", inputs, domain=MS, name=f"{scope}/MatMulNBits",
+                        attributes={"K": k, "N": n, "bits": self.bits, "block_size": block,
+                                    "accuracy_level": 0})
+            g.insert_before(node, [q])
+            out = q.outputs[0]
+            out.shape, out.type = node.outputs[0].shape, node.outputs[0].type
+            ir.convenience.replace_all_uses_with(node.outputs[0], out)
+            g.remove(node, safe=True)
+            self.rewrites += 1
+        from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+        RemoveUnusedNodesPass()(model)  # the Transpose/Cast chains that fed the MatMuls
+        for name in [n for n in plan if n in g.initializers and not g.initializers[n].uses()]:
+            g.initializers.pop(name)
+        model.opset_imports.setdefault(MS, 1)
+        model.metadata_props["xcompile.nbits"] = json.dumps(plan)
+        return ir.passes.PassResult(model, modified=self.rewrites > 0)

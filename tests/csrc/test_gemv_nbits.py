@@ -1,0 +1,139 @@
+"""gemv_nbits / dequantize_nbits (csrc/gemv_nbits.cpp) on every ISA path against the torch
+references in runtime/kernels.py, on random MatMulNBits weights (ONNX Runtime's layout)."""
+
+import functools
+
+import pytest
+import torch
+
+from xcompile.runtime import kernels
+
+KS = [16, 17, 100, 2048 + 16, 5632]
+NS = [1, 3, 33, 257]
+MS = [1, 3, 8]
+BLOCKS = ["16", "32", "128", "channel"]
+
+
+def _block_size(block: str, k: int) -> int:
+    if block != "channel":
+        return int(block)
+    return max(16, 1 << (k - 1).bit_length())  # per-channel: the next power of two >= K
+
+
+@functools.cache
+def _weights(n: int, k: int, bits: int, block_size: int, sym: bool):
+    """Random MatMulNBits weights (every byte random, padding past K included, so a kernel that
+    reads the padding gets a wrong answer) scaled so outputs are O(1), and the reference's
+    dequantized W (N, K). Cached across ISA paths."""
+    gen = torch.Generator().manual_seed(k * 1000 + n * 10 + bits + sym)
+    k_blocks = -(-k // block_size)
+
+    def random_bytes(*shape: int) -> torch.Tensor:
+        return torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8)
+
+    B = random_bytes(n, k_blocks, block_size * bits // 8)
+    spread = (1 << bits) / 12**0.5  # std of a uniform q - zp
+    scales = (torch.rand(n, k_blocks, generator=gen) + 0.5) / (spread * k**0.5)
+    zp = None if sym else random_bytes(n, k_blocks if bits == 8 else -(-k_blocks // 2))
+    return B, scales, zp, kernels.dequantize_nbits_reference(B, scales, zp, bits, block_size, k)
+
+
+@pytest.mark.parametrize("k", KS)
+@pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("block", BLOCKS)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_linear_nbits_and_dequantize_match_reference(isa, bits, block, sym, k):
+    bs = _block_size(block, k)
+    for n in NS:
+        B, scales, zp, w_q = _weights(n, k, bits, bs, sym)
+        assert torch.equal(kernels.dequantize_nbits(B, scales, zp, bits, bs, k), w_q), f"N={n}"
+        gen = torch.Generator().manual_seed(n)
+        bias = torch.randn(n, generator=gen)
+        for m in MS:
+            x = torch.randn(m, k, generator=gen)
+            for b in (None, bias):
+                got = kernels.linear_nbits(x, B, scales, zp, bits, bs, k, bias=b)
+                expected = torch.nn.functional.linear(x, w_q, b)  # linear_nbits_reference, cached W
+                # torch.allclose, not assert_close: same test, a tenth of the cost.
+                ok = got.shape == expected.shape and torch.allclose(
+                    got, expected, rtol=1e-4, atol=1e-4
+                )
+                error = (got - expected).abs().max()
+                assert ok, f"N={n} M={m} bias={b is not None}: max abs error {error:.3g}"
+
+
+@pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantize_reference_round_trips(bits, sym):
+    # K = 100 over blocks of 32: a partial last block, an odd k_blocks for INT4 zero points.
+    w = torch.randn(33, 100)
+    B, scales, zp = kernels.quantize_nbits_reference(w, bits, 32, sym)
+    assert B.shape == (33, 4, 32 * bits // 8) and scales.shape == (33, 4)
+    assert (zp is None) == sym and (sym or zp.shape == (33, 4 if bits == 8 else 2))
+    w_q = kernels.dequantize_nbits_reference(B, scales, zp, bits, 32, 100)
+    step = scales.repeat_interleave(32, dim=1)[:, :100]
+    assert ((w_q - w).abs() <= 0.5001 * step).all()  # round to nearest
+    x, bias = torch.randn(2, 100), torch.randn(33)
+    torch.testing.assert_close(
+        kernels.linear_nbits_reference(x, B, scales, zp, bits, 32, 100, bias), x @ w_q.T + bias
+    )
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_threads_agree(isa, threads, bits):
+    # N * K large enough for the pool; M = 8 spans several x-row chunks on every path.
+    k, n, bs = 2048 + 16, 257, 128
+    B, scales, zp, w_q = _weights(n, k, bits, bs, False)
+    x, bias = torch.randn(8, k), torch.randn(n)
+    outs, deqs = [], []
+    for t in (1, 2):
+        kernels.set_num_threads(t)
+        outs.append(kernels.linear_nbits(x, B, scales, zp, bits, bs, k, bias=bias))
+        deqs.append(kernels.dequantize_nbits(B, scales, zp, bits, bs, k))
+    # Each output is one thread's sum in a fixed order, so the split does not change a bit.
+    assert torch.equal(outs[0], outs[1]) and torch.equal(deqs[0], deqs[1])
+    assert torch.equal(deqs[0], w_q)
+
+
+def test_linear_nbits_leading_dims_out_and_empty_k():
+    B, scales, zp, w_q = _weights(3, 17, 8, 16, True)
+    x = torch.randn(2, 2, 17)
+    out = torch.empty(2, 2, 3)
+    assert kernels.linear_nbits(x, B, scales, zp, 8, 16, 17, out=out) is out
+    torch.testing.assert_close(out, x @ w_q.T, rtol=1e-4, atol=1e-4)
+    bias = torch.tensor([1.0, 2.0, 3.0])
+    B, scales = torch.empty(3, 0, 16, dtype=torch.uint8), torch.empty(3, 0)
+    got = kernels.linear_nbits(torch.empty(2, 0), B, scales, None, 8, 16, 0, bias=bias)
+    assert torch.equal(got, torch.tensor([[1.0, 2.0, 3.0]] * 2))
+
+
+def _bad(**changes):
+    args = {
+        "x": torch.randn(2, 100),
+        "B": torch.zeros(5, 4, 16, dtype=torch.uint8),
+        "scales": torch.ones(5, 4),
+        "zero_points": torch.zeros(5, 2, dtype=torch.uint8),
+        "bits": 4,
+        "block_size": 32,
+        "K": 100,
+    }
+    args.update(changes)
+    return args
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (_bad(bits=3), "bits is 3"),
+        (_bad(block_size=48), "power of two"),
+        (_bad(B=torch.zeros(5, 4, 32, dtype=torch.uint8)), r"expected \(N, 4, 16\)"),
+        (_bad(B=torch.zeros(5, 4, 16, dtype=torch.int8)), "B has dtype"),
+        (_bad(scales=torch.ones(5, 3)), r"expected \(5, 4\)"),
+        (_bad(zero_points=torch.zeros(5, 4, dtype=torch.uint8)), "two 4-bit zero points"),
+        (_bad(x=torch.randn(2, 99)), r"expected \(..., 100\)"),
+        (_bad(x=torch.randn(2, 100, dtype=torch.float64)), "x has dtype"),
+    ],
+)
+def test_linear_nbits_rejects_bad_inputs(args, match):
+    with pytest.raises(ValueError, match=match):
+        kernels.linear_nbits(**args)

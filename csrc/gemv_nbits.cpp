@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <cstdlib>
 
 #include "dispatch.h"
 #include "kernels.h"
@@ -34,6 +35,7 @@ namespace {
 
 constexpr int R = 4;  // weight rows per task, as in gemv.cpp
 constexpr int64_t kParallelMinElems = int64_t(1) << 16;
+int64_t kPrefetch = std::getenv("XC_PF") ? std::atoll(std::getenv("XC_PF")) : 0;
 
 struct NBits {
   const uint8_t* B;
@@ -238,6 +240,9 @@ XC_TARGET_AVX512 void block_avx512(const float* x, const NBits& w, int64_t n0, c
     const int64_t len = w.block_len(b);
     int64_t i = 0;
     for (; i + 16 <= len; i += 16) {
+      if (kPrefetch)
+        for (int r = 0; r < RB; ++r)
+          _mm_prefetch(reinterpret_cast<const char*>(blk[r] + i * BITS / 8 + kPrefetch), _MM_HINT_T0);
       __m512 xv[MB];
       for (int m = 0; m < MB; ++m) xv[m] = _mm512_loadu_ps(xb + m * K + i);
       for (int r = 0; r < RB; ++r) {

@@ -506,7 +506,7 @@ uint64_t ShmAllReduce::spin_until(int peer, uint32_t step) {
       check_peers_alive();
       next_check = now + std::chrono::milliseconds(20);
     }
-    idle = now - start > std::chrono::seconds(1);
+    idle = now - start > std::chrono::milliseconds(2);
   }
 }
 

@@ -10,9 +10,10 @@ from xcompile.errors import UserError
 
 
 class TextTokenizer:
-    def __init__(self, root: Path):
+    def __init__(self, root: str | Path):
         from tokenizers import Tokenizer
 
+        root = Path(root)
         try:
             self.tok = Tokenizer.from_file(str(root / "tokenizer.json"))
         except Exception as e:  # tokenizers raises its own Exception type

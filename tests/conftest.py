@@ -123,3 +123,26 @@ def torchrun(ranks: int) -> list[str]:
         port = s.getsockname()[1]
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}",
             "--master-addr=127.0.0.1", f"--master-port={port}", "-m", "xcompile.runtime.cli"]
+
+
+@pytest.fixture(scope="session")
+def peaked(tmp_path_factory):
+    """peaked(family, dtype) -> (checkpoint, artifacts) of a model whose next-token logit stands
+    well above the rest, as a trained model's does (see xcompile.toy.make_checkpoint)."""
+    from xcompile.quantize import quantize
+    from xcompile.toy import make_checkpoint
+
+    made = {}
+
+    def get(family: str, dtype: str = "fp32"):
+        if family not in made:
+            folder = tmp_path_factory.mktemp(f"peaked-{family}")
+            made[family] = (make_checkpoint(family, folder / "ckpt", init_std=0.06, peaked=True,
+                                            tie_word_embeddings=False), {})
+        ckpt, arts = made[family]
+        if dtype not in arts:
+            arts[dtype] = ckpt.parent / dtype
+            quantize(ckpt, arts[dtype], dtype, progress=False)
+        return ckpt, arts[dtype]
+
+    return get

@@ -57,7 +57,10 @@ def make_tokenizer(vocab_size: int = 512):
 
 
 def make_checkpoint(family: str, out: str | Path, size: str = "tiny", seed: int = 0,
-                    init_std: float | None = None, **overrides) -> Path:
+                    init_std: float | None = None, peaked: bool = False, **overrides) -> Path:
+    """peaked: lm_head (untied) is the embedding table scaled up, so the next token's logit
+    stands far above the rest, as in a trained model (quantization tests need that: a random
+    network's near-ties turn any rounding into other tokens; a trained model's margins do not)."""
     import torch
     import transformers
 
@@ -78,6 +81,12 @@ def make_checkpoint(family: str, out: str | Path, size: str = "tiny", seed: int 
             for name, p in model.named_parameters():
                 if p.dim() == 1:
                     p.add_(torch.randn_like(p) * 0.1)
+    if peaked:
+        if config.tie_word_embeddings:
+            raise ValueError("peaked needs an untied lm_head (tie_word_embeddings=False)")
+        with torch.no_grad():
+            table = model.get_input_embeddings().weight
+            model.get_output_embeddings().weight.copy_(table / table.std() * 2.0)
     model.eval()
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)

@@ -1,0 +1,78 @@
+"""INT8 / INT4 artifacts: tokens against FP32, logits against the quantized weights themselves,
+and onnxruntime's MatMulNBits on the same graph."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from xcompile.runtime.generate import generate
+from xcompile.runtime.model import Model
+from xcompile.runtime.sampling import Sampler, SamplingParams
+from xcompile.runtime.tokenizer import TextTokenizer
+
+PROMPT = "The quick brown fox jumps over the lazy dog"
+FAMILIES = ["llama", "qwen2", "gptj"]
+
+
+def greedy(art, n=16):
+    model = Model.load(art)
+    ids = TextTokenizer(art).encode(PROMPT)
+    return generate(model, ids, n, Sampler(SamplingParams()), eos_ids=set()).tokens
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_int8_rtn_gives_fp32_tokens(family, peaked):
+    assert greedy(peaked(family, "int8")[1]) == greedy(peaked(family, "fp32")[1])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_int4_rtn_agrees_for_the_first_8_tokens(family, peaked):
+    assert greedy(peaked(family, "int4")[1], 8) == greedy(peaked(family, "fp32")[1], 8)
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "reference"])
+def test_logits_equal_transformers_on_the_dequantized_weights(dtype, kernels, peaked):
+    """The runtime adds no error of its own: transformers, given neural-compressor's
+    quantize-dequantize of each matrix (and BF16 embedding and lm_head, as stored), gives the
+    artifact's logits to 1e-4."""
+    from neural_compressor.torch.algorithms.weight_only.utility import quant_tensor
+    from transformers import AutoModelForCausalLM
+
+    ckpt, art = peaked("llama", dtype)
+    bits, group = (8, -1) if dtype == "int8" else (4, 128)
+    hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32,
+                                              attn_implementation="eager").eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if p.dim() != 2:
+                continue
+            if "embed_tokens" in name or "lm_head" in name:
+                p.copy_(p.to(torch.bfloat16).float())
+            else:
+                p.copy_(quant_tensor(p.detach().clone(), bits=bits, group_size=group,
+                                     scheme="sym"))
+    ids = TextTokenizer(art).encode(PROMPT)
+    model = Model.load(art, use_kernels=kernels)
+    ours = model.forward(ids, 0, model.new_cache(len(ids) + 1))
+    with torch.no_grad():
+        theirs = hf(torch.tensor([ids])).logits[0]
+    assert (ours - theirs).abs().max().item() <= 1e-4 * max(1.0, theirs.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_onnxruntime_matmulnbits_agrees_with_xrun(dtype, peaked):
+    """The same artifact under onnxruntime: its MatMulNBits reads our layout as we do. ORT
+    dequantizes in its own order, so the logits agree to 1e-4 of their scale."""
+    from tests.passes.conftest import IDS, run_ort
+
+    _, art = peaked("llama", dtype)
+    prefill, step = run_ort(art, IDS, steps=1)
+    model = Model.load(art)
+    cache = model.new_cache(len(IDS) + 1)
+    ours = model.forward(IDS, 0, cache)
+    scale = max(1.0, float(abs(prefill["logits"]).max()))
+    assert (ours - torch.from_numpy(prefill["logits"][0])).abs().max().item() <= 1e-4 * scale
+    ours = model.forward([5], len(IDS), cache)
+    assert (ours - torch.from_numpy(step["logits"][0])).abs().max().item() <= 1e-4 * scale

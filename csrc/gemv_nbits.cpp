@@ -203,21 +203,60 @@ XC_TARGET_AVX2 void dequant_avx2(const NBits& w, int64_t n, float* out) {
 }
 
 // ---- AVX-512 F/BW/VL: 16 lanes, masked tail ----------------------------------------------------
-template <int BITS>
-XC_TARGET_AVX512 inline __m512i load_q16(const uint8_t* blk, int64_t i) {
-  if constexpr (BITS == 8) {
-    return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + i)));
-  } else {
-    const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + i / 2));
-    const __m128i low4 = _mm_set1_epi8(0x0F);
-    const __m128i lo = _mm_and_si128(bytes, low4), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low4);
-    return _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi));
-  }
+// INT8: q widened to int32, (q - zp) converted, times the scale. INT4: a block's 16 possible
+// weights (i - zp) * s, i = 0..15, are one zmm, so dequantizing is one vpermps per 16 elements
+// indexed by the nibbles (vpermps reads only the low 4 bits of each index).
+XC_TARGET_AVX512 inline __m512i nibble_indices(const uint8_t* p) {
+  uint64_t eight;  // 16 nibbles: element i in byte i / 2, the low nibble first
+  std::memcpy(&eight, p, 8);
+  // Every 128-bit lane holds all 8 bytes; dword i takes byte i / 2 as its low byte (pshufb
+  // index), the rest zero (0x80) ...
+  constexpr auto byte = [](unsigned j) { return int(0x80808000u | j); };
+  const __m512i spread = _mm512_shuffle_epi8(
+      _mm512_set1_epi64(int64_t(eight)),
+      _mm512_set_epi32(byte(7), byte(7), byte(6), byte(6), byte(5), byte(5), byte(4), byte(4),
+                       byte(3), byte(3), byte(2), byte(2), byte(1), byte(1), byte(0), byte(0)));
+  // ... and odd dwords shift their high nibble down.
+  return _mm512_srlv_epi32(spread, _mm512_set_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0));
 }
 
-XC_TARGET_AVX512 inline __m512 dequant16(__m512i q, __m512i zp, __m512 s) {
+// The 16 weights (i - zp) * s of an INT4 block; 16 consecutive weights of an INT8 block.
+XC_TARGET_AVX512 inline __m512 int4_table(int zp, float s) {
+  const __m512i i = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(i, _mm512_set1_epi32(zp))),
+                       _mm512_set1_ps(s));
+}
+
+XC_TARGET_AVX512 inline __m512 dequant16_int8(const uint8_t* p, __m512i zp, __m512 s) {
+  const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(q, zp)), s);
 }
+
+// Per block and weight row: INT8 the broadcast zero point and scale, INT4 the table.
+template <int BITS>
+struct Dequant512 {
+  __m512i zp;
+  __m512 s;
+  XC_TARGET_AVX512 void set(const NBits& w, int64_t n, int64_t b) {
+    zp = _mm512_set1_epi32(w.zero_point(n, b));
+    s = _mm512_set1_ps(w.scale(n, b));
+  }
+  // Weights i .. i + 15 of block blk (i a multiple of 16).
+  XC_TARGET_AVX512 __m512 operator()(const uint8_t* blk, int64_t i) const {
+    return dequant16_int8(blk + i, zp, s);
+  }
+};
+
+template <>
+struct Dequant512<4> {
+  __m512 table;
+  XC_TARGET_AVX512 void set(const NBits& w, int64_t n, int64_t b) {
+    table = int4_table(w.zero_point(n, b), w.scale(n, b));
+  }
+  XC_TARGET_AVX512 __m512 operator()(const uint8_t* blk, int64_t i) const {
+    return _mm512_permutexvar_ps(nibble_indices(blk + i / 2), table);
+  }
+};
 
 // MB * RB accumulators + MB x vectors + one w: MB <= 4 within 32 zmm registers.
 template <int MB, int RB, int BITS>
@@ -229,12 +268,10 @@ XC_TARGET_AVX512 void block_avx512(const float* x, const NBits& w, int64_t n0, c
     for (int r = 0; r < RB; ++r) acc[m][r] = _mm512_setzero_ps();
   for (int64_t b = 0; b < w.k_blocks; ++b) {
     const uint8_t* blk[RB];
-    __m512 s[RB];
-    __m512i zp[RB];
+    Dequant512<BITS> dq[RB];
     for (int r = 0; r < RB; ++r) {
       blk[r] = w.block(n0 + r, b);
-      s[r] = _mm512_set1_ps(w.scale(n0 + r, b));
-      zp[r] = _mm512_set1_epi32(w.zero_point(n0 + r, b));
+      dq[r].set(w, n0 + r, b);
     }
     const float* xb = x + b * w.block_size;
     const int64_t len = w.block_len(b);
@@ -246,7 +283,7 @@ XC_TARGET_AVX512 void block_avx512(const float* x, const NBits& w, int64_t n0, c
       __m512 xv[MB];
       for (int m = 0; m < MB; ++m) xv[m] = _mm512_loadu_ps(xb + m * K + i);
       for (int r = 0; r < RB; ++r) {
-        const __m512 wv = dequant16(load_q16<BITS>(blk[r], i), zp[r], s[r]);
+        const __m512 wv = dq[r](blk[r], i);
         for (int m = 0; m < MB; ++m) acc[m][r] = _mm512_fmadd_ps(xv[m], wv, acc[m][r]);
       }
     }
@@ -255,7 +292,7 @@ XC_TARGET_AVX512 void block_avx512(const float* x, const NBits& w, int64_t n0, c
       __m512 xv[MB];
       for (int m = 0; m < MB; ++m) xv[m] = _mm512_maskz_loadu_ps(tail, xb + m * K + i);
       for (int r = 0; r < RB; ++r) {
-        const __m512 wv = _mm512_maskz_mov_ps(tail, dequant16(load_q16<BITS>(blk[r], i), zp[r], s[r]));
+        const __m512 wv = _mm512_maskz_mov_ps(tail, dq[r](blk[r], i));
         for (int m = 0; m < MB; ++m) acc[m][r] = _mm512_fmadd_ps(xv[m], wv, acc[m][r]);
       }
     }
@@ -269,15 +306,13 @@ template <int BITS>
 XC_TARGET_AVX512 void dequant_avx512(const NBits& w, int64_t n, float* out) {
   for (int64_t b = 0; b < w.k_blocks; ++b) {
     const uint8_t* blk = w.block(n, b);
-    const __m512 s = _mm512_set1_ps(w.scale(n, b));
-    const __m512i zp = _mm512_set1_epi32(w.zero_point(n, b));
+    Dequant512<BITS> dq;
+    dq.set(w, n, b);
     float* ob = out + b * w.block_size;
     const int64_t len = w.block_len(b);
     int64_t i = 0;
-    for (; i + 16 <= len; i += 16) _mm512_storeu_ps(ob + i, dequant16(load_q16<BITS>(blk, i), zp, s));
-    if (i < len)
-      _mm512_mask_storeu_ps(ob + i, __mmask16((1u << (len - i)) - 1),
-                            dequant16(load_q16<BITS>(blk, i), zp, s));
+    for (; i + 16 <= len; i += 16) _mm512_storeu_ps(ob + i, dq(blk, i));
+    if (i < len) _mm512_mask_storeu_ps(ob + i, __mmask16((1u << (len - i)) - 1), dq(blk, i));
   }
 }
 #endif

@@ -18,7 +18,8 @@
 // 1024 spins it checks the abort flag, and every 20 ms whether each peer's pid is alive (not gone,
 // not a zombie, not reused), so a dead peer stops the others within milliseconds. There is no
 // time-out while peers live. After 50 us of waiting each check also yields the core (ranks may
-// share cores), after 1 s the spin turns into 50 us sleeps (followers may idle for long).
+// share cores); after 10 ms (longer than rank 0 takes to sample a token, so decode never gets
+// there) the spin turns into 50 us sleeps: followers may idle for long, e.g. on user input.
 #include "shm_allreduce.h"
 
 #include <fcntl.h>
@@ -171,14 +172,17 @@ XC_TARGET_AVX2 inline __m256 load8_bf16(const uint16_t* p) {
 XC_TARGET_AVX2 inline void store8_bf16(uint16_t* p, __m256 x) {
   const __m256i bits = _mm256_castps_si256(x);
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
-  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q)));
+  __m256i r = _mm256_srli_epi32(
+      _mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0),
+                         _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q)));
   // packus works per 128-bit lane: [r0..3 r0..3 | r4..7 r4..7] -> qwords 0 and 2 in order
   const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
 }
 
-XC_TARGET_AVX2 void reduce_bf16_avx2(const uint16_t* const* src, int nsrc, uint16_t* dst, int64_t n) {
+XC_TARGET_AVX2 void reduce_bf16_avx2(const uint16_t* const* src, int nsrc, uint16_t* dst,
+                                     int64_t n) {
   int64_t i = 0;
   for (; i + 32 <= n; i += 32) {
     __m256 a[4];
@@ -219,12 +223,14 @@ XC_TARGET_AVX512 inline __m512 load16_bf16(const uint16_t* p, __mmask16 m) {
 XC_TARGET_AVX512 inline void store16_bf16(uint16_t* p, __m512 x, __mmask16 m) {
   const __m512i bits = _mm512_castps_si512(x);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+  __m512i r = _mm512_srli_epi32(
+      _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
   r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
   _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(r));
 }
 
-XC_TARGET_AVX512 void reduce_bf16_avx512(const uint16_t* const* src, int nsrc, uint16_t* dst, int64_t n) {
+XC_TARGET_AVX512 void reduce_bf16_avx512(const uint16_t* const* src, int nsrc, uint16_t* dst,
+                                         int64_t n) {
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 m = n - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - i)) - 1);
     __m512 a = load16_bf16(src[0] + i, m);
@@ -286,17 +292,24 @@ static_assert(std::atomic<uint64_t>::is_always_lock_free &&
 
 ShmAllReduce::ShmAllReduce(const std::string& name, int rank, int ranks, bool create,
                            double timeout_s)
-    : name_(name.empty() || name[0] != '/' ? "/" + name : name), rank_(rank), ranks_(ranks),
-      creator_(create), slot_bytes_(chunk_bytes(ranks)) {
+    : name_(name.empty() || name[0] != '/' ? "/" + name : name),
+      rank_(rank),
+      ranks_(ranks),
+      creator_(create),
+      slot_bytes_(chunk_bytes(ranks)) {
   static_assert(sizeof(Header) <= kHeaderBytes, "header outgrew its page");
   if (name_.size() < 2 || name_.find('/', 1) != std::string::npos || name_.size() > 255)
-    throw std::invalid_argument("ShmAllReduce: name must be one path component like /xcompile-1234, got '" + name + "'");
+    throw std::invalid_argument(
+        "ShmAllReduce: name must be one path component like /xcompile-1234, got '" + name + "'");
   if (ranks < 1 || ranks > kMaxRanks)
-    throw std::invalid_argument("ShmAllReduce: ranks must be 1 .. " + std::to_string(kMaxRanks) + ", got " + std::to_string(ranks));
+    throw std::invalid_argument("ShmAllReduce: ranks must be 1 .. " + std::to_string(kMaxRanks) +
+                                ", got " + std::to_string(ranks));
   if (rank < -1 || rank >= ranks || (rank == -1 && !create))
-    throw std::invalid_argument("ShmAllReduce: rank must be 0 .. ranks - 1 (or -1 with create=True), got " + std::to_string(rank));
+    throw std::invalid_argument(
+        "ShmAllReduce: rank must be 0 .. ranks - 1 (or -1 with create=True), got " +
+        std::to_string(rank));
   if (create)
-    create_segment(timeout_s);
+    create_segment();
   else
     open_segment(timeout_s);
   if (rank_ >= 0) {
@@ -311,11 +324,14 @@ ShmAllReduce::ShmAllReduce(const std::string& name, int rank, int ranks, bool cr
 
 ShmAllReduce::~ShmAllReduce() { close(); }
 
-void ShmAllReduce::create_segment(double) {
+void ShmAllReduce::create_segment() {
   const int fd = ::shm_open(name_.c_str(), O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC, 0600);
   if (fd < 0) {
     if (errno == EEXIST)
-      throw std::runtime_error("shared memory segment " + name_ + " already exists: another run uses this name, or a killed one left /dev/shm" + name_ + " behind (remove it)");
+      throw std::runtime_error(
+          "shared memory segment " + name_ +
+          " already exists: another run uses this name, or a killed one left /dev/shm" + name_ +
+          " behind (remove it)");
     throw std::runtime_error("shm_open(" + name_ + ") failed: " + errno_text());
   }
   bytes_ = segment_bytes(ranks_);
@@ -327,7 +343,8 @@ void ShmAllReduce::create_segment(double) {
   };
   if (::ftruncate(fd, off_t(bytes_)) != 0) give_up("ftruncate of " + name_ + " failed: ");
   // Reserve the pages now: on a full tmpfs a later first touch would be SIGBUS, not an error.
-  if (const int err = ::posix_fallocate(fd, 0, off_t(bytes_)); err != 0 && err != EINVAL && err != EOPNOTSUPP) {
+  if (const int err = ::posix_fallocate(fd, 0, off_t(bytes_));
+      err != 0 && err != EINVAL && err != EOPNOTSUPP) {
     errno = err;
     give_up("cannot reserve " + std::to_string(bytes_ >> 20) + " MiB in /dev/shm for " + name_ +
             " (free space there, or raise its size, e.g. docker --shm-size): ");
@@ -349,7 +366,8 @@ void ShmAllReduce::open_segment(double timeout_s) {
   const auto deadline = Clock::now() + std::chrono::duration<double>(std::max(0.0, timeout_s));
   for (;;) {
     const int fd = ::shm_open(name_.c_str(), O_RDWR | O_CLOEXEC, 0);
-    if (fd < 0 && errno != ENOENT) throw std::runtime_error("shm_open(" + name_ + ") failed: " + errno_text());
+    if (fd < 0 && errno != ENOENT)
+      throw std::runtime_error("shm_open(" + name_ + ") failed: " + errno_text());
     if (fd >= 0) {
       struct stat st;
       void* p = MAP_FAILED;
@@ -365,10 +383,13 @@ void ShmAllReduce::open_segment(double timeout_s) {
             problem = "has layout version " + std::to_string(h->version) + ", this build expects " +
                       std::to_string(kVersion) + ": run every rank with the same xcompile build";
           else if (h->ranks != ranks_)
-            problem = "was created for " + std::to_string(h->ranks) + " ranks, not " + std::to_string(ranks_);
-          else if (h->total_bytes != segment_bytes(ranks_) || size_t(st.st_size) != h->total_bytes ||
-                   h->slot_bytes != slot_bytes_)
-            problem = "has a size this build does not expect: run every rank with the same xcompile build";
+            problem = "was created for " + std::to_string(h->ranks) + " ranks, not " +
+                      std::to_string(ranks_);
+          else if (h->total_bytes != segment_bytes(ranks_) ||
+                   size_t(st.st_size) != h->total_bytes || h->slot_bytes != slot_bytes_)
+            problem =
+                "has a size this build does not expect: run every rank with the same xcompile "
+                "build";
           if (!problem.empty()) {
             ::munmap(p, size_t(st.st_size));
             throw std::runtime_error("shared memory segment " + name_ + " " + problem);
@@ -380,7 +401,8 @@ void ShmAllReduce::open_segment(double timeout_s) {
         }
         ::munmap(p, size_t(st.st_size));
         if (magic != 0)
-          throw std::runtime_error("shared memory segment " + name_ + " is not an xcompile allreduce segment");
+          throw std::runtime_error("shared memory segment " + name_ +
+                                   " is not an xcompile allreduce segment");
       }
     }
     if (Clock::now() >= deadline) {
@@ -397,8 +419,9 @@ void ShmAllReduce::attach() {
   auto& me = header_->rank[rank_];
   int32_t expected = 0;
   if (!me.pid.compare_exchange_strong(expected, int32_t(::getpid()), std::memory_order_acq_rel))
-    throw std::runtime_error("rank " + std::to_string(rank_) + " of " + name_ + " is already taken by pid " +
-                             std::to_string(expected) + ": every rank needs its own rank number");
+    throw std::runtime_error("rank " + std::to_string(rank_) + " of " + name_ +
+                             " is already taken by pid " + std::to_string(expected) +
+                             ": every rank needs its own rank number");
   me.start_time.store(own_start_time(), std::memory_order_release);
   header_->attached.fetch_add(1, std::memory_order_acq_rel);
 }
@@ -436,7 +459,8 @@ void ShmAllReduce::abort(const std::string& reason) {
   std::string text = reason;
   if (text.empty())
     text = rank_ < 0 ? "the launcher (pid " + std::to_string(::getpid()) + ") stopped the ranks"
-                     : "rank " + std::to_string(rank_) + " (pid " + std::to_string(::getpid()) + ") called abort()";
+                     : "rank " + std::to_string(rank_) + " (pid " + std::to_string(::getpid()) +
+                           ") called abort()";
   const size_t len = std::min(text.size(), kReasonBytes - 1);
   std::memcpy(header_->abort_reason, text.data(), len);
   header_->abort_reason[len] = 0;
@@ -445,7 +469,8 @@ void ShmAllReduce::abort(const std::string& reason) {
 
 void ShmAllReduce::throw_aborted() const {
   // state 1: the aborting process is writing its reason (a memcpy); wait briefly for it
-  for (int i = 0; i < 100000 && header_->abort_state.load(std::memory_order_acquire) == 1; ++i) cpu_pause();
+  for (int i = 0; i < 100000 && header_->abort_state.load(std::memory_order_acquire) == 1; ++i)
+    cpu_pause();
   if (header_->abort_state.load(std::memory_order_acquire) == 2) {
     char reason[kReasonBytes];
     std::memcpy(reason, header_->abort_reason, kReasonBytes);
@@ -475,7 +500,8 @@ void ShmAllReduce::check_peers_alive() {
       dead = state == 'Z' || state == 'X' || (recorded != 0 && start != recorded);
     }
     if (dead) {
-      const std::string who = "rank " + std::to_string(p) + " (pid " + std::to_string(pid) + ") died";
+      const std::string who =
+          "rank " + std::to_string(p) + " (pid " + std::to_string(pid) + ") died";
       fail(who, who + "; stopping");
     }
   }
@@ -506,7 +532,7 @@ uint64_t ShmAllReduce::spin_until(int peer, uint32_t step) {
       check_peers_alive();
       next_check = now + std::chrono::milliseconds(20);
     }
-    idle = now - start > std::chrono::milliseconds(2);
+    idle = now - start > std::chrono::milliseconds(10);
   }
 }
 
@@ -522,8 +548,9 @@ void ShmAllReduce::wait_for_peers(uint32_t step, uint32_t signature) {
         return std::to_string(sig & 0xffffff) + ((sig >> 24 & 1) ? " bf16" : " fp32") + " values";
       };
       const std::string what = "ranks disagree on a collective: rank " + std::to_string(rank_) +
-                               " reduces " + describe(signature) + ", rank " + std::to_string(p) + " " +
-                               describe(uint32_t(v)) + " (every rank must make the same calls)";
+                               " reduces " + describe(signature) + ", rank " + std::to_string(p) +
+                               " " + describe(uint32_t(v)) +
+                               " (every rank must make the same calls)";
       fail(what, what);
     }
   }
@@ -533,7 +560,9 @@ template <typename T>
 void ShmAllReduce::all_reduce(T* data, int64_t n, uint32_t dtype) {
   std::lock_guard<std::mutex> lock(op_mutex_);
   if (!header_) throw std::runtime_error("ShmAllReduce " + name_ + " is closed");
-  if (rank_ < 0) throw std::runtime_error("ShmAllReduce: the creator-only object (rank -1) takes no part in collectives");
+  if (rank_ < 0)
+    throw std::runtime_error(
+        "ShmAllReduce: the creator-only object (rank -1) takes no part in collectives");
   if (header_->abort_state.load(std::memory_order_acquire) != 0) throw_aborted();
   if (ranks_ == 1 || n == 0) return;
   const ReduceFn<T> reduce = pick_reduce<T>();
@@ -618,7 +647,8 @@ void register_shm(nb::module_& m) {
           "all_reduce_bf16",
           [](ShmAllReduce& s, uintptr_t ptr, int64_t n) {
             if (n < 0) throw std::invalid_argument("all_reduce_bf16: n must be >= 0");
-            if (n > 0 && ptr == 0) throw std::invalid_argument("all_reduce_bf16: ptr is a null pointer");
+            if (n > 0 && ptr == 0)
+              throw std::invalid_argument("all_reduce_bf16: ptr is a null pointer");
             s.all_reduce_bf16(reinterpret_cast<uint16_t*>(ptr), n);
           },
           "ptr"_a, "n"_a, nb::call_guard<nb::gil_scoped_release>(),
@@ -633,7 +663,8 @@ void register_shm(nb::module_& m) {
       .def("unlink", &ShmAllReduce::unlink,
            "Remove the name from /dev/shm (idempotent); mappings stay valid.")
       .def("close", &ShmAllReduce::close, nb::call_guard<nb::gil_scoped_release>(),
-           "Unmap (idempotent; the creator also unlinks). A collective waiting in another thread raises.")
+           "Unmap (idempotent; the creator also unlinks). A collective waiting in another thread "
+           "raises.")
       .def_prop_ro("name", &ShmAllReduce::name)
       .def_prop_ro("rank", &ShmAllReduce::rank)
       .def_prop_ro("ranks", &ShmAllReduce::ranks);

@@ -40,12 +40,14 @@ class ShmAllReduce {
   void all_reduce_f32(float* data, int64_t n);
   void all_reduce_bf16(uint16_t* data, int64_t n);  // bf16 bits; fp32 sums, rounded once
 
-  int attached() const;                       // ranks that have attached so far
+  int attached() const;                        // ranks that have attached so far
   bool wait_attached(double timeout_s) const;  // false on timeout or abort
-  void abort(const std::string& reason);       // makes every rank's collective raise
+  void abort(const std::string& reason);       // makes every rank's collective raise; any thread
   bool aborted() const;
   void unlink();  // shm_unlink the name (idempotent); the mapping stays usable
-  void close();   // munmap (idempotent); the creator also unlinks
+  // munmap (idempotent); the creator also unlinks. A collective waiting in another thread raises
+  // first; do not race it with abort() or attached() from a third thread.
+  void close();
 
   const std::string& name() const { return name_; }
   int rank() const { return rank_; }
@@ -56,7 +58,7 @@ class ShmAllReduce {
 
   template <typename T>
   void all_reduce(T* data, int64_t n, uint32_t dtype);
-  void create_segment(double timeout_s);
+  void create_segment();
   void open_segment(double timeout_s);
   void attach();
   std::atomic<uint64_t>& seq(int r) const;

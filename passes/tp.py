@@ -35,10 +35,39 @@ DOMAIN = "ai.xcompile"
 class Slicing:
     kind: str  # column | row | vocab | replicated
     parts: tuple[str, ...] = ()  # for a concatenated weight: the parts, in row order
+    role: str | None = None  # a quantized weight's qweight | scales | zero_points
+    nbits: tuple[int, int, int] | None = None  # (bits, block_size, K) of that weight
+
+    def row_blocks(self, ranks: int) -> tuple[int, int, bool]:
+        """Row split of a quantized weight -> (K per rank, its block size, whole blocks?)."""
+        bits, block, k = self.nbits
+        if k % ranks:
+            raise UserError(f"K={k} does not split over {ranks} ranks")
+        per_rank = k // ranks
+        if per_rank % block == 0:
+            return per_rank, block, True
+        if block >= k:  # one block per row (per channel): re-pad each rank's columns
+            from xcompile.passes.quantize_nbits import block_size_for
+
+            return per_rank, block_size_for(-1, per_rank), False
+        raise UserError(f"a group size of {block} does not split K={k} over {ranks} ranks; "
+                        "quantize with a smaller --group-size or use fewer ranks")
 
     def shape(self, name: str, shape: tuple[int, ...], ranks: int) -> tuple[int, ...]:
         if self.kind == "replicated":
             return shape
+        if self.kind == "row" and self.role is not None:
+            bits = self.nbits[0]
+            per_rank, block, whole = self.row_blocks(ranks)
+            n, blocks = shape[0], shape[1]
+            if not whole:  # per channel: one (re-padded) block; scales/zero points unchanged
+                return (n, 1, block * bits // 8) if self.role == "qweight" else shape
+            kb = blocks // ranks if self.role != "zero_points" or bits == 8 else None
+            if self.role == "qweight":
+                return (n, per_rank // block, block * bits // 8)
+            if self.role == "scales" or bits == 8:
+                return (n, per_rank // block)
+            return (n, -(-(per_rank // block) // 2)) if kb is None else (n, kb)
         axis = -1 if self.kind == "row" else 0
         if shape[axis] % ranks:
             raise UserError(f"{name}: {shape[axis]} {'columns' if axis else 'rows'} do not split "
@@ -51,6 +80,8 @@ class Slicing:
         """t: the whole tensor (torch or numpy) -> this rank's slice (a view where it can)."""
         if self.kind == "replicated":
             return t
+        if self.kind == "row" and self.role is not None:
+            return self._row_nbits(t, rank, ranks)
         if self.kind == "row":
             n = t.shape[-1] // ranks
             return t[..., rank * n:(rank + 1) * n]
@@ -70,8 +101,56 @@ class Slicing:
         return torch.cat(pieces) if isinstance(t, torch.Tensor) else np.concatenate(pieces)
 
 
-def slicing_table(table, names: list[str], concat: dict[str, list[str]]) -> dict[str, Slicing]:
-    """weight name -> how it splits, from the family's TENSOR_PARALLEL table."""
+    def _row_nbits(self, t, rank: int, ranks: int):
+        """Columns r*K/R .. of a quantized weight, in MatMulNBits' layout (torch uint8/f32)."""
+        import torch
+
+        bits, block, k = self.nbits
+        per_rank, new_block, whole = self.row_blocks(ranks)
+        if not whole:
+            if self.role != "qweight":
+                return t  # one scale (and zero point) per row serves every column
+            n = t.shape[0]
+            q = _elements(t.reshape(n, -1), bits)[:, rank * per_rank:(rank + 1) * per_rank]
+            padded = torch.zeros(n, new_block, dtype=torch.uint8)
+            padded[:, :per_rank] = q
+            return _packed(padded, bits).reshape(n, 1, new_block * bits // 8)
+        kb = per_rank // block
+        if self.role == "zero_points" and bits == 4:
+            z = _elements(t, 4)[:, rank * kb:(rank + 1) * kb]
+            if kb % 2:
+                z = torch.cat([z, torch.full((z.shape[0], 1), 8, dtype=torch.uint8)], dim=1)
+            return _packed(z, 4)
+        return t[:, rank * kb:(rank + 1) * kb]
+
+
+def _elements(packed, bits: int):
+    """uint8 (N, bytes) -> one uint8 per element (N, elements)"""
+    import torch
+
+    if bits == 8:
+        return packed
+    return torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+
+
+def _packed(elements, bits: int):
+    if bits == 8:
+        return elements.contiguous()
+    pairs = elements.reshape(elements.shape[0], -1, 2)
+    return (pairs[..., 0] | (pairs[..., 1] << 4)).contiguous()
+
+
+def slicing_table(table, names: list[str], concat: dict[str, list[str]],
+                  nbits: dict[str, dict] | None = None) -> dict[str, Slicing]:
+    """weight name -> how it splits, from the family's TENSOR_PARALLEL table (a quantized
+    weight's blocks, scales and zero points split as the weight they stand for)."""
+    from xcompile.passes.quantize_nbits import nbits_names
+
+    nbits = nbits or {}
+    derived = {}
+    for weight, spec in nbits.items():
+        for role, name in zip(("qweight", "scales", "zero_points"), nbits_names(weight)):
+            derived[name] = (weight, role, (spec["bits"], spec["block_size"], spec["K"]))
 
     def kind(name: str) -> str:
         stem = name.removesuffix(".weight").removesuffix(".bias")
@@ -84,13 +163,14 @@ def slicing_table(table, names: list[str], concat: dict[str, list[str]]) -> dict
 
     out = {}
     for name in names:
-        if name in concat:
-            kinds = {kind(p) for p in concat[name]}
+        source, role, spec = derived.get(name, (name, None, None))
+        if source in concat:
+            kinds = {kind(p) for p in concat[source]}
             if kinds != {"column"}:
-                raise UserError(f"cannot shard {name}: its parts are not all column-parallel")
-            out[name] = Slicing("column", tuple(concat[name]))
+                raise UserError(f"cannot shard {source}: its parts are not all column-parallel")
+            out[name] = Slicing("column", tuple(concat[source]), role, spec)
         else:
-            out[name] = Slicing(kind(name))
+            out[name] = Slicing(kind(source), (), role, spec)
     return out
 
 
@@ -130,11 +210,21 @@ def shard_graph(model: onnx.ModelProto, slicing: dict[str, Slicing], rank: int, 
                 node.inputs[1].const_value is not None:
             sizes = node.inputs[1].const_value.numpy() // ranks
             node.replace_input_with(1, _const(g, f"{node.inputs[1].name}/rank{rank}", sizes))
-        elif node.op_type == "MatMul":
-            found = weight_chain(node.inputs[1])
-            if found is None:
-                continue
-            w = slicing.get(found[0].name)
+        elif node.op_type in ("MatMul", "MatMulNBits"):
+            if node.op_type == "MatMulNBits":
+                w = slicing.get(node.inputs[1].name)
+                if w is not None and w.kind in ("column", "vocab"):
+                    n = node.attributes["N"].value
+                    node.attributes["N"] = ir.AttrInt64("N", n // ranks)
+                elif w is not None and w.kind == "row":
+                    per_rank, block, _ = w.row_blocks(ranks)
+                    node.attributes["K"] = ir.AttrInt64("K", per_rank)
+                    node.attributes["block_size"] = ir.AttrInt64("block_size", block)
+            else:
+                found = weight_chain(node.inputs[1])
+                if found is None:
+                    continue
+                w = slicing.get(found[0].name)
             out = node.outputs[0]
             if w is not None and w.kind == "row":
                 _insert_after(g, out, lambda v, n=node: [ir.node(

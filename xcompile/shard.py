@@ -22,6 +22,11 @@ from xcompile.passes import tp
 from xcompile.quantize import _progress, locate, read_tensor, to_bytes
 
 
+def _concat_of(rule, concat: dict[str, list[str]]) -> str:
+    """the concatenated weight whose parts a (possibly quantized) tensor's rule names"""
+    return next(name for name, parts in concat.items() if tuple(parts) == rule.parts)
+
+
 def family_table(family: str):
     for module in families().values():
         if module.__name__.rsplit(".", 1)[-1] == family:
@@ -51,9 +56,13 @@ def shard(src: str | Path, ranks: int, out: str | Path | None = None,
 
     model = onnx.load(str(src / "model.onnx"), load_external_data=False)
     concat, part_rows = tp.concat_recipes(model)
+    meta = {p.key: p.value for p in model.metadata_props}
+    import json
+
+    nbits = json.loads(meta.get("xcompile.nbits", "{}"))
     weights = src / "rank0.safetensors"
     header = artifacts.read_safetensors_header(weights)
-    slicing = tp.slicing_table(family_table(manifest.family), list(header), concat)
+    slicing = tp.slicing_table(family_table(manifest.family), list(header), concat, nbits)
     with AtomicFolder(dest) as tmp:
         files = {}
         for name in manifest.files:
@@ -72,7 +81,9 @@ def shard(src: str | Path, ranks: int, out: str | Path | None = None,
                 locate(graph, writer.spans)
                 for name in _progress(writer.order(), progress, f"rank {rank}"):
                     whole = read_tensor(weights, header[name], handle)
-                    part = slicing[name].apply(whole, rank, ranks, part_rows.get(name, []))
+                    rule = slicing[name]
+                    rows = part_rows.get(rule.parts and _concat_of(rule, concat) or name, [])
+                    part = rule.apply(whole, rank, ranks, rows)
                     writer.write(name, to_bytes(part.contiguous()))
                     del whole, part
                 writer.close()

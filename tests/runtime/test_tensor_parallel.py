@@ -34,3 +34,20 @@ def test_rank_files_hold_only_their_slices(compiled, sharded):
         shard = read_safetensors_header(sharded("llama") / f"rank{r}.safetensors")
         assert sum(t.nbytes for t in shard.values()) == (total - replicated) // 2 + replicated
         assert shard.keys() == single.keys()
+
+
+@pytest.mark.parametrize("dtype,scheme", [("int8", None), ("int4", (4, 16, False))],
+                         ids=["int8-per-channel", "int4-asym-g16"])
+def test_tp2_quantized_gives_tp1_tokens(dtype, scheme, checkpoint, tmp_path):
+    """Row-parallel MatMulNBits split by blocks (INT4 groups) or re-padded per channel (INT8)."""
+    from xcompile.quantize import quantize
+    from xcompile.shard import shard
+    from xcompile.weight_only import WeightOnly
+
+    single = tmp_path / "single"
+    quantize(checkpoint("llama"), single, dtype, progress=False,
+             scheme=WeightOnly(*scheme) if scheme else None)
+    shard(single, 2, tmp_path / "tp2", progress=False)
+    one = greedy(single)
+    two = greedy(tmp_path / "tp2", torchrun(2), ["--backend", "torch"])
+    assert two["tokens"] == one["tokens"]

@@ -9,18 +9,18 @@
 //   W[n, k] = (q[n, k] - zp[n, k / block_size]) * scales[n, k / block_size]
 //   out[m, n] = sum_k x[m, k] * W[n, k] + bias[n]
 // Same shape of work as gemv.cpp: threads split N into blocks of R weight rows, each task streams
-// its rows once for all M. Weights are dequantized to fp32 in registers, 16 at a time, exactly as
-// the reference does ((q - zp) in integers, then one rounding multiply by the scale), and FMA'd
-// with x; block_size is a power of two >= 16, so a block is whole 16-element steps except the
-// last block's tail past K, where x and w are masked (the padding bytes are never used).
+// its rows once for all M. Weights are dequantized to fp32 in registers, 16 (AVX-512) or 8 (AVX2)
+// at a time, to exactly the reference's values ((q - zp) in integers, one rounding multiply by the
+// scale), and FMA'd with x. block_size is a power of two >= 16, so a block is whole vector steps
+// except the last block's tail past K, where x and w are masked (padding bytes are never used).
 // Not done: an AVX-512 VNNI path on int8-quantized activations. Rounding x to 8 bits costs ~1e-3
 // relative error, ten times the 1e-4 the tests hold every path to.
 #include <omp.h>
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <cstdlib>
+#include <cstring>
 
 #include "dispatch.h"
 #include "kernels.h"
@@ -37,29 +37,42 @@ constexpr int R = 4;  // weight rows per task, as in gemv.cpp
 constexpr int64_t kParallelMinElems = int64_t(1) << 16;
 int64_t kPrefetch = std::getenv("XC_PF") ? std::atoll(std::getenv("XC_PF")) : 0;
 
+// One weight row n: its bytes (k_blocks * blob, blocks back to back), scales, zero points.
+struct Row {
+  const uint8_t* q;
+  const float* s;
+  const uint8_t* z;  // null: 2^(bits-1)
+};
+
 struct NBits {
   const uint8_t* B;
   const float* scales;
-  const uint8_t* zero_points;  // null: 2^(bits-1)
+  const uint8_t* zero_points;
   int64_t K, block_size, k_blocks, blob, zp_row;
-  int bits;
 
-  NBits(const uint8_t* B_, const float* scales_, const uint8_t* zp_, int64_t K_, int bits_,
+  NBits(const uint8_t* B_, const float* scales_, const uint8_t* zp_, int64_t K_, int bits,
         int64_t block_size_)
       : B(B_), scales(scales_), zero_points(zp_), K(K_), block_size(block_size_),
-        k_blocks((K_ + block_size_ - 1) / block_size_), blob(block_size_ * bits_ / 8),
-        zp_row(bits_ == 8 ? k_blocks : (k_blocks + 1) / 2), bits(bits_) {}
+        k_blocks((K_ + block_size_ - 1) / block_size_), blob(block_size_ * bits / 8),
+        zp_row(bits == 8 ? k_blocks : (k_blocks + 1) / 2) {}
 
-  const uint8_t* block(int64_t n, int64_t b) const { return B + (n * k_blocks + b) * blob; }
-  float scale(int64_t n, int64_t b) const { return scales[n * k_blocks + b]; }
-  int zero_point(int64_t n, int64_t b) const {
-    if (!zero_points) return 1 << (bits - 1);
-    if (bits == 8) return zero_points[n * zp_row + b];
-    const uint8_t pair = zero_points[n * zp_row + b / 2];
-    return (b & 1) ? pair >> 4 : pair & 0xF;
+  Row row(int64_t n) const {
+    return {B + n * k_blocks * blob, scales + n * k_blocks,
+            zero_points ? zero_points + n * zp_row : nullptr};
   }
   int64_t block_len(int64_t b) const { return std::min(block_size, K - b * block_size); }
 };
+
+template <int BITS>
+inline int zero_point(const Row& row, int64_t b) {
+  if (!row.z) return 1 << (BITS - 1);
+  if constexpr (BITS == 8) {
+    return row.z[b];
+  } else {
+    const uint8_t pair = row.z[b / 2];
+    return (b & 1) ? pair >> 4 : pair & 0xF;
+  }
+}
 
 // q of element i of a block.
 template <int BITS>
@@ -82,22 +95,19 @@ using DequantFn = void (*)(const NBits& w, int64_t n, float* out);
 template <int MB, int RB, int BITS>
 void block_scalar(const float* x, const NBits& w, int64_t n0, const float* bias, float* out,
                   int64_t N) {
-  const int64_t K = w.K;
+  Row row[RB];
+  for (int r = 0; r < RB; ++r) row[r] = w.row(n0 + r);
   for (int m = 0; m < MB; ++m) {
     double sum[RB] = {};  // RB independent chains: the double adds' latency is the limit here
     for (int64_t b = 0; b < w.k_blocks; ++b) {
-      const uint8_t* blk[RB];
-      float s[RB];
-      int zp[RB];
+      const float* xb = x + m * w.K + b * w.block_size;
       for (int r = 0; r < RB; ++r) {
-        blk[r] = w.block(n0 + r, b);
-        s[r] = w.scale(n0 + r, b);
-        zp[r] = w.zero_point(n0 + r, b);
+        const uint8_t* blk = row[r].q + b * w.blob;
+        const float s = row[r].s[b];
+        const int zp = zero_point<BITS>(row[r], b);
+        for (int64_t i = 0, len = w.block_len(b); i < len; ++i)
+          sum[r] += double(xb[i]) * double(float(q_at<BITS>(blk, i) - zp) * s);
       }
-      const float* xb = x + m * K + b * w.block_size;
-      for (int64_t i = 0, len = w.block_len(b); i < len; ++i)
-        for (int r = 0; r < RB; ++r)
-          sum[r] += double(xb[i]) * double(float(q_at<BITS>(blk[r], i) - zp[r]) * s[r]);
     }
     for (int r = 0; r < RB; ++r) out[m * N + r] = float(sum[r]) + (bias ? bias[r] : 0.0f);
   }
@@ -105,10 +115,11 @@ void block_scalar(const float* x, const NBits& w, int64_t n0, const float* bias,
 
 template <int BITS>
 void dequant_scalar(const NBits& w, int64_t n, float* out) {
+  const Row row = w.row(n);
   for (int64_t b = 0; b < w.k_blocks; ++b) {
-    const uint8_t* blk = w.block(n, b);
-    const float s = w.scale(n, b);
-    const int zp = w.zero_point(n, b);
+    const uint8_t* blk = row.q + b * w.blob;
+    const float s = row.s[b];
+    const int zp = zero_point<BITS>(row, b);
     float* ob = out + b * w.block_size;
     for (int64_t i = 0, len = w.block_len(b); i < len; ++i) ob[i] = float(q_at<BITS>(blk, i) - zp) * s;
   }
@@ -116,17 +127,22 @@ void dequant_scalar(const NBits& w, int64_t n, float* out) {
 
 #if XC_X86
 // ---- AVX2 + FMA: 8 lanes -----------------------------------------------------------------------
-// q of elements i .. i + 7 of a block (i a multiple of 8), as int32.
+// q of elements i .. i + 7 of a block (i a multiple of 8) as int32.
 template <int BITS>
 XC_TARGET_AVX2 inline __m256i load_q8(const uint8_t* blk, int64_t i) {
   if constexpr (BITS == 8) {
     return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + i)));
   } else {
-    int32_t four;
+    int32_t four;  // 8 nibbles, element j in byte j / 2, the low nibble first
     std::memcpy(&four, blk + i / 2, 4);
-    const __m128i bytes = _mm_cvtsi32_si128(four), low4 = _mm_set1_epi8(0x0F);
-    const __m128i lo = _mm_and_si128(bytes, low4), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low4);
-    return _mm256_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi));  // lo0 hi0 lo1 hi1 ...: element order
+    // dword j takes byte j / 2 (pshufb within each 128-bit lane; 0x80: zero) ...
+    const __m256i spread = _mm256_shuffle_epi8(
+        _mm256_set1_epi32(four),
+        _mm256_set_epi32(int(0x80808003u), int(0x80808003u), int(0x80808002u), int(0x80808002u),
+                         int(0x80808001u), int(0x80808001u), int(0x80808000u), int(0x80808000u)));
+    // ... and odd dwords shift their high nibble down.
+    const __m256i q = _mm256_srlv_epi32(spread, _mm256_set_epi32(4, 0, 4, 0, 4, 0, 4, 0));
+    return _mm256_and_si256(q, _mm256_set1_epi32(0xF));
   }
 }
 
@@ -150,6 +166,8 @@ template <int MB, int RB, int BITS>
 XC_TARGET_AVX2 void block_avx2(const float* x, const NBits& w, int64_t n0, const float* bias,
                                float* out, int64_t N) {
   const int64_t K = w.K;
+  Row row[RB];
+  for (int r = 0; r < RB; ++r) row[r] = w.row(n0 + r);
   __m256 acc[MB][RB];
   for (int m = 0; m < MB; ++m)
     for (int r = 0; r < RB; ++r) acc[m][r] = _mm256_setzero_ps();
@@ -158,9 +176,9 @@ XC_TARGET_AVX2 void block_avx2(const float* x, const NBits& w, int64_t n0, const
     __m256 s[RB];
     __m256i zp[RB];
     for (int r = 0; r < RB; ++r) {
-      blk[r] = w.block(n0 + r, b);
-      s[r] = _mm256_set1_ps(w.scale(n0 + r, b));
-      zp[r] = _mm256_set1_epi32(w.zero_point(n0 + r, b));
+      blk[r] = row[r].q + b * w.blob;
+      s[r] = _mm256_set1_ps(row[r].s[b]);
+      zp[r] = _mm256_set1_epi32(zero_point<BITS>(row[r], b));
     }
     const float* xb = x + b * w.block_size;
     const int64_t len = w.block_len(b);
@@ -190,10 +208,11 @@ XC_TARGET_AVX2 void block_avx2(const float* x, const NBits& w, int64_t n0, const
 
 template <int BITS>
 XC_TARGET_AVX2 void dequant_avx2(const NBits& w, int64_t n, float* out) {
+  const Row row = w.row(n);
   for (int64_t b = 0; b < w.k_blocks; ++b) {
-    const uint8_t* blk = w.block(n, b);
-    const __m256 s = _mm256_set1_ps(w.scale(n, b));
-    const __m256i zp = _mm256_set1_epi32(w.zero_point(n, b));
+    const uint8_t* blk = row.q + b * w.blob;
+    const __m256 s = _mm256_set1_ps(row.s[b]);
+    const __m256i zp = _mm256_set1_epi32(zero_point<BITS>(row, b));
     float* ob = out + b * w.block_size;
     const int64_t len = w.block_len(b);
     int64_t i = 0;
@@ -204,57 +223,44 @@ XC_TARGET_AVX2 void dequant_avx2(const NBits& w, int64_t n, float* out) {
 
 // ---- AVX-512 F/BW/VL: 16 lanes, masked tail ----------------------------------------------------
 // INT8: q widened to int32, (q - zp) converted, times the scale. INT4: a block's 16 possible
-// weights (i - zp) * s, i = 0..15, are one zmm, so dequantizing is one vpermps per 16 elements
-// indexed by the nibbles (vpermps reads only the low 4 bits of each index).
-XC_TARGET_AVX512 inline __m512i nibble_indices(const uint8_t* p) {
-  uint64_t eight;  // 16 nibbles: element i in byte i / 2, the low nibble first
-  std::memcpy(&eight, p, 8);
-  // Every 128-bit lane holds all 8 bytes; dword i takes byte i / 2 as its low byte (pshufb
-  // index), the rest zero (0x80) ...
-  constexpr auto byte = [](unsigned j) { return int(0x80808000u | j); };
-  const __m512i spread = _mm512_shuffle_epi8(
-      _mm512_set1_epi64(int64_t(eight)),
-      _mm512_set_epi32(byte(7), byte(7), byte(6), byte(6), byte(5), byte(5), byte(4), byte(4),
-                       byte(3), byte(3), byte(2), byte(2), byte(1), byte(1), byte(0), byte(0)));
-  // ... and odd dwords shift their high nibble down.
-  return _mm512_srlv_epi32(spread, _mm512_set_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0));
-}
-
-// The 16 weights (i - zp) * s of an INT4 block; 16 consecutive weights of an INT8 block.
-XC_TARGET_AVX512 inline __m512 int4_table(int zp, float s) {
-  const __m512i i = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-  return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(i, _mm512_set1_epi32(zp))),
-                       _mm512_set1_ps(s));
-}
-
-XC_TARGET_AVX512 inline __m512 dequant16_int8(const uint8_t* p, __m512i zp, __m512 s) {
-  const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(q, zp)), s);
-}
-
-// Per block and weight row: INT8 the broadcast zero point and scale, INT4 the table.
+// weights (i - zp) * s, i = 0..15, fill one zmm, so dequantizing 16 elements is one vpermps
+// indexed by their nibbles (it reads only the low 4 bits of each index).
 template <int BITS>
 struct Dequant512 {
   __m512i zp;
   __m512 s;
-  XC_TARGET_AVX512 void set(const NBits& w, int64_t n, int64_t b) {
-    zp = _mm512_set1_epi32(w.zero_point(n, b));
-    s = _mm512_set1_ps(w.scale(n, b));
+  XC_TARGET_AVX512 void set(int zero_point, float scale) {
+    zp = _mm512_set1_epi32(zero_point);
+    s = _mm512_set1_ps(scale);
   }
-  // Weights i .. i + 15 of block blk (i a multiple of 16).
+  // Weights i .. i + 15 of the block at blk (i a multiple of 16).
   XC_TARGET_AVX512 __m512 operator()(const uint8_t* blk, int64_t i) const {
-    return dequant16_int8(blk + i, zp, s);
+    const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + i)));
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(q, zp)), s);
   }
 };
 
 template <>
 struct Dequant512<4> {
   __m512 table;
-  XC_TARGET_AVX512 void set(const NBits& w, int64_t n, int64_t b) {
-    table = int4_table(w.zero_point(n, b), w.scale(n, b));
+  XC_TARGET_AVX512 void set(int zero_point, float scale) {
+    const __m512i i = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    table = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(i, _mm512_set1_epi32(zero_point))),
+                          _mm512_set1_ps(scale));
   }
   XC_TARGET_AVX512 __m512 operator()(const uint8_t* blk, int64_t i) const {
-    return _mm512_permutexvar_ps(nibble_indices(blk + i / 2), table);
+    uint64_t eight;  // 16 nibbles, element j in byte j / 2, the low nibble first
+    std::memcpy(&eight, blk + i / 2, 8);
+    // Every 128-bit lane gets all 8 bytes; dword j takes byte j / 2 (pshufb index; 0x80: zero) ...
+    constexpr auto byte = [](unsigned j) { return int(0x80808000u | j); };
+    const __m512i spread = _mm512_shuffle_epi8(
+        _mm512_set1_epi64(int64_t(eight)),
+        _mm512_set_epi32(byte(7), byte(7), byte(6), byte(6), byte(5), byte(5), byte(4), byte(4),
+                         byte(3), byte(3), byte(2), byte(2), byte(1), byte(1), byte(0), byte(0)));
+    // ... and odd dwords shift their high nibble down; bits above the low 4 are left over.
+    const __m512i q = _mm512_srlv_epi32(
+        spread, _mm512_set_epi32(4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0, 4, 0));
+    return _mm512_permutexvar_ps(q, table);
   }
 };
 
@@ -263,6 +269,8 @@ template <int MB, int RB, int BITS>
 XC_TARGET_AVX512 void block_avx512(const float* x, const NBits& w, int64_t n0, const float* bias,
                                    float* out, int64_t N) {
   const int64_t K = w.K;
+  Row row[RB];
+  for (int r = 0; r < RB; ++r) row[r] = w.row(n0 + r);
   __m512 acc[MB][RB];
   for (int m = 0; m < MB; ++m)
     for (int r = 0; r < RB; ++r) acc[m][r] = _mm512_setzero_ps();
@@ -270,8 +278,8 @@ XC_TARGET_AVX512 void block_avx512(const float* x, const NBits& w, int64_t n0, c
     const uint8_t* blk[RB];
     Dequant512<BITS> dq[RB];
     for (int r = 0; r < RB; ++r) {
-      blk[r] = w.block(n0 + r, b);
-      dq[r].set(w, n0 + r, b);
+      blk[r] = row[r].q + b * w.blob;
+      dq[r].set(zero_point<BITS>(row[r], b), row[r].s[b]);
     }
     const float* xb = x + b * w.block_size;
     const int64_t len = w.block_len(b);
@@ -304,10 +312,11 @@ XC_TARGET_AVX512 void block_avx512(const float* x, const NBits& w, int64_t n0, c
 
 template <int BITS>
 XC_TARGET_AVX512 void dequant_avx512(const NBits& w, int64_t n, float* out) {
+  const Row row = w.row(n);
   for (int64_t b = 0; b < w.k_blocks; ++b) {
-    const uint8_t* blk = w.block(n, b);
+    const uint8_t* blk = row.q + b * w.blob;
     Dequant512<BITS> dq;
-    dq.set(w, n, b);
+    dq.set(zero_point<BITS>(row, b), row.s[b]);
     float* ob = out + b * w.block_size;
     const int64_t len = w.block_len(b);
     int64_t i = 0;
@@ -362,9 +371,9 @@ void gemv_nbits(const float* x, const uint8_t* B, const float* scales, const uin
   const NBits w(B, scales, zero_points, K, bits, block_size);
   const Table table = table_for(bits);
   const int threads = num_threads();
-  const int64_t blocks = (N + R - 1) / R;
+  const int64_t tasks = (N + R - 1) / R;
 #pragma omp parallel for schedule(static) num_threads(threads) if (use_pool(threads, N, K))
-  for (int64_t t = 0; t < blocks; ++t) {
+  for (int64_t t = 0; t < tasks; ++t) {
     const int64_t n0 = t * R;
     const int64_t rows = std::min<int64_t>(R, N - n0);
     // Equal chunks of x rows, as in gemv.cpp: each chunk re-dequantizes the rows (from cache).

@@ -116,14 +116,19 @@ def supervise(argv: list[str], ranks: int, cores: list[list[int]] | None) -> int
         return 130
     finally:
         creator.unlink()
+        # ranks leave by themselves once the segment is aborted (or rank 0 said stop): give
+        # them a moment, then terminate, then kill whatever is still there
         for p in procs:
-            if p.poll() is None:
+            try:
+                p.wait(timeout=2)
+            except subprocess.TimeoutExpired:
                 p.terminate()
         for p in procs:
             try:
-                p.wait(timeout=5)
+                p.wait(timeout=2)
             except subprocess.TimeoutExpired:
                 p.kill()
+                p.wait()
         creator.close()
 
 

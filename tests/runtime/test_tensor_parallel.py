@@ -51,3 +51,70 @@ def test_tp2_quantized_gives_tp1_tokens(dtype, scheme, checkpoint, tmp_path):
     one = greedy(single)
     two = greedy(tmp_path / "tp2", torchrun(2), ["--backend", "torch"])
     assert two["tokens"] == one["tokens"]
+
+
+@pytest.mark.parametrize("family", TP_FAMILIES)
+def test_tp2_shm_backend_gives_tp1_tokens(family, compiled, sharded):
+    one = greedy(compiled(family))
+    two = greedy(sharded(family))  # xrun starts the ranks itself
+    assert two["ranks"] == 2 and two["tokens"] == one["tokens"]
+
+
+def _children(pid: int) -> dict[int, str]:
+    """pid -> command line of every process whose parent is pid"""
+    import os
+
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            if ppid == pid:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    found[int(entry)] = f.read().replace(b"\0", b" ").decode()
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def test_kill_9_of_rank_1_stops_rank_0_within_5s(tmp_path):
+    """A rank that dies mid-decode: the others stop with one line, never a hang."""
+    import os
+    import select
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from xcompile.quantize import quantize
+    from xcompile.shard import shard
+    from xcompile.toy import make_checkpoint
+
+    ckpt = make_checkpoint("llama", tmp_path / "ckpt", max_position_embeddings=8192)
+    quantize(ckpt, tmp_path / "one", "fp32", progress=False)
+    shard(tmp_path / "one", 2, tmp_path / "two", progress=False)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "xcompile.runtime.cli", str(tmp_path / "two"), "--prompt",
+         "hello", "--max-new-tokens", "8000", "--temperature", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 120)
+        assert ready, "no token within 120 s"
+        os.read(proc.stdout.fileno(), 1)  # decoding has started
+        ranks = _children(proc.pid)
+        victim = next(pid for pid, cmd in ranks.items() if "--rank 1 " in cmd + " ")
+        os.kill(victim, signal.SIGKILL)
+        killed = time.monotonic()
+        proc.wait(timeout=10)
+        elapsed = time.monotonic() - killed
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stderr = proc.stderr.read().decode()
+    assert proc.returncode != 0
+    assert elapsed < 5.0
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "rank 1" in lines[0] and "died" in lines[0], stderr
+    assert all(p not in _children(proc.pid) for p in ranks)  # no rank left behind

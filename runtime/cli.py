@@ -58,6 +58,8 @@ def run(
                                 "torch (torch.distributed under torchrun)."),
     reference: bool = typer.Option(False, "--reference",
                                    help="Run every step on its plain torch reference."),
+    weights: str = typer.Option("copy", "--weights", help="copy: into huge pages at start "
+                                "(faster decode); map: use the file's pages (no copy)."),
     verbose: bool = typer.Option(False, "--verbose", help="Tracebacks on errors."),
     rank: int = typer.Option(None, "--rank", hidden=True),
     comm: str = typer.Option(None, "--comm", hidden=True),
@@ -70,6 +72,8 @@ def run(
         raise UserError("--top-p must be in (0, 1]; 1 keeps every token")
     if backend not in ("shm", "torch"):
         raise UserError(f"--backend {backend!r}: choose shm or torch")
+    if weights not in ("copy", "map"):
+        raise UserError(f"--weights {weights!r}: choose copy or map")
     manifest = artifacts.read_manifest(artifacts_dir)  # cheap checks before torch loads
     ranks = manifest.ranks
 
@@ -109,11 +113,11 @@ def run(
         communicator = None
 
     _generate(artifacts_dir, communicator, prompt, max_new_tokens, temperature, top_k, top_p,
-              seed, as_json, threads, reference)
+              seed, as_json, threads, reference, weights)
 
 
 def _generate(root, communicator, prompt, max_new_tokens, temperature, top_k, top_p, seed,
-              as_json, threads, reference) -> None:
+              as_json, threads, reference, weights="copy") -> None:
     import torch
 
     from xcompile.runtime import kernels
@@ -129,7 +133,8 @@ def _generate(root, communicator, prompt, max_new_tokens, temperature, top_k, to
     kernels.set_num_threads(n_threads)
     rank = communicator.rank if communicator else 0
     try:
-        model = Model.load(root, use_kernels=not reference, rank=rank, comm=communicator)
+        model = Model.load(root, use_kernels=not reference, rank=rank, comm=communicator,
+                           weights=weights)
         if rank != 0:
             follow(model, communicator)
             return

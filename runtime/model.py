@@ -32,7 +32,8 @@ class Model:
 
     @classmethod
     def load(cls, root: str | Path, use_kernels: bool = True, rank: int = 0,
-             comm: Communicator | None = None) -> Model:
+             comm: Communicator | None = None, weights: str = "copy") -> Model:
+        """weights: "copy" into huge pages (faster decode) or "map" the file (no copy)."""
         root = Path(root)
         manifest = artifacts.read_manifest(root)
         artifacts.verify(root, manifest)
@@ -43,11 +44,17 @@ class Model:
         except Exception as e:  # protobuf's DecodeError and friends
             raise UserError(f"{graph_file}: not a readable ONNX graph ({e.__class__.__name__}); "
                             "rebuild the artifacts") from None
-        weights = dict(artifacts.map_tensors(root / f"rank{rank}.safetensors"))
+        mapped = dict(artifacts.map_tensors(root / f"rank{rank}.safetensors"))
+        if weights == "copy":
+            from xcompile.runtime.weights import resident
+
+            mapped = resident(mapped)
+        elif weights != "map":
+            raise UserError(f"--weights {weights!r}: choose copy or map")
         if comm is not None and comm.ranks != manifest.ranks:
             raise UserError(f"{root} is sharded for {manifest.ranks} ranks, but {comm.ranks} "
                             "are running; launch as many ranks as the manifest says")
-        return cls(root, manifest, graph, weights, use_kernels, comm or SingleRank())
+        return cls(root, manifest, graph, mapped, use_kernels, comm or SingleRank())
 
     @property
     def config(self) -> dict:

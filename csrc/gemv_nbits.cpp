@@ -12,15 +12,17 @@
 // its rows once for all M. Weights are dequantized to fp32 in registers, 16 (AVX-512) or 8 (AVX2)
 // at a time, to exactly the reference's values ((q - zp) in integers, one rounding multiply by the
 // scale), and FMA'd with x. block_size is a power of two >= 16, so a block is whole vector steps
-// except the last block's tail past K, where x and w are masked (padding bytes are never used).
-// Not done: an AVX-512 VNNI path on int8-quantized activations. Rounding x to 8 bits costs ~1e-3
-// relative error, ten times the 1e-4 the tests hold every path to.
+// except the last block's tail past K, where x and w are masked; the AVX-512 INT4 pairs kernels
+// instead read x zero-padded to whole blocks (padding weights are finite, so they add 0).
+// INT4 on AVX-512 dequantizes by table lookup (vpermps), INT8 by widen, subtract, convert, scale.
+// Not done: an AVX-512 VNNI path on int8-quantized activations. Rounding x to 8 bits per row costs
+// ~1e-2 relative error in out (0.9% at K=2048, Gaussian x), ~100x the 1e-4 every path is held to.
 #include <omp.h>
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
+#include <vector>
 
 #include "dispatch.h"
 #include "kernels.h"
@@ -35,7 +37,10 @@ namespace {
 
 constexpr int R = 4;  // weight rows per task, as in gemv.cpp
 constexpr int64_t kParallelMinElems = int64_t(1) << 16;
-int64_t kPrefetch = std::getenv("XC_PF") ? std::atoll(std::getenv("XC_PF")) : 0;
+// Software prefetch this far ahead in each weight row's stream: the dequantizing loops are slow
+// enough that the hardware prefetcher alone lets them wait on DRAM (A/B runs on the 2-core dev
+// VM, N=5632, K=2048: 0 to 19% faster with it, varying with the neighbours' load).
+constexpr int64_t kPrefetch = 384;
 
 // One weight row n: its bytes (k_blocks * blob, blocks back to back), scales, zero points.
 struct Row {
@@ -69,8 +74,7 @@ inline int zero_point(const Row& row, int64_t b) {
   if constexpr (BITS == 8) {
     return row.z[b];
   } else {
-    const uint8_t pair = row.z[b / 2];
-    return (b & 1) ? pair >> 4 : pair & 0xF;
+    return (row.z[b / 2] >> ((b & 1) * 4)) & 0xF;  // branch-free: blocks alternate nibbles
   }
 }
 
@@ -85,7 +89,8 @@ inline int q_at(const uint8_t* blk, int64_t i) {
   }
 }
 
-// A block kernel: MB rows of x (stride K) times RB weight rows n0.. into out (stride N).
+// A block kernel: MB rows of x (stride K; the pairs kernels: their permuted, padded x) times RB
+// weight rows n0.. into out (stride N).
 using BlockFn = void (*)(const float* x, const NBits& w, int64_t n0, const float* bias,
                          float* out, int64_t N);
 // One weight row n into out (K).
@@ -121,11 +126,19 @@ void dequant_scalar(const NBits& w, int64_t n, float* out) {
     const float s = row.s[b];
     const int zp = zero_point<BITS>(row, b);
     float* ob = out + b * w.block_size;
-    for (int64_t i = 0, len = w.block_len(b); i < len; ++i) ob[i] = float(q_at<BITS>(blk, i) - zp) * s;
+    for (int64_t i = 0, len = w.block_len(b); i < len; ++i)
+      ob[i] = float(q_at<BITS>(blk, i) - zp) * s;
   }
 }
 
 #if XC_X86
+// Each weight row is a stream; fetch it kPrefetch bytes ahead of byte `offset` of each block.
+template <int RB>
+inline void prefetch_ahead(const uint8_t* const* blk, int64_t offset) {
+  for (int r = 0; r < RB; ++r)
+    _mm_prefetch(reinterpret_cast<const char*>(blk[r] + offset + kPrefetch), _MM_HINT_T0);
+}
+
 // ---- AVX2 + FMA: 8 lanes -----------------------------------------------------------------------
 // q of elements i .. i + 7 of a block (i a multiple of 8) as int32.
 template <int BITS>
@@ -184,6 +197,7 @@ XC_TARGET_AVX2 void block_avx2(const float* x, const NBits& w, int64_t n0, const
     const int64_t len = w.block_len(b);
     int64_t i = 0;
     for (; i + 8 <= len; i += 8) {
+      prefetch_ahead<RB>(blk, i * BITS / 8);
       __m256 xv[MB];
       for (int m = 0; m < MB; ++m) xv[m] = _mm256_loadu_ps(xb + m * K + i);
       for (int r = 0; r < RB; ++r) {
@@ -217,7 +231,8 @@ XC_TARGET_AVX2 void dequant_avx2(const NBits& w, int64_t n, float* out) {
     const int64_t len = w.block_len(b);
     int64_t i = 0;
     for (; i + 8 <= len; i += 8) _mm256_storeu_ps(ob + i, dequant8(load_q8<BITS>(blk, i), zp, s));
-    if (i < len) _mm256_maskstore_ps(ob + i, tail_mask8(len - i), dequant8(load_q8<BITS>(blk, i), zp, s));
+    if (i < len)
+      _mm256_maskstore_ps(ob + i, tail_mask8(len - i), dequant8(load_q8<BITS>(blk, i), zp, s));
   }
 }
 
@@ -235,18 +250,27 @@ struct Dequant512 {
   }
   // Weights i .. i + 15 of the block at blk (i a multiple of 16).
   XC_TARGET_AVX512 __m512 operator()(const uint8_t* blk, int64_t i) const {
-    const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + i)));
+    const __m512i q =
+        _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + i)));
     return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(q, zp)), s);
   }
 };
+
+// kCentered[z][i] = i - z: the INT4 values a zero point z leaves, as floats.
+struct Centered {
+  alignas(64) float v[16][16];
+  constexpr Centered() : v() {
+    for (int z = 0; z < 16; ++z)
+      for (int i = 0; i < 16; ++i) v[z][i] = float(i - z);
+  }
+};
+constexpr Centered kCentered;
 
 template <>
 struct Dequant512<4> {
   __m512 table;
   XC_TARGET_AVX512 void set(int zero_point, float scale) {
-    const __m512i i = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-    table = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(i, _mm512_set1_epi32(zero_point))),
-                          _mm512_set1_ps(scale));
+    table = _mm512_mul_ps(_mm512_load_ps(kCentered.v[zero_point]), _mm512_set1_ps(scale));
   }
   XC_TARGET_AVX512 __m512 operator()(const uint8_t* blk, int64_t i) const {
     uint64_t eight;  // 16 nibbles, element j in byte j / 2, the low nibble first
@@ -285,9 +309,7 @@ XC_TARGET_AVX512 void block_avx512(const float* x, const NBits& w, int64_t n0, c
     const int64_t len = w.block_len(b);
     int64_t i = 0;
     for (; i + 16 <= len; i += 16) {
-      if (kPrefetch)
-        for (int r = 0; r < RB; ++r)
-          _mm_prefetch(reinterpret_cast<const char*>(blk[r] + i * BITS / 8 + kPrefetch), _MM_HINT_T0);
+      prefetch_ahead<RB>(blk, i * BITS / 8);
       __m512 xv[MB];
       for (int m = 0; m < MB; ++m) xv[m] = _mm512_loadu_ps(xb + m * K + i);
       for (int r = 0; r < RB; ++r) {
@@ -302,6 +324,52 @@ XC_TARGET_AVX512 void block_avx512(const float* x, const NBits& w, int64_t n0, c
       for (int r = 0; r < RB; ++r) {
         const __m512 wv = _mm512_maskz_mov_ps(tail, dq[r](blk[r], i));
         for (int m = 0; m < MB; ++m) acc[m][r] = _mm512_fmadd_ps(xv[m], wv, acc[m][r]);
+      }
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < RB; ++r)
+      out[m * N + r] = _mm512_reduce_add_ps(acc[m][r]) + (bias ? bias[r] : 0.0f);
+}
+
+// INT4 with block_size >= 32: 32 elements per step from one 16-byte load, whose bytes widen to 16
+// dwords holding elements 2j (low nibble) and, shifted, 2j + 1: three shuffles per 32 elements
+// where Dequant512<4> takes four. x comes permuted to match (permute_x_pairs) and zero-padded to
+// whole blocks, so there is no tail to mask.
+template <int MB, int RB>
+XC_TARGET_AVX512 void block_avx512_int4_pairs(const float* xp, const NBits& w, int64_t n0,
+                                              const float* bias, float* out, int64_t N) {
+  const int64_t stride = w.k_blocks * w.block_size;  // of the padded, permuted x
+  Row row[RB];
+  for (int r = 0; r < RB; ++r) row[r] = w.row(n0 + r);
+  __m512 acc[MB][RB];
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < RB; ++r) acc[m][r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < w.k_blocks; ++b) {
+    const uint8_t* blk[RB];
+    Dequant512<4> dq[RB];
+    for (int r = 0; r < RB; ++r) {
+      blk[r] = row[r].q + b * w.blob;
+      dq[r].set(zero_point<4>(row[r], b), row[r].s[b]);
+    }
+    const float* xb = xp + b * w.block_size;
+    const int64_t len = w.block_len(b);
+    for (int64_t i = 0; i < len; i += 32) {
+      prefetch_ahead<RB>(blk, i / 2);
+      __m512 x_even[MB], x_odd[MB];
+      for (int m = 0; m < MB; ++m) {
+        x_even[m] = _mm512_loadu_ps(xb + m * stride + i);
+        x_odd[m] = _mm512_loadu_ps(xb + m * stride + i + 16);
+      }
+      for (int r = 0; r < RB; ++r) {
+        const __m512i q = _mm512_cvtepu8_epi32(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk[r] + i / 2)));
+        const __m512 w_even = _mm512_permutexvar_ps(q, dq[r].table);
+        const __m512 w_odd = _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), dq[r].table);
+        for (int m = 0; m < MB; ++m) {
+          acc[m][r] = _mm512_fmadd_ps(x_even[m], w_even, acc[m][r]);
+          acc[m][r] = _mm512_fmadd_ps(x_odd[m], w_odd, acc[m][r]);
+        }
       }
     }
   }
@@ -333,6 +401,7 @@ struct Table {
   BlockFn full[4];
   BlockFn one[4];
   DequantFn dequant;
+  bool pairs = false;  // the kernels take x from permute_x_pairs
 };
 
 template <int BITS>
@@ -357,7 +426,29 @@ Table table_for() {
   }
 }
 
-Table table_for(int bits) { return bits == 8 ? table_for<8>() : table_for<4>(); }
+Table table_for(int bits, int64_t block_size) {
+#if XC_X86
+  if (bits == 4 && block_size >= 32 && current_isa() == Isa::avx512)
+    return {4,
+            {block_avx512_int4_pairs<1, R>, block_avx512_int4_pairs<2, R>,
+             block_avx512_int4_pairs<3, R>, block_avx512_int4_pairs<4, R>},
+            {block_avx512_int4_pairs<1, 1>, block_avx512_int4_pairs<2, 1>,
+             block_avx512_int4_pairs<3, 1>, block_avx512_int4_pairs<4, 1>},
+            dequant_avx512<4>,
+            true};
+#endif
+  return bits == 8 ? table_for<8>() : table_for<4>();
+}
+
+// x (M, K) -> (M, padded): in each group of 32, the 16 even elements then the 16 odd ones (the
+// order block_avx512_int4_pairs multiplies weights in); zeros past K.
+std::vector<float> permute_x_pairs(const float* x, int64_t M, int64_t K, int64_t padded) {
+  std::vector<float> xp(size_t(M * padded), 0.0f);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k)
+      xp[m * padded + (k & ~int64_t(31)) + (k & 1) * 16 + (k & 31) / 2] = x[m * K + k];
+  return xp;
+}
 
 bool use_pool(int threads, int64_t N, int64_t K) {
   return threads > 1 && N > R && N * K >= kParallelMinElems;
@@ -369,7 +460,14 @@ void gemv_nbits(const float* x, const uint8_t* B, const float* scales, const uin
                 const float* bias, float* out, int64_t M, int64_t N, int64_t K, int bits,
                 int64_t block_size) {
   const NBits w(B, scales, zero_points, K, bits, block_size);
-  const Table table = table_for(bits);
+  const Table table = table_for(bits, block_size);
+  std::vector<float> xp;
+  int64_t x_stride = K;
+  if (table.pairs) {
+    x_stride = w.k_blocks * block_size;
+    xp = permute_x_pairs(x, M, K, x_stride);
+    x = xp.data();
+  }
   const int threads = num_threads();
   const int64_t tasks = (N + R - 1) / R;
 #pragma omp parallel for schedule(static) num_threads(threads) if (use_pool(threads, N, K))
@@ -380,7 +478,7 @@ void gemv_nbits(const float* x, const uint8_t* B, const float* scales, const uin
     const int64_t chunks = (M + table.max_mb - 1) / table.max_mb;
     for (int64_t c = 0, m0 = 0; c < chunks; ++c) {
       const int mb = int((M - m0 + (chunks - c) - 1) / (chunks - c));
-      const float* xm = x + m0 * K;
+      const float* xm = x + m0 * x_stride;
       float* om = out + m0 * N;
       if (rows == R) {
         table.full[mb - 1](xm, w, n0, bias ? bias + n0 : nullptr, om + n0, N);
@@ -396,7 +494,7 @@ void gemv_nbits(const float* x, const uint8_t* B, const float* scales, const uin
 void dequantize_nbits(const uint8_t* B, const float* scales, const uint8_t* zero_points,
                       float* out, int64_t N, int64_t K, int bits, int64_t block_size) {
   const NBits w(B, scales, zero_points, K, bits, block_size);
-  const DequantFn dequant = table_for(bits).dequant;
+  const DequantFn dequant = table_for(bits, block_size).dequant;
   const int threads = num_threads();
 #pragma omp parallel for schedule(static) num_threads(threads) if (use_pool(threads, N, K))
   for (int64_t n = 0; n < N; ++n) dequant(w, n, out + n * K);

@@ -96,13 +96,13 @@ def transformers_ms(model_dir: Path, tokens: int, threads: int, int8: bool = Fal
         model.lm_head.to(torch.bfloat16)
         head = model.lm_head
         head.forward = lambda x, head=head: torch.nn.functional.linear(
-            x.to(torch.bfloat16), head.weight).float()
+            x.to(torch.bfloat16), head.weight
+        ).float()
 
     def run(n: int) -> float:
         t0 = time.perf_counter()
         with torch.no_grad():
-            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                           pad_token_id=0)
+            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
         return time.perf_counter() - t0
 
     run(2)
@@ -112,17 +112,25 @@ def transformers_ms(model_dir: Path, tokens: int, threads: int, int8: bool = Fal
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", type=Path)
-    parser.add_argument("--variants", nargs="+",
-                        default=["bf16", "bf16:primitive", "int8", "int4", "fp32"])
+    parser.add_argument(
+        "--variants", nargs="+", default=["bf16", "bf16:primitive", "int8", "int4", "fp32"]
+    )
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--work", type=Path, default=Path("bench-work"))
     parser.add_argument("--no-transformers", action="store_true")
-    parser.add_argument("--torch-int8", action="store_true",
-                        help="also torch's aten._weight_int8pack_mm on the transformers model")
-    parser.add_argument("--ranks", type=int, default=1,
-                        help="also run each fused variant sharded for this many ranks")
+    parser.add_argument(
+        "--torch-int8",
+        action="store_true",
+        help="also torch's aten._weight_int8pack_mm on the transformers model",
+    )
+    parser.add_argument(
+        "--ranks",
+        type=int,
+        default=1,
+        help="also run each fused variant sharded for this many ranks",
+    )
     args = parser.parse_args()
 
     args.work.mkdir(exist_ok=True)
@@ -131,16 +139,35 @@ def main() -> None:
         dtype, _, graph = variant.partition(":")
         arts[variant] = args.work / f"{args.model.name}-{dtype}{'-' + graph if graph else ''}"
         if not (arts[variant] / "manifest.json").is_file():
-            subprocess.run(["xcompile", "quantize", str(args.model), "-o", str(arts[variant]),
-                            f"--{dtype}", *(["--no-fuse"] if graph == "primitive" else [])],
-                           check=True)
+            subprocess.run(
+                [
+                    "xcompile",
+                    "quantize",
+                    str(args.model),
+                    "-o",
+                    str(arts[variant]),
+                    f"--{dtype}",
+                    *(["--no-fuse"] if graph == "primitive" else []),
+                ],
+                check=True,
+            )
 
     if args.ranks > 1:
         for variant in [v for v in args.variants if ":" not in v]:
             tp = args.work / f"{arts[variant].name}-tp{args.ranks}"
             if not (tp / "manifest.json").is_file():
-                subprocess.run(["xcompile", "shard", str(arts[variant]), "--ranks",
-                                str(args.ranks), "-o", str(tp)], check=True)
+                subprocess.run(
+                    [
+                        "xcompile",
+                        "shard",
+                        str(arts[variant]),
+                        "--ranks",
+                        str(args.ranks),
+                        "-o",
+                        str(tp),
+                    ],
+                    check=True,
+                )
             arts[f"{variant}:tp{args.ranks}"] = tp
 
     rows: dict[str, list[float]] = {}
@@ -155,19 +182,23 @@ def main() -> None:
                 shares[f"xrun {variant}"] = share
     if args.torch_int8:
         bws.append(read_bandwidth(args.threads))
-        rows["torch int8pack_mm"] = [transformers_ms(args.model, args.tokens, args.threads,
-                                                     int8=True)]
+        rows["torch int8pack_mm"] = [
+            transformers_ms(args.model, args.tokens, args.threads, int8=True)
+        ]
     if not args.no_transformers:
         bws.append(read_bandwidth(args.threads))
         rows["transformers eager fp32"] = [transformers_ms(args.model, args.tokens, args.threads)]
 
     bw = max(bws)
-    print(f"read bandwidth ({args.threads} threads): best {bw:.1f} GB/s, "
-          f"range {min(bws):.1f}-{max(bws):.1f} over {len(bws)} passes")
+    print(
+        f"read bandwidth ({args.threads} threads): best {bw:.1f} GB/s, "
+        f"range {min(bws):.1f}-{max(bws):.1f} over {len(bws)} passes"
+    )
     print(f"{'':26s} {'ms/token':>9s} {'GB/s':>7s} {'of bw':>6s} {'floor ms':>9s}")
     for name, times in rows.items():
         variant = {"transformers eager fp32": "fp32", "torch int8pack_mm": "int8"}.get(
-            name, name.split()[-1])
+            name, name.split()[-1]
+        )
         if variant in arts:
             nbytes = weight_bytes_per_token(arts[variant])
         else:

@@ -59,7 +59,8 @@ def main() -> None:
         name = str(dtype).removeprefix("torch.")
         print(f"{'xcompile linear, ' + name:32s} {ours:6.1f} GB/s  ({ours / read_bw:.2f} of read)")
         print(
-            f"{'torch linear, ' + name:32s} {theirs:6.1f} GB/s  (xcompile/torch {ours / theirs:.2f})"
+            f"{'torch linear, ' + name:32s} {theirs:6.1f} GB/s  "
+            f"(xcompile/torch {ours / theirs:.2f})"
         )
 
 

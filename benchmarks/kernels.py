@@ -126,11 +126,15 @@ def main() -> None:
 
     print(f"isa={kernels.isa()} threads={args.threads}  (microseconds per call; x = torch / bound)")
     print(
-        f"{'kernel':34s} {'bound':>8s} {'wrapper':>8s} {'torch':>8s} {'x':>6s} {'sdpa':>8s} {'x':>6s}"
+        f"{'kernel':34s} {'bound':>8s} {'wrapper':>8s} {'torch':>8s} {'x':>6s} "
+        f"{'sdpa':>8s} {'x':>6s}"
     )
     for name, fns in rows.items():
         times = [microseconds(fn) for fn in fns]
-        line = f"{name:34s} {times[0]:8.1f} {times[1]:8.1f} {times[2]:8.1f} {times[2] / times[0]:5.1f}x"
+        line = (
+            f"{name:34s} {times[0]:8.1f} {times[1]:8.1f} {times[2]:8.1f} "
+            f"{times[2] / times[0]:5.1f}x"
+        )
         if len(times) > 3:
             line += f" {times[3]:8.1f} {times[3] / times[0]:5.1f}x"
         print(line)

@@ -38,8 +38,9 @@ def discover() -> list:
     return [p for _, p in sorted(found, key=lambda t: t[0])]
 
 
-def fuse(model: onnx.ModelProto, only: list[str] | None = None
-         ) -> tuple[onnx.ModelProto, list[PassReport]]:
+def fuse(
+    model: onnx.ModelProto, only: list[str] | None = None
+) -> tuple[onnx.ModelProto, list[PassReport]]:
     """Run every pass (or those named in `only`) in order; returns the fused model and what
     each pass changed."""
     import onnx_ir as ir
@@ -54,12 +55,14 @@ def fuse(model: onnx.ModelProto, only: list[str] | None = None
         before = sum(1 for _ in ir_model.graph)
         manager = ir.passes.PassManager([p, RemoveUnusedNodesPass()])
         manager(ir_model)
-        reports.append(PassReport(p.name, before, sum(1 for _ in ir_model.graph),
-                                  getattr(p, "rewrites", 0)))
+        reports.append(
+            PassReport(p.name, before, sum(1 for _ in ir_model.graph), getattr(p, "rewrites", 0))
+        )
     if any(r.rewrites for r in reports):
         # the per-layer copies of shared subgraphs a rewrite made (sequence lengths) become one
         ir.passes.PassManager([CommonSubexpressionEliminationPass(), RemoveUnusedNodesPass()])(
-            ir_model)
+            ir_model
+        )
         readable_names(ir_model.graph)
     return ir.serde.serialize_model(ir_model), reports
 
@@ -71,12 +74,23 @@ def readable_names(graph) -> None:
     for node in graph:
         if node.name and node.name.startswith("/"):
             continue
-        places = [v.name.rsplit("/", 2)[0] for v in node.outputs if v.name and v.name.startswith("/")]
-        places += [u.name.rsplit("/", 1)[0] for v in node.outputs for u, _ in v.uses()
-                   if u.name and u.name.startswith("/")]
-        places += [v.producer().name.rsplit("/", 1)[0] for v in node.inputs
-                   if v is not None and v.producer() is not None and v.producer().name
-                   and v.producer().name.startswith("/")]
+        places = [
+            v.name.rsplit("/", 2)[0] for v in node.outputs if v.name and v.name.startswith("/")
+        ]
+        places += [
+            u.name.rsplit("/", 1)[0]
+            for v in node.outputs
+            for u, _ in v.uses()
+            if u.name and u.name.startswith("/")
+        ]
+        places += [
+            v.producer().name.rsplit("/", 1)[0]
+            for v in node.inputs
+            if v is not None
+            and v.producer() is not None
+            and v.producer().name
+            and v.producer().name.startswith("/")
+        ]
         base = f"{places[0] if places else '/fused'}/{node.op_type}"
         name, i = base, 1
         while name in taken:

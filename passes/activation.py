@@ -41,8 +41,12 @@ class FastGeluRule(pattern.RewriteRuleClassBase):
         return op.Mul(op.Mul(x, half), op.Add(inner, one))
 
     def check(self, context, half, c, k, one, **_):
-        ok = (_close(half, 0.5) and _close(c, 0.044715) and _close(k, math.sqrt(2 / math.pi))
-              and _close(one, 1.0))
+        ok = (
+            _close(half, 0.5)
+            and _close(c, 0.044715)
+            and _close(k, math.sqrt(2 / math.pi))
+            and _close(one, 1.0)
+        )
         return pattern.MatchResult() if ok else pattern.MatchResult().fail("not gelu_tanh")
 
     def rewrite(self, op, x, **_):
@@ -68,8 +72,9 @@ def silu_mul_function() -> ir.Function:
     act = ir.node("Mul", [g, sig.outputs[0]])
     out = ir.node("Mul", [act.outputs[0], up])
     out.outputs[0].name = "out"
-    graph = ir.Graph([g, up], [out.outputs[0]], nodes=[sig, act, out], opset_imports={"": 18},
-                     name="SiluMul")
+    graph = ir.Graph(
+        [g, up], [out.outputs[0]], nodes=[sig, act, out], opset_imports={"": 18}, name="SiluMul"
+    )
     return ir.Function(DOMAIN, "SiluMul", "", graph=graph, attributes=[])
 
 

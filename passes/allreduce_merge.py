@@ -55,8 +55,9 @@ class AllReduceMergePass(ir.passes.InPlacePass):
                 partial_b = (second or biased[1]).inputs[0]
                 scope = node.name.rsplit("/", 1)[0]
                 summed = ir.node("Add", [first.inputs[0], partial_b], name=f"{scope}/partials")
-                reduce = ir.node("AllReduce", [summed.outputs[0]], domain=first.domain,
-                                 name=f"{scope}/AllReduce")
+                reduce = ir.node(
+                    "AllReduce", [summed.outputs[0]], domain=first.domain, name=f"{scope}/AllReduce"
+                )
                 new = [summed, reduce]
                 result = reduce.outputs[0]
                 if biased is not None:
@@ -66,8 +67,11 @@ class AllReduceMergePass(ir.passes.InPlacePass):
                 graph.insert_before(node, new)
                 result.shape, result.type = node.outputs[0].shape, node.outputs[0].type
                 ir.convenience.replace_all_uses_with(node.outputs[0], result)
-                dead = [node, first, second] if second is not None else [node, first, biased[0],
-                                                                          biased[1]]
+                dead = (
+                    [node, first, second]
+                    if second is not None
+                    else [node, first, biased[0], biased[1]]
+                )
                 graph.remove(dead, safe=True)
                 self.rewrites += 1
         return ir.passes.PassResult(model, modified=self.rewrites > 0)

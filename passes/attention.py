@@ -53,8 +53,25 @@ class GroupQueryAttentionRule(pattern.RewriteRuleClassBase):
         super().__init__(f"gqa_{'grouped' if grouped else 'mha'}")
         self.grouped = grouped
 
-    def pattern(self, op, q3, k3, v3, qs, ks, vs, past_k, past_v, axis, rep, shape_k, shape_v,
-                scale, mask, out_shape):
+    def pattern(
+        self,
+        op,
+        q3,
+        k3,
+        v3,
+        qs,
+        ks,
+        vs,
+        past_k,
+        past_v,
+        axis,
+        rep,
+        shape_k,
+        shape_v,
+        scale,
+        mask,
+        out_shape,
+    ):
         q = op.Transpose(op.Reshape(q3, qs), perm=PERM)
         k = op.Transpose(op.Reshape(k3, ks), perm=PERM)
         v = op.Transpose(op.Reshape(v3, vs), perm=PERM)
@@ -88,13 +105,25 @@ class GroupQueryAttentionRule(pattern.RewriteRuleClassBase):
         one = op.Constant(value=ir.tensor(np.array([1], dtype=np.int64)))
         axis0 = op.Constant(value=ir.tensor(np.array([0], dtype=np.int64)))
         total = op.Add(op.Shape(past_k, start=2, end=3), op.Shape(q3, start=1, end=2))  # [T]
-        seqlens_k = op.Expand(op.Cast(op.Sub(total, one), to=ir.DataType.INT32),
-                              op.Shape(q3, start=0, end=1))  # (B,) = T - 1
+        seqlens_k = op.Expand(
+            op.Cast(op.Sub(total, one), to=ir.DataType.INT32), op.Shape(q3, start=0, end=1)
+        )  # (B,) = T - 1
         total_len = op.Cast(op.Squeeze(total, axis0), to=ir.DataType.INT32)
         return op.GroupQueryAttention(
-            q3, k3, v3, past_k, past_v, seqlens_k, total_len, _domain="com.microsoft",
-            _outputs=3, num_heads=int(constant(qs)[2]), kv_num_heads=int(constant(ks)[2]),
-            scale=float(scalar(scale)), local_window_size=window if window else -1)
+            q3,
+            k3,
+            v3,
+            past_k,
+            past_v,
+            seqlens_k,
+            total_len,
+            _domain="com.microsoft",
+            _outputs=3,
+            num_heads=int(constant(qs)[2]),
+            kv_num_heads=int(constant(ks)[2]),
+            scale=float(scalar(scale)),
+            local_window_size=window if window else -1,
+        )
 
 
 class AttentionPass(RulePass):

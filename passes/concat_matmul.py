@@ -43,7 +43,7 @@ def fused_name(names: list[str]) -> str:
     stems = [n.removesuffix(".weight") for n in names]
     prefix = os.path.commonprefix(stems)
     prefix = prefix[: prefix.rfind(".") + 1]
-    return prefix + "+".join(s[len(prefix):] for s in stems) + ".weight"
+    return prefix + "+".join(s[len(prefix) :] for s in stems) + ".weight"
 
 
 class ConcatMatMulPass(ir.passes.InPlacePass):
@@ -65,19 +65,26 @@ class ConcatMatMulPass(ir.passes.InPlacePass):
                 continue
             weights = [w for _, w, _ in members]
             casts = [len(chain) for _, _, chain in members]
-            if len({w.dtype for w in weights}) != 1 or len(set(casts)) != 1 or \
-                    len({w.shape[1] for w in weights}) != 1:
+            if (
+                len({w.dtype for w in weights}) != 1
+                or len(set(casts)) != 1
+                or len({w.shape[1] for w in weights}) != 1
+            ):
                 continue
             sizes = [int(w.shape[0]) for w in weights]
             name = fused_name([w.name for w in weights])
-            tensor = ir.ExternalTensor(location="rank0.safetensors", offset=0,
-                                       length=int(sum(sizes) * int(weights[0].shape[1]) *
-                                                  weights[0].dtype.itemsize),
-                                       dtype=weights[0].dtype,
-                                       shape=ir.Shape([sum(sizes), weights[0].shape[1]]),
-                                       name=name, base_dir="")
-            merged = ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype),
-                              const_value=tensor)
+            tensor = ir.ExternalTensor(
+                location="rank0.safetensors",
+                offset=0,
+                length=int(sum(sizes) * int(weights[0].shape[1]) * weights[0].dtype.itemsize),
+                dtype=weights[0].dtype,
+                shape=ir.Shape([sum(sizes), weights[0].shape[1]]),
+                name=name,
+                base_dir="",
+            )
+            merged = ir.Value(
+                name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor
+            )
             graph.register_initializer(merged)
             recipes[name] = [w.name for w in weights]
             part_rows[name] = sizes
@@ -91,14 +98,22 @@ class ConcatMatMulPass(ir.passes.InPlacePass):
                 cast = ir.node("Cast", [b], attributes={"to": to.value}, name=f"{scope}/Cast")
                 new_nodes.append(cast)
                 b = cast.outputs[0]
-            transpose = ir.node("Transpose", [b], attributes={"perm": [1, 0]},
-                                name=f"{scope}/fused_proj/Transpose")
+            transpose = ir.node(
+                "Transpose", [b], attributes={"perm": [1, 0]}, name=f"{scope}/fused_proj/Transpose"
+            )
             matmul = ir.node("MatMul", [x, transpose.outputs[0]], name=f"{scope}/fused_proj/MatMul")
-            split_sizes = ir.Value(name=f"{scope}/fused_proj/split_sizes",
-                                   const_value=ir.tensor(np.array(sizes, dtype=np.int64)))
+            split_sizes = ir.Value(
+                name=f"{scope}/fused_proj/split_sizes",
+                const_value=ir.tensor(np.array(sizes, dtype=np.int64)),
+            )
             graph.register_initializer(split_sizes)
-            split = ir.node("Split", [matmul.outputs[0], split_sizes], attributes={"axis": -1},
-                            num_outputs=len(members), name=f"{scope}/fused_proj/Split")
+            split = ir.node(
+                "Split",
+                [matmul.outputs[0], split_sizes],
+                attributes={"axis": -1},
+                num_outputs=len(members),
+                name=f"{scope}/fused_proj/Split",
+            )
             new_nodes += [transpose, matmul, split]
             graph.insert_before(first, new_nodes)
             for (node, _, _), out in zip(members, split.outputs):

@@ -66,10 +66,18 @@ class QuantizeNBitsPass(ir.passes.InPlacePass):
             blob = block * self.bits // 8
             qname, sname, zname = nbits_names(weight.name)
             if weight.name not in plan:
-                plan[weight.name] = {"bits": self.bits, "block_size": block, "sym": self.sym,
-                                     "group_size": self.group_size, "N": n, "K": k}
-                specs = [(qname, ir.DataType.UINT8, (n, k_blocks, blob)),
-                         (sname, ir.DataType.FLOAT, (n, k_blocks))]
+                plan[weight.name] = {
+                    "bits": self.bits,
+                    "block_size": block,
+                    "sym": self.sym,
+                    "group_size": self.group_size,
+                    "N": n,
+                    "K": k,
+                }
+                specs = [
+                    (qname, ir.DataType.UINT8, (n, k_blocks, blob)),
+                    (sname, ir.DataType.FLOAT, (n, k_blocks)),
+                ]
                 if not self.sym:
                     zcols = k_blocks if self.bits == 8 else -(-k_blocks // 2)
                     specs.append((zname, ir.DataType.UINT8, (n, zcols)))
@@ -77,19 +85,40 @@ class QuantizeNBitsPass(ir.passes.InPlacePass):
                     nbytes = int(dtype.itemsize)
                     for d in shape:
                         nbytes *= d
-                    tensor = ir.ExternalTensor(location="rank0.safetensors", offset=0,
-                                               length=nbytes, dtype=dtype, shape=ir.Shape(shape),
-                                               name=name, base_dir="")
-                    g.register_initializer(ir.Value(name=name, shape=tensor.shape,
-                                                    type=ir.TensorType(dtype),
-                                                    const_value=tensor))
+                    tensor = ir.ExternalTensor(
+                        location="rank0.safetensors",
+                        offset=0,
+                        length=nbytes,
+                        dtype=dtype,
+                        shape=ir.Shape(shape),
+                        name=name,
+                        base_dir="",
+                    )
+                    g.register_initializer(
+                        ir.Value(
+                            name=name,
+                            shape=tensor.shape,
+                            type=ir.TensorType(dtype),
+                            const_value=tensor,
+                        )
+                    )
             inputs = [node.inputs[0], g.initializers[qname], g.initializers[sname]]
             if not self.sym:
                 inputs.append(g.initializers[zname])
             scope = node.name.rsplit("/", 1)[0]
-            q = ir.node("MatMulNBits", inputs, domain=MS, name=f"{scope}/MatMulNBits",
-                        attributes={"K": k, "N": n, "bits": self.bits, "block_size": block,
-                                    "accuracy_level": 0})
+            q = ir.node(
+                "MatMulNBits",
+                inputs,
+                domain=MS,
+                name=f"{scope}/MatMulNBits",
+                attributes={
+                    "K": k,
+                    "N": n,
+                    "bits": self.bits,
+                    "block_size": block,
+                    "accuracy_level": 0,
+                },
+            )
             g.insert_before(node, [q])
             out = q.outputs[0]
             out.shape, out.type = node.outputs[0].shape, node.outputs[0].type

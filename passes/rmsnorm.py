@@ -1,8 +1,8 @@
 """RMSNorm -> SimplifiedLayerNormalization (onnxscript's own rule, which matches our op order).
 
-    x ─► Pow(2) ─► ReduceMean(-1) ─► Add(eps) ─► Sqrt ─► Reciprocal ─┐
-    └──────────────────────────────────────────────────────────► Mul ─► Mul(weight)
-        ==>  SimplifiedLayerNormalization(x, weight, axis=-1, epsilon)
+x ─► Pow(2) ─► ReduceMean(-1) ─► Add(eps) ─► Sqrt ─► Reciprocal ─┐
+└──────────────────────────────────────────────────────────► Mul ─► Mul(weight)
+    ==>  SimplifiedLayerNormalization(x, weight, axis=-1, epsilon)
 """
 
 from __future__ import annotations

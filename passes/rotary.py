@@ -28,15 +28,23 @@ PERM = [0, 2, 1, 3]
 
 
 class RotaryRule(pattern.RewriteRuleClassBase):
-    def __init__(self, interleaved: bool, partial: bool, facts: dict, positions: ir.Value,
-                 cos_cache: ir.Value, sin_cache: ir.Value):
+    def __init__(
+        self,
+        interleaved: bool,
+        partial: bool,
+        facts: dict,
+        positions: ir.Value,
+        cos_cache: ir.Value,
+        sin_cache: ir.Value,
+    ):
         kind = ("interleaved" if interleaved else "half") + ("_partial" if partial else "")
         super().__init__(f"rotary_{kind}")
         self.interleaved, self.partial, self.facts = interleaved, partial, facts
         self.positions, self.cos_cache, self.sin_cache = positions, cos_cache, sin_cache
 
-    def pattern(self, op, x3, shape, cos, sin, a0, a1, a2, a3, a4, a5, a6, a7,
-                p0, p1, p2, q0, q1, q2):
+    def pattern(
+        self, op, x3, shape, cos, sin, a0, a1, a2, a3, a4, a5, a6, a7, p0, p1, p2, q0, q1, q2
+    ):
         x = op.Transpose(op.Reshape(x3, shape), perm=PERM)
         xr = op.Slice(x, p0, p1, p2) if self.partial else x
         if self.interleaved:
@@ -75,9 +83,15 @@ class RotaryRule(pattern.RewriteRuleClassBase):
         f = self.facts
         dims = constant(shape)
         rot = op.RotaryEmbedding(
-            x3, self.positions, self.cos_cache, self.sin_cache, _domain="com.microsoft",
-            interleaved=int(self.interleaved), num_heads=int(dims[2]),
-            rotary_embedding_dim=int(f["rotary_dim"]) if self.partial else 0)
+            x3,
+            self.positions,
+            self.cos_cache,
+            self.sin_cache,
+            _domain="com.microsoft",
+            interleaved=int(self.interleaved),
+            num_heads=int(dims[2]),
+            rotary_embedding_dim=int(f["rotary_dim"]) if self.partial else 0,
+        )
         return op.Transpose(op.Reshape(rot, shape), perm=PERM)
 
 
@@ -105,8 +119,11 @@ class RotaryPass(RulePass):
             value = ir.Value(name=f"/model/rotary/{name}_cache", const_value=ir.tensor(table))
             graph.register_initializer(value)
             caches.append(value)
-        return [RotaryRule.rule(interleaved, partial, f, positions, *caches)
-                for interleaved in (False, True) for partial in (False, True)]
+        return [
+            RotaryRule.rule(interleaved, partial, f, positions, *caches)
+            for interleaved in (False, True)
+            for partial in (False, True)
+        ]
 
 
 PASS = RotaryPass

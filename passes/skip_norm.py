@@ -1,16 +1,18 @@
 """Residual add + norm -> one op (onnxscript's own rules).
 
-    a ─► Add ◄─ b          (the residual stream)
-          ├─► SimplifiedLayerNormalization(w)   ==>  SkipSimplifiedLayerNormalization(a, b, w)
-          └─► (the sum, used by the next residual)      outputs: normed, -, -, sum
-    and the same with LayerNormalization (GPT-J) ==> SkipLayerNormalization(a, b, gamma, beta)
+a ─► Add ◄─ b          (the residual stream)
+      ├─► SimplifiedLayerNormalization(w)   ==>  SkipSimplifiedLayerNormalization(a, b, w)
+      └─► (the sum, used by the next residual)      outputs: normed, -, -, sum
+and the same with LayerNormalization (GPT-J) ==> SkipLayerNormalization(a, b, gamma, beta)
 """
 
 from __future__ import annotations
 
 import onnx_ir as ir
-from onnxscript.rewriter.ort_fusions.skip_normalization import (fuse_skip_layer_normalization,
-                                                                fuse_skip_rms_normalization)
+from onnxscript.rewriter.ort_fusions.skip_normalization import (
+    fuse_skip_layer_normalization,
+    fuse_skip_rms_normalization,
+)
 
 ORDER = 20
 

@@ -50,8 +50,10 @@ class Slicing:
             from xcompile.passes.quantize_nbits import block_size_for
 
             return per_rank, block_size_for(-1, per_rank), False
-        raise UserError(f"a group size of {block} does not split K={k} over {ranks} ranks; "
-                        "quantize with a smaller --group-size or use fewer ranks")
+        raise UserError(
+            f"a group size of {block} does not split K={k} over {ranks} ranks; "
+            "quantize with a smaller --group-size or use fewer ranks"
+        )
 
     def shape(self, name: str, shape: tuple[int, ...], ranks: int) -> tuple[int, ...]:
         if self.kind == "replicated":
@@ -70,8 +72,10 @@ class Slicing:
             return (n, -(-(per_rank // block) // 2)) if kb is None else (n, kb)
         axis = -1 if self.kind == "row" else 0
         if shape[axis] % ranks:
-            raise UserError(f"{name}: {shape[axis]} {'columns' if axis else 'rows'} do not split "
-                            f"over {ranks} ranks; choose a --ranks that divides it")
+            raise UserError(
+                f"{name}: {shape[axis]} {'columns' if axis else 'rows'} do not split "
+                f"over {ranks} ranks; choose a --ranks that divides it"
+            )
         if axis == 0:
             return (shape[0] // ranks, *shape[1:])
         return (*shape[:-1], shape[-1] // ranks)
@@ -84,22 +88,23 @@ class Slicing:
             return self._row_nbits(t, rank, ranks)
         if self.kind == "row":
             n = t.shape[-1] // ranks
-            return t[..., rank * n:(rank + 1) * n]
+            return t[..., rank * n : (rank + 1) * n]
         if not self.parts:
             n = t.shape[0] // ranks
-            return t[rank * n:(rank + 1) * n]
+            return t[rank * n : (rank + 1) * n]
         if len(part_rows) != len(self.parts):
-            raise UserError("artifacts lack the row counts of their concatenated weights; "
-                            "rebuild them with this xcompile version")
+            raise UserError(
+                "artifacts lack the row counts of their concatenated weights; "
+                "rebuild them with this xcompile version"
+            )
         pieces, start = [], 0
         for rows in part_rows:
             n = rows // ranks
-            pieces.append(t[start + rank * n:start + (rank + 1) * n])
+            pieces.append(t[start + rank * n : start + (rank + 1) * n])
             start += rows
         import torch
 
         return torch.cat(pieces) if isinstance(t, torch.Tensor) else np.concatenate(pieces)
-
 
     def _row_nbits(self, t, rank: int, ranks: int):
         """Columns r*K/R .. of a quantized weight, in MatMulNBits' layout (torch uint8/f32)."""
@@ -111,17 +116,17 @@ class Slicing:
             if self.role != "qweight":
                 return t  # one scale (and zero point) per row serves every column
             n = t.shape[0]
-            q = _elements(t.reshape(n, -1), bits)[:, rank * per_rank:(rank + 1) * per_rank]
+            q = _elements(t.reshape(n, -1), bits)[:, rank * per_rank : (rank + 1) * per_rank]
             padded = torch.zeros(n, new_block, dtype=torch.uint8)
             padded[:, :per_rank] = q
             return _packed(padded, bits).reshape(n, 1, new_block * bits // 8)
         kb = per_rank // block
         if self.role == "zero_points" and bits == 4:
-            z = _elements(t, 4)[:, rank * kb:(rank + 1) * kb]
+            z = _elements(t, 4)[:, rank * kb : (rank + 1) * kb]
             if kb % 2:
                 z = torch.cat([z, torch.full((z.shape[0], 1), 8, dtype=torch.uint8)], dim=1)
             return _packed(z, 4)
-        return t[:, rank * kb:(rank + 1) * kb]
+        return t[:, rank * kb : (rank + 1) * kb]
 
 
 def _elements(packed, bits: int):
@@ -140,8 +145,9 @@ def _packed(elements, bits: int):
     return (pairs[..., 0] | (pairs[..., 1] << 4)).contiguous()
 
 
-def slicing_table(table, names: list[str], concat: dict[str, list[str]],
-                  nbits: dict[str, dict] | None = None) -> dict[str, Slicing]:
+def slicing_table(
+    table, names: list[str], concat: dict[str, list[str]], nbits: dict[str, dict] | None = None
+) -> dict[str, Slicing]:
     """weight name -> how it splits, from the family's TENSOR_PARALLEL table (a quantized
     weight's blocks, scales and zero points split as the weight they stand for)."""
     from xcompile.passes.quantize_nbits import nbits_names
@@ -193,8 +199,14 @@ def _insert_after(graph: ir.Graph, value: ir.Value, make: Callable[[ir.Value], l
         raise UserError("a row-parallel output is a graph output; cannot shard this graph")
 
 
-def shard_graph(model: onnx.ModelProto, slicing: dict[str, Slicing], rank: int, ranks: int,
-                weight_file: str, merge: bool = True) -> onnx.ModelProto:
+def shard_graph(
+    model: onnx.ModelProto,
+    slicing: dict[str, Slicing],
+    rank: int,
+    ranks: int,
+    weight_file: str,
+    merge: bool = True,
+) -> onnx.ModelProto:
     """Rank `rank`'s graph: head counts, split sizes, collectives; weights referenced (offsets to
     be filled by the caller) in `weight_file`."""
     m = ir.serde.deserialize_model(model)
@@ -206,8 +218,11 @@ def shard_graph(model: onnx.ModelProto, slicing: dict[str, Slicing], rank: int, 
         elif node.op_type == "RotaryEmbedding":
             n = node.attributes["num_heads"].value
             node.attributes["num_heads"] = ir.AttrInt64("num_heads", n // ranks)
-        elif node.op_type == "Split" and node.inputs[1] is not None and \
-                node.inputs[1].const_value is not None:
+        elif (
+            node.op_type == "Split"
+            and node.inputs[1] is not None
+            and node.inputs[1].const_value is not None
+        ):
             sizes = node.inputs[1].const_value.numpy() // ranks
             node.replace_input_with(1, _const(g, f"{node.inputs[1].name}/rank{rank}", sizes))
         elif node.op_type in ("MatMul", "MatMulNBits"):
@@ -227,15 +242,35 @@ def shard_graph(model: onnx.ModelProto, slicing: dict[str, Slicing], rank: int, 
                 w = slicing.get(found[0].name)
             out = node.outputs[0]
             if w is not None and w.kind == "row":
-                _insert_after(g, out, lambda v, n=node: [ir.node(
-                    "AllReduce", [v], domain=DOMAIN, name=n.name.rsplit("/", 1)[0] + "/AllReduce")])
+                _insert_after(
+                    g,
+                    out,
+                    lambda v, n=node: [
+                        ir.node(
+                            "AllReduce",
+                            [v],
+                            domain=DOMAIN,
+                            name=n.name.rsplit("/", 1)[0] + "/AllReduce",
+                        )
+                    ],
+                )
             elif w is not None and w.kind == "vocab":
                 users = list(out.uses())
                 if len(users) == 1 and users[0][0].op_type == "Add":  # a split bias first
                     out = users[0][0].outputs[0]
-                _insert_after(g, out, lambda v, n=node: [ir.node(
-                    "AllGather", [v], attributes={"axis": -1}, domain=DOMAIN,
-                    name=n.name.rsplit("/", 1)[0] + "/AllGather")])
+                _insert_after(
+                    g,
+                    out,
+                    lambda v, n=node: [
+                        ir.node(
+                            "AllGather",
+                            [v],
+                            attributes={"axis": -1},
+                            domain=DOMAIN,
+                            name=n.name.rsplit("/", 1)[0] + "/AllGather",
+                        )
+                    ],
+                )
         elif node.op_type == "Gather" and node.inputs[0].is_initializer():
             w = slicing.get(node.inputs[0].name)
             if w is None or w.kind != "vocab":
@@ -245,9 +280,14 @@ def shard_graph(model: onnx.ModelProto, slicing: dict[str, Slicing], rank: int, 
         if name in slicing and value.const_value is not None:
             shape = slicing[name].shape(name, tuple(value.shape), ranks)
             value.const_value = ir.ExternalTensor(
-                location=weight_file, offset=0,
+                location=weight_file,
+                offset=0,
                 length=int(np.prod(shape) * value.dtype.itemsize),
-                dtype=value.dtype, shape=ir.Shape(shape), name=name, base_dir="")
+                dtype=value.dtype,
+                shape=ir.Shape(shape),
+                name=name,
+                base_dir="",
+            )
             value.shape = ir.Shape(shape)
     m.opset_imports[DOMAIN] = 1
     from onnx_ir.passes.common import RemoveUnusedNodesPass
@@ -273,7 +313,9 @@ def _vocab_parallel_gather(g: ir.Graph, gather: ir.Node, rank: int, ranks: int) 
     low = ir.node("GreaterOrEqual", [local.outputs[0], zero], name=f"{scope}/vocab/GreaterOrEqual")
     high = ir.node("Less", [local.outputs[0], limit], name=f"{scope}/vocab/Less")
     inside = ir.node("And", [low.outputs[0], high.outputs[0]], name=f"{scope}/vocab/And")
-    safe = ir.node("Where", [inside.outputs[0], local.outputs[0], zero], name=f"{scope}/vocab/Where")
+    safe = ir.node(
+        "Where", [inside.outputs[0], local.outputs[0], zero], name=f"{scope}/vocab/Where"
+    )
     g.insert_before(gather, [local, low, high, inside, safe])
     gather.replace_input_with(1, safe.outputs[0])
     out = gather.outputs[0]
@@ -284,26 +326,36 @@ def _vocab_parallel_gather(g: ir.Graph, gather: ir.Node, rank: int, ranks: int) 
 
     def make(v: ir.Value) -> list[ir.Node]:
         keep = ir.node("Unsqueeze", [inside.outputs[0], axes], name=f"{scope}/vocab/Unsqueeze")
-        as_float = ir.node("Cast", [keep.outputs[0]], attributes={"to": ir.DataType.FLOAT},
-                           name=f"{scope}/vocab/Cast")
+        as_float = ir.node(
+            "Cast",
+            [keep.outputs[0]],
+            attributes={"to": ir.DataType.FLOAT},
+            name=f"{scope}/vocab/Cast",
+        )
         masked = ir.node("Mul", [v, as_float.outputs[0]], name=f"{scope}/vocab/Mul")
-        reduce = ir.node("AllReduce", [masked.outputs[0]], domain=DOMAIN,
-                         name=f"{scope}/AllReduce")
+        reduce = ir.node("AllReduce", [masked.outputs[0]], domain=DOMAIN, name=f"{scope}/AllReduce")
         return [keep, as_float, masked, reduce]
 
     _insert_after(g, out, make)
 
 
 def check_divisible(config: dict, ranks: int) -> None:
-    for key, what in (("heads", "attention heads"), ("kv_heads", "KV heads"),
-                      ("vocab", "vocabulary rows")):
+    for key, what in (
+        ("heads", "attention heads"),
+        ("kv_heads", "KV heads"),
+        ("vocab", "vocabulary rows"),
+    ):
         if config[key] % ranks:
-            raise UserError(f"{config[key]} {what} do not split over {ranks} ranks; choose a "
-                            f"--ranks that divides {config[key]}")
+            raise UserError(
+                f"{config[key]} {what} do not split over {ranks} ranks; choose a "
+                f"--ranks that divides {config[key]}"
+            )
 
 
 def concat_recipes(model: onnx.ModelProto) -> tuple[dict[str, list[str]], dict[str, list[int]]]:
     """(concatenated weight -> its parts, -> rows of each part) from the graph's metadata."""
     meta = {p.key: p.value for p in model.metadata_props}
-    return (json.loads(meta.get("xcompile.concat", "{}")),
-            json.loads(meta.get("xcompile.concat_rows", "{}")))
+    return (
+        json.loads(meta.get("xcompile.concat", "{}")),
+        json.loads(meta.get("xcompile.concat_rows", "{}")),
+    )

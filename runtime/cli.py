@@ -31,35 +31,55 @@ def _sampling_defaults(root: Path) -> dict:
         return {}
     if not g.get("do_sample"):
         return {}
-    return {k: g[k] for k in ("temperature", "top_k", "top_p") if isinstance(g.get(k), (int, float))}
+    return {
+        k: g[k] for k in ("temperature", "top_k", "top_p") if isinstance(g.get(k), (int, float))
+    }
 
 
 @app.command()
 def run(
     artifacts_dir: Path = typer.Argument(..., metavar="ARTIFACTS", help="Artifacts folder."),
     prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue."),
-    max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", min=1,
-                                       help="Tokens to generate at most."),
-    temperature: float = typer.Option(None, "--temperature", min=0.0,
-                                      help="0 is greedy (default unless generation_config "
-                                           "samples)."),
-    top_k: int = typer.Option(None, "--top-k", min=0, help="Sample among the K likeliest (0: all)."),
-    top_p: float = typer.Option(None, "--top-p", min=0.0, max=1.0,
-                                help="Sample within probability mass P."),
+    max_new_tokens: int = typer.Option(
+        128, "--max-new-tokens", "-n", min=1, help="Tokens to generate at most."
+    ),
+    temperature: float = typer.Option(
+        None,
+        "--temperature",
+        min=0.0,
+        help="0 is greedy (default unless generation_config samples).",
+    ),
+    top_k: int = typer.Option(
+        None, "--top-k", min=0, help="Sample among the K likeliest (0: all)."
+    ),
+    top_p: float = typer.Option(
+        None, "--top-p", min=0.0, max=1.0, help="Sample within probability mass P."
+    ),
     seed: int = typer.Option(None, "--seed", help="Seed for sampling."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object at the end."),
-    threads: int = typer.Option(None, "--threads", min=1, help="Threads per rank "
-                                "(default: the rank's cores)."),
-    bind_cores: bool = typer.Option(None, "--bind-cores/--no-bind-cores",
-                                    help="Pin each rank to its own cores (default: on when "
-                                         "there are at least as many cores as ranks)."),
+    threads: int = typer.Option(
+        None, "--threads", min=1, help="Threads per rank (default: the rank's cores)."
+    ),
+    bind_cores: bool = typer.Option(
+        None,
+        "--bind-cores/--no-bind-cores",
+        help="Pin each rank to its own cores (default: on when "
+        "there are at least as many cores as ranks).",
+    ),
     core_list: str = typer.Option(None, "--core-list", help="Cores per rank, e.g. '0-27|28-55'."),
-    backend: str = typer.Option("shm", "--backend", help="Collectives: shm (one machine) or "
-                                "torch (torch.distributed under torchrun)."),
-    reference: bool = typer.Option(False, "--reference",
-                                   help="Run every step on its plain torch reference."),
-    weights: str = typer.Option("copy", "--weights", help="copy: into huge pages at start "
-                                "(faster decode); map: use the file's pages (no copy)."),
+    backend: str = typer.Option(
+        "shm",
+        "--backend",
+        help="Collectives: shm (one machine) or torch (torch.distributed under torchrun).",
+    ),
+    reference: bool = typer.Option(
+        False, "--reference", help="Run every step on its plain torch reference."
+    ),
+    weights: str = typer.Option(
+        "copy",
+        "--weights",
+        help="copy: into huge pages at start (faster decode); map: use the file's pages (no copy).",
+    ),
     verbose: bool = typer.Option(False, "--verbose", help="Tracebacks on errors."),
     rank: int = typer.Option(None, "--rank", hidden=True),
     comm: str = typer.Option(None, "--comm", hidden=True),
@@ -80,8 +100,11 @@ def run(
     if bind_cores is not False and comm is None and ranks == 1:
         from xcompile.runtime import launch
 
-        launch.bind(launch.parse_core_list(core_list, 1)[0] if core_list else
-                    sorted(os.sched_getaffinity(0)))
+        launch.bind(
+            launch.parse_core_list(core_list, 1)[0]
+            if core_list
+            else sorted(os.sched_getaffinity(0))
+        )
     if comm is not None:  # a rank the supervisor started
         from xcompile.runtime import launch
 
@@ -96,45 +119,71 @@ def run(
         communicator = TorchComm()
     elif ranks > 1:
         if backend == "torch":
-            raise UserError(f"--backend torch runs under torchrun: torchrun --nproc-per-node "
-                            f"{ranks} -m xcompile.runtime.cli {artifacts_dir} --backend torch ...")
+            raise UserError(
+                f"--backend torch runs under torchrun: torchrun --nproc-per-node "
+                f"{ranks} -m xcompile.runtime.cli {artifacts_dir} --backend torch ..."
+            )
         from xcompile.runtime import launch
 
         groups = launch.parse_core_list(core_list, ranks) if core_list else None
         if groups is None and bind_cores is not False:
             groups = launch.split_cores(ranks)
             if groups is None and bind_cores:
-                raise UserError(f"--bind-cores: {ranks} ranks but only "
-                                f"{len(os.sched_getaffinity(0))} allowed cores; use fewer ranks "
-                                "or --no-bind-cores")
+                raise UserError(
+                    f"--bind-cores: {ranks} ranks but only "
+                    f"{len(os.sched_getaffinity(0))} allowed cores; use fewer ranks "
+                    "or --no-bind-cores"
+                )
         argv = [a for a in sys.argv[1:]]
         sys.exit(launch.supervise(argv, ranks, groups))
     else:
         communicator = None
 
-    _generate(artifacts_dir, communicator, prompt, max_new_tokens, temperature, top_k, top_p,
-              seed, as_json, threads, reference, weights)
+    _generate(
+        artifacts_dir,
+        communicator,
+        prompt,
+        max_new_tokens,
+        temperature,
+        top_k,
+        top_p,
+        seed,
+        as_json,
+        threads,
+        reference,
+        weights,
+    )
 
 
-def _generate(root, communicator, prompt, max_new_tokens, temperature, top_k, top_p, seed,
-              as_json, threads, reference, weights="copy") -> None:
+def _generate(
+    root,
+    communicator,
+    prompt,
+    max_new_tokens,
+    temperature,
+    top_k,
+    top_p,
+    seed,
+    as_json,
+    threads,
+    reference,
+    weights="copy",
+) -> None:
     import torch
 
     from xcompile.runtime import kernels
-    from xcompile.runtime.comm import PeerLost
-    from xcompile.runtime.generate import generate
+    from xcompile.runtime.comm import PeerLost, ShmComm
     from xcompile.runtime.model import Model
-    from xcompile.runtime.sampling import Sampler, SamplingParams
     from xcompile.runtime.tensor_parallel import Leader, follow
-    from xcompile.runtime.tokenizer import StreamDecoder, TextTokenizer
 
     n_threads = threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(n_threads)
     kernels.set_num_threads(n_threads)
     rank = communicator.rank if communicator else 0
     try:
-        model = Model.load(root, use_kernels=not reference, rank=rank, comm=communicator,
-                           weights=weights)
+        model = Model.load(
+            root, use_kernels=not reference, rank=rank, comm=communicator, weights=weights
+        )
         if rank != 0:
             follow(model, communicator)
             return
@@ -145,8 +194,10 @@ def _generate(root, communicator, prompt, max_new_tokens, temperature, top_k, to
             if communicator is not None:
                 leader.stop()
     except PeerLost as e:
-        if os.environ.get("XCOMPILE_SUPERVISED") or communicator.__class__.__name__ == "ShmComm":
-            sys.exit(3)  # the supervisor names the rank that died, in one line
+        if isinstance(communicator, ShmComm):
+            from xcompile.runtime.launch import PEER_LOST_EXIT
+
+            sys.exit(PEER_LOST_EXIT)  # the supervisor names the rank that died, in one line
         raise UserError(str(e)) from None
     finally:
         if communicator is not None:
@@ -175,21 +226,35 @@ def _lead(root, model, prompt, max_new_tokens, temperature, top_k, top_p, seed, 
             sys.stdout.write(piece)
             sys.stdout.flush()
 
-    result = generate(model, prompt_ids, max_new_tokens, Sampler(params), tokenizer.eos_ids,
-                      on_token=show)
+    result = generate(
+        model, prompt_ids, max_new_tokens, Sampler(params), tokenizer.eos_ids, on_token=show
+    )
     if as_json:
-        print(json.dumps({
-            "prompt_tokens": result.prompt_tokens,
-            "tokens": result.tokens,
-            "text": tokenizer.decode(result.tokens),
-            "finish_reason": result.finish_reason,
-            "prefill_ms": round(result.prefill_ms, 3),
-            "per_token_ms": round(result.per_token_ms, 3),
-            "ranks": model.manifest.ranks,
-            **({"profile_ms": {k: round(v * 1e3, 3) for k, v in sorted(
-                model.plan.profile.items(), key=lambda kv: -kv[1])}}
-               if model.plan.profile is not None else {}),
-        }))
+        print(
+            json.dumps(
+                {
+                    "prompt_tokens": result.prompt_tokens,
+                    "tokens": result.tokens,
+                    "text": tokenizer.decode(result.tokens),
+                    "finish_reason": result.finish_reason,
+                    "prefill_ms": round(result.prefill_ms, 3),
+                    "per_token_ms": round(result.per_token_ms, 3),
+                    "ranks": model.manifest.ranks,
+                    **(
+                        {
+                            "profile_ms": {
+                                k: round(v * 1e3, 3)
+                                for k, v in sorted(
+                                    model.plan.profile.items(), key=lambda kv: -kv[1]
+                                )
+                            }
+                        }
+                        if model.plan.profile is not None
+                        else {}
+                    ),
+                }
+            )
+        )
     else:
         sys.stdout.write("\n")
 

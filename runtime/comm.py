@@ -71,8 +71,10 @@ class TorchComm(Communicator):
         try:
             self.dist.all_reduce(x)
         except RuntimeError as e:
-            raise PeerLost(f"rank {self.rank}: a peer was lost during all_reduce "
-                           f"({str(e).splitlines()[0][:120]}); see the other ranks' output") from None
+            raise PeerLost(
+                f"rank {self.rank}: a peer was lost during all_reduce "
+                f"({str(e).splitlines()[0][:120]}); see the other ranks' output"
+            ) from None
         return x
 
     def all_gather(self, x, axis):
@@ -81,8 +83,10 @@ class TorchComm(Communicator):
         try:
             self.dist.all_gather(parts, x)
         except RuntimeError as e:
-            raise PeerLost(f"rank {self.rank}: a peer was lost during all_gather "
-                           f"({str(e).splitlines()[0][:120]})") from None
+            raise PeerLost(
+                f"rank {self.rank}: a peer was lost during all_gather "
+                f"({str(e).splitlines()[0][:120]})"
+            ) from None
         return torch.cat(parts, dim=axis)
 
     def close(self):
@@ -95,8 +99,9 @@ class ShmComm(Communicator):
     machine: created by rank 0 (O_EXCL, mode 0600, a random name), unlinked as soon as every
     rank has mapped it, so nothing is left in /dev/shm on any exit."""
 
-    def __init__(self, name: str, rank: int, ranks: int, create: bool = False,
-                 timeout_s: float = 5.0):
+    def __init__(
+        self, name: str, rank: int, ranks: int, create: bool = False, timeout_s: float = 5.0
+    ):
         from xcompile import _C
 
         self.rank, self.ranks = rank, ranks

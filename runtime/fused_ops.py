@@ -44,8 +44,17 @@ def rotate(x, cos, sin, interleaved: bool):
     return torch.cat((a * cos - b * sin, b * cos + a * sin), -1)
 
 
-def rotary_ref(x, position_ids, cos_cache, sin_cache, interleaved=0, num_heads=0,
-               rotary_embedding_dim=0, scale=1.0, is_packed_batching=0):
+def rotary_ref(
+    x,
+    position_ids,
+    cos_cache,
+    sin_cache,
+    interleaved=0,
+    num_heads=0,
+    rotary_embedding_dim=0,
+    scale=1.0,
+    is_packed_batching=0,
+):
     """x (B, S, heads*d) or (B, heads, S, d); position_ids (B, S)"""
     four_d = x.dim() == 4
     b, s = x.shape[0], x.shape[2] if four_d else x.shape[1]
@@ -78,8 +87,20 @@ def split(x, sizes=None, axis=0, num_outputs=None):
     return torch.split(x, [int(s) for s in sizes.tolist()], dim=axis)
 
 
-def matmul_nbits_ref(x, blocks, scales, zero_points=None, g_idx=None, bias=None, *, K, N, bits,
-                     block_size, accuracy_level=0):
+def matmul_nbits_ref(
+    x,
+    blocks,
+    scales,
+    zero_points=None,
+    g_idx=None,
+    bias=None,
+    *,
+    K,
+    N,
+    bits,
+    block_size,
+    accuracy_level=0,
+):
     """x (..., K) @ W(N, K)ᵀ with W in MatMulNBits' layout (see passes/quantize_nbits.py)."""
     from xcompile.weight_only import unpack
 
@@ -136,80 +157,152 @@ def fast_op(key: tuple[str, str]):
     domain, op = key
 
     if op == "SimplifiedLayerNormalization":
+
         def rmsnorm(x, scale, axis=-1, epsilon=1e-5, stash_type=1):
             if scale.dtype != torch.float32 or x.dtype != torch.float32:
                 return rmsnorm_ref(x, scale, epsilon=epsilon)
             x = _f32(x)
             y = out(tuple(x.shape))
             cols = x.shape[-1]
-            _C.rmsnorm(x.data_ptr(), scale.data_ptr(), y.data_ptr(), x.numel() // cols, cols,
-                       epsilon)
+            _C.rmsnorm(
+                x.data_ptr(), scale.data_ptr(), y.data_ptr(), x.numel() // cols, cols, epsilon
+            )
             return y
+
         return rmsnorm
 
     if key == (MS, "SkipSimplifiedLayerNormalization"):
+
         def skip_rmsnorm(x, skip, gamma, bias=None, epsilon=1e-5):
             if bias is not None or gamma.dtype != torch.float32:
                 return skip_rmsnorm_ref(x, skip, gamma, bias, epsilon)
             x, skip = _f32(x), _f32(skip)
             y, total = out(tuple(x.shape), 0), out(tuple(x.shape), 1)
             cols = x.shape[-1]
-            _C.skip_rmsnorm(x.data_ptr(), skip.data_ptr(), gamma.data_ptr(), y.data_ptr(),
-                            total.data_ptr(), x.numel() // cols, cols, epsilon)
+            _C.skip_rmsnorm(
+                x.data_ptr(),
+                skip.data_ptr(),
+                gamma.data_ptr(),
+                y.data_ptr(),
+                total.data_ptr(),
+                x.numel() // cols,
+                cols,
+                epsilon,
+            )
             return y, None, None, total
+
         return skip_rmsnorm
 
     if key == (MS, "RotaryEmbedding"):
-        def rotary(x, position_ids, cos_cache, sin_cache, interleaved=0, num_heads=0,
-                   rotary_embedding_dim=0, scale=1.0, is_packed_batching=0):
+
+        def rotary(
+            x,
+            position_ids,
+            cos_cache,
+            sin_cache,
+            interleaved=0,
+            num_heads=0,
+            rotary_embedding_dim=0,
+            scale=1.0,
+            is_packed_batching=0,
+        ):
             if x.dim() != 3 or x.shape[0] != 1 or not num_heads:
-                return rotary_ref(x, position_ids, cos_cache, sin_cache, interleaved, num_heads,
-                                  rotary_embedding_dim, scale)
+                return rotary_ref(
+                    x,
+                    position_ids,
+                    cos_cache,
+                    sin_cache,
+                    interleaved,
+                    num_heads,
+                    rotary_embedding_dim,
+                    scale,
+                )
             from xcompile.runtime import kernels
 
             s = x.shape[1]
             y = out((s, num_heads, x.shape[2] // num_heads))
             y.copy_(x.view(y.shape))  # x is often a column slice of the fused QKV output
             pos = position_ids[0]
-            kernels.rotary(y, cos_cache[pos], sin_cache[pos], bool(interleaved),
-                           rotary_embedding_dim or None, out=y)
+            kernels.rotary(
+                y,
+                cos_cache[pos],
+                sin_cache[pos],
+                bool(interleaved),
+                rotary_embedding_dim or None,
+                out=y,
+            )
             return y.view(x.shape)
+
         return rotary
 
     if key == (XC, "SiluMul"):
+
         def silu_mul(g, up):
             g, up = _f32(g), _f32(up)
             y = out(tuple(g.shape))
             _C.silu_mul(g.data_ptr(), up.data_ptr(), y.data_ptr(), g.numel())
             return y
+
         return silu_mul
 
     if key == (MS, "MatMulNBits") and hasattr(_C, "gemv_nbits"):
-        def matmul_nbits(x, blocks, scales, zero_points=None, g_idx=None, bias=None, *, K, N,
-                         bits, block_size, accuracy_level=0):
+
+        def matmul_nbits(
+            x,
+            blocks,
+            scales,
+            zero_points=None,
+            g_idx=None,
+            bias=None,
+            *,
+            K,
+            N,
+            bits,
+            block_size,
+            accuracy_level=0,
+        ):
             rows = x.numel() // K
             if g_idx is not None or rows > 8:  # prefill: dequantize, then torch's GEMM
                 w = out((N, K), 1)
-                _C.dequantize_nbits(blocks.data_ptr(), scales.data_ptr(),
-                                    0 if zero_points is None else zero_points.data_ptr(),
-                                    w.data_ptr(), N, K, bits, block_size)
+                _C.dequantize_nbits(
+                    blocks.data_ptr(),
+                    scales.data_ptr(),
+                    0 if zero_points is None else zero_points.data_ptr(),
+                    w.data_ptr(),
+                    N,
+                    K,
+                    bits,
+                    block_size,
+                )
                 y = torch.nn.functional.linear(x, w)
                 return y if bias is None else y + bias
             x = _f32(x)
             y = out((*x.shape[:-1], N))
-            _C.gemv_nbits(x.data_ptr(), blocks.data_ptr(), scales.data_ptr(),
-                          0 if zero_points is None else zero_points.data_ptr(),
-                          0 if bias is None else bias.data_ptr(), y.data_ptr(), rows, N, K, bits,
-                          block_size)
+            _C.gemv_nbits(
+                x.data_ptr(),
+                blocks.data_ptr(),
+                scales.data_ptr(),
+                0 if zero_points is None else zero_points.data_ptr(),
+                0 if bias is None else bias.data_ptr(),
+                y.data_ptr(),
+                rows,
+                N,
+                K,
+                bits,
+                block_size,
+            )
             return y
+
         return matmul_nbits
 
     if key == (MS, "FastGelu"):
+
         def gelu_tanh(x, bias=None):
             x = _f32(x if bias is None else x + bias)
             y = out(tuple(x.shape))
             _C.gelu_tanh(x.data_ptr(), y.data_ptr(), x.numel())
             return y
+
         return gelu_tanh
 
     return None
@@ -226,19 +319,34 @@ def attention_step(k_cache: torch.Tensor, v_cache: torch.Tensor, use_kernels: bo
     """
     from xcompile.errors import UserError
 
-    def run(q3, k3, v3, past_k, past_v, seqlens_k=None, total_len=None, *_, num_heads,
-            kv_num_heads, scale=None, local_window_size=-1, **__):
+    def run(
+        q3,
+        k3,
+        v3,
+        past_k,
+        past_v,
+        seqlens_k=None,
+        total_len=None,
+        *_,
+        num_heads,
+        kv_num_heads,
+        scale=None,
+        local_window_size=-1,
+        **__,
+    ):
         b, s, _ = q3.shape
         p = past_k.shape[2]
         d = k_cache.shape[-1]
         if p + s > k_cache.shape[2]:
-            raise UserError(f"context full: {p + s} tokens do not fit the KV cache of "
-                            f"{k_cache.shape[2]}; ask for fewer tokens")
-        k_cache[:, :, p:p + s].copy_(k3.view(b, s, kv_num_heads, d).transpose(1, 2))
-        v_cache[:, :, p:p + s].copy_(v3.view(b, s, kv_num_heads, d).transpose(1, 2))
+            raise UserError(
+                f"context full: {p + s} tokens do not fit the KV cache of "
+                f"{k_cache.shape[2]}; ask for fewer tokens"
+            )
+        k_cache[:, :, p : p + s].copy_(k3.view(b, s, kv_num_heads, d).transpose(1, 2))
+        v_cache[:, :, p : p + s].copy_(v3.view(b, s, kv_num_heads, d).transpose(1, 2))
         scale = scale or d**-0.5
         window = local_window_size if local_window_size and local_window_size > 0 else 0
-        keys, values = k_cache[:, :, :p + s], v_cache[:, :, :p + s]
+        keys, values = k_cache[:, :, : p + s], v_cache[:, :, : p + s]
         if use_kernels and b == 1:
             from xcompile.runtime import kernels
 

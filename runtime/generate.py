@@ -1,7 +1,7 @@
 """The generation loop: prefill the prompt, then one token per decode step until a stop.
 
-    result = generate(model, prompt_ids, max_new_tokens=16, sampler=Sampler(...), eos_ids={2},
-                      on_token=print_piece)
+result = generate(model, prompt_ids, max_new_tokens=16, sampler=Sampler(...), eos_ids={2},
+                  on_token=print_piece)
 """
 
 from __future__ import annotations
@@ -32,12 +32,20 @@ def check_prompt(model: Model, prompt_ids: list[int]) -> None:
     if not prompt_ids:
         raise UserError("the prompt is empty after tokenization; give some text")
     if len(prompt_ids) >= model.context:
-        raise UserError(f"the prompt is {len(prompt_ids)} tokens, the model's context is "
-                        f"{model.context}; shorten the prompt")
+        raise UserError(
+            f"the prompt is {len(prompt_ids)} tokens, the model's context is "
+            f"{model.context}; shorten the prompt"
+        )
 
 
-def generate(model: Model, prompt_ids: list[int], max_new_tokens: int, sampler: Sampler,
-             eos_ids: set[int], on_token: Callable[[int], None] | None = None) -> Generation:
+def generate(
+    model: Model,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    sampler: Sampler,
+    eos_ids: set[int],
+    on_token: Callable[[int], None] | None = None,
+) -> Generation:
     check_prompt(model, prompt_ids)
     budget = min(max_new_tokens, model.context - len(prompt_ids))
     cache = model.new_cache(len(prompt_ids) + budget)

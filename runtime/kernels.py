@@ -562,7 +562,8 @@ def attention(
     if q.dim() != 3 or k_cache.dim() != 3 or k_cache.shape != v_cache.shape:
         raise ValueError(
             f"attention: q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, v_cache "
-            f"{tuple(v_cache.shape)}; expected q (S, heads, d) and both caches (kv_heads, capacity, d)"
+            f"{tuple(v_cache.shape)}; expected q (S, heads, d) and both caches "
+            "(kv_heads, capacity, d)"
         )
     tokens, heads, head_dim = q.shape
     kv_heads, capacity, cache_dim = k_cache.shape

@@ -23,7 +23,7 @@ PEER_LOST_EXIT = 3  # a rank that stopped because another died (the supervisor r
 
 
 def parse_ranges(text: str) -> list[int]:
-    """"0-3,8,10-11" -> [0, 1, 2, 3, 8, 10, 11] (Linux cpulist syntax)"""
+    """ "0-3,8,10-11" -> [0, 1, 2, 3, 8, 10, 11] (Linux cpulist syntax)"""
     cores: list[int] = []
     for part in text.strip().split(","):
         lo, _, hi = part.partition("-")
@@ -32,19 +32,24 @@ def parse_ranges(text: str) -> list[int]:
 
 
 def parse_core_list(text: str, ranks: int) -> list[list[int]]:
-    """"0-27|28-55" -> [[0..27], [28..55]]: one group per rank."""
+    """ "0-27|28-55" -> [[0..27], [28..55]]: one group per rank."""
     try:
         groups = [parse_ranges(group) for group in text.split("|")]
     except ValueError:
-        raise UserError(f"--core-list {text!r}: write one group per rank like '0-27|28-55'") from None
+        raise UserError(
+            f"--core-list {text!r}: write one group per rank like '0-27|28-55'"
+        ) from None
     if len(groups) != ranks or any(not g for g in groups):
-        raise UserError(f"--core-list names {len(groups)} groups for {ranks} ranks; give one "
-                        "non-empty group per rank, separated by '|'")
+        raise UserError(
+            f"--core-list names {len(groups)} groups for {ranks} ranks; give one "
+            "non-empty group per rank, separated by '|'"
+        )
     allowed = os.sched_getaffinity(0)
     bad = sorted({c for g in groups for c in g} - allowed)
     if bad:
-        raise UserError(f"--core-list uses cores {bad} this process may not run on "
-                        f"(allowed: {sorted(allowed)})")
+        raise UserError(
+            f"--core-list uses cores {bad} this process may not run on (allowed: {sorted(allowed)})"
+        )
     return groups
 
 
@@ -54,7 +59,7 @@ def split_cores(ranks: int) -> list[list[int]] | None:
     if len(allowed) < ranks:
         return None
     size = len(allowed) // ranks
-    return [allowed[r * size:(r + 1) * size] for r in range(ranks)]
+    return [allowed[r * size : (r + 1) * size] for r in range(ranks)]
 
 
 def numa_node(cores: list[int]) -> int | None:
@@ -93,7 +98,6 @@ def _child_setup() -> None:
 
 def supervise(argv: list[str], ranks: int, cores: list[list[int]] | None) -> int:
     from xcompile import _C
-
     from xcompile.runtime.comm import ShmComm
 
     name = ShmComm.new_name()
@@ -101,15 +105,26 @@ def supervise(argv: list[str], ranks: int, cores: list[list[int]] | None) -> int
     procs: list[subprocess.Popen] = []
     try:
         for rank in range(ranks):
-            cmd = [sys.executable, "-m", "xcompile.runtime.cli", *argv,
-                   "--rank", str(rank), "--comm", name]
+            cmd = [
+                sys.executable,
+                "-m",
+                "xcompile.runtime.cli",
+                *argv,
+                "--rank",
+                str(rank),
+                "--comm",
+                name,
+            ]
             if cores:
                 cmd += ["--cores", ",".join(map(str, cores[rank]))]
                 node = numa_node(cores[rank])
                 if node is not None and _which("numactl"):
                     cmd = ["numactl", f"--membind={node}", *cmd]
-            procs.append(subprocess.Popen(cmd, preexec_fn=_child_setup,
-                                          stdin=subprocess.DEVNULL if rank else None))
+            procs.append(
+                subprocess.Popen(
+                    cmd, preexec_fn=_child_setup, stdin=subprocess.DEVNULL if rank else None
+                )
+            )
         return _watch(procs, creator)
     except KeyboardInterrupt:
         creator.abort()
@@ -144,10 +159,13 @@ def _watch(procs: list[subprocess.Popen], creator) -> int:
         for rank, code in enumerate(codes):
             if code is not None and code != 0 and code != PEER_LOST_EXIT:
                 if code < 0 or code not in (1, 2):  # a crash or a kill, not a reported error
-                    how = (f"killed by signal {-code}" if code < 0 else f"exit code {code}")
+                    how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
                     creator.abort()
-                    print(f"xrun: error: rank {rank} (pid {procs[rank].pid}) died ({how}); "
-                          "stopped the other ranks", file=sys.stderr)
+                    print(
+                        f"xrun: error: rank {rank} (pid {procs[rank].pid}) died ({how}); "
+                        "stopped the other ranks",
+                        file=sys.stderr,
+                    )
                     return 1
                 creator.abort()  # it reported its own error: stop the others quietly
                 return code

@@ -1,8 +1,8 @@
 """Artifacts loaded for running: manifest checked, weights mapped (no copy), plan built once.
 
-    model = Model.load("artifacts/")
-    cache = model.new_cache(capacity)
-    logits = model.forward(ids, start, cache)   # ids (S,) -> logits (S, vocab) fp32
+model = Model.load("artifacts/")
+cache = model.new_cache(capacity)
+logits = model.forward(ids, start, cache)   # ids (S,) -> logits (S, vocab) fp32
 """
 
 from __future__ import annotations
@@ -31,19 +31,28 @@ class Model:
     comm: Communicator | None = None
 
     @classmethod
-    def load(cls, root: str | Path, use_kernels: bool = True, rank: int = 0,
-             comm: Communicator | None = None, weights: str = "copy") -> Model:
+    def load(
+        cls,
+        root: str | Path,
+        use_kernels: bool = True,
+        rank: int = 0,
+        comm: Communicator | None = None,
+        weights: str = "copy",
+    ) -> Model:
         """weights: "copy" into huge pages (faster decode) or "map" the file (no copy)."""
         root = Path(root)
         manifest = artifacts.read_manifest(root)
         artifacts.verify(root, manifest)
-        graph_file = root / ("model.onnx" if (root / "model.onnx").is_file() else
-                             f"rank{rank}.onnx")
+        graph_file = root / (
+            "model.onnx" if (root / "model.onnx").is_file() else f"rank{rank}.onnx"
+        )
         try:
             graph = onnx.load(str(graph_file), load_external_data=False)
         except Exception as e:  # protobuf's DecodeError and friends
-            raise UserError(f"{graph_file}: not a readable ONNX graph ({e.__class__.__name__}); "
-                            "rebuild the artifacts") from None
+            raise UserError(
+                f"{graph_file}: not a readable ONNX graph ({e.__class__.__name__}); "
+                "rebuild the artifacts"
+            ) from None
         mapped = dict(artifacts.map_tensors(root / f"rank{rank}.safetensors"))
         if weights == "copy":
             from xcompile.runtime.weights import resident
@@ -52,8 +61,10 @@ class Model:
         elif weights != "map":
             raise UserError(f"--weights {weights!r}: choose copy or map")
         if comm is not None and comm.ranks != manifest.ranks:
-            raise UserError(f"{root} is sharded for {manifest.ranks} ranks, but {comm.ranks} "
-                            "are running; launch as many ranks as the manifest says")
+            raise UserError(
+                f"{root} is sharded for {manifest.ranks} ranks, but {comm.ranks} "
+                "are running; launch as many ranks as the manifest says"
+            )
         return cls(root, manifest, graph, mapped, use_kernels, comm or SingleRank())
 
     @property
@@ -68,8 +79,9 @@ class Model:
         c = self.config
         kv_heads = c["kv_heads"] // self.manifest.ranks  # this rank's share
         self._cache = KVCache(c["layers"], kv_heads, c["head_dim"], capacity)
-        self._plan = build_plan(self.graph, self.weights, self._cache.buffers, self.use_kernels,
-                                comm=self.comm)
+        self._plan = build_plan(
+            self.graph, self.weights, self._cache.buffers, self.use_kernels, comm=self.comm
+        )
         if os.environ.get("XCOMPILE_PROFILE"):
             self._plan.profile = {}
         return self._cache

@@ -11,9 +11,18 @@ import torch
 import torch.nn.functional as F
 
 # ONNX TensorProto.DataType -> torch dtype
-DTYPES = {1: torch.float32, 2: torch.uint8, 3: torch.int8, 5: torch.int16, 6: torch.int32,
-          7: torch.int64, 9: torch.bool, 10: torch.float16, 11: torch.float64,
-          16: torch.bfloat16}
+DTYPES = {
+    1: torch.float32,
+    2: torch.uint8,
+    3: torch.int8,
+    5: torch.int16,
+    6: torch.int32,
+    7: torch.int64,
+    9: torch.bool,
+    10: torch.float16,
+    11: torch.float64,
+    16: torch.bfloat16,
+}
 
 
 def _axes(t: torch.Tensor | None) -> list[int]:
@@ -70,14 +79,14 @@ def reduce_mean(x, axes_input=None, keepdims=1, axes=None, noop_with_empty_axes=
 
 
 def layer_norm(x, scale, bias=None, axis=-1, epsilon=1e-5):
-    dims = x.shape[axis % x.dim():]
+    dims = x.shape[axis % x.dim() :]
     return F.layer_norm(x, dims, scale, bias, epsilon)
 
 
 def gather(x, indices, axis=0):
     axis %= x.dim()
     out = torch.index_select(x, axis, indices.reshape(-1))
-    return out.reshape(*x.shape[:axis], *indices.shape, *x.shape[axis + 1:])
+    return out.reshape(*x.shape[:axis], *indices.shape, *x.shape[axis + 1 :])
 
 
 def expand(x, shape):
@@ -92,8 +101,9 @@ OPS = {
     "Identity": lambda x: x,
     "Gather": gather,
     "Cast": lambda x, to: x.to(DTYPES[to]),
-    "Transpose": lambda x, perm=None: x.permute(*perm) if perm is not None else x.permute(
-        *reversed(range(x.dim()))),
+    "Transpose": lambda x, perm=None: (
+        x.permute(*perm) if perm is not None else x.permute(*reversed(range(x.dim())))
+    ),
     "MatMul": torch.matmul,
     "Add": torch.add,
     "Sub": torch.sub,

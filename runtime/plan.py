@@ -127,15 +127,22 @@ def kv_append(past: torch.Tensor, new: torch.Tensor, cache: torch.Tensor) -> tor
     return the view (B,kv,P+S,d)."""
     p, s = past.shape[2], new.shape[2]
     if p + s > cache.shape[2]:
-        raise UserError(f"context full: {p + s} tokens do not fit the KV cache of "
-                        f"{cache.shape[2]}; ask for fewer tokens")
-    cache[:, :, p:p + s].copy_(new)
+        raise UserError(
+            f"context full: {p + s} tokens do not fit the KV cache of "
+            f"{cache.shape[2]}; ask for fewer tokens"
+        )
+    cache[:, :, p : p + s].copy_(new)
     return cache[:, :, : p + s]
 
 
-def build_plan(model: onnx.ModelProto, weights: dict[str, torch.Tensor],
-               cache: dict[str, torch.Tensor], use_kernels: bool = True,
-               fetch: str = "logits", comm=None) -> Plan:
+def build_plan(
+    model: onnx.ModelProto,
+    weights: dict[str, torch.Tensor],
+    cache: dict[str, torch.Tensor],
+    use_kernels: bool = True,
+    fetch: str = "logits",
+    comm=None,
+) -> Plan:
     """cache: past input name (past_key_values.{i}.key|value) -> its preallocated buffer;
     comm: the Communicator the ai.xcompile collectives (AllReduce, AllGather) run on."""
     graph = model.graph
@@ -155,11 +162,14 @@ def build_plan(model: onnx.ModelProto, weights: dict[str, torch.Tensor],
         if init.data_location == onnx.TensorProto.EXTERNAL:
             t = weights.get(init.name)
             if t is None:
-                raise UserError(f"weights lack tensor {init.name!r} that the graph uses; "
-                                "rebuild the artifacts")
+                raise UserError(
+                    f"weights lack tensor {init.name!r} that the graph uses; rebuild the artifacts"
+                )
             if tuple(t.shape) != tuple(init.dims) or t.dtype != DTYPES[init.data_type]:
-                raise UserError(f"weight {init.name!r} is {t.dtype} {tuple(t.shape)}, graph "
-                                f"expects {DTYPES[init.data_type]} {tuple(init.dims)}; rebuild")
+                raise UserError(
+                    f"weight {init.name!r} is {t.dtype} {tuple(t.shape)}, graph "
+                    f"expects {DTYPES[init.data_type]} {tuple(init.dims)}; rebuild"
+                )
         else:
             t = torch.from_numpy(numpy_helper.to_array(init).copy())
         slots[index(init.name)] = t
@@ -206,9 +216,11 @@ def build_plan(model: onnx.ModelProto, weights: dict[str, torch.Tensor],
             return fused_ops.REFERENCE[key]
         if domain == "" and node.op_type in OPS:
             return OPS[node.op_type]
-        raise UserError(f"the graph uses op {node.domain or 'ai.onnx'}.{node.op_type} "
-                        f"({node.name}), which this runtime does not run; rebuild the artifacts "
-                        "with this xcompile version")
+        raise UserError(
+            f"the graph uses op {node.domain or 'ai.onnx'}.{node.op_type} "
+            f"({node.name}), which this runtime does not run; rebuild the artifacts "
+            "with this xcompile version"
+        )
 
     steps: list[Step] = []
     for node in graph.node:
@@ -225,8 +237,12 @@ def build_plan(model: onnx.ModelProto, weights: dict[str, torch.Tensor],
             buf = cache[node.input[0]]
             steps.append(Step(node.name + "/kv_append", kv_append, ins, outs, {"cache": buf}))
             continue
-        if node.op_type == "GroupQueryAttention" and len(node.input) > 4 and \
-                PAST.match(node.input[3]) and PAST.match(node.input[4]):
+        if (
+            node.op_type == "GroupQueryAttention"
+            and len(node.input) > 4
+            and PAST.match(node.input[3])
+            and PAST.match(node.input[4])
+        ):
             fn = fused_ops.attention_step(cache[node.input[3]], cache[node.input[4]], use_kernels)
             # seqlens_k and total_sequence_length follow from the cache views: not wired, so the
             # little graph that computes them per layer is dropped as dead code below
@@ -250,8 +266,15 @@ def build_plan(model: onnx.ModelProto, weights: dict[str, torch.Tensor],
                 slots[index(name)] = value
                 const.add(name)
             continue
-        steps.append(Step(node.name if "/" in node.name else f"{node.name}/{node.op_type}",
-                          fn, ins, outs, attrs))
+        steps.append(
+            Step(
+                node.name if "/" in node.name else f"{node.name}/{node.op_type}",
+                fn,
+                ins,
+                outs,
+                attrs,
+            )
+        )
 
     # keep only the steps the fetched output needs
     if fetch not in slot:

@@ -17,8 +17,9 @@ class TextTokenizer:
         try:
             self.tok = Tokenizer.from_file(str(root / "tokenizer.json"))
         except Exception as e:  # tokenizers raises its own Exception type
-            raise UserError(f"{root / 'tokenizer.json'}: unreadable tokenizer ({e}); "
-                            "rebuild the artifacts") from None
+            raise UserError(
+                f"{root / 'tokenizer.json'}: unreadable tokenizer ({e}); rebuild the artifacts"
+            ) from None
         self.eos_ids = self._eos_ids(root)
 
     def _eos_ids(self, root: Path) -> set[int]:
@@ -58,5 +59,5 @@ class StreamDecoder:
         text = self.tokenizer.decode(self.ids)
         if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more bytes
             return ""
-        new, self.printed = text[self.printed:], len(text)
+        new, self.printed = text[self.printed :], len(text)
         return new

@@ -35,15 +35,14 @@ def resident(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     start = (-raw.data_ptr()) % HUGE
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise(ctypes.c_void_p(raw.data_ptr() + start), ctypes.c_size_t(size),
-                     MADV_HUGEPAGE)
+        libc.madvise(ctypes.c_void_p(raw.data_ptr() + start), ctypes.c_size_t(size), MADV_HUGEPAGE)
     except (OSError, AttributeError):
         pass  # no madvise: ordinary pages, still correct
     out = {}
     for name, t in weights.items():
         nbytes = t.numel() * t.element_size()
         at = start + layout[name]
-        view = raw[at:at + nbytes].view(t.dtype).view(t.shape) if nbytes else t.clone()
+        view = raw[at : at + nbytes].view(t.dtype).view(t.shape) if nbytes else t.clone()
         if nbytes:
             view.copy_(t)
         out[name] = view

@@ -62,7 +62,8 @@ def hf_model(checkpoint):
         dtype = dtype or torch.float32
         if (family, dtype) not in made:
             made[family, dtype] = AutoModelForCausalLM.from_pretrained(
-                checkpoint(family), dtype=dtype, attn_implementation="eager").eval()
+                checkpoint(family), dtype=dtype, attn_implementation="eager"
+            ).eval()
         return made[family, dtype]
 
     return get
@@ -101,8 +102,9 @@ def sharded(tmp_path_factory, compiled):
     return get
 
 
-def run_xrun(args: list[str], launcher: list[str] | None = None, timeout: float = 180,
-             cwd=None) -> dict:
+def run_xrun(
+    args: list[str], launcher: list[str] | None = None, timeout: float = 180, cwd=None
+) -> dict:
     """Run xrun (optionally under a launcher such as torchrun) and return its --json object."""
     import json
     import subprocess
@@ -121,8 +123,16 @@ def torchrun(ranks: int) -> list[str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}",
-            "--master-addr=127.0.0.1", f"--master-port={port}", "-m", "xcompile.runtime.cli"]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={ranks}",
+        "--master-addr=127.0.0.1",
+        f"--master-port={port}",
+        "-m",
+        "xcompile.runtime.cli",
+    ]
 
 
 @pytest.fixture(scope="session")
@@ -137,8 +147,12 @@ def peaked(tmp_path_factory):
     def get(family: str, dtype: str = "fp32"):
         if family not in made:
             folder = tmp_path_factory.mktemp(f"peaked-{family}")
-            made[family] = (make_checkpoint(family, folder / "ckpt", init_std=0.06, peaked=True,
-                                            tie_word_embeddings=False), {})
+            made[family] = (
+                make_checkpoint(
+                    family, folder / "ckpt", init_std=0.06, peaked=True, tie_word_embeddings=False
+                ),
+                {},
+            )
         ckpt, arts = made[family]
         if dtype not in arts:
             arts[dtype] = ckpt.parent / dtype

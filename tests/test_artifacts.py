@@ -95,8 +95,11 @@ def test_writer_refuses_writes_off_plan(tmp_path):
 
 def test_header_reads_safetensors_own_files(tmp_path):
     path = tmp_path / "st.safetensors"
-    save_file({"a": torch.ones(2, 3), "b": torch.zeros(4, dtype=torch.int64)}, str(path),
-              metadata={"format": "pt"})
+    save_file(
+        {"a": torch.ones(2, 3), "b": torch.zeros(4, dtype=torch.int64)},
+        str(path),
+        metadata={"format": "pt"},
+    )
     header = read_safetensors_header(path)
     assert set(header) == {"a", "b"}
     assert header["a"].dtype == "F32" and header["a"].shape == (2, 3)
@@ -135,13 +138,20 @@ def test_header_refuses_truncated_file(tmp_path):
         read_safetensors_header(path)
 
 
-@pytest.mark.parametrize("entries", [
-    {"a": _entry("F32", [2], 0, 8), "b": _entry("F32", [2], 4, 12)},     # overlap
-    {"a": _entry("F32", [2], 0, 8), "b": _entry("F32", [2], 8, 16),
-     "c": _entry("F32", [1], 4, 8)},                                       # overlap, inside
-    {"a": _entry("F32", [2], 0, 8), "b": _entry("F32", [2], 12, 20)},    # hole
-    {"a": _entry("F32", [2], 4, 12)},                                      # hole at the start
-], ids=["overlap", "overlap-inside", "hole", "hole-at-start"])
+@pytest.mark.parametrize(
+    "entries",
+    [
+        {"a": _entry("F32", [2], 0, 8), "b": _entry("F32", [2], 4, 12)},  # overlap
+        {
+            "a": _entry("F32", [2], 0, 8),
+            "b": _entry("F32", [2], 8, 16),
+            "c": _entry("F32", [1], 4, 8),
+        },  # overlap, inside
+        {"a": _entry("F32", [2], 0, 8), "b": _entry("F32", [2], 12, 20)},  # hole
+        {"a": _entry("F32", [2], 4, 12)},  # hole at the start
+    ],
+    ids=["overlap", "overlap-inside", "hole", "hole-at-start"],
+)
 def test_header_refuses_overlapping_or_holey_offsets(tmp_path, entries):
     end = max(e["data_offsets"][1] for e in entries.values())
     path = _raw_file(tmp_path / "x.safetensors", entries, b"\0" * end)
@@ -149,16 +159,27 @@ def test_header_refuses_overlapping_or_holey_offsets(tmp_path, entries):
         read_safetensors_header(path)
 
 
-@pytest.mark.parametrize("entry", [
-    _entry("F32", [3], 0, 8),          # offsets disagree with the shape
-    _entry("F32", [2], 8, 0),          # end before begin
-    _entry("F32", [-2], 0, 8),         # negative dimension
-    _entry("F32", [2.0], 0, 8),        # float dimension
-    _entry("F32", [2], 0, 16),         # runs past the end of the file
-    {"dtype": "F32", "shape": [2]},    # no offsets
-    [1, 2],                            # not an object
-], ids=["size-vs-shape", "reversed", "negative-dim", "float-dim", "past-eof", "no-offsets",
-        "not-object"])
+@pytest.mark.parametrize(
+    "entry",
+    [
+        _entry("F32", [3], 0, 8),  # offsets disagree with the shape
+        _entry("F32", [2], 8, 0),  # end before begin
+        _entry("F32", [-2], 0, 8),  # negative dimension
+        _entry("F32", [2.0], 0, 8),  # float dimension
+        _entry("F32", [2], 0, 16),  # runs past the end of the file
+        {"dtype": "F32", "shape": [2]},  # no offsets
+        [1, 2],  # not an object
+    ],
+    ids=[
+        "size-vs-shape",
+        "reversed",
+        "negative-dim",
+        "float-dim",
+        "past-eof",
+        "no-offsets",
+        "not-object",
+    ],
+)
 def test_header_refuses_malformed_entries(tmp_path, entry):
     path = _raw_file(tmp_path / "x.safetensors", {"a": entry}, b"\0" * 8)
     with pytest.raises(UserError):
@@ -171,8 +192,11 @@ def test_header_refuses_unknown_dtype(tmp_path):
         read_safetensors_header(path)
 
 
-@pytest.mark.parametrize("raw", [b"{not json", b"\xff\xfe{}", b"[1, 2]", b"[" * 100_000],
-                         ids=["not-json", "not-utf8", "not-object", "deep"])
+@pytest.mark.parametrize(
+    "raw",
+    [b"{not json", b"\xff\xfe{}", b"[1, 2]", b"[" * 100_000],
+    ids=["not-json", "not-utf8", "not-object", "deep"],
+)
 def test_header_refuses_bad_json(tmp_path, raw):
     path = _raw_file(tmp_path / "x.safetensors", raw, b"")
     with pytest.raises(UserError, match="corrupt safetensors header"):
@@ -181,8 +205,9 @@ def test_header_refuses_bad_json(tmp_path, raw):
 
 @pytest.mark.parametrize("length", [1_000, 2**63, artifacts.MAX_HEADER_BYTES + 1])
 def test_header_refuses_length_past_eof(tmp_path, length):
-    path = _raw_file(tmp_path / "x.safetensors", {"a": _entry("F32", [1], 0, 4)}, b"\0" * 4,
-                     length=length)
+    path = _raw_file(
+        tmp_path / "x.safetensors", {"a": _entry("F32", [1], 0, 4)}, b"\0" * 4, length=length
+    )
     with pytest.raises(UserError, match="header length"):
         read_safetensors_header(path)
 
@@ -202,10 +227,15 @@ def folder(tmp_path):
     root = tmp_path / "art"
     root.mkdir()
     _write(root / "rank0.safetensors", {"w": torch.ones(2, 2)})
-    m = Manifest(family="llama", dtype="fp32", ranks=1,
-                 source={"path": "/x", "config_sha256": "0" * 64}, passes=[],
-                 files={"rank0.safetensors": artifacts.file_entry(root / "rank0.safetensors")},
-                 config={"layers": 1})
+    m = Manifest(
+        family="llama",
+        dtype="fp32",
+        ranks=1,
+        source={"path": "/x", "config_sha256": "0" * 64},
+        passes=[],
+        files={"rank0.safetensors": artifacts.file_entry(root / "rank0.safetensors")},
+        config={"layers": 1},
+    )
     artifacts.write_manifest(root, m)
     return root
 
@@ -233,14 +263,28 @@ def test_manifest_refuses_unknown_keys(folder):
         read_manifest(folder)
 
 
-@pytest.mark.parametrize("change", [
-    {"ranks": "1"}, {"ranks": True}, {"ranks": 1.0}, {"ranks": 0}, {"family": 3},
-    {"dtype": None}, {"files": []}, {"passes": "fuse"}, {"source": "x"}, {"quant": []},
-    {"config": 1}, {"family": ...}, {"files": ...},
-    {"files": {"rank0.safetensors": {"size": "40"}}},
-    {"files": {"rank0.safetensors": {"size": 40, "sha256": None}}},
-    {"files": {"rank0.safetensors": [40, "ab"]}},
-], ids=lambda c: "-".join(f"{k}={v!r}"[:30] for k, v in c.items()))
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"ranks": "1"},
+        {"ranks": True},
+        {"ranks": 1.0},
+        {"ranks": 0},
+        {"family": 3},
+        {"dtype": None},
+        {"files": []},
+        {"passes": "fuse"},
+        {"source": "x"},
+        {"quant": []},
+        {"config": 1},
+        {"family": ...},
+        {"files": ...},
+        {"files": {"rank0.safetensors": {"size": "40"}}},
+        {"files": {"rank0.safetensors": {"size": 40, "sha256": None}}},
+        {"files": {"rank0.safetensors": [40, "ab"]}},
+    ],
+    ids=lambda c: "-".join(f"{k}={v!r}"[:30] for k, v in c.items()),
+)
 def test_manifest_refuses_wrong_types(folder, change):
     _edit(folder, **change)
     with pytest.raises(UserError, match="rebuild the artifacts"):

@@ -27,8 +27,16 @@ def _script(name: str) -> str:
 
 
 def run(cwd: Path, prog: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([_script(prog), *map(str, args)], cwd=cwd, env=ENV, capture_output=True,
-                          text=True, timeout=timeout, stdin=subprocess.DEVNULL, check=False)
+    return subprocess.run(
+        [_script(prog), *map(str, args)],
+        cwd=cwd,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
 
 
 def user_error(res: subprocess.CompletedProcess, *words: str) -> str:
@@ -55,8 +63,14 @@ def no_output(cwd: Path, name: str = "out") -> None:
 def snapshot(path: Path) -> dict:
     """Every file under `path` (or `path` itself) with its bytes and mtime."""
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*"))
-    return {str(p.relative_to(path.parent)): (p.is_dir(), p.read_bytes() if p.is_file() else b"",
-                                               p.stat().st_mtime_ns) for p in files}
+    return {
+        str(p.relative_to(path.parent)): (
+            p.is_dir(),
+            p.read_bytes() if p.is_file() else b"",
+            p.stat().st_mtime_ns,
+        )
+        for p in files
+    }
 
 
 @pytest.fixture
@@ -241,13 +255,17 @@ def test_manifest_unknown_format_version(art):
     user_error(xrun(art), "format_version 99", "rebuild the artifacts")
 
 
-@pytest.mark.parametrize("change", [
-    {"ranks": "1"},
-    {"files": []},
-    {"family": ...},
-    {"extra_key": 1},
-    {"files": {"rank0.safetensors": {"size": "709352", "sha256": "0" * 64}}},
-], ids=["ranks-str", "files-list", "family-missing", "unknown-key", "entry-size-str"])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"ranks": "1"},
+        {"files": []},
+        {"family": ...},
+        {"extra_key": 1},
+        {"files": {"rank0.safetensors": {"size": "709352", "sha256": "0" * 64}}},
+    ],
+    ids=["ranks-str", "files-list", "family-missing", "unknown-key", "entry-size-str"],
+)
 def test_manifest_wrong_types_or_unknown_keys(art, change):
     write_manifest(art, **change)
     key = next(iter(change))
@@ -295,14 +313,18 @@ def test_prompt_longer_than_context(art):
     user_error(res, "context is 256", "shorten the prompt")
 
 
-@pytest.mark.parametrize("flag", [
-    ["--max-new-tokens", "0"],
-    ["--temperature", "-1"],
-    ["--top-p", "0"],
-    ["--top-p", "1.5"],
-    ["--top-k", "-1"],
-    ["--max-new-tokens", "many"],
-], ids=lambda f: "=".join(f))
+@pytest.mark.parametrize(
+    "flag",
+    [
+        ["--max-new-tokens", "0"],
+        ["--temperature", "-1"],
+        ["--top-p", "0"],
+        ["--top-p", "1.5"],
+        ["--top-k", "-1"],
+        ["--max-new-tokens", "many"],
+    ],
+    ids=lambda f: "=".join(f),
+)
 def test_bad_flag_values(art, flag):
     line = user_error(xrun(art, *flag), flag[0])
     assert "see xrun --help" in line or "must be" in line, line
@@ -322,8 +344,7 @@ def test_verbose_shows_traceback(tmp_path):
     assert res.returncode != 0
     assert "Traceback" in res.stderr, res.stderr
     assert "UserError" in res.stderr and "no such artifacts folder" in res.stderr
-    res = run(tmp_path, "xcompile", "quantize", "no-such-model", "-o", "out", "--fp32",
-              "--verbose")
+    res = run(tmp_path, "xcompile", "quantize", "no-such-model", "-o", "out", "--fp32", "--verbose")
     assert res.returncode != 0
     assert "Traceback" in res.stderr and "no such checkpoint folder" in res.stderr, res.stderr
     no_output(tmp_path)

@@ -9,9 +9,18 @@ from xcompile.passes.quantize_nbits import block_size_for
 from xcompile.weight_only import WeightOnly, pack, unpack
 
 
-@pytest.mark.parametrize("bits,group,sym,k", [
-    (8, -1, True, 100), (8, -1, False, 64), (8, 32, True, 96), (4, 128, True, 256),
-    (4, 32, False, 100), (4, 16, True, 40), (4, -1, False, 2048)])
+@pytest.mark.parametrize(
+    "bits,group,sym,k",
+    [
+        (8, -1, True, 100),
+        (8, -1, False, 64),
+        (8, 32, True, 96),
+        (4, 128, True, 256),
+        (4, 32, False, 100),
+        (4, 16, True, 40),
+        (4, -1, False, 2048),
+    ],
+)
 def test_layout_dequantizes_to_inc_qdq(bits, group, sym, k):
     from neural_compressor.torch.algorithms.weight_only.utility import quant_tensor
 

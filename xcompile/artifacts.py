@@ -88,11 +88,15 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
                 raise UserError(f"{path}: corrupt safetensors header length; re-create the file")
             raw = f.read(n)
     except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror}); check the path and permissions") from e
+        raise UserError(
+            f"{path}: cannot read ({e.strerror}); check the path and permissions"
+        ) from e
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        raise UserError(f"{path}: corrupt safetensors header (not JSON); re-create the file") from None
+        raise UserError(
+            f"{path}: corrupt safetensors header (not JSON); re-create the file"
+        ) from None
     if not isinstance(header, dict):
         raise UserError(f"{path}: corrupt safetensors header (not an object); re-create the file")
     data_start = 8 + n
@@ -171,7 +175,10 @@ def plan_safetensors(tensors: Iterable[PlannedTensor]) -> tuple[bytes, dict[str,
     start = 8 + len(raw)
     spans = {
         name: TensorInfo(
-            name, e["dtype"], tuple(e["shape"]), start + e["data_offsets"][0],
+            name,
+            e["dtype"],
+            tuple(e["shape"]),
+            start + e["data_offsets"][0],
             start + e["data_offsets"][1],
         )
         for name, e in header.items()
@@ -205,8 +212,10 @@ class SafetensorsWriter:
             raise RuntimeError("safetensors writer: write() after write_at()")
         expected = self._order[self._next]
         if name != expected.name or len(data) != expected.nbytes:
-            raise RuntimeError(f"safetensors writer: got {name} ({len(data)} B), planned "
-                               f"{expected.name} ({expected.nbytes} B)")
+            raise RuntimeError(
+                f"safetensors writer: got {name} ({len(data)} B), planned "
+                f"{expected.name} ({expected.nbytes} B)"
+            )
         self._f.write(data)
         self._hash.update(data)
         self.size += len(data)
@@ -217,8 +226,10 @@ class SafetensorsWriter:
         the plan puts apart, such as a quantized weight's scales and its int8 blocks)."""
         span = self.spans[name]
         if len(data) != span.nbytes or name in self._placed:
-            raise RuntimeError(f"safetensors writer: {name} written twice or with {len(data)} B, "
-                               f"planned {span.nbytes} B")
+            raise RuntimeError(
+                f"safetensors writer: {name} written twice or with {len(data)} B, "
+                f"planned {span.nbytes} B"
+            )
         os.pwrite(self._f.fileno(), data, span.begin)
         self._placed.add(name)
 
@@ -293,8 +304,10 @@ def read_manifest(root: str | os.PathLike) -> Manifest:
     if not root.is_dir():
         raise UserError(f"{root}: no such artifacts folder; build one with `xcompile quantize`")
     if not path.is_file():
-        raise UserError(f"{root}: no manifest.json, so not (complete) artifacts; "
-                        "build them with `xcompile quantize`")
+        raise UserError(
+            f"{root}: no manifest.json, so not (complete) artifacts; "
+            "build them with `xcompile quantize`"
+        )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
@@ -345,16 +358,20 @@ def verify(root: str | os.PathLike, manifest: Manifest, checksums: bool = True) 
             raise UserError(f"{root}: {name} is missing; rebuild the artifacts")
         size = full.stat().st_size
         if size != entry["size"]:
-            raise UserError(f"{root}: {name} is {size} bytes, manifest says {entry['size']} "
-                            "(truncated or replaced); rebuild the artifacts")
+            raise UserError(
+                f"{root}: {name} is {size} bytes, manifest says {entry['size']} "
+                "(truncated or replaced); rebuild the artifacts"
+            )
         if not checksums:
             continue
         stamp = _verified_stamp(full, entry["sha256"])
         if stamp is not None and stamp.exists():
             continue
         if sha256_file(full) != entry["sha256"]:
-            raise UserError(f"{root}: {name} does not match its sha256 in the manifest "
-                            "(modified or corrupt); rebuild the artifacts")
+            raise UserError(
+                f"{root}: {name} does not match its sha256 in the manifest "
+                "(modified or corrupt); rebuild the artifacts"
+            )
         if stamp is not None:
             try:
                 stamp.parent.mkdir(parents=True, exist_ok=True)
@@ -369,7 +386,8 @@ def _verified_stamp(path: Path, sha256: str) -> Path | None:
     unprivileged process can set back, so a changed file is hashed again. Hashing 2 GB of weights
     on every start would cost more than the start itself."""
     base = os.environ.get("XCOMPILE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "xcompile")
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "xcompile"
+    )
     try:
         st = path.stat()
     except OSError:
@@ -401,8 +419,10 @@ class AtomicFolder:
         """Refuse (UserError) a destination this could not write or must not replace."""
         if self.dest.exists() and not is_artifacts(self.dest):
             if not self.dest.is_dir() or any(self.dest.iterdir()):
-                raise UserError(f"{self.dest} exists and is not xcompile artifacts; "
-                                "choose another -o or remove it")
+                raise UserError(
+                    f"{self.dest} exists and is not xcompile artifacts; "
+                    "choose another -o or remove it"
+                )
         parent = self.dest.parent
         if not parent.is_dir():
             raise UserError(f"{parent}: output's parent folder does not exist; create it first")
@@ -416,15 +436,19 @@ class AtomicFolder:
             os.umask(umask)
             os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp's 0700 is for the name, not the folder
         except OSError as e:
-            raise UserError(f"{parent}: cannot write there ({e.strerror}); choose another -o") from e
+            raise UserError(
+                f"{parent}: cannot write there ({e.strerror}); choose another -o"
+            ) from e
         return self.tmp
 
     def __exit__(self, kind, value, tb) -> bool:
         if kind is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             if isinstance(value, OSError) and not isinstance(value, UserError):
-                raise UserError(f"{self.dest}: write failed ({value.strerror or value}); "
-                                "free space or choose another -o") from value
+                raise UserError(
+                    f"{self.dest}: write failed ({value.strerror or value}); "
+                    "free space or choose another -o"
+                ) from value
             return False
         old = None
         if self.dest.exists():
@@ -465,9 +489,16 @@ def map_tensors(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
     import torch
 
     torch_dtypes = {
-        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-        "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
-        "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+        "F64": torch.float64,
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "I64": torch.int64,
+        "I32": torch.int32,
+        "I16": torch.int16,
+        "I8": torch.int8,
+        "U8": torch.uint8,
+        "BOOL": torch.bool,
     }
     header = read_safetensors_header(path)
     with open(path, "rb") as f:

@@ -1,7 +1,7 @@
 """`xcompile`: compile a Hugging Face checkpoint into artifacts, and look inside them.
 
-    xcompile quantize MODEL [-o artifacts] (--fp32 | --bf16)
-    xcompile inspect ARTIFACTS [--graph]
+xcompile quantize MODEL [-o artifacts] (--fp32 | --bf16)
+xcompile inspect ARTIFACTS [--graph]
 """
 
 from __future__ import annotations
@@ -14,8 +14,12 @@ import typer
 
 from xcompile.errors import UserError, run_cli
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Compile Hugging Face checkpoints into xcompile artifacts.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Compile Hugging Face checkpoints into xcompile artifacts.",
+)
 
 
 @app.callback()
@@ -24,8 +28,9 @@ def _main(verbose: bool = typer.Option(False, "--verbose", help="Tracebacks on e
 
 
 def _weight_format(fp32: bool, bf16: bool, int8: bool = False, int4: bool = False) -> str:
-    chosen = [name for name, on in (("fp32", fp32), ("bf16", bf16), ("int8", int8),
-                                    ("int4", int4)) if on]
+    chosen = [
+        name for name, on in (("fp32", fp32), ("bf16", bf16), ("int8", int8), ("int4", int4)) if on
+    ]
     if len(chosen) != 1:
         raise UserError("choose exactly one weight format: --fp32, --bf16, --int8 or --int4")
     return chosen[0]
@@ -47,13 +52,18 @@ def quantize(
     int8: bool = typer.Option(False, "--int8", help="Weight-only INT8 (per channel by default)."),
     int4: bool = typer.Option(False, "--int4", help="Weight-only INT4 (groups of 128 by default)."),
     algo: str = typer.Option(None, "--algo", help="rtn (default), gptq or awq."),
-    group_size: int = typer.Option(None, "--group-size", help="Weights per scale: a power of "
-                                   "two >= 16, or -1 per output channel."),
+    group_size: int = typer.Option(
+        None,
+        "--group-size",
+        help="Weights per scale: a power of two >= 16, or -1 per output channel.",
+    ),
     sym: bool = typer.Option(True, "--sym/--asym", help="Symmetric (default) or with zero points."),
-    calib: Path = typer.Option(None, "--calib", help="Calibration text for gptq/awq, one "
-                               "sample a line."),
-    quantize_lm_head: bool = typer.Option(False, "--quantize-lm-head",
-                                          help="Quantize lm_head too (default: BF16)."),
+    calib: Path = typer.Option(
+        None, "--calib", help="Calibration text for gptq/awq, one sample a line."
+    ),
+    quantize_lm_head: bool = typer.Option(
+        False, "--quantize-lm-head", help="Quantize lm_head too (default: BF16)."
+    ),
     no_fuse: bool = typer.Option(False, "--no-fuse", help="Keep the primitive graph (no passes)."),
     verbose: bool = typer.Option(False, "--verbose", help="Tracebacks on errors."),
 ) -> None:
@@ -76,8 +86,9 @@ def quantize(
 
 @app.command()
 def shard(
-    artifacts_dir: Path = typer.Argument(Path("artifacts"), metavar="[ARTIFACTS]",
-                                         help="Single-rank artifacts (default: artifacts)."),
+    artifacts_dir: Path = typer.Argument(
+        Path("artifacts"), metavar="[ARTIFACTS]", help="Single-rank artifacts (default: artifacts)."
+    ),
     ranks: int = typer.Option(..., "--ranks", min=1, help="Tensor-parallel ranks."),
     out: Path = typer.Option(None, "-o", "--out", help="Write here (default: in place)."),
     verbose: bool = typer.Option(False, "--verbose", help="Tracebacks on errors."),
@@ -88,8 +99,10 @@ def shard(
 
     manifest = run(artifacts_dir, ranks, out)
     dest = out or artifacts_dir
-    sizes = ", ".join(f"rank{r} {manifest.files[f'rank{r}.safetensors']['size'] / 1e6:.1f} MB"
-                      for r in range(ranks))
+    sizes = ", ".join(
+        f"rank{r} {manifest.files[f'rank{r}.safetensors']['size'] / 1e6:.1f} MB"
+        for r in range(ranks)
+    )
     typer.echo(f"wrote {dest} ({ranks} ranks: {sizes})")
 
 
@@ -129,13 +142,16 @@ def build(
     from xcompile.passes.tp import check_divisible
     from xcompile.shard import shard as split
 
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.build-", dir=out.absolute().parent) as tmp:
+    with tempfile.TemporaryDirectory(
+        prefix=f".{out.name}.build-", dir=out.absolute().parent
+    ) as tmp:
         single = compile_single(ckpt, Path(tmp) / "single", chosen, scheme=scheme)
         check_divisible(single.config, ranks)
         manifest = split(Path(tmp) / "single", ranks, out)
     size = sum(f["size"] for f in manifest.files.values())
-    typer.echo(f"wrote {out} ({manifest.family}, {manifest.dtype}, {ranks} ranks, "
-               f"{size / 1e6:.1f} MB)")
+    typer.echo(
+        f"wrote {out} ({manifest.family}, {manifest.dtype}, {ranks} ranks, {size / 1e6:.1f} MB)"
+    )
 
 
 @app.command()
@@ -170,8 +186,10 @@ def inspect(
         if graph and "xcompile.pass_reports" in meta:
             typer.echo(f"passes on {name} (nodes before -> after, rewrites):")
             for r in json.loads(meta["xcompile.pass_reports"]):
-                typer.echo(f"  {r['name']:16s} {r['nodes_before']:6d} -> {r['nodes_after']:6d}"
-                           f"  ({r['rewrites']} rewrites)")
+                typer.echo(
+                    f"  {r['name']:16s} {r['nodes_before']:6d} -> {r['nodes_after']:6d}"
+                    f"  ({r['rewrites']} rewrites)"
+                )
         counts = Counter(n.op_type if not n.domain else f"{n.domain}.{n.op_type}" for n in g.node)
         typer.echo(f"ops in {name}: {len(g.node)} nodes")
         shown = counts.most_common() if graph else counts.most_common(8)

@@ -20,17 +20,32 @@ import onnx
 import torch
 
 from xcompile import artifacts
-from xcompile.artifacts import (DTYPES, AtomicFolder, Manifest, PlannedTensor, SafetensorsWriter,
-                                TensorInfo)
+from xcompile.artifacts import (
+    DTYPES,
+    AtomicFolder,
+    Manifest,
+    PlannedTensor,
+    SafetensorsWriter,
+    TensorInfo,
+)
 from xcompile.errors import UserError
 from xcompile.frontend import decoder
 from xcompile.frontend.checkpoint import Checkpoint
 from xcompile.frontend.graph import GraphBuilder
 
 FLOATS = {"F32", "F16", "BF16", "F64"}
-TORCH = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-         "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
-         "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+TORCH = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 WEIGHT_FILE = "rank0.safetensors"
 
 
@@ -43,22 +58,30 @@ def target_dtype(info: TensorInfo, dtype: str) -> str:
     return "F32"
 
 
-def build_graph(ckpt: Checkpoint, spec: decoder.DecoderSpec, dtype: str,
-                passes: list[str] | None = None, scheme=None
-                ) -> tuple[onnx.ModelProto, list[PlannedTensor], dict[str, list[str]], list]:
+def build_graph(
+    ckpt: Checkpoint,
+    spec: decoder.DecoderSpec,
+    dtype: str,
+    passes: list[str] | None = None,
+    scheme=None,
+) -> tuple[onnx.ModelProto, list[PlannedTensor], dict[str, list[str]], list]:
     """The graph over the weights as they will be stored, and those weights (only the used ones,
     including those a pass makes by concatenating others: name -> parts). External offsets are
     placeholders until `locate` fills them from the file's plan. passes: names to run (None: all,
     []: none, the primitive graph)."""
-    planned = {name: PlannedTensor(name, target_dtype(info, dtype), info.shape)
-               for name, (_, info) in ckpt.tensors.items()}
+    planned = {
+        name: PlannedTensor(name, target_dtype(info, dtype), info.shape)
+        for name, (_, info) in ckpt.tensors.items()
+    }
     probe = {name: TensorInfo(name, t.dtype, t.shape, 0, t.nbytes) for name, t in planned.items()}
     b = GraphBuilder(probe, WEIGHT_FILE)
     try:
         decoder.build(spec, b)
     except KeyError as e:
-        raise UserError(f"{ckpt.path}: checkpoint lacks tensor {e.args[0]!r} that a "
-                        f"{spec.family} model needs; is it complete?") from None
+        raise UserError(
+            f"{ckpt.path}: checkpoint lacks tensor {e.args[0]!r} that a "
+            f"{spec.family} model needs; is it complete?"
+        ) from None
     metadata = {"family": spec.family, "dtype": dtype}
     model = b.model(f"xcompile_{spec.family}", metadata)
     reports = []
@@ -76,16 +99,20 @@ def build_graph(ckpt: Checkpoint, spec: decoder.DecoderSpec, dtype: str,
         from xcompile.passes.quantize_nbits import QuantizeNBitsPass
 
         ir_model = ir.serde.deserialize_model(model)
-        QuantizeNBitsPass(scheme.bits, scheme.group_size, scheme.sym,
-                          scheme.quantize_lm_head)(ir_model)
+        QuantizeNBitsPass(scheme.bits, scheme.group_size, scheme.sym, scheme.quantize_lm_head)(
+            ir_model
+        )
         model = ir.serde.serialize_model(ir_model)
     meta = {p.key: p.value for p in model.metadata_props}
     concat = json.loads(meta.get("xcompile.concat", "{}"))
     # every external initializer, as the graph declares it (source weights, concatenations,
     # quantized blocks and scales)
     stored = {code: name for name, (_, code) in DTYPES.items()}
-    used = [PlannedTensor(i.name, stored[i.data_type], tuple(i.dims))
-            for i in model.graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL]
+    used = [
+        PlannedTensor(i.name, stored[i.data_type], tuple(i.dims))
+        for i in model.graph.initializer
+        if i.data_location == onnx.TensorProto.EXTERNAL
+    ]
     return model, used, concat, reports
 
 
@@ -121,8 +148,11 @@ def read_tensor(path: Path, info: TensorInfo, handle) -> torch.Tensor:
     handle.seek(info.begin)
     if handle.readinto(memoryview(buf)) != info.nbytes:
         raise UserError(f"{path}: truncated while reading {info.name}; re-download it")
-    return torch.frombuffer(buf, dtype=TORCH[info.dtype]).view(info.shape) if info.nbytes else \
-        torch.empty(info.shape, dtype=TORCH[info.dtype])
+    return (
+        torch.frombuffer(buf, dtype=TORCH[info.dtype]).view(info.shape)
+        if info.nbytes
+        else torch.empty(info.shape, dtype=TORCH[info.dtype])
+    )
 
 
 def to_bytes(t: torch.Tensor) -> memoryview:
@@ -143,21 +173,28 @@ def copy_tokenizer(src: Path, dst: Path, config: dict) -> list[str]:
 
         keys = ("bos_token_id", "eos_token_id", "pad_token_id")
         (dst / "generation_config.json").write_text(
-            json.dumps({k: config[k] for k in keys if config.get(k) is not None}, indent=2))
+            json.dumps({k: config[k] for k in keys if config.get(k) is not None}, indent=2)
+        )
         copied.append("generation_config.json")
     return copied
 
 
-def quantize(model_dir: str | Path | Checkpoint, out: str | Path, dtype: str,
-             progress: bool | None = None, passes: list[str] | None = None,
-             scheme=None) -> Manifest:
+def quantize(
+    model_dir: str | Path | Checkpoint,
+    out: str | Path,
+    dtype: str,
+    progress: bool | None = None,
+    passes: list[str] | None = None,
+    scheme=None,
+) -> Manifest:
     """dtype: fp32 | bf16 | int8 | int4 (then `scheme`, a weight_only.WeightOnly, says how);
     passes: the graph passes to run (None: all of them; []: none, the primitive graph)."""
     if dtype in ("int8", "int4"):
         from xcompile.weight_only import WeightOnly
 
-        scheme = scheme or WeightOnly(8 if dtype == "int8" else 4,
-                                      -1 if dtype == "int8" else 128, True)
+        scheme = scheme or WeightOnly(
+            8 if dtype == "int8" else 4, -1 if dtype == "int8" else 128, True
+        )
     elif dtype not in ("fp32", "bf16"):
         raise UserError(f"--{dtype}: choose --fp32, --bf16, --int8 or --int4")
     floats = "bf16" if scheme is not None else dtype  # what is not quantized is stored so
@@ -179,6 +216,7 @@ def quantize(model_dir: str | Path | Checkpoint, out: str | Path, dtype: str,
         locate(model, writer.spans)
         handles = {}
         try:
+
             def load(name: str, as_dtype: torch.dtype | None = None) -> torch.Tensor:
                 if name in concat:
                     return torch.cat([load(p, as_dtype) for p in concat[name]])

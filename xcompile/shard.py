@@ -34,18 +34,23 @@ def family_table(family: str):
     raise UserError(f"family {family!r} has no tensor-parallel table; it cannot be sharded")
 
 
-def shard(src: str | Path, ranks: int, out: str | Path | None = None,
-          progress: bool | None = None) -> Manifest:
+def shard(
+    src: str | Path, ranks: int, out: str | Path | None = None, progress: bool | None = None
+) -> Manifest:
     src = Path(src)
     manifest = artifacts.read_manifest(src)
     if ranks < 1:
         raise UserError(f"--ranks {ranks}: give a number of ranks >= 1")
     if manifest.ranks != 1:
-        raise UserError(f"{src} is already sharded for {manifest.ranks} ranks; shard the "
-                        "single-rank artifacts (xcompile quantize output) instead")
+        raise UserError(
+            f"{src} is already sharded for {manifest.ranks} ranks; shard the "
+            "single-rank artifacts (xcompile quantize output) instead"
+        )
     if not manifest.passes:
-        raise UserError(f"{src} holds a primitive graph (--no-fuse); tensor parallelism needs "
-                        "the fused graph: rebuild without --no-fuse")
+        raise UserError(
+            f"{src} holds a primitive graph (--no-fuse); tensor parallelism needs "
+            "the fused graph: rebuild without --no-fuse"
+        )
     tp.check_divisible(manifest.config, ranks)
     dest = Path(out) if out is not None else src
     if dest != src:
@@ -73,10 +78,15 @@ def shard(src: str | Path, ranks: int, out: str | Path | None = None,
             for rank in range(ranks):
                 weight_file = f"rank{rank}.safetensors"
                 graph = tp.shard_graph(model, slicing, rank, ranks, weight_file)
-                used = [i.name for i in graph.graph.initializer
-                        if i.data_location == onnx.TensorProto.EXTERNAL]
-                planned = [PlannedTensor(n, header[n].dtype,
-                                         slicing[n].shape(n, header[n].shape, ranks)) for n in used]
+                used = [
+                    i.name
+                    for i in graph.graph.initializer
+                    if i.data_location == onnx.TensorProto.EXTERNAL
+                ]
+                planned = [
+                    PlannedTensor(n, header[n].dtype, slicing[n].shape(n, header[n].shape, ranks))
+                    for n in used
+                ]
                 writer = SafetensorsWriter(tmp / weight_file, planned)
                 locate(graph, writer.spans)
                 for name in _progress(writer.order(), progress, f"rank {rank}"):
@@ -91,8 +101,14 @@ def shard(src: str | Path, ranks: int, out: str | Path | None = None,
                 onnx.save(graph, tmp / f"rank{rank}.onnx")
                 files[f"rank{rank}.onnx"] = artifacts.file_entry(tmp / f"rank{rank}.onnx")
         sharded = Manifest(
-            family=manifest.family, dtype=manifest.dtype, ranks=ranks, source=manifest.source,
-            passes=[*manifest.passes, "tp", "allreduce_merge"], files=files,
-            quant=manifest.quant, config=manifest.config)
+            family=manifest.family,
+            dtype=manifest.dtype,
+            ranks=ranks,
+            source=manifest.source,
+            passes=[*manifest.passes, "tp", "allreduce_merge"],
+            files=files,
+            quant=manifest.quant,
+            config=manifest.config,
+        )
         artifacts.write_manifest(tmp, sharded)
     return sharded

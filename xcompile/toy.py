@@ -14,23 +14,61 @@ import argparse
 from pathlib import Path
 
 TINY = {
-    "llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                  tie_word_embeddings=False),
-    "mistral": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                    num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=256,
-                    sliding_window=8, head_dim=16),
-    "qwen2": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                  tie_word_embeddings=True),
-    "gptj": dict(n_embd=64, n_inner=128, n_layer=3, n_head=4, rotary_dim=8, n_positions=256,
-                 activation_function="gelu_new", tie_word_embeddings=False),
+    "llama": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    ),
+    "mistral": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+        sliding_window=8,
+        head_dim=16,
+    ),
+    "qwen2": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    ),
+    "gptj": dict(
+        n_embd=64,
+        n_inner=128,
+        n_layer=3,
+        n_head=4,
+        rotary_dim=8,
+        n_positions=256,
+        activation_function="gelu_new",
+        tie_word_embeddings=False,
+    ),
 }
-ONE_B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-             num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
-             vocab_size=32000, tie_word_embeddings=False)
-CONFIGS = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
-           "gptj": "GPTJConfig"}
+ONE_B = dict(
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=22,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    max_position_embeddings=2048,
+    vocab_size=32000,
+    tie_word_embeddings=False,
+)
+CONFIGS = {
+    "llama": "LlamaConfig",
+    "mistral": "MistralConfig",
+    "qwen2": "Qwen2Config",
+    "gptj": "GPTJConfig",
+}
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
@@ -45,19 +83,35 @@ def make_tokenizer(vocab_size: int = 512):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     corpus = (Path(__file__).parent / "data" / "corpus.txt").read_text(encoding="utf-8")
     tok.train_from_iterator(corpus.splitlines(), trainer)
     tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>", chat_template=CHAT_TEMPLATE)
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        chat_template=CHAT_TEMPLATE,
+    )
 
 
-def make_checkpoint(family: str, out: str | Path, size: str = "tiny", seed: int = 0,
-                    init_std: float | None = None, peaked: bool = False, **overrides) -> Path:
+def make_checkpoint(
+    family: str,
+    out: str | Path,
+    size: str = "tiny",
+    seed: int = 0,
+    init_std: float | None = None,
+    peaked: bool = False,
+    **overrides,
+) -> Path:
     """peaked: lm_head (untied) is the embedding table scaled up, so the next token's logit
     stands far above the rest, as in a trained model (quantization tests need that: a random
     network's near-ties turn any rounding into other tokens; a trained model's margins do not)."""
@@ -70,15 +124,19 @@ def make_checkpoint(family: str, out: str | Path, size: str = "tiny", seed: int 
     if family == "gptj" and size != "tiny":
         raise ValueError("the 1b size is a Llama-shaped model")
     fields.setdefault("vocab_size", len(tokenizer))
-    fields.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                  initializer_range=init_std or (0.3 if size == "tiny" else 0.02), **overrides)
+    fields.update(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        initializer_range=init_std or (0.3 if size == "tiny" else 0.02),
+        **overrides,
+    )
     config = getattr(transformers, CONFIGS[family])(**fields)
     torch.manual_seed(seed)
     with torch.device("cpu"):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     if size == "tiny":  # norms and biases at random too, so a wrong one shows in the logits
         with torch.no_grad():
-            for name, p in model.named_parameters():
+            for p in model.parameters():
                 if p.dim() == 1:
                     p.add_(torch.randn_like(p) * 0.1)
     if peaked:

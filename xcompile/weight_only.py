@@ -30,12 +30,23 @@ class WeightOnly:
     quantize_lm_head: bool = False
 
     def describe(self) -> dict:
-        return {"bits": self.bits, "group_size": self.group_size, "sym": self.sym,
-                "algo": self.algo, "lm_head": self.quantize_lm_head}
+        return {
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "sym": self.sym,
+            "algo": self.algo,
+            "lm_head": self.quantize_lm_head,
+        }
 
 
-def scheme_from_flags(bits: int | None, group_size: int | None, sym: bool, algo: str | None,
-                      calib: Path | None, quantize_lm_head: bool) -> WeightOnly | None:
+def scheme_from_flags(
+    bits: int | None,
+    group_size: int | None,
+    sym: bool,
+    algo: str | None,
+    calib: Path | None,
+    quantize_lm_head: bool,
+) -> WeightOnly | None:
     """Validate the CLI's quantization flags (UserError naming the fix) -> scheme or None."""
     if bits is None:
         for flag, given in (("--algo", algo), ("--group-size", group_size), ("--calib", calib)):
@@ -50,8 +61,10 @@ def scheme_from_flags(bits: int | None, group_size: int | None, sym: bool, algo:
     if group_size is None:
         group_size = -1 if bits == 8 else 128
     if group_size != -1 and (group_size < 16 or group_size & (group_size - 1)):
-        raise UserError(f"--group-size {group_size}: use a power of two >= 16 (e.g. 32, 128), "
-                        "or -1 for one group per output channel")
+        raise UserError(
+            f"--group-size {group_size}: use a power of two >= 16 (e.g. 32, 128), "
+            "or -1 for one group per output channel"
+        )
     if calib is not None:
         if algo == "rtn":
             raise UserError("--calib is for --algo gptq or awq (RTN needs no calibration)")
@@ -61,8 +74,7 @@ def scheme_from_flags(bits: int | None, group_size: int | None, sym: bool, algo:
             raise UserError(f"--calib {calib} is empty; give at least one line of text")
     if algo != "rtn":
         raise UserError(f"--algo {algo} is not available in this build yet; use --algo rtn")
-    return WeightOnly(bits, group_size, sym, algo, Path(calib) if calib else None,
-                      quantize_lm_head)
+    return WeightOnly(bits, group_size, sym, algo, Path(calib) if calib else None, quantize_lm_head)
 
 
 def _quiet_import_inc():
@@ -73,19 +85,25 @@ def _quiet_import_inc():
     return quant_tensor
 
 
-def quantize_rtn(w: torch.Tensor, scheme: WeightOnly) -> tuple[torch.Tensor, torch.Tensor,
-                                                                torch.Tensor | None]:
+def quantize_rtn(
+    w: torch.Tensor, scheme: WeightOnly
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """INC's round-to-nearest: w (N, K) -> (q (N, K) int, scales (N, groups), zp or None)."""
     quant_tensor = _quiet_import_inc()
 
-    q, scales, zp = quant_tensor(w.float().clone(), bits=scheme.bits,
-                                 group_size=scheme.group_size,
-                                 scheme="sym" if scheme.sym else "asym", return_int=True)
+    q, scales, zp = quant_tensor(
+        w.float().clone(),
+        bits=scheme.bits,
+        group_size=scheme.group_size,
+        scheme="sym" if scheme.sym else "asym",
+        return_int=True,
+    )
     return q, scales, zp
 
 
-def pack(w: torch.Tensor, scheme: WeightOnly) -> tuple[torch.Tensor, torch.Tensor,
-                                                        torch.Tensor | None]:
+def pack(
+    w: torch.Tensor, scheme: WeightOnly
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """w (N, K) -> MatMulNBits' (B uint8 (N, k_blocks, blob), scales f32 (N, k_blocks),
     zero_points uint8 or None)."""
     n, k = w.shape
@@ -105,8 +123,9 @@ def pack(w: torch.Tensor, scheme: WeightOnly) -> tuple[torch.Tensor, torch.Tenso
     blocks = padded.view(n, k_blocks, block * bits // 8)
     scales = scales.float().reshape(n, -1)
     if scales.shape[1] != k_blocks:
-        raise RuntimeError(f"neural-compressor returned {scales.shape[1]} groups, expected "
-                           f"{k_blocks}")
+        raise RuntimeError(
+            f"neural-compressor returned {scales.shape[1]} groups, expected {k_blocks}"
+        )
     if zp is not None:
         zp = zp.to(torch.int32).clamp(0, (1 << bits) - 1).to(torch.uint8).reshape(n, k_blocks)
         if bits == 4:
@@ -117,8 +136,14 @@ def pack(w: torch.Tensor, scheme: WeightOnly) -> tuple[torch.Tensor, torch.Tenso
     return blocks.contiguous(), scales.contiguous(), zp
 
 
-def unpack(blocks: torch.Tensor, scales: torch.Tensor, zp: torch.Tensor | None, bits: int,
-           block: int, k: int) -> torch.Tensor:
+def unpack(
+    blocks: torch.Tensor,
+    scales: torch.Tensor,
+    zp: torch.Tensor | None,
+    bits: int,
+    block: int,
+    k: int,
+) -> torch.Tensor:
     """The plain reference: MatMulNBits' layout -> W (N, K) float32."""
     n, k_blocks, _ = blocks.shape
     b = blocks.reshape(n, -1)

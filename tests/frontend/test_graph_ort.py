@@ -22,8 +22,10 @@ def run_ort(art, ids, past=None):
     for i in range(cfg["layers"]):
         for kind in ("key", "value"):
             feeds[f"past_key_values.{i}.{kind}"] = (
-                np.zeros((1, cfg["kv_heads"], 0, cfg["head_dim"]), np.float32) if past is None
-                else past[f"present.{i}.{kind}"])
+                np.zeros((1, cfg["kv_heads"], 0, cfg["head_dim"]), np.float32)
+                if past is None
+                else past[f"present.{i}.{kind}"]
+            )
     names = [o.name for o in sess.get_outputs()]
     return dict(zip(names, sess.run(names, feeds)))
 
@@ -46,7 +48,9 @@ def test_onnxruntime_matches_transformers(family, compiled, hf_model):
 
 
 def test_node_names_are_readable(compiled):
-    graph = onnx.load(str(compiled("llama", passes=[]) / "model.onnx"), load_external_data=False).graph
+    graph = onnx.load(
+        str(compiled("llama", passes=[]) / "model.onnx"), load_external_data=False
+    ).graph
     names = {n.name for n in graph.node}
     assert "/model/layers.2/attn/q_proj/MatMul" in names
     assert "/model/layers.0/mlp/down_proj/MatMul" in names
@@ -55,7 +59,9 @@ def test_node_names_are_readable(compiled):
 
 
 def test_weights_are_external_references_into_the_shard(compiled):
-    graph = onnx.load(str(compiled("llama", passes=[]) / "model.onnx"), load_external_data=False).graph
+    graph = onnx.load(
+        str(compiled("llama", passes=[]) / "model.onnx"), load_external_data=False
+    ).graph
     external = [i for i in graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL]
     assert len(external) == 3 * 9 + 3  # 9 per layer, embed, final norm, lm_head
     for init in external:

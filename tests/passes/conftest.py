@@ -21,12 +21,17 @@ def run_ort(art, ids=IDS, steps=1):
     sess = ort.InferenceSession(str(art / "model.onnx"), providers=["CPUExecutionProvider"])
     cfg = json.loads((art / "manifest.json").read_text())["config"]
     names_out = [o.name for o in sess.get_outputs()]
-    past = {f"present.{i}.{k}": np.zeros((1, cfg["kv_heads"], 0, cfg["head_dim"]), np.float32)
-            for i in range(cfg["layers"]) for k in ("key", "value")}
+    past = {
+        f"present.{i}.{k}": np.zeros((1, cfg["kv_heads"], 0, cfg["head_dim"]), np.float32)
+        for i in range(cfg["layers"])
+        for k in ("key", "value")
+    }
     results, start, tokens = [], 0, ids
     for _ in range(1 + steps):
-        feeds = {"input_ids": np.array([tokens]),
-                 "position_ids": np.arange(start, start + len(tokens))[None]}
+        feeds = {
+            "input_ids": np.array([tokens]),
+            "position_ids": np.arange(start, start + len(tokens))[None],
+        }
         feeds.update({n.replace("present", "past_key_values"): v for n, v in past.items()})
         out = dict(zip(names_out, sess.run(names_out, feeds)))
         results.append(out)

@@ -7,6 +7,7 @@ from tests.passes.conftest import assert_same_outputs, op_counts
 def test_activation_fuses(family, op, around):
     before, after = around(family, "activation")
     b, a = op_counts(before), op_counts(after)
+    assert b[op] == 0 and b["Sigmoid"] + b["Tanh"] == 3
     assert a[op] == 3
     assert a["Sigmoid"] == 0 and a["Tanh"] == 0
     assert_same_outputs(before, after)

@@ -17,9 +17,11 @@ def test_projections_reading_one_input_become_one_matmul(family, groups_per_laye
 
 def test_concatenated_weight_is_the_rows_of_its_parts(around, checkpoint):
     _, after = around("llama", "concat_matmul")
-    with safe_open(str(after / "rank0.safetensors"), "pt") as art, \
-            safe_open(str(checkpoint("llama") / "model.safetensors"), "pt") as src:
+    with (
+        safe_open(str(after / "rank0.safetensors"), "pt") as art,
+        safe_open(str(checkpoint("llama") / "model.safetensors"), "pt") as src,
+    ):
         qkv = art.get_tensor("model.layers.1.self_attn.q_proj+k_proj+v_proj.weight")
         parts = [src.get_tensor(f"model.layers.1.self_attn.{p}_proj.weight") for p in "qkv"]
         assert torch.equal(qkv, torch.cat(parts))
-        assert "model.layers.1.self_attn.q_proj.weight" not in art.keys()
+        assert "model.layers.1.self_attn.q_proj.weight" not in art.keys()  # noqa: SIM118 (safe_open has keys(), no __contains__)

@@ -3,10 +3,13 @@ import pytest
 from tests.passes.conftest import assert_same_outputs, op_counts
 
 
-@pytest.mark.parametrize("family,fused,norm", [
-    ("llama", "SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization"),
-    ("gptj", "SkipLayerNormalization", "LayerNormalization"),
-])
+@pytest.mark.parametrize(
+    "family,fused,norm",
+    [
+        ("llama", "SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization"),
+        ("gptj", "SkipLayerNormalization", "LayerNormalization"),
+    ],
+)
 def test_skip_norm_fuses_residual_add(family, fused, norm, around):
     before, after = around(family, "skip_norm")
     b, a = op_counts(before), op_counts(after)

@@ -15,14 +15,18 @@ def sharded(art, family, rank=0, ranks=2, merge=True):
     model = onnx.load(str(art / "model.onnx"), load_external_data=False)
     concat, _ = tp.concat_recipes(model)
     header = __import__("xcompile.artifacts", fromlist=["x"]).read_safetensors_header(
-        art / "rank0.safetensors")
+        art / "rank0.safetensors"
+    )
     slicing = tp.slicing_table(family_table(family), list(header), concat)
     return tp.shard_graph(model, slicing, rank, ranks, f"rank{rank}.safetensors", merge)
 
 
 def layer_collectives(graph: onnx.GraphProto) -> Counter:
-    return Counter(n.op_type for n in graph.node
-                   if n.domain == "ai.xcompile" and n.name.startswith("/model/layers."))
+    return Counter(
+        n.op_type
+        for n in graph.node
+        if n.domain == "ai.xcompile" and n.name.startswith("/model/layers.")
+    )
 
 
 def test_gptj_parallel_residual_has_one_allreduce_per_layer(compiled):
@@ -32,8 +36,10 @@ def test_gptj_parallel_residual_has_one_allreduce_per_layer(compiled):
     assert layer_collectives(before)["AllReduce"] == 6
     assert layer_collectives(after)["AllReduce"] == 3
     # the embedding lookup (vocab-parallel) adds one, the lm_head gathers its vocab slices
-    assert Counter(n.op_type for n in after.node if n.domain == "ai.xcompile") == \
-        {"AllReduce": 4, "AllGather": 1}
+    assert Counter(n.op_type for n in after.node if n.domain == "ai.xcompile") == {
+        "AllReduce": 4,
+        "AllGather": 1,
+    }
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])

@@ -16,9 +16,10 @@ PROMPT = "The quick brown fox jumps over the lazy dog and then"
 
 def hf_greedy(model, ids: list[int], n: int) -> list[int]:
     with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
-                             min_new_tokens=n, pad_token_id=0)
-    return out[0, len(ids):].tolist()
+        out = model.generate(
+            torch.tensor([ids]), max_new_tokens=n, do_sample=False, min_new_tokens=n, pad_token_id=0
+        )
+    return out[0, len(ids) :].tolist()
 
 
 GRAPHS = {"fused": None, "primitive": []}
@@ -78,8 +79,9 @@ def test_bf16_logits_close_to_transformers_bf16(family, compiled, hf_model):
     assert (ours - same_weights).abs().max().item() <= 1e-4
     scale = bf16.abs().max().item()
     diff = (ours - bf16).abs()
-    print(f"bf16 vs transformers-bf16: max {diff.max():.4f} mean {diff.mean():.4f} "
-          f"scale {scale:.3f}")
+    print(
+        f"bf16 vs transformers-bf16: max {diff.max():.4f} mean {diff.mean():.4f} scale {scale:.3f}"
+    )
     assert diff.max().item() <= 0.10 * scale
     assert diff.mean().item() <= 0.015 * scale
 

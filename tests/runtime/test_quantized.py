@@ -42,8 +42,9 @@ def test_logits_equal_transformers_on_the_dequantized_weights(dtype, kernels, pe
 
     ckpt, art = peaked("llama", dtype)
     bits, group = (8, -1) if dtype == "int8" else (4, 128)
-    hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32,
-                                              attn_implementation="eager").eval()
+    hf = AutoModelForCausalLM.from_pretrained(
+        ckpt, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
     with torch.no_grad():
         for name, p in hf.named_parameters():
             if p.dim() != 2:
@@ -51,8 +52,7 @@ def test_logits_equal_transformers_on_the_dequantized_weights(dtype, kernels, pe
             if "embed_tokens" in name or "lm_head" in name:
                 p.copy_(p.to(torch.bfloat16).float())
             else:
-                p.copy_(quant_tensor(p.detach().clone(), bits=bits, group_size=group,
-                                     scheme="sym"))
+                p.copy_(quant_tensor(p.detach().clone(), bits=bits, group_size=group, scheme="sym"))
     ids = TextTokenizer(art).encode(PROMPT)
     model = Model.load(art, use_kernels=kernels)
     ours = model.forward(ids, 0, model.new_cache(len(ids) + 1))

@@ -11,8 +11,10 @@ TP_FAMILIES = ["llama", "qwen2", "gptj"]  # GQA; 2 KV heads and QKV biases; para
 
 
 def greedy(art, launcher=None, extra=()):
-    return run_xrun([str(art), "--prompt", PROMPT, "--max-new-tokens", "16",
-                     "--temperature", "0", *extra], launcher)
+    return run_xrun(
+        [str(art), "--prompt", PROMPT, "--max-new-tokens", "16", "--temperature", "0", *extra],
+        launcher,
+    )
 
 
 @pytest.mark.parametrize("family", TP_FAMILIES)
@@ -36,8 +38,11 @@ def test_rank_files_hold_only_their_slices(compiled, sharded):
         assert shard.keys() == single.keys()
 
 
-@pytest.mark.parametrize("dtype,scheme", [("int8", None), ("int4", (4, 16, False))],
-                         ids=["int8-per-channel", "int4-asym-g16"])
+@pytest.mark.parametrize(
+    "dtype,scheme",
+    [("int8", None), ("int4", (4, 16, False))],
+    ids=["int8-per-channel", "int4-asym-g16"],
+)
 def test_tp2_quantized_gives_tp1_tokens(dtype, scheme, checkpoint, tmp_path):
     """Row-parallel MatMulNBits split by blocks (INT4 groups) or re-padded per channel (INT8)."""
     from xcompile.quantize import quantize
@@ -45,8 +50,13 @@ def test_tp2_quantized_gives_tp1_tokens(dtype, scheme, checkpoint, tmp_path):
     from xcompile.weight_only import WeightOnly
 
     single = tmp_path / "single"
-    quantize(checkpoint("llama"), single, dtype, progress=False,
-             scheme=WeightOnly(*scheme) if scheme else None)
+    quantize(
+        checkpoint("llama"),
+        single,
+        dtype,
+        progress=False,
+        scheme=WeightOnly(*scheme) if scheme else None,
+    )
     shard(single, 2, tmp_path / "tp2", progress=False)
     one = greedy(single)
     two = greedy(tmp_path / "tp2", torchrun(2), ["--backend", "torch"])
@@ -96,9 +106,21 @@ def test_kill_9_of_rank_1_stops_rank_0_within_5s(tmp_path):
     quantize(ckpt, tmp_path / "one", "fp32", progress=False)
     shard(tmp_path / "one", 2, tmp_path / "two", progress=False)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "xcompile.runtime.cli", str(tmp_path / "two"), "--prompt",
-         "hello", "--max-new-tokens", "8000", "--temperature", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        [
+            sys.executable,
+            "-m",
+            "xcompile.runtime.cli",
+            str(tmp_path / "two"),
+            "--prompt",
+            "hello",
+            "--max-new-tokens",
+            "8000",
+            "--temperature",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         ready, _, _ = select.select([proc.stdout], [], [], 120)
         assert ready, "no token within 120 s"

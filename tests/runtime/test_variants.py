@@ -15,17 +15,34 @@ from xcompile.runtime.tokenizer import TextTokenizer
 from xcompile.toy import make_checkpoint
 
 VARIANTS = {
-    "llama-biases-llama3-rope": ("llama", dict(
-        attention_bias=True, mlp_bias=True,
-        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                         "original_max_position_embeddings": 32})),
-    "llama-mha-tied-headdim32": ("llama", dict(num_key_value_heads=4, head_dim=32,
-                                               tie_word_embeddings=True)),
-    "qwen2-sliding-window": ("qwen2", dict(use_sliding_window=True, sliding_window=6,
-                                           max_window_layers=1,
-                                           layer_types=["full_attention", "sliding_attention",
-                                                        "sliding_attention"])),
+    "llama-biases-llama3-rope": (
+        "llama",
+        dict(
+            attention_bias=True,
+            mlp_bias=True,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32,
+            },
+        ),
+    ),
+    "llama-mha-tied-headdim32": (
+        "llama",
+        dict(num_key_value_heads=4, head_dim=32, tie_word_embeddings=True),
+    ),
+    "qwen2-sliding-window": (
+        "qwen2",
+        dict(
+            use_sliding_window=True,
+            sliding_window=6,
+            max_window_layers=1,
+            layer_types=["full_attention", "sliding_attention", "sliding_attention"],
+        ),
+    ),
     "gptj-full-rotary-gelu": ("gptj", dict(rotary_dim=16, activation_function="gelu")),
 }
 
@@ -38,8 +55,9 @@ def test_variant_matches_transformers(variant, tmp_path):
     ckpt = make_checkpoint(family, tmp_path / "ckpt", seed=3, **overrides)
     art = tmp_path / "art"
     quantize(ckpt, art, "fp32", progress=False)
-    hf = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32,
-                                              attn_implementation="eager").eval()
+    hf = AutoModelForCausalLM.from_pretrained(
+        ckpt, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
     model = Model.load(art)
     ids = TextTokenizer(art).encode(PROMPT)
     with torch.no_grad():
@@ -65,8 +83,9 @@ def test_half_precision_sharded_checkpoint(tmp_path):
     model = Model.load(tmp_path / "art")
     ids = TextTokenizer(tmp_path / "art").encode(PROMPT)
     ours = model.forward(ids, 0, model.new_cache(len(ids)))
-    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "fp16", dtype=torch.float32,
-                                               attn_implementation="eager").eval()
+    ref = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "fp16", dtype=torch.float32, attn_implementation="eager"
+    ).eval()
     with torch.no_grad():
         theirs = ref(torch.tensor([ids])).logits[0]
     assert (ours - theirs).abs().max().item() <= 1e-4
@@ -94,5 +113,5 @@ def test_eos_stops_generation(compiled):
     ids = TextTokenizer(art).encode(PROMPT)
     greedy = generate(model, ids, 8, Sampler(SamplingParams()), eos_ids=set()).tokens
     stopped = generate(model, ids, 8, Sampler(SamplingParams()), eos_ids={greedy[3]})
-    assert stopped.tokens == greedy[:greedy.index(greedy[3]) + 1]
+    assert stopped.tokens == greedy[: greedy.index(greedy[3]) + 1]
     assert stopped.finish_reason == "stop"

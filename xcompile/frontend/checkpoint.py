@@ -27,8 +27,10 @@ class Checkpoint:
 
         path = Path(path)
         if not path.is_dir():
-            raise UserError(f"{path}: no such checkpoint folder; pass a Hugging Face model folder "
-                            "(config.json + *.safetensors)")
+            raise UserError(
+                f"{path}: no such checkpoint folder; pass a Hugging Face model folder "
+                "(config.json + *.safetensors)"
+            )
         cfg = path / "config.json"
         try:
             raw = cfg.read_bytes()
@@ -36,22 +38,27 @@ class Checkpoint:
         except FileNotFoundError:
             raise UserError(f"{path}: no config.json; pass a Hugging Face model folder") from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise UserError(f"{cfg}: unreadable or not JSON ({e.__class__.__name__}); "
-                            "fix or re-download it") from None
+            raise UserError(
+                f"{cfg}: unreadable or not JSON ({e.__class__.__name__}); fix or re-download it"
+            ) from None
         if not isinstance(config, dict):
             raise UserError(f"{cfg}: not a JSON object; fix or re-download it")
         known = families()
         archs = config.get("architectures") or []
         family = next((known[a] for a in archs if isinstance(a, str) and a in known), None)
         if family is None:
-            raise UserError(f"{cfg}: architectures {archs} not supported; supported families: "
-                            f"{', '.join(sorted(known))}")
+            raise UserError(
+                f"{cfg}: architectures {archs} not supported; supported families: "
+                f"{', '.join(sorted(known))}"
+            )
         return cls(path, config, hashlib.sha256(raw).hexdigest(), family, _tensors(path))
 
     def require_tokenizer(self) -> None:
         if not (self.path / "tokenizer.json").is_file():
-            raise UserError(f"{self.path}: no tokenizer.json; add the model's fast tokenizer file "
-                            "(transformers' tokenizer.save_pretrained writes it)")
+            raise UserError(
+                f"{self.path}: no tokenizer.json; add the model's fast tokenizer file "
+                "(transformers' tokenizer.save_pretrained writes it)"
+            )
 
     def transformers_config(self):
         from xcompile.quiet import quiet_imports
@@ -62,8 +69,10 @@ class Checkpoint:
         try:
             return AutoConfig.from_pretrained(self.path)
         except (ValueError, KeyError, TypeError, OSError) as e:
-            raise UserError(f"{self.path / 'config.json'}: transformers cannot read it "
-                            f"({str(e).splitlines()[0][:200]}); fix the config") from None
+            raise UserError(
+                f"{self.path / 'config.json'}: transformers cannot read it "
+                f"({str(e).splitlines()[0][:200]}); fix the config"
+            ) from None
 
 
 def _tensors(path: Path) -> dict[str, tuple[Path, TensorInfo]]:
@@ -78,8 +87,14 @@ def _tensors(path: Path) -> dict[str, tuple[Path, TensorInfo]]:
         files = sorted(path.glob("*.safetensors"))
     if not files:
         other = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
-        hint = (" (found pickle weights; convert them to safetensors, e.g. with transformers' "
-                "save_pretrained)") if other else ""
+        hint = (
+            (
+                " (found pickle weights; convert them to safetensors, e.g. with transformers' "
+                "save_pretrained)"
+            )
+            if other
+            else ""
+        )
         raise UserError(f"{path}: no *.safetensors weights{hint}")
     tensors = {}
     for f in files:

@@ -12,8 +12,8 @@ The causal (and sliding-window) mask is built in the graph from position_ids and
 
 from __future__ import annotations
 
-import math
 import json
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -82,8 +82,12 @@ class DecoderSpec:
     def runtime_config(self) -> dict:
         """What the runtime needs to size its KV cache and check prompts (goes in the manifest)."""
         return {
-            "layers": self.layers, "hidden": self.hidden, "heads": self.heads,
-            "kv_heads": self.kv_heads, "head_dim": self.head_dim, "vocab": self.vocab,
+            "layers": self.layers,
+            "hidden": self.hidden,
+            "heads": self.heads,
+            "kv_heads": self.kv_heads,
+            "head_dim": self.head_dim,
+            "vocab": self.vocab,
             "max_positions": self.max_positions,
         }
 
@@ -95,8 +99,12 @@ def build(spec: DecoderSpec, b: GraphBuilder) -> None:
     past = []
     for i in range(spec.layers):
         shape = ["batch", spec.kv_heads, "past", spec.head_dim]
-        past.append((b.input(f"past_key_values.{i}.key", TensorProto.FLOAT, shape),
-                     b.input(f"past_key_values.{i}.value", TensorProto.FLOAT, shape)))
+        past.append(
+            (
+                b.input(f"past_key_values.{i}.key", TensorProto.FLOAT, shape),
+                b.input(f"past_key_values.{i}.value", TensorProto.FLOAT, shape),
+            )
+        )
 
     x = embedding(b, spec.names.embed, ids)  # (B,S,H)
     cos, sin = rotary_tables(spec, b, pos)  # (B,1,S,rot)
@@ -152,14 +160,19 @@ def linear(b: GraphBuilder, scope: str, name: str, x: str) -> str:
 
 def norm(spec: DecoderSpec, b: GraphBuilder, scope: str, name: str, x: str) -> str:
     if spec.norm == "layer":
-        return b.op("LayerNormalization", scope,
-                    [x, b.weight(name + ".weight"), b.weight(name + ".bias")],
-                    axis=-1, epsilon=spec.norm_eps)
+        return b.op(
+            "LayerNormalization",
+            scope,
+            [x, b.weight(name + ".weight"), b.weight(name + ".bias")],
+            axis=-1,
+            epsilon=spec.norm_eps,
+        )
     # RMSNorm: x * 1/sqrt(mean(x²) + eps) * w, in the op order torch's exporter writes (and
     # onnxscript's fusion rules match)
     sq = b.op("Pow", scope, [x, b.const("/scalar/2.0", 2.0, np.float32)])
-    var = b.op("ReduceMean", scope, [sq, b.const("/axes/-1", [-1])], keepdims=1,
-               noop_with_empty_axes=0)
+    var = b.op(
+        "ReduceMean", scope, [sq, b.const("/axes/-1", [-1])], keepdims=1, noop_with_empty_axes=0
+    )
     eps = b.const(f"/scalar/eps={spec.norm_eps}", spec.norm_eps, np.float32)
     rms = b.op("Sqrt", scope, [b.op("Add", scope + "/eps", [var, eps])])
     normed = b.op("Mul", scope, [x, b.op("Reciprocal", scope, [rms])])
@@ -170,15 +183,22 @@ def rotary_tables(spec: DecoderSpec, b: GraphBuilder, pos: str) -> tuple[str, st
     """cos, sin (B,1,S,rotary_dim), laid out for the family's rotation (half-split or pairs)."""
     scope = "/model/rotary"
     inv = b.const(scope + "/inv_freq", spec.inv_freq, np.float32)  # (rot/2)
-    p = b.op("Cast", scope, [b.op("Unsqueeze", scope, [pos, b.const("/axes/-1", [-1])])],
-             to=TensorProto.FLOAT)  # (B,S,1)
+    p = b.op(
+        "Cast",
+        scope,
+        [b.op("Unsqueeze", scope, [pos, b.const("/axes/-1", [-1])])],
+        to=TensorProto.FLOAT,
+    )  # (B,S,1)
     freqs = b.op("Mul", scope + "/freqs", [p, inv])  # (B,S,rot/2)
     tables = []
     for fn in ("Cos", "Sin"):
         t = b.op(fn, scope, [freqs])
         if spec.rotary_scale != 1.0:
-            t = b.op("Mul", scope + "/scale", [t, b.const(scope + "/scale", spec.rotary_scale,
-                                                          np.float32)])
+            t = b.op(
+                "Mul",
+                scope + "/scale",
+                [t, b.const(scope + "/scale", spec.rotary_scale, np.float32)],
+            )
         if spec.rotary == "half":  # [f0..f(n-1), f0..f(n-1)]
             t = b.op("Concat", scope + "/" + fn, [t, t], axis=-1)
         else:  # [f0, f0, f1, f1, ...]
@@ -187,11 +207,18 @@ def rotary_tables(spec: DecoderSpec, b: GraphBuilder, pos: str) -> tuple[str, st
             t = b.op("Reshape", scope + "/" + fn, [t, b.const("/shape/0,0,-1", [0, 0, -1])])
         tables.append(b.op("Unsqueeze", scope + "/" + fn, [t, b.const("/axes/1", [1])]))
     # what the rotary pass needs to replace these tables by cos/sin caches indexed by position
-    b.metadata["xcompile.rotary"] = json.dumps({
-        "cos": tables[0], "sin": tables[1], "inv_freq": list(spec.inv_freq),
-        "scale": spec.rotary_scale, "max_positions": spec.max_positions,
-        "interleaved": spec.rotary == "interleaved", "rotary_dim": spec.rotary_dim,
-        "position_ids": pos})
+    b.metadata["xcompile.rotary"] = json.dumps(
+        {
+            "cos": tables[0],
+            "sin": tables[1],
+            "inv_freq": list(spec.inv_freq),
+            "scale": spec.rotary_scale,
+            "max_positions": spec.max_positions,
+            "interleaved": spec.rotary == "interleaved",
+            "rotary_dim": spec.rotary_dim,
+            "position_ids": pos,
+        }
+    )
     return tables[0], tables[1]
 
 
@@ -206,16 +233,26 @@ def rotate(spec: DecoderSpec, b: GraphBuilder, scope: str, x: str, cos: str, sin
         x2 = _slice(b, scope + "/x2", xr, r // 2, r)
         rot = b.op("Concat", scope + "/rotate_half", [b.op("Neg", scope, [x2]), x1], axis=-1)
     else:  # rotate_every_two: pairs (a, b) -> (-b, a)
-        pairs = b.op("Reshape", scope + "/pairs",
-                     [xr, b.const(f"/shape/0,0,0,{r // 2},2", [0, 0, 0, r // 2, 2])])
+        pairs = b.op(
+            "Reshape",
+            scope + "/pairs",
+            [xr, b.const(f"/shape/0,0,0,{r // 2},2", [0, 0, 0, r // 2, 2])],
+        )
         even = _slice(b, scope + "/even", pairs, 0, 1)
         odd = _slice(b, scope + "/odd", pairs, 1, 2)
-        rot = b.op("Concat", scope + "/rotate_every_two", [b.op("Neg", scope, [odd]), even],
-                   axis=-1)
-        rot = b.op("Reshape", scope + "/rotate_every_two",
-                   [rot, b.const(f"/shape/0,0,0,{r}", [0, 0, 0, r])])
-    out = b.op("Add", scope + "/rotary", [b.op("Mul", scope + "/cos", [xr, cos]),
-                                          b.op("Mul", scope + "/sin", [rot, sin])])
+        rot = b.op(
+            "Concat", scope + "/rotate_every_two", [b.op("Neg", scope, [odd]), even], axis=-1
+        )
+        rot = b.op(
+            "Reshape",
+            scope + "/rotate_every_two",
+            [rot, b.const(f"/shape/0,0,0,{r}", [0, 0, 0, r])],
+        )
+    out = b.op(
+        "Add",
+        scope + "/rotary",
+        [b.op("Mul", scope + "/cos", [xr, cos]), b.op("Mul", scope + "/sin", [rot, sin])],
+    )
     if r < d:
         out = b.op("Concat", scope + "/pass", [out, _slice(b, scope + "/pass", x, r, d)], axis=-1)
     return out
@@ -225,9 +262,14 @@ def attention_mask(b: GraphBuilder, pos: str, past_key: str, window: int | None)
     """Additive mask (B,1,S,T): 0 where key position k may be seen from query position q
     (k <= q, and k > q - window when there is a sliding window), float32 min elsewhere."""
     scope = "/model/mask" if window is None else f"/model/mask_window{window}"
-    total = b.op("Add", scope + "/total", [
-        b.op("Shape", scope + "/past", [past_key], start=2, end=3),
-        b.op("Shape", scope + "/new", [pos], start=1, end=2)])  # [T]
+    total = b.op(
+        "Add",
+        scope + "/total",
+        [
+            b.op("Shape", scope + "/past", [past_key], start=2, end=3),
+            b.op("Shape", scope + "/new", [pos], start=1, end=2),
+        ],
+    )  # [T]
     t = b.op("Squeeze", scope, [total, b.const("/axes/0", [0])])
     k = b.op("Range", scope + "/keys", [b.const("/scalar/0", 0), t, b.const("/scalar/1", 1)])
     q = b.op("Unsqueeze", scope + "/queries", [pos, b.const("/axes/1,3", [1, 3])])  # (B,1,S,1)
@@ -252,17 +294,33 @@ def attention(spec, b, i, scope, prefix, h, past, cos, sin, mask) -> str:
     b.output(k, f"present.{i}.key", TensorProto.FLOAT, ["batch", spec.kv_heads, "total", d])
     b.output(v, f"present.{i}.value", TensorProto.FLOAT, ["batch", spec.kv_heads, "total", d])
     if spec.heads != spec.kv_heads:  # grouped-query: each KV head serves heads/kv_heads queries
-        rep = b.const(f"/shape/1,1,{spec.heads // spec.kv_heads},1,1",
-                      [1, 1, spec.heads // spec.kv_heads, 1, 1])
+        rep = b.const(
+            f"/shape/1,1,{spec.heads // spec.kv_heads},1,1",
+            [1, 1, spec.heads // spec.kv_heads, 1, 1],
+        )
         shape = b.const(f"/shape/0,{spec.heads},-1,{d}", [0, spec.heads, -1, d])
         axis = b.const("/axes/2", [2])
-        k, v = (b.op("Reshape", f"{scope}/repeat_{w}", [
-            b.op("Expand", f"{scope}/repeat_{w}", [b.op("Unsqueeze", f"{scope}/repeat_{w}",
-                                                        [t, axis]), rep]), shape])
-            for w, t in (("k", k), ("v", v)))
+        k, v = (
+            b.op(
+                "Reshape",
+                f"{scope}/repeat_{w}",
+                [
+                    b.op(
+                        "Expand",
+                        f"{scope}/repeat_{w}",
+                        [b.op("Unsqueeze", f"{scope}/repeat_{w}", [t, axis]), rep],
+                    ),
+                    shape,
+                ],
+            )
+            for w, t in (("k", k), ("v", v))
+        )
     kt = b.op("Transpose", scope + "/k", [k], perm=[0, 1, 3, 2])
-    scores = b.op("Mul", scope + "/scale", [b.op("MatMul", scope + "/qk", [q, kt]),
-                                            b.const(f"/scalar/{d}^-0.5", d**-0.5, np.float32)])
+    scores = b.op(
+        "Mul",
+        scope + "/scale",
+        [b.op("MatMul", scope + "/qk", [q, kt]), b.const(f"/scalar/{d}^-0.5", d**-0.5, np.float32)],
+    )
     probs = b.op("Softmax", scope, [b.op("Add", scope + "/mask", [scores, mask])], axis=-1)
     ctx = b.op("MatMul", scope + "/pv", [probs, v])  # (B,heads,S,d)
     ctx = b.op("Transpose", scope + "/ctx", [ctx], perm=[0, 2, 1, 3])
@@ -290,19 +348,37 @@ def activation(spec, b, scope, x) -> str:
     half = b.const("/scalar/0.5", 0.5, np.float32)
     one = b.const("/scalar/1.0", 1.0, np.float32)
     if spec.activation == "gelu":  # 0.5 x (1 + erf(x / sqrt 2))
-        inner = b.op("Erf", s, [b.op("Mul", s, [x, b.const("/scalar/1/sqrt2", 2**-0.5,
-                                                            np.float32)])])
+        inner = b.op(
+            "Erf", s, [b.op("Mul", s, [x, b.const("/scalar/1/sqrt2", 2**-0.5, np.float32)])]
+        )
     else:  # gelu_tanh: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x³)))
         cube = b.op("Mul", s + "/cube", [b.op("Mul", s + "/square", [x, x]), x])
-        inner = b.op("Add", s, [x, b.op("Mul", s, [cube, b.const("/scalar/0.044715", 0.044715,
-                                                                  np.float32)])])
-        inner = b.op("Tanh", s, [b.op("Mul", s, [inner, b.const(
-            "/scalar/sqrt(2/pi)", math.sqrt(2 / math.pi), np.float32)])])
+        inner = b.op(
+            "Add", s, [x, b.op("Mul", s, [cube, b.const("/scalar/0.044715", 0.044715, np.float32)])]
+        )
+        inner = b.op(
+            "Tanh",
+            s,
+            [
+                b.op(
+                    "Mul",
+                    s,
+                    [inner, b.const("/scalar/sqrt(2/pi)", math.sqrt(2 / math.pi), np.float32)],
+                )
+            ],
+        )
     return b.op("Mul", s, [b.op("Mul", s + "/half", [x, half]), b.op("Add", s, [inner, one])])
 
 
-ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_tanh",
-               "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "relu": "relu"}
+ACTIVATIONS = {
+    "silu": "silu",
+    "swish": "silu",
+    "gelu": "gelu",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+    "relu": "relu",
+}
 
 
 def _heads(b, scope, x, n, d):
@@ -312,5 +388,13 @@ def _heads(b, scope, x, n, d):
 
 
 def _slice(b, scope, x, start, end):
-    return b.op("Slice", scope, [x, b.const(f"/scalar1d/{start}", [start]),
-                                 b.const(f"/scalar1d/{end}", [end]), b.const("/axes/-1", [-1])])
+    return b.op(
+        "Slice",
+        scope,
+        [
+            x,
+            b.const(f"/scalar1d/{start}", [start]),
+            b.const(f"/scalar1d/{end}", [end]),
+            b.const("/axes/-1", [-1]),
+        ],
+    )

@@ -37,8 +37,10 @@ def spec(config) -> DecoderSpec:
     head_dim = config.n_embd // config.n_head
     rotary_dim = config.rotary_dim or head_dim
     if config.activation_function not in ACTIVATIONS:
-        raise UserError(f"activation {config.activation_function!r} is not supported "
-                        f"(supported: {', '.join(sorted(ACTIVATIONS))})")
+        raise UserError(
+            f"activation {config.activation_function!r} is not supported "
+            f"(supported: {', '.join(sorted(ACTIVATIONS))})"
+        )
     # as transformers' create_sinusoidal_positions computes it
     inv_freq = 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64) / rotary_dim))
     return DecoderSpec(

@@ -37,8 +37,15 @@ class GraphBuilder:
 
     # -- nodes ----------------------------------------------------------------------------------
 
-    def op(self, op_type: str, name: str, inputs: Sequence[str], n_out: int = 1,
-           domain: str = "", **attrs: Any) -> str | list[str]:
+    def op(
+        self,
+        op_type: str,
+        name: str,
+        inputs: Sequence[str],
+        n_out: int = 1,
+        domain: str = "",
+        **attrs: Any,
+    ) -> str | list[str]:
         """Emit one node named `{name}/{op_type}`; returns its output name(s)."""
         node_name = f"{name}/{op_type}"
         base, i = node_name, 1
@@ -47,8 +54,11 @@ class GraphBuilder:
             node_name = f"{base}_{i}"
         self._names.add(node_name)
         outputs = [f"{node_name}/output_{k}" for k in range(n_out)]
-        self.nodes.append(helper.make_node(op_type, list(inputs), outputs, name=node_name,
-                                           domain=domain or None, **attrs))
+        self.nodes.append(
+            helper.make_node(
+                op_type, list(inputs), outputs, name=node_name, domain=domain or None, **attrs
+            )
+        )
         return outputs[0] if n_out == 1 else outputs
 
     def const(self, name: str, value: Any, dtype: Any = np.int64) -> str:
@@ -81,8 +91,11 @@ class GraphBuilder:
         t.data_type = DTYPES[info.dtype][1]
         t.dims.extend(info.shape)
         t.data_location = TensorProto.EXTERNAL
-        for key, value in (("location", self.weight_file), ("offset", str(info.begin)),
-                           ("length", str(info.nbytes))):
+        for key, value in (
+            ("location", self.weight_file),
+            ("offset", str(info.begin)),
+            ("length", str(info.nbytes)),
+        ):
             entry = t.external_data.add()
             entry.key, entry.value = key, value
         self.initializers[name] = t
@@ -103,10 +116,16 @@ class GraphBuilder:
         self.outputs.append(helper.make_tensor_value_info(name, elem_type, list(shape)))
 
     def model(self, graph_name: str, metadata: dict[str, str]) -> onnx.ModelProto:
-        graph = helper.make_graph(self.nodes, graph_name, self.inputs, self.outputs,
-                                  initializer=list(self.initializers.values()))
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                                  producer_name="xcompile")
+        graph = helper.make_graph(
+            self.nodes,
+            graph_name,
+            self.inputs,
+            self.outputs,
+            initializer=list(self.initializers.values()),
+        )
+        model = helper.make_model(
+            graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="xcompile"
+        )
         model.ir_version = 8
         for key, value in {**self.metadata, **metadata}.items():
             entry = model.metadata_props.add()

@@ -28,8 +28,13 @@ NAMES = WeightNames(
 )
 
 TENSOR_PARALLEL = TensorParallel(
-    column=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj",
-            "mlp.up_proj"),
+    column=(
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+    ),
     row=("self_attn.o_proj", "mlp.down_proj"),
     vocab=("model.embed_tokens", "lm_head"),
 )
@@ -41,17 +46,23 @@ def rope(config, rotary_cls) -> tuple[tuple[float, ...], float]:
     params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     kind = params.get("rope_type", params.get("type", "default"))
     if kind in ("dynamic", "longrope"):
-        raise UserError(f"rope_type {kind!r} changes with sequence length and is not supported; "
-                        "use a checkpoint with a static rope type (default, linear, llama3, yarn)")
+        raise UserError(
+            f"rope_type {kind!r} changes with sequence length and is not supported; "
+            "use a checkpoint with a static rope type (default, linear, llama3, yarn)"
+        )
     rotary = rotary_cls(config=config)
     return tuple(float(f) for f in rotary.inv_freq), float(rotary.attention_scaling)
 
 
-def llama_like(config, family: str, rotary_cls, windows: tuple[int | None, ...] = ()) -> DecoderSpec:
+def llama_like(
+    config, family: str, rotary_cls, windows: tuple[int | None, ...] = ()
+) -> DecoderSpec:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     if config.hidden_act not in ACTIVATIONS:
-        raise UserError(f"activation {config.hidden_act!r} is not supported "
-                        f"(supported: {', '.join(sorted(ACTIVATIONS))})")
+        raise UserError(
+            f"activation {config.hidden_act!r} is not supported "
+            f"(supported: {', '.join(sorted(ACTIVATIONS))})"
+        )
     inv_freq, scale = rope(config, rotary_cls)
     return DecoderSpec(
         family=family,

@@ -15,5 +15,9 @@ def spec(config) -> DecoderSpec:
         from transformers.models.mistral.modeling_mistral import MistralRotaryEmbedding
 
     window = getattr(config, "sliding_window", None)
-    return llama_like(config, "mistral", MistralRotaryEmbedding,
-                      (window,) * config.num_hidden_layers if window else ())
+    return llama_like(
+        config,
+        "mistral",
+        MistralRotaryEmbedding,
+        (window,) * config.num_hidden_layers if window else (),
+    )

@@ -17,5 +17,9 @@ def spec(config) -> DecoderSpec:
     kinds = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
     window = config.sliding_window if getattr(config, "use_sliding_window", False) else None
     windows = tuple(window if kind == "sliding_attention" else None for kind in kinds)
-    return llama_like(config, "qwen2", Qwen2RotaryEmbedding,
-                      windows if any(w is not None for w in windows) else ())
+    return llama_like(
+        config,
+        "qwen2",
+        Qwen2RotaryEmbedding,
+        windows if any(w is not None for w in windows) else (),
+    )

@@ -222,8 +222,42 @@ def test_output_exists_and_is_not_artifacts(ckpt, kind):
 @pytest.mark.parametrize("flags", [[], ["--fp32", "--bf16"]], ids=["none", "two"])
 def test_dtype_flags(ckpt, flags):
     res, work = quantize(ckpt, *flags)
-    user_error(res, "exactly one", "--fp32", "--bf16")
+    user_error(res, "exactly one", "--fp32", "--bf16", "--int8")
     no_output(work)
+
+
+@pytest.mark.parametrize(
+    "flags,words",
+    [
+        (["--int4", "--group-size", "7"], ["--group-size 7", "power of two"]),
+        (["--int4", "--group-size", "8"], ["--group-size 8", "power of two"]),
+        (["--int8", "--algo", "gptq", "--calib", "missing.txt"], ["missing.txt", "no such file"]),
+        (["--int8", "--algo", "gptq", "--calib", "empty.txt"], ["empty.txt", "empty"]),
+        (["--fp32", "--algo", "gptq"], ["--algo", "--int8 or --int4"]),
+        (["--bf16", "--group-size", "32"], ["--group-size", "--int8 or --int4"]),
+        (["--int8", "--algo", "magic"], ["--algo", "rtn"]),
+    ],
+    ids=[
+        "int4-group-7",
+        "int4-group-8",
+        "calib-missing",
+        "calib-empty",
+        "algo-without-bits",
+        "group-without-bits",
+        "unknown-algo",
+    ],
+)
+def test_quantization_flags(ckpt, flags, words):
+    res, work = quantize(
+        ckpt, *[str(ckpt.parent / "work" / f) if f.endswith(".txt") else f for f in flags]
+    )
+    work.mkdir(exist_ok=True)
+    if "empty.txt" in flags:  # run again now that the empty file exists
+        (work / "empty.txt").write_text("   \n")
+        res, work = quantize(ckpt, *[str(work / f) if f.endswith(".txt") else f for f in flags])
+    user_error(res, *words)
+    assert not (work / "out").exists()
+    assert not [p for p in work.iterdir() if p.name.startswith(".out.")]
 
 
 def test_unknown_flag(tmp_path):

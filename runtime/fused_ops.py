@@ -262,7 +262,7 @@ def fast_op(key: tuple[str, str]):
             accuracy_level=0,
         ):
             rows = x.numel() // K
-            if g_idx is not None or rows > 8:  # prefill: dequantize, then torch's GEMM
+            if g_idx is not None or rows > 64:  # long prefill: dequantize, then torch's GEMM
                 w = out((N, K), 1)
                 _C.dequantize_nbits(
                     blocks.data_ptr(),

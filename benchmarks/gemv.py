@@ -14,6 +14,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from bandwidth import read_bandwidth  # benchmarks/bandwidth.py, beside this file
 
 from xcompile.runtime import kernels
 
@@ -42,10 +43,9 @@ def main() -> None:
     n, k, m = args.n, args.k, args.m
 
     cold_bytes = 128e6  # several times any last-level cache here
-    stream = torch.randn(int(cold_bytes) // 4)
-    read_bw = gbps(lambda i: stream.sum(), stream.numel() * 4)
+    read_bw = read_bandwidth(args.threads)
     print(f"isa={kernels.isa()} threads={args.threads} N={n} K={k} M={m}")
-    print(f"{'read bandwidth (torch.sum)':32s} {read_bw:6.1f} GB/s")
+    print(f"{'read bandwidth (bandwidth.py)':32s} {read_bw:6.1f} GB/s")
 
     x = torch.randn(m, k)
     for dtype in (torch.bfloat16, torch.float32):

@@ -37,6 +37,7 @@ class Slicing:
     parts: tuple[str, ...] = ()  # for a concatenated weight: the parts, in row order
     role: str | None = None  # a quantized weight's qweight | scales | zero_points
     nbits: tuple[int, int, int] | None = None  # (bits, block_size, K) of that weight
+    source: str = ""  # the weight it stands for (itself, or the one quantized into it)
 
     def row_blocks(self, ranks: int) -> tuple[int, int, bool]:
         """Row split of a quantized weight -> (K per rank, its block size, whole blocks?)."""
@@ -174,9 +175,9 @@ def slicing_table(
             kinds = {kind(p) for p in concat[source]}
             if kinds != {"column"}:
                 raise UserError(f"cannot shard {source}: its parts are not all column-parallel")
-            out[name] = Slicing("column", tuple(concat[source]), role, spec)
+            out[name] = Slicing("column", tuple(concat[source]), role, spec, source)
         else:
-            out[name] = Slicing(kind(source), (), role, spec)
+            out[name] = Slicing(kind(source), (), role, spec, source)
     return out
 
 

@@ -132,7 +132,7 @@ REFERENCE = {
 # step's output lives only until the step after its last reader, within one forward pass.
 
 
-def _buffers():
+def output_buffers():
     cache: dict[tuple, torch.Tensor] = {}
 
     def get(shape: tuple[int, ...], tag: int = 0) -> torch.Tensor:
@@ -153,7 +153,7 @@ def fast_op(key: tuple[str, str]):
     """A fresh fast implementation of op `key` for one node, or None (use the reference)."""
     from xcompile import _C
 
-    out = _buffers()
+    out = output_buffers()
     domain, op = key
 
     if op == "SimplifiedLayerNormalization":

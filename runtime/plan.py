@@ -108,7 +108,7 @@ def linear_step(weight: torch.Tensor, use_kernels: bool) -> Callable[[torch.Tens
     n, k = weight.shape
     gemv = {torch.float32: _C.gemv_f32, torch.bfloat16: _C.gemv_bf16}.get(weight.dtype)
     w = weight.data_ptr()
-    buffers: dict[tuple[int, ...], torch.Tensor] = {}
+    buffer = fused_ops.output_buffers()
     max_rows = GEMV_MAX_ROWS if weight.dtype == torch.float32 else NARROW_GEMV_MAX_ROWS
 
     def run(x: torch.Tensor) -> torch.Tensor:
@@ -116,10 +116,7 @@ def linear_step(weight: torch.Tensor, use_kernels: bool) -> Callable[[torch.Tens
         if use_kernels and gemv is not None and rows <= max_rows:
             if x.dtype != torch.float32 or not x.is_contiguous():
                 x = x.float().contiguous()
-            shape = (*x.shape[:-1], n)
-            out = buffers.get(shape)
-            if out is None:
-                out = buffers[shape] = torch.empty(shape)
+            out = buffer((*x.shape[:-1], n))
             gemv(x.data_ptr(), w, 0, out.data_ptr(), rows, n, k)
             return out
         return torch.nn.functional.linear(x, weight.to(x.dtype))

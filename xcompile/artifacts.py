@@ -221,6 +221,10 @@ class SafetensorsWriter:
         self.size += len(data)
         self._next += 1
 
+    def written(self, name: str) -> bool:
+        """Whether write_at has placed `name` already."""
+        return name in self._placed
+
     def write_at(self, name: str, data: bytes | memoryview) -> None:
         """Write one tensor at its planned place, in any order (for tensors made together that
         the plan puts apart, such as a quantized weight's scales and its int8 blocks)."""

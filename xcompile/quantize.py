@@ -237,7 +237,7 @@ def quantize(
 
                 made_from = {part: w for w in nbits for part in nbits_names(w)}
                 for name in _progress(writer.order(), progress, "quantizing"):
-                    if name in writer._placed:
+                    if writer.written(name):
                         continue
                     if name not in made_from:
                         writer.write_at(name, to_bytes(load(name)))

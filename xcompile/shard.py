@@ -22,11 +22,6 @@ from xcompile.passes import tp
 from xcompile.quantize import _progress, locate, read_tensor, to_bytes
 
 
-def _concat_of(rule, concat: dict[str, list[str]]) -> str:
-    """the concatenated weight whose parts a (possibly quantized) tensor's rule names"""
-    return next(name for name, parts in concat.items() if tuple(parts) == rule.parts)
-
-
 def family_table(family: str):
     for module in families().values():
         if module.__name__.rsplit(".", 1)[-1] == family:
@@ -92,7 +87,7 @@ def shard(
                 for name in _progress(writer.order(), progress, f"rank {rank}"):
                     whole = read_tensor(weights, header[name], handle)
                     rule = slicing[name]
-                    rows = part_rows.get(rule.parts and _concat_of(rule, concat) or name, [])
+                    rows = part_rows.get(rule.source, [])
                     part = rule.apply(whole, rank, ranks, rows)
                     writer.write(name, to_bytes(part.contiguous()))
                     del whole, part

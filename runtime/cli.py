@@ -1,12 +1,14 @@
 """`xrun`: run compiled artifacts.
 
-    xrun ARTIFACTS --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
+    xrun ARTIFACTS (--prompt TEXT | --messages FILE.json | --chat) [--max-new-tokens N]
+                   [--stop S]... [--temperature T] [--top-k K] [--top-p P]
                    [--seed S] [--bind-cores/--no-bind-cores] [--core-list L]
                    [--backend shm|torch] [--json] [--verbose]
 
-Text streams to stdout as it is made; --json prints one object at the end instead. Sharded
-artifacts run one process per rank (runtime/launch.py); with --backend torch each rank is a
-process that torchrun started. The runtime imports none of the compile-time packages.
+Text streams to stdout as it is made; --json prints one object at the end instead (one per
+reply with --chat). --messages and --chat render the tokenizer's chat template (runtime/chat.py).
+Sharded artifacts run one process per rank (runtime/launch.py); with --backend torch each rank
+is a process that torchrun started. The runtime imports none of the compile-time packages.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import typer
@@ -36,10 +39,69 @@ def _sampling_defaults(root: Path) -> dict:
     }
 
 
+def _sampling_params(root: Path, temperature, top_k, top_p, seed):
+    from xcompile.runtime.sampling import SamplingParams
+
+    defaults = _sampling_defaults(root)
+    return SamplingParams(
+        temperature=temperature if temperature is not None else defaults.get("temperature", 0.0),
+        top_k=top_k if top_k is not None else int(defaults.get("top_k", 0)),
+        top_p=top_p if top_p is not None else defaults.get("top_p", 1.0),
+        seed=seed,
+    )
+
+
+@dataclass
+class _Inputs:
+    """What to generate from: --prompt's text, --messages rendered by the chat template, or an
+    interactive --chat (text None); and the --stop strings."""
+
+    text: str | None
+    template: object | None = None  # ChatTemplate, for --messages and --chat
+    stop: list[str] = field(default_factory=list)
+
+    def prompt_ids(self, tokenizer, text: str | None = None) -> list[int]:
+        text = self.text if text is None else text
+        return self.template.encode(tokenizer, text) if self.template else tokenizer.encode(text)
+
+
+def _read_inputs(root: Path, prompt, messages_file, chat: bool, stop) -> _Inputs:
+    """Checks that need no model (before any rank starts): exactly one source, a readable
+    messages file, a chat template when one is needed, non-empty stop strings."""
+    given = [prompt is not None, messages_file is not None, chat]
+    if sum(given) != 1:
+        raise UserError(
+            "give exactly one of --prompt TEXT, --messages FILE.json or --chat"
+            + (f" (got {sum(given)})" if sum(given) else "")
+        )
+    stop = list(stop or [])
+    if any(not s for s in stop):
+        raise UserError("--stop '': a stop string must not be empty")
+    if prompt is not None:
+        return _Inputs(prompt, stop=stop)
+    from xcompile.runtime.chat import ChatTemplate, read_messages
+
+    messages = read_messages(messages_file) if messages_file is not None else None
+    template = ChatTemplate.from_artifacts(root)
+    text = template.render(messages) if messages is not None else None
+    return _Inputs(text, template, stop)
+
+
 @app.command()
 def run(
     artifacts_dir: Path = typer.Argument(..., metavar="ARTIFACTS", help="Artifacts folder."),
-    prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue."),
+    prompt: str = typer.Option(None, "--prompt", "-p", help="Text to continue."),
+    messages_file: Path = typer.Option(
+        None,
+        "--messages",
+        help='A JSON list of {"role", "content"} to answer, rendered by the chat template.',
+    ),
+    chat: bool = typer.Option(
+        False, "--chat", help="Chat on stdin: one user message per line; /exit or EOF ends."
+    ),
+    stop: list[str] = typer.Option(
+        None, "--stop", help="Stop before this text (repeatable; not included in the output)."
+    ),
     max_new_tokens: int = typer.Option(
         128, "--max-new-tokens", "-n", min=1, help="Tokens to generate at most."
     ),
@@ -96,6 +158,7 @@ def run(
         raise UserError(f"--weights {weights!r}: choose copy or map")
     manifest = artifacts.read_manifest(artifacts_dir)  # cheap checks before torch loads
     ranks = manifest.ranks
+    inputs = _read_inputs(artifacts_dir, prompt, messages_file, chat, stop)
 
     if bind_cores is not False and comm is None and ranks == 1:
         from xcompile.runtime import launch
@@ -142,7 +205,7 @@ def run(
     _generate(
         artifacts_dir,
         communicator,
-        prompt,
+        inputs,
         max_new_tokens,
         temperature,
         top_k,
@@ -158,7 +221,7 @@ def run(
 def _generate(
     root,
     communicator,
-    prompt,
+    inputs,
     max_new_tokens,
     temperature,
     top_k,
@@ -189,7 +252,7 @@ def _generate(
             return
         leader = Leader(model, communicator) if communicator else model
         try:
-            _lead(root, leader, prompt, max_new_tokens, temperature, top_k, top_p, seed, as_json)
+            _lead(root, leader, inputs, max_new_tokens, temperature, top_k, top_p, seed, as_json)
         finally:
             if communicator is not None:
                 leader.stop()
@@ -204,59 +267,110 @@ def _generate(
             communicator.close()
 
 
-def _lead(root, model, prompt, max_new_tokens, temperature, top_k, top_p, seed, as_json):
-    from xcompile.runtime.generate import generate
-    from xcompile.runtime.sampling import Sampler, SamplingParams
-    from xcompile.runtime.tokenizer import StreamDecoder, TextTokenizer
+def _lead(root, model, inputs, max_new_tokens, temperature, top_k, top_p, seed, as_json):
+    from xcompile.runtime.sampling import Sampler
+    from xcompile.runtime.tokenizer import TextTokenizer
 
     tokenizer = TextTokenizer(root)
-    defaults = _sampling_defaults(root)
-    params = SamplingParams(
-        temperature=temperature if temperature is not None else defaults.get("temperature", 0.0),
-        top_k=top_k if top_k is not None else int(defaults.get("top_k", 0)),
-        top_p=top_p if top_p is not None else defaults.get("top_p", 1.0),
-        seed=seed,
-    )
-    prompt_ids = tokenizer.encode(prompt)
-    stream = StreamDecoder(tokenizer)
-
-    def show(token: int) -> None:
-        piece = stream.push(token)
-        if piece and not as_json:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-
-    result = generate(
-        model, prompt_ids, max_new_tokens, Sampler(params), tokenizer.eos_ids, on_token=show
+    sampler = Sampler(_sampling_params(root, temperature, top_k, top_p, seed))
+    if inputs.text is None:
+        _chat(model, tokenizer, sampler, inputs, max_new_tokens, as_json)
+        return
+    result = _complete(
+        model, tokenizer, inputs.prompt_ids(tokenizer), sampler, max_new_tokens, inputs, as_json
     )
     if as_json:
-        print(
-            json.dumps(
-                {
-                    "prompt_tokens": result.prompt_tokens,
-                    "tokens": result.tokens,
-                    "text": tokenizer.decode(result.tokens),
-                    "finish_reason": result.finish_reason,
-                    "prefill_ms": round(result.prefill_ms, 3),
-                    "per_token_ms": round(result.per_token_ms, 3),
-                    "ranks": model.manifest.ranks,
-                    **(
-                        {
-                            "profile_ms": {
-                                k: round(v * 1e3, 3)
-                                for k, v in sorted(
-                                    model.plan.profile.items(), key=lambda kv: -kv[1]
-                                )
-                            }
-                        }
-                        if model.plan.profile is not None
-                        else {}
-                    ),
-                }
-            )
-        )
+        print(json.dumps(_report(model, result)))
     else:
         sys.stdout.write("\n")
+
+
+def _complete(model, tokenizer, prompt_ids, sampler, max_new_tokens, inputs, as_json):
+    """One generation, its text streamed to stdout unless as_json; stops at EOS, a --stop
+    string (its text not included) or max_new_tokens."""
+    from xcompile.runtime.generate import generate
+    from xcompile.runtime.stopping import StopChecker
+
+    def show(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    stop = StopChecker(tokenizer, inputs.stop, tokenizer.eos_ids)
+    return generate(
+        model,
+        prompt_ids,
+        max_new_tokens,
+        sampler,
+        tokenizer.eos_ids,
+        stop=stop,
+        on_text=None if as_json else show,
+    )
+
+
+def _report(model, result) -> dict:
+    """--json's object (DESIGN.md, CLI contract)."""
+    profile = model.plan.profile
+    return {
+        "prompt_tokens": result.prompt_tokens,
+        "tokens": result.tokens,
+        "text": result.text,
+        "finish_reason": result.finish_reason,
+        "prefill_ms": round(result.prefill_ms, 3),
+        "per_token_ms": round(result.per_token_ms, 3),
+        "ranks": model.manifest.ranks,
+        **(
+            {
+                "profile_ms": {
+                    k: round(v * 1e3, 3) for k, v in sorted(profile.items(), key=lambda kv: -kv[1])
+                }
+            }
+            if profile is not None
+            else {}
+        ),
+    }
+
+
+def _chat(model, tokenizer, sampler, inputs, max_new_tokens, as_json) -> None:
+    """--chat: read a user line, answer it with the whole conversation as the prompt (a new
+    KV cache per turn), keep both in the history. /reset forgets it; /exit or EOF ends."""
+    from xcompile.runtime.generate import check_prompt
+
+    interactive = sys.stdin.isatty()
+    if interactive:
+        import readline  # noqa: F401  (line editing for input())
+
+        print("chat: one message per line; /reset starts over, /exit quits", file=sys.stderr)
+    history: list[dict] = []
+    while True:
+        try:
+            line = input("> ") if interactive else sys.stdin.readline()
+        except EOFError:
+            line = ""
+        if not line:  # EOF
+            break
+        line = line.rstrip("\n")
+        if line.strip() == "/exit":
+            break
+        if line.strip() == "/reset":
+            history.clear()
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        ids = inputs.prompt_ids(tokenizer, inputs.template.render(history))
+        try:
+            check_prompt(model, ids)
+        except UserError as e:  # the conversation outgrew the context: say so, keep chatting
+            history.pop()
+            print(f"xrun: error: {e} (or /reset)", file=sys.stderr)
+            continue
+        result = _complete(model, tokenizer, ids, sampler, max_new_tokens, inputs, as_json)
+        history.append({"role": "assistant", "content": result.text})
+        if as_json:
+            print(json.dumps(_report(model, result)), flush=True)
+        else:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
 
 
 def main() -> None:

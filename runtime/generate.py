@@ -53,6 +53,7 @@ def generate(
     sampler: Sampler,
     eos_ids: set[int],
     on_token: Callable[[int], None] | None = None,
+    *,
     stop: StopChecker | None = None,
     on_text: Callable[[str], None] | None = None,
 ) -> Generation:

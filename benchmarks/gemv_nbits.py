@@ -5,6 +5,8 @@ Side by side in one run, on one shape (TinyLlama's MLP up/gate: N=5632, K=2048, 
   xcompile bf16          kernels.linear on a bf16 weight (csrc/gemv.cpp)
   xcompile int8/channel  kernels.linear_nbits, bits=8, block_size = next power of two >= K, no zp
   xcompile int4/g128     kernels.linear_nbits, bits=4, block_size=128, with zero points
+  ... q8                 the same on int8-quantized activations (accuracy_level 4: AVX512_VNNI
+                         where the CPU has it, else the scalar reference)
   torch int8pack_mm      torch.ops.aten._weight_int8pack_mm(x, int8 (N, K), fp32 scales (N,)),
                          torch's own weight-only int8 per-channel matmul
 Bytes read are the weight's: B + scales (+ zero points), or the bf16 / int8 matrix + scales.
@@ -77,6 +79,14 @@ def main() -> None:
         "xcompile int4/g128 (zp)": (
             int4,
             lambda w: kernels.linear_nbits(x, *w, 4, 128, k, out=out),
+        ),
+        "xcompile int8/channel q8": (
+            int8,
+            lambda w: kernels.linear_nbits(x, *w, 8, channel, k, out=out, int8_activations=True),
+        ),
+        "xcompile int4/g128 (zp) q8": (
+            int4,
+            lambda w: kernels.linear_nbits(x, *w, 4, 128, k, out=out, int8_activations=True),
         ),
         "torch _weight_int8pack_mm": (
             packed,

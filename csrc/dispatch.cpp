@@ -34,7 +34,9 @@ Isa detect() {
   __cpuid_count(7, 0, eax, ebx, ecx, edx);
   const bool avx2 = ebx & (1u << 5);
   const bool avx512f = ebx & (1u << 16), avx512bw = ebx & (1u << 30), avx512vl = ebx & (1u << 31);
-  if (os_zmm && avx512f && avx512bw && avx512vl && avx2 && fma) return Isa::avx512;
+  const bool avx512vnni = ecx & (1u << 11);
+  if (os_zmm && avx512f && avx512bw && avx512vl && avx2 && fma)
+    return avx512vnni ? Isa::avx512_vnni : Isa::avx512;
   if (avx2 && fma) return Isa::avx2;
   return Isa::scalar;
 }
@@ -62,6 +64,7 @@ const char* isa_name(Isa isa) {
     case Isa::scalar: return "scalar";
     case Isa::avx2: return "avx2";
     case Isa::avx512: return "avx512";
+    case Isa::avx512_vnni: return "avx512_vnni";
   }
   return "unknown";
 }
@@ -84,7 +87,7 @@ void set_isa(const std::string& name) {
     }
   }
   bool known = false;
-  for (int i = 0; i <= int(Isa::avx512); ++i) known = known || name == isa_name(Isa(i));
+  for (int i = 0; i <= int(Isa::avx512_vnni); ++i) known = known || name == isa_name(Isa(i));
   throw std::invalid_argument((known ? "this CPU cannot run ISA '" : "unknown ISA '") + name +
                               "'; choose one of: " + supported_names());
 }

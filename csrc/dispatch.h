@@ -13,6 +13,7 @@
 #define XC_X86 1
 #define XC_TARGET_AVX2 __attribute__((target("avx2,fma")))
 #define XC_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma")))
+#define XC_TARGET_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")))
 #else
 #define XC_X86 0
 #endif
@@ -26,6 +27,9 @@ enum class Isa : int {
   scalar = 0,  // portable C++, the baseline every CPU runs
   avx2 = 1,    // AVX2 + FMA, 8 x fp32
   avx512 = 2,  // AVX-512 F + BW + VL, 16 x fp32, masked tails
+  // + AVX512_VNNI: the same fp32 kernels, and INT8/INT4 GEMV on int8-quantized activations
+  // (vpdpbusd, 64 multiply-adds an instruction) where the graph allows it (accuracy_level 4)
+  avx512_vnni = 3,
 };
 
 const char* isa_name(Isa isa);

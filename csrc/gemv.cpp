@@ -154,6 +154,7 @@ template <typename WT>
 BlockTable<WT> block_table() {
   switch (current_isa()) {
 #if XC_X86
+    case Isa::avx512_vnni:
     case Isa::avx512:
       return {4,
               {block_avx512<1, R, WT>, block_avx512<2, R, WT>, block_avx512<3, R, WT>,

@@ -26,6 +26,7 @@
 
 #include "dispatch.h"
 #include "kernels.h"
+#include "nbits.h"
 #include "threads.h"
 
 #if XC_X86
@@ -41,42 +42,6 @@ constexpr int64_t kParallelMinElems = int64_t(1) << 16;
 // enough that the hardware prefetcher alone lets them wait on DRAM (A/B runs on the 2-core dev
 // VM, N=5632, K=2048: 0 to 19% faster with it, varying with the neighbours' load).
 constexpr int64_t kPrefetch = 384;
-
-// One weight row n: its bytes (k_blocks * blob, blocks back to back), scales, zero points.
-struct Row {
-  const uint8_t* q;
-  const float* s;
-  const uint8_t* z;  // null: 2^(bits-1)
-};
-
-struct NBits {
-  const uint8_t* B;
-  const float* scales;
-  const uint8_t* zero_points;
-  int64_t K, block_size, k_blocks, blob, zp_row;
-
-  NBits(const uint8_t* B_, const float* scales_, const uint8_t* zp_, int64_t K_, int bits,
-        int64_t block_size_)
-      : B(B_), scales(scales_), zero_points(zp_), K(K_), block_size(block_size_),
-        k_blocks((K_ + block_size_ - 1) / block_size_), blob(block_size_ * bits / 8),
-        zp_row(bits == 8 ? k_blocks : (k_blocks + 1) / 2) {}
-
-  Row row(int64_t n) const {
-    return {B + n * k_blocks * blob, scales + n * k_blocks,
-            zero_points ? zero_points + n * zp_row : nullptr};
-  }
-  int64_t block_len(int64_t b) const { return std::min(block_size, K - b * block_size); }
-};
-
-template <int BITS>
-inline int zero_point(const Row& row, int64_t b) {
-  if (!row.z) return 1 << (BITS - 1);
-  if constexpr (BITS == 8) {
-    return row.z[b];
-  } else {
-    return (row.z[b / 2] >> ((b & 1) * 4)) & 0xF;  // branch-free: blocks alternate nibbles
-  }
-}
 
 // q of element i of a block.
 template <int BITS>
@@ -408,6 +373,7 @@ template <int BITS>
 Table table_for() {
   switch (current_isa()) {
 #if XC_X86
+    case Isa::avx512_vnni:
     case Isa::avx512:
       return {4,
               {block_avx512<1, R, BITS>, block_avx512<2, R, BITS>, block_avx512<3, R, BITS>,
@@ -428,7 +394,7 @@ Table table_for() {
 
 Table table_for(int bits, int64_t block_size) {
 #if XC_X86
-  if (bits == 4 && block_size >= 32 && current_isa() == Isa::avx512)
+  if (bits == 4 && block_size >= 32 && current_isa() >= Isa::avx512)
     return {4,
             {block_avx512_int4_pairs<1, R>, block_avx512_int4_pairs<2, R>,
              block_avx512_int4_pairs<3, R>, block_avx512_int4_pairs<4, R>},

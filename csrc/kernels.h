@@ -58,6 +58,13 @@ void gemv_bf16(const float* x, const uint16_t* w, const float* bias, float* out,
 void gemv_nbits(const float* x, const uint8_t* B, const float* scales, const uint8_t* zero_points,
                 const float* bias, float* out, int64_t M, int64_t N, int64_t K, int bits,
                 int64_t block_size);
+// gemv_nbits_q8: the same on int8-quantized activations (csrc/gemv_nbits_vnni.cpp; MatMulNBits'
+// accuracy_level 4): AVX512_VNNI where the CPU has it, else a plain scalar reference.
+// Needs block_size >= 64 (INT8) or >= 128 (INT4): gemv_nbits_q8_supported.
+bool gemv_nbits_q8_supported(int bits, int64_t block_size);
+void gemv_nbits_q8(const float* x, const uint8_t* B, const float* scales,
+                   const uint8_t* zero_points, const float* bias, float* out, int64_t M, int64_t N,
+                   int64_t K, int bits, int64_t block_size);
 // dequantize_nbits: out (N, K) fp32 = W, bit for bit (q - zp in integers, one multiply).
 void dequantize_nbits(const uint8_t* B, const float* scales, const uint8_t* zero_points,
                       float* out, int64_t N, int64_t K, int bits, int64_t block_size);

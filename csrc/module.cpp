@@ -196,6 +196,27 @@ NB_MODULE(_C, m) {
       "(0: 2^(bits-1)); fp32 x/out.");
 
   m.def(
+      "gemv_nbits_q8",
+      [](uintptr_t x, uintptr_t B, uintptr_t scales, uintptr_t zero_points, uintptr_t bias,
+         uintptr_t out, int64_t M, int64_t N, int64_t K, int64_t bits, int64_t block_size) {
+        check_sizes("gemv_nbits_q8", {M, N, K});
+        check_nbits("gemv_nbits_q8", bits, block_size);
+        if (!xcompile::gemv_nbits_q8_supported(int(bits), block_size))
+          throw std::invalid_argument("gemv_nbits_q8: block_size must be >= 64 (INT8) or >= 128 (INT4)");
+        if (M == 0 || N == 0) return;
+        xcompile::gemv_nbits_q8(as_ptr<const float>(x, "x", K > 0), as_ptr<const uint8_t>(B, "B", K > 0),
+                                as_ptr<const float>(scales, "scales", K > 0),
+                                as_ptr<const uint8_t>(zero_points, "zero_points", false),
+                                as_ptr<const float>(bias, "bias", false), as_ptr<float>(out, "out", true),
+                                M, N, K, int(bits), block_size);
+      },
+      "x"_a, "B"_a, "scales"_a, "zero_points"_a, "bias"_a, "out"_a, "M"_a, "N"_a, "K"_a, "bits"_a,
+      "block_size"_a, nb::call_guard<nb::gil_scoped_release>(),
+      "gemv_nbits on int8-quantized activations (accuracy_level 4): VNNI, or the scalar reference.");
+
+  m.def("gemv_nbits_q8_supported", &xcompile::gemv_nbits_q8_supported, "bits"_a, "block_size"_a);
+
+  m.def(
       "dequantize_nbits",
       [](uintptr_t B, uintptr_t scales, uintptr_t zero_points, uintptr_t out, int64_t N, int64_t K,
          int64_t bits, int64_t block_size) {

@@ -246,6 +246,7 @@ def fast_op(key: tuple[str, str]):
         return silu_mul
 
     if key == (MS, "MatMulNBits") and hasattr(_C, "gemv_nbits"):
+        vnni = _C.isa() == "avx512_vnni"  # as dispatched when the plan is built
 
         def matmul_nbits(
             x,
@@ -278,7 +279,9 @@ def fast_op(key: tuple[str, str]):
                 return y if bias is None else y + bias
             x = _f32(x)
             y = out((*x.shape[:-1], N))
-            _C.gemv_nbits(
+            # accuracy_level 4 allows int8 activations: taken where VNNI makes them pay
+            q8 = accuracy_level == 4 and vnni and _C.gemv_nbits_q8_supported(bits, block_size)
+            (_C.gemv_nbits_q8 if q8 else _C.gemv_nbits)(
                 x.data_ptr(),
                 blocks.data_ptr(),
                 scales.data_ptr(),

@@ -26,6 +26,8 @@ __all__ = [
     "linear",
     "linear_nbits",
     "linear_nbits_reference",
+    "linear_nbits_q8_reference",
+    "quantize_activations_reference",
     "linear_reference",
     "num_threads",
     "quantize_nbits_reference",
@@ -217,9 +219,12 @@ def linear_nbits(
     K: int,
     bias: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    int8_activations: bool = False,
 ) -> torch.Tensor:
     """x (..., K) fp32 @ W.T + bias -> (..., N) fp32, W (N, K) held as com.microsoft MatMulNBits
     weights (ONNX Runtime's layout), dequantized in registers. For decode (few rows of x).
+    int8_activations: x quantized to int8 first (MatMulNBits' accuracy_level 4; see
+    linear_nbits_q8_reference), multiplied with AVX512_VNNI where the CPU has it.
 
     B             uint8 (N, k_blocks, block_size * bits / 8), k_blocks = ceil(K / block_size);
                   INT4: element 2j of a block in the low nibble of byte j, 2j + 1 in the high one;
@@ -246,7 +251,11 @@ def linear_nbits(
         _check_alias(_span(out), "x", _span(x), same_ok=False)
     if K == 0:  # an empty sum: only the bias remains
         return out.copy_(bias.expand(shape)) if bias is not None else out.zero_()
-    _C.gemv_nbits(
+    if int8_activations and not _C.gemv_nbits_q8_supported(bits, block_size):
+        raise ValueError(
+            f"int8 activations need block_size >= {64 if bits == 8 else 128}, not {block_size}"
+        )
+    (_C.gemv_nbits_q8 if int8_activations else _C.gemv_nbits)(
         x.data_ptr(),
         B.data_ptr(),
         scales.data_ptr(),
@@ -324,6 +333,41 @@ def linear_nbits_reference(
     """torch's linear on the reference-dequantized weight, fp32."""
     w = dequantize_nbits_reference(B, scales, zero_points, bits, block_size, K)
     return torch.nn.functional.linear(x.float(), w, None if bias is None else bias.float())
+
+
+def quantize_activations_reference(
+    x: torch.Tensor, K: int, block_size: int, bits: int
+) -> torch.Tensor:
+    """x (M, K) fp32 -> x rounded to int8 levels as gemv_nbits_q8 rounds it, (M, K) fp32: per row,
+    in units of min(block_size, 64 for INT8 / 128 for INT4) elements, scale = max|x| / 127 and
+    q = rint(x * 127 / max|x|) (float32 arithmetic, ties to even), clamped to [-127, 127]."""
+    unit = min(block_size, 64 if bits == 8 else 128)
+    k_pad = -(-K // block_size) * block_size
+    xp = torch.nn.functional.pad(x.float(), (0, k_pad - K)).view(x.shape[0], -1, unit)
+    amax = xp.abs().amax(dim=-1, keepdim=True)
+    inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros_like(amax))
+    q = torch.round(xp * inv).clamp(-127, 127)
+    return (q.double() * (amax / 127.0).double()).view(x.shape[0], -1)[:, :K]
+
+
+def linear_nbits_q8_reference(
+    x: torch.Tensor,
+    B: torch.Tensor,
+    scales: torch.Tensor,
+    zero_points: torch.Tensor | None,
+    bits: int,
+    block_size: int,
+    K: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """linear_nbits(int8_activations=True) with torch ops: the activations as the kernel rounds
+    them times the reference-dequantized weight, in float64, -> (..., N) fp32."""
+    w = dequantize_nbits_reference(B, scales, zero_points, bits, block_size, K).double()
+    xq = quantize_activations_reference(x.reshape(-1, K), K, block_size, bits)
+    y = xq @ w.T
+    if bias is not None:
+        y = y + bias.double()
+    return y.float().reshape(*x.shape[:-1], -1)
 
 
 def quantize_nbits_reference(

@@ -138,7 +138,8 @@ def torchrun(ranks: int) -> list[str]:
 @pytest.fixture(scope="session")
 def peaked(tmp_path_factory):
     """peaked(family, dtype) -> (checkpoint, artifacts) of a model whose next-token logit stands
-    well above the rest, as a trained model's does (see xcompile.toy.make_checkpoint)."""
+    well above the rest, as a trained model's does (see xcompile.toy.make_checkpoint).
+    dtype int8 / int4 (accuracy_level 4, int8 activations allowed) or int8-exact / int4-exact."""
     from xcompile.quantize import quantize
     from xcompile.toy import make_checkpoint
 
@@ -156,7 +157,13 @@ def peaked(tmp_path_factory):
         ckpt, arts = made[family]
         if dtype not in arts:
             arts[dtype] = ckpt.parent / dtype
-            quantize(ckpt, arts[dtype], dtype, progress=False)
+            scheme = None
+            if dtype.endswith("-exact"):  # accuracy_level 0: activations stay fp32
+                from xcompile.weight_only import WeightOnly
+
+                bits = 8 if dtype.startswith("int8") else 4
+                scheme = WeightOnly(bits, -1 if bits == 8 else 128, True, accuracy_level=0)
+            quantize(ckpt, arts[dtype], dtype.removesuffix("-exact"), progress=False, scheme=scheme)
         return ckpt, arts[dtype]
 
     return get

@@ -99,9 +99,13 @@ def build_graph(
         from xcompile.passes.quantize_nbits import QuantizeNBitsPass
 
         ir_model = ir.serde.deserialize_model(model)
-        QuantizeNBitsPass(scheme.bits, scheme.group_size, scheme.sym, scheme.quantize_lm_head)(
-            ir_model
-        )
+        QuantizeNBitsPass(
+            scheme.bits,
+            scheme.group_size,
+            scheme.sym,
+            scheme.quantize_lm_head,
+            scheme.accuracy_level,
+        )(ir_model)
         model = ir.serde.serialize_model(ir_model)
     meta = {p.key: p.value for p in model.metadata_props}
     concat = json.loads(meta.get("xcompile.concat", "{}"))

@@ -137,3 +137,38 @@ def _bad(**changes):
 def test_linear_nbits_rejects_bad_inputs(args, match):
     with pytest.raises(ValueError, match=match):
         kernels.linear_nbits(**args)
+
+
+@pytest.mark.parametrize("k", [100, 2048 + 16, 5632])
+@pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("block", ["128", "256", "channel"])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_linear_nbits_int8_activations_match_reference(isa, bits, block, sym, k):
+    """accuracy_level 4: the VNNI kernel (or its scalar reference) against the activations as the
+    kernel rounds them times the exact weights, in float64."""
+    bs = _block_size(block, k)
+    for n in [1, 5, 64]:
+        B, scales, zp, w_q = _weights(n, k, bits, bs, sym)
+        gen = torch.Generator().manual_seed(n)
+        bias = torch.randn(n, generator=gen)
+        for m in [1, 2, 3]:
+            x = torch.randn(m, k, generator=gen) * torch.rand(m, k, generator=gen) * 4
+            got = kernels.linear_nbits(
+                x, B, scales, zp, bits, bs, k, bias=bias, int8_activations=True
+            )
+            expected = kernels.linear_nbits_q8_reference(x, B, scales, zp, bits, bs, k, bias)
+            error = (got - expected).abs().max()
+            assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4), f"N={n} M={m}: {error:.3g}"
+            # and within int8 rounding of the exact product: |error| <= 1% of |x_m| |w_n|
+            exact = kernels.linear_nbits_reference(x, B, scales, zp, bits, bs, k, bias)
+            bound = 0.01 * x.norm(dim=1, keepdim=True) * w_q.norm(dim=1)
+            assert ((got - exact).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("bits,block", [(8, 32), (4, 64)])
+def test_int8_activations_refuse_small_blocks(bits, block):
+    B, scales, zp, _ = _weights(4, 256, bits, block, True)
+    with pytest.raises(ValueError, match="block_size >="):
+        kernels.linear_nbits(
+            torch.randn(1, 256), B, scales, zp, bits, block, 256, int8_activations=True
+        )

@@ -31,7 +31,7 @@ def test_int4_rtn_agrees_for_the_first_8_tokens(family, peaked):
     assert greedy(peaked(family, "int4")[1], 8) == greedy(peaked(family, "fp32")[1], 8)
 
 
-@pytest.mark.parametrize("dtype", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", ["int8-exact", "int4-exact"])
 @pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "reference"])
 def test_logits_equal_transformers_on_the_dequantized_weights(dtype, kernels, peaked):
     """The runtime adds no error of its own: transformers, given neural-compressor's
@@ -41,7 +41,7 @@ def test_logits_equal_transformers_on_the_dequantized_weights(dtype, kernels, pe
     from transformers import AutoModelForCausalLM
 
     ckpt, art = peaked("llama", dtype)
-    bits, group = (8, -1) if dtype == "int8" else (4, 128)
+    bits, group = (8, -1) if dtype.startswith("int8") else (4, 128)
     hf = AutoModelForCausalLM.from_pretrained(
         ckpt, dtype=torch.float32, attn_implementation="eager"
     ).eval()
@@ -61,7 +61,7 @@ def test_logits_equal_transformers_on_the_dequantized_weights(dtype, kernels, pe
     assert (ours - theirs).abs().max().item() <= 1e-4 * max(1.0, theirs.abs().max().item())
 
 
-@pytest.mark.parametrize("dtype", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", ["int8-exact", "int4-exact"])
 def test_onnxruntime_matmulnbits_agrees_with_xrun(dtype, peaked):
     """The same artifact under onnxruntime: its MatMulNBits reads our layout as we do. ORT
     dequantizes in its own order, so the logits agree to 1e-4 of their scale."""
@@ -76,3 +76,31 @@ def test_onnxruntime_matmulnbits_agrees_with_xrun(dtype, peaked):
     assert (ours - torch.from_numpy(prefill["logits"][0])).abs().max().item() <= 1e-4 * scale
     ours = model.forward([5], len(IDS), cache)
     assert (ours - torch.from_numpy(step["logits"][0])).abs().max().item() <= 1e-4 * scale
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_int8_activations_stay_close_to_exact_and_to_onnxruntime(dtype, peaked):
+    """accuracy_level 4 (the default): activations rounded to int8 in units of 64 (INT8) or 128
+    (INT4) where the CPU has VNNI, else kept fp32. Against the exact-activation artifact the
+    logits stay within 3 % of their scale (measured 1.2 %): int8 rounding of activations, not a
+    layout error (which would be O(scale))."""
+    from tests.passes.conftest import IDS, run_ort
+
+    _, art = peaked("llama", dtype)
+    _, exact_art = peaked("llama", f"{dtype}-exact")
+    model, exact = Model.load(art), Model.load(exact_art)
+    ours = model.forward(IDS, 0, model.new_cache(len(IDS)))
+    want = exact.forward(IDS, 0, exact.new_cache(len(IDS)))
+    scale = float(want.abs().max())
+    assert (ours - want).abs().max().item() <= 0.03 * scale
+    (prefill,) = run_ort(art, IDS, steps=0)
+    # INT4 g128: onnxruntime quantizes activations in the same blocks of 128, so the two agree as
+    # closely as with fp32 activations; INT8 per channel: it uses other blocks (~1 % apart here).
+    from xcompile import _C
+
+    bound = 1e-4 if dtype == "int4" and _C.isa() == "avx512_vnni" else 0.03
+    assert (ours - torch.from_numpy(prefill["logits"][0])).abs().max().item() <= bound * scale
+    # the prediction moves only where the exact logits nearly tie
+    top2 = want.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 2 * (ours - want).abs().max()
+    assert torch.equal(ours.argmax(-1)[clear], want.argmax(-1)[clear])

@@ -1,0 +1,283 @@
+// INT8 / INT4 decode matmul on int8-quantized activations (MatMulNBits' accuracy_level 4), with
+// AVX512_VNNI's vpdpbusd: 64 u8 x s8 multiply-adds an instruction, where the fp32 path
+// (gemv_nbits.cpp) spends three instructions on every 16 weights to widen, convert and scale
+// them. With two hyperthreads of one core that path is compute-bound (~10 G weights/s); this
+// one reads weights as fast as memory delivers them.
+//
+// Activations are quantized per row in units of U elements (U = min(block_size, 64 for INT8, 128
+// for INT4: one vpdpbusd's worth; 256 flipped greedy tokens of the test models, 64 did not):
+//   sx[m, u] = max|x[m, unit u]| / 127,  xq[m, k] = rint(x[m, k] / sx[m, u]) in [-127, 127]
+// The weights stay as stored (q unsigned, zero point zp per block), so
+//   out[m, n] = sum_b s[n, b] * ( sum_{u in b} sx[m, u] * dot_u  -  zp[n, b] * c[m, b] )
+//   dot_u = sum_{k in u} q[n, k] * xq[m, k]   (int32, exact)
+//   c[m, b] = sum_{u in b} sx[m, u] * sum_{k in u} xq[m, k]   (per x row, shared by all n)
+// x is zero-padded to whole blocks: padding weights (zeros) and padding activations add 0.
+// INT4 bytes hold element 2j in the low nibble and 2j + 1 in the high one: 64 bytes give the 64
+// even then the 64 odd elements of 128, so xq is stored permuted to match, in groups of 128.
+// Plain reference: gemv_nbits_q8_scalar, the same formula in double; the Python reference in
+// runtime/kernels.py computes it from torch ops.
+#include <omp.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "dispatch.h"
+#include "kernels.h"
+#include "nbits.h"
+#include "threads.h"
+
+#if XC_X86
+#include <immintrin.h>
+#endif
+
+namespace xcompile {
+namespace {
+
+constexpr int R = 4;  // weight rows per task
+constexpr int64_t kParallelMinElems = int64_t(1) << 16;
+constexpr int64_t kPrefetch = 512;  // bytes ahead in each weight row's stream
+
+// x (M, K) quantized: q (M, padded) int8 (INT4: permuted in groups of 128), scale (M, units),
+// c (M, k_blocks) as in the header.
+struct QuantizedX {
+  int64_t padded, unit, units, k_blocks;
+  std::vector<int8_t> q;
+  std::vector<float> scale, c;
+};
+
+constexpr int64_t unit_for(int bits) { return bits == 8 ? 64 : 128; }
+
+QuantizedX quantize_x(const float* x, int64_t M, const NBits& w, int bits) {
+  QuantizedX qx;
+  qx.k_blocks = w.k_blocks;
+  qx.padded = w.k_blocks * w.block_size;
+  qx.unit = std::min<int64_t>(w.block_size, unit_for(bits));
+  qx.units = qx.padded / qx.unit;
+  qx.q.assign(size_t(M * qx.padded), 0);
+  qx.scale.assign(size_t(M * qx.units), 0.0f);
+  qx.c.assign(size_t(M * qx.k_blocks), 0.0f);
+  const int64_t per_block = w.block_size / qx.unit;
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xm = x + m * w.K;
+    int8_t* qm = qx.q.data() + m * qx.padded;
+    for (int64_t u = 0; u < qx.units; ++u) {
+      const int64_t k0 = u * qx.unit, k1 = std::min(k0 + qx.unit, w.K);
+      float amax = 0.0f;
+      for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(xm[k]));
+      const float s = amax / 127.0f;
+      const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+      int32_t sum = 0;
+      for (int64_t k = k0; k < k1; ++k) {
+        // round half to even, as rint under the default rounding mode, without a libm call:
+        // |x * inv| <= 127, far inside the range where adding 1.5 * 2^23 rounds exactly
+        const int32_t v = int32_t((xm[k] * inv + 12582912.0f) - 12582912.0f);
+        const int8_t q = int8_t(std::clamp(v, -127, 127));
+        sum += q;
+        // INT4: position of element k in its group of 128 -> evens first, then odds
+        const int64_t at = bits == 8 ? k : (k & ~int64_t(127)) + (k & 1) * 64 + (k & 127) / 2;
+        qm[at] = q;
+      }
+      qx.scale[m * qx.units + u] = s;
+      qx.c[m * qx.k_blocks + u / per_block] += s * float(sum);
+    }
+  }
+  return qx;
+}
+
+// ---- scalar: the plain path the VNNI kernel is held to ----------------------------------------
+template <int BITS>
+void row_scalar(const QuantizedX& qx, const NBits& w, int64_t m, int64_t n, const float* bias,
+                float* out) {
+  const Row row = w.row(n);
+  const int8_t* xq = qx.q.data() + m * qx.padded;
+  double total = 0.0;
+  for (int64_t b = 0; b < w.k_blocks; ++b) {
+    const uint8_t* blk = row.q + b * w.blob;
+    double block_sum = 0.0;
+    for (int64_t u0 = 0; u0 < w.block_size; u0 += qx.unit) {
+      int64_t dot = 0;
+      for (int64_t i = u0; i < u0 + qx.unit; ++i) {
+        int q, at = b * w.block_size + i;
+        if constexpr (BITS == 8) {
+          q = blk[i];
+        } else {  // element i of the block, and where its activation sits in the permuted xq
+          q = (i & 1) ? blk[i / 2] >> 4 : blk[i / 2] & 0xF;
+          at = b * w.block_size + (i & ~int64_t(127)) + (i & 1) * 64 + (i & 127) / 2;
+        }
+        dot += int64_t(q) * xq[at];
+      }
+      block_sum += double(qx.scale[m * qx.units + (b * w.block_size + u0) / qx.unit]) * double(dot);
+    }
+    block_sum -= double(zero_point<BITS>(row, b)) * double(qx.c[m * qx.k_blocks + b]);
+    total += double(row.s[b]) * block_sum;
+  }
+  *out = float(total) + (bias ? *bias : 0.0f);
+}
+
+template <int BITS>
+void task_scalar(const QuantizedX& qx, const NBits& w, int64_t M, int64_t n0, int64_t rows,
+                 const float* bias, float* out, int64_t N) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = n0; n < n0 + rows; ++n)
+      row_scalar<BITS>(qx, w, m, n, bias ? bias + n : nullptr, out + m * N + n);
+}
+
+#if XC_X86
+// ---- AVX512_VNNI -------------------------------------------------------------------------------
+// MB rows of x times RB weight rows. Per unit: int32 dot products (vpdpbusd), then one
+// convert + FMA by the unit's activation scale (times the weight scale when a block is one unit,
+// ONE_UNIT; else per block, by the weight scale, at the block's end).
+// Registers, MB = 2, RB = 4: 8 int32 + 8 block + 8 total accumulators, 2-4 x vectors.
+template <int MB, int RB, int BITS, bool ONE_UNIT>
+XC_TARGET_VNNI void block_vnni(const QuantizedX& qx, const NBits& w, int64_t m0, int64_t n0,
+                               const float* bias, float* out, int64_t N) {
+  constexpr int64_t kStep = BITS == 8 ? 64 : 128;  // elements per vpdpbusd (pair)
+  const int64_t steps = qx.unit / kStep, units_per_block = w.block_size / qx.unit;
+  const int8_t* xq = qx.q.data() + m0 * qx.padded;
+  const float* sx = qx.scale.data() + m0 * qx.units;
+  const float* cx = qx.c.data() + m0 * qx.k_blocks;
+  Row row[RB];
+  for (int r = 0; r < RB; ++r) row[r] = w.row(n0 + r);
+  __m512 total[MB][RB];
+  float correction[MB][RB] = {};
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < RB; ++r) total[m][r] = _mm512_setzero_ps();
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  int64_t u = 0;  // the unit, counted over the whole row
+  for (int64_t b = 0; b < w.k_blocks; ++b) {
+    const uint8_t* wq[RB];  // where the next step's weight bytes are, per row
+    float s[RB];
+    for (int r = 0; r < RB; ++r) {
+      wq[r] = row[r].q + b * w.blob;
+      s[r] = row[r].s[b];
+    }
+    __m512 in_block[MB][RB];
+    if constexpr (!ONE_UNIT) {
+      for (int m = 0; m < MB; ++m)
+        for (int r = 0; r < RB; ++r) in_block[m][r] = _mm512_setzero_ps();
+    }
+    for (int64_t j = 0; j < units_per_block; ++j, ++u) {
+      __m512i dot[MB][RB];
+      for (int m = 0; m < MB; ++m)
+        for (int r = 0; r < RB; ++r) dot[m][r] = _mm512_setzero_si512();
+      const int8_t* xb = xq + u * qx.unit;
+      for (int64_t t = 0; t < steps; ++t, xb += kStep) {
+        for (int r = 0; r < RB; ++r)
+          _mm_prefetch(reinterpret_cast<const char*>(wq[r] + kPrefetch), _MM_HINT_T0);
+        if constexpr (BITS == 8) {
+          __m512i xv[MB];
+          for (int m = 0; m < MB; ++m) xv[m] = _mm512_loadu_si512(xb + m * qx.padded);
+          for (int r = 0; r < RB; ++r) {
+            const __m512i wv = _mm512_loadu_si512(wq[r]);
+            wq[r] += 64;
+            for (int m = 0; m < MB; ++m) dot[m][r] = _mm512_dpbusd_epi32(dot[m][r], wv, xv[m]);
+          }
+        } else {
+          __m512i x_even[MB], x_odd[MB];
+          for (int m = 0; m < MB; ++m) {
+            x_even[m] = _mm512_loadu_si512(xb + m * qx.padded);
+            x_odd[m] = _mm512_loadu_si512(xb + m * qx.padded + 64);
+          }
+          for (int r = 0; r < RB; ++r) {
+            const __m512i packed = _mm512_loadu_si512(wq[r]);
+            wq[r] += 64;
+            const __m512i even = _mm512_and_si512(packed, low4);
+            const __m512i odd = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low4);
+            for (int m = 0; m < MB; ++m) {
+              dot[m][r] = _mm512_dpbusd_epi32(dot[m][r], even, x_even[m]);
+              dot[m][r] = _mm512_dpbusd_epi32(dot[m][r], odd, x_odd[m]);
+            }
+          }
+        }
+      }
+      for (int m = 0; m < MB; ++m) {
+        const float sxu = sx[m * qx.units + u];
+        for (int r = 0; r < RB; ++r) {
+          const __m512 d = _mm512_cvtepi32_ps(dot[m][r]);
+          if constexpr (ONE_UNIT)
+            total[m][r] = _mm512_fmadd_ps(d, _mm512_set1_ps(sxu * s[r]), total[m][r]);
+          else
+            in_block[m][r] = _mm512_fmadd_ps(d, _mm512_set1_ps(sxu), in_block[m][r]);
+        }
+      }
+    }
+    for (int m = 0; m < MB; ++m) {
+      const float c = cx[m * qx.k_blocks + b];
+      for (int r = 0; r < RB; ++r) {
+        if constexpr (!ONE_UNIT)
+          total[m][r] = _mm512_fmadd_ps(in_block[m][r], _mm512_set1_ps(s[r]), total[m][r]);
+        correction[m][r] += s[r] * float(zero_point<BITS>(row[r], b)) * c;
+      }
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < RB; ++r)
+      out[(m0 + m) * N + n0 + r] =
+          _mm512_reduce_add_ps(total[m][r]) - correction[m][r] + (bias ? bias[n0 + r] : 0.0f);
+}
+
+template <int MB, int RB, int BITS>
+XC_TARGET_VNNI void block_vnni_any(const QuantizedX& qx, const NBits& w, int64_t m0, int64_t n0,
+                                   const float* bias, float* out, int64_t N) {
+  if (qx.unit == w.block_size)
+    block_vnni<MB, RB, BITS, true>(qx, w, m0, n0, bias, out, N);
+  else
+    block_vnni<MB, RB, BITS, false>(qx, w, m0, n0, bias, out, N);
+}
+
+template <int BITS>
+void task_vnni(const QuantizedX& qx, const NBits& w, int64_t M, int64_t n0, int64_t rows,
+               const float* bias, float* out, int64_t N) {
+  int64_t m = 0;
+  for (; m + 2 <= M; m += 2) {
+    if (rows == R) {
+      block_vnni_any<2, R, BITS>(qx, w, m, n0, bias, out, N);
+    } else {
+      for (int64_t n = n0; n < n0 + rows; ++n) block_vnni_any<2, 1, BITS>(qx, w, m, n, bias, out, N);
+    }
+  }
+  if (m < M) {
+    if (rows == R) {
+      block_vnni_any<1, R, BITS>(qx, w, m, n0, bias, out, N);
+    } else {
+      for (int64_t n = n0; n < n0 + rows; ++n) block_vnni_any<1, 1, BITS>(qx, w, m, n, bias, out, N);
+    }
+  }
+}
+#endif
+
+using TaskFn = void (*)(const QuantizedX&, const NBits&, int64_t, int64_t, int64_t, const float*,
+                        float*, int64_t);
+
+TaskFn task_for(int bits) {
+#if XC_X86
+  if (current_isa() >= Isa::avx512_vnni) return bits == 8 ? task_vnni<8> : task_vnni<4>;
+#endif
+  return bits == 8 ? task_scalar<8> : task_scalar<4>;
+}
+
+}  // namespace
+
+bool gemv_nbits_q8_supported(int bits, int64_t block_size) {
+  return block_size >= (bits == 8 ? 64 : 128);
+}
+
+void gemv_nbits_q8(const float* x, const uint8_t* B, const float* scales,
+                   const uint8_t* zero_points, const float* bias, float* out, int64_t M, int64_t N,
+                   int64_t K, int bits, int64_t block_size) {
+  const NBits w(B, scales, zero_points, K, bits, block_size);
+  const QuantizedX qx = quantize_x(x, M, w, bits);
+  const TaskFn task = task_for(bits);
+  const int threads = num_threads();
+  const int64_t tasks = (N + R - 1) / R;
+  const bool pool = threads > 1 && N > R && N * K >= kParallelMinElems;
+#pragma omp parallel for schedule(static) num_threads(threads) if (pool)
+  for (int64_t t = 0; t < tasks; ++t) {
+    const int64_t n0 = t * R;
+    task(qx, w, M, n0, std::min<int64_t>(R, N - n0), bias, out, N);
+  }
+}
+
+}  // namespace xcompile

@@ -218,3 +218,37 @@ def test_generate_with_a_checker_stops_on_a_stop_string_and_on_eos(compiled):
     assert ended.tokens == greedy.tokens[: greedy.tokens.index(eos) + 1]
     assert ended.finish_reason == "stop" and ended.stop_reason is None
     assert ended.text == tokenizer.decode(greedy.tokens[: greedy.tokens.index(eos)])
+
+
+def test_xrun_stop_flag_cuts_the_text_and_reports_stop(compiled):
+    import subprocess
+    import sys
+
+    from tests.conftest import run_xrun
+
+    art = compiled("llama")
+    args = [str(art), "--prompt", "The quick brown fox", "-n", "16"]
+    base = run_xrun(args)
+    full, tokenizer = base["text"], TextTokenizer(art)
+    assert base["finish_reason"] == "length" and len(base["tokens"]) == 16
+    assert full == tokenizer.decode(base["tokens"])
+    stop = next(full[i : i + 3] for i in range(4, len(full)) if "\ufffd" not in full[i : i + 3])
+
+    cut = run_xrun(args + ["--stop", "never seen", "--stop", stop])
+    n = next(k for k in range(1, 17) if stop in tokenizer.decode(base["tokens"][:k]))
+    assert cut["tokens"] == base["tokens"][:n] and n < 16
+    assert cut["finish_reason"] == "stop"
+    assert cut["text"] == full[: full.find(stop)]
+
+    unmatched = run_xrun(args + ["--stop", "never seen"])
+    assert unmatched["tokens"] == base["tokens"] and unmatched["text"] == full
+    assert unmatched["finish_reason"] == "length"
+
+    streamed = subprocess.run(
+        [sys.executable, "-m", "xcompile.runtime.cli", *args, "--stop", stop],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert streamed.returncode == 0, streamed.stderr[-2000:]
+    assert streamed.stdout == cut["text"] + "\n"

@@ -357,10 +357,10 @@ def _chat(model, tokenizer, sampler, inputs, max_new_tokens, as_json) -> None:
         if not line.strip():
             continue
         history.append({"role": "user", "content": line})
-        ids = inputs.prompt_ids(tokenizer, inputs.template.render(history))
         try:
+            ids = inputs.prompt_ids(tokenizer, inputs.template.render(history))
             check_prompt(model, ids)
-        except UserError as e:  # the conversation outgrew the context: say so, keep chatting
+        except UserError as e:  # too long for the context, or refused: say so, keep chatting
             history.pop()
             print(f"xrun: error: {e} (or /reset)", file=sys.stderr)
             continue

@@ -371,6 +371,20 @@ def test_chat_keeps_the_history_and_stops_at_exit(compiled, tmp_path):
     assert streamed.stdout == turns[0]["text"] + "\n" + turns[1]["text"] + "\n"
 
 
+def test_chat_goes_on_after_a_message_too_long_for_the_context(compiled, tmp_path):
+    art = compiled("llama")
+    too_long = " ".join(f"w{i}" for i in range(400))  # max_position_embeddings is 256
+    res = xrun_chat(art, f"{too_long}\nHello!\n", "--json")
+    assert res.returncode == 0, res.stderr[-2000:]
+    errors = [line for line in res.stderr.splitlines() if line.startswith("xrun: error:")]
+    assert len(errors) == 1 and "context is 256" in errors[0] and "/reset" in errors[0]
+    (turn,) = [json.loads(line) for line in res.stdout.splitlines()]
+    alone = run_xrun(
+        [str(art), "--messages", str(write_messages(tmp_path, CONVERSATIONS["user"])), "-n", "6"]
+    )
+    assert turn["tokens"] == alone["tokens"]  # the refused message left no trace
+
+
 def test_chat_under_tensor_parallel_gives_tp1_replies(compiled, sharded):
     lines = "Hello!\nHow are you?\n"
     one = xrun_chat(compiled("llama"), lines, "--json")

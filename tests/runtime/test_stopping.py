@@ -23,6 +23,11 @@ def tokenizer(tmp_path_factory):
     return TextTokenizer(folder)
 
 
+def test_eos_ids_include_the_tokenizers_eos_token(tokenizer):
+    """No generation_config.json in this folder: "</s>" comes from tokenizer_config.json."""
+    assert tokenizer.eos_ids == {EOS} and tokenizer.special_tokens["eos_token"] == "</s>"
+
+
 def feed(checker: StopChecker, ids: list[int]) -> tuple[list[str], str | None, int]:
     """Push ids until a stop -> (pieces emitted, finish_reason, ids consumed); flushes at the end
     when none stopped it (a stop string found then still counts)."""

@@ -1,1 +1,371 @@
-"""(being written)"""
+"""GPTQ and AWQ, decoder layer by decoder layer: neural-compressor's algorithms run on one
+transformers decoder layer at a time, built from that layer's own tensors and fed the
+calibration text's hidden states as the layer before left them.
+
+    lines ──tokenizer.json──► ids ──embedding rows──► X₀: one (1, S, H) tensor per line
+    for layer i:  build it (its FP32 tensors only) ─► INC's GPTQ or AWQ ─► LayerResult ─► free it
+                  X_{i+1} = layer_i(X_i)   GPTQ: with the quantized weights; AWQ: the FP32 ones
+                                           (each as INC's own driver carries them)
+
+Peak memory: one layer's FP32 weights plus the hidden states (lines × tokens × hidden × 4 bytes;
+64 lines of 128 tokens at hidden 2048 is 64 MiB). Nothing else of the model is ever resident: the
+embedding rows are read one by one, for the token ids the text uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from xcompile.errors import UserError
+from xcompile.frontend.checkpoint import Checkpoint
+from xcompile.frontend.decoder import DecoderSpec
+from xcompile.quiet import quiet_imports
+from xcompile.weight_only import WeightOnly
+
+DEFAULT_TEXT = Path(__file__).parent / "data" / "calib.txt"
+MAX_TOKENS = 128  # per line: longer lines are cut (the activations' statistics settle well before)
+MAX_LINES = 128  # GPTQ's and AWQ's papers calibrate on 128 samples
+GPTQ_PERCDAMP = 0.01  # INC's defaults (GPTQConfig)
+GPTQ_BLOCK = 2048
+
+Quantized = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # as weight_only.quantize_rtn
+
+
+@dataclass
+class LayerResult:
+    """What one decoder layer's calibrated quantization made, by checkpoint tensor name.
+
+    quantized  weight -> (q (N, K), scales (N, groups), zero points (N, groups) or None) in
+               weight_only.quantize_rtn's form: symmetric q signed, asymmetric q in [0, 2^bits)
+    changed    float tensors the algorithm rewrote (AWQ: the norms' weights and biases, an
+               absorbing linear's bias), to store instead of the checkpoint's
+    folded     AWQ: weight -> (column multipliers (K,) or None, row divisors (N,) or None): the
+               stored weight is diag(1/rows) · W · diag(cols), its input arriving divided by
+               cols (what the absorbing norm or linear now does) and its output by rows
+    """
+
+    index: int
+    quantized: dict[str, Quantized] = field(default_factory=dict)
+    changed: dict[str, torch.Tensor] = field(default_factory=dict)
+    folded: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = field(default_factory=dict)
+
+
+def calibration_lines(path: Path | None) -> list[str]:
+    """The non-blank lines of `path` (None: the shipped text), at most MAX_LINES."""
+    text = Path(path or DEFAULT_TEXT).read_text(encoding="utf-8", errors="replace")
+    return [line.strip() for line in text.splitlines() if line.strip()][:MAX_LINES]
+
+
+def tokenize(ckpt: Checkpoint, lines: list[str], max_tokens: int) -> list[torch.Tensor]:
+    """Each line by the checkpoint's own tokenizer.json (specials included) -> (1, S) int64."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(ckpt.path / "tokenizer.json"))
+    out = [torch.tensor([tok.encode(line).ids[:max_tokens]]) for line in lines]
+    return [ids for ids in out if ids.shape[1]]
+
+
+class LayerByLayer:
+    """One checkpoint's decoder, one transformers layer at a time: the family's own layer and
+    rotary classes (found on a weightless meta-device skeleton), weights read on demand."""
+
+    def __init__(self, ckpt: Checkpoint, spec: DecoderSpec):
+        with quiet_imports():
+            from transformers import AutoModelForCausalLM
+
+        from xcompile.quantize import read_tensor
+
+        self.ckpt, self.spec, self._read = ckpt, spec, read_tensor
+        config = ckpt.transformers_config()
+        config._attn_implementation = "eager"  # the additive mask below, as given
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+        base = skeleton.base_model
+        stack = next(m for m in base.children() if isinstance(m, nn.ModuleList))
+        self.config, self.layer_class = config, type(stack[0])
+        self.rotary = type(base.rotary_emb)(config=config)  # on the CPU: real tables
+        self._handles: dict[Path, object] = {}
+
+    def close(self) -> None:
+        for h in self._handles.values():
+            h.close()
+        self._handles.clear()
+
+    def tensor(self, name: str) -> torch.Tensor:
+        path, info = self.ckpt.tensors[name]
+        if path not in self._handles:
+            self._handles[path] = open(path, "rb")
+        return self._read(path, info, self._handles[path]).float()
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """(1, S) ids -> (1, S, H) float32, reading only the table's rows those ids name."""
+        from xcompile.artifacts import DTYPES, TensorInfo
+
+        path, info = self.ckpt.tensors[self.spec.names.embed]
+        rows, hidden = info.shape
+        if int(ids.max()) >= rows:
+            raise UserError(
+                f"{self.ckpt.path}: tokenizer.json makes token id {int(ids.max())} but the "
+                f"embedding has {rows} rows; fix the tokenizer or the checkpoint"
+            )
+        start, row = info.begin, hidden * DTYPES[info.dtype][0]
+        if path not in self._handles:
+            self._handles[path] = open(path, "rb")
+        table = {
+            i: self._read(
+                path,
+                TensorInfo(
+                    info.name, info.dtype, (hidden,), start + i * row, start + (i + 1) * row
+                ),
+                self._handles[path],
+            ).float()
+            for i in set(ids[0].tolist())
+        }
+        return torch.stack([table[i] for i in ids[0].tolist()]).unsqueeze(0)
+
+    def layer(self, i: int) -> nn.Module:
+        """Decoder layer i in FP32 with its checkpoint tensors (and nothing else) loaded."""
+        prefix = self.spec.names.layer.format(i=i)
+        with torch.device("meta"):
+            layer = self.layer_class(self.config, layer_idx=i)
+        params = {n for n, _ in layer.named_parameters()}
+        state = {
+            name[len(prefix) :]: self.tensor(name)
+            for name in self.ckpt.tensors
+            if name.startswith(prefix) and name[len(prefix) :] in params
+        }
+        if params - state.keys():
+            raise UserError(
+                f"{self.ckpt.path}: checkpoint lacks {prefix}{sorted(params - state.keys())[0]} "
+                f"that a {self.spec.family} layer needs; is it complete?"
+            )
+        layer.load_state_dict(state, assign=True)
+        return layer.float().eval()
+
+    def layer_kwargs(self, ids: torch.Tensor, i: int, x: torch.Tensor) -> dict:
+        """What transformers' model hands layer i for one sequence: positions, rotary tables
+        and the additive causal mask (1, 1, S, S), with the layer's sliding window if any."""
+        s = ids.shape[1]
+        pos = torch.arange(s).unsqueeze(0)
+        q, k = pos[0].view(-1, 1), pos[0].view(1, -1)
+        allowed = k <= q
+        window = self.spec.sliding_window[i] if self.spec.sliding_window else None
+        if window is not None:
+            allowed &= k > q - window
+        mask = torch.zeros(s, s).masked_fill(~allowed, torch.finfo(torch.float32).min)
+        return {
+            "attention_mask": mask.view(1, 1, s, s),
+            "position_ids": pos,
+            "position_embeddings": self.rotary(x, pos),
+            "use_cache": False,
+        }
+
+
+def quantize_layers(
+    ckpt: Checkpoint,
+    spec: DecoderSpec,
+    scheme: WeightOnly,
+    lines: list[str] | None = None,
+    max_tokens: int = MAX_TOKENS,
+) -> Iterator[LayerResult]:
+    """GPTQ or AWQ (scheme.algo) over the decoder, one LayerResult per layer, in order.
+    lines: the calibration text (None: scheme.calib's file, or the shipped one)."""
+    if scheme.algo not in ("gptq", "awq"):
+        raise ValueError(f"calibrated quantization is gptq or awq, not {scheme.algo}")
+    lines = calibration_lines(scheme.calib) if lines is None else lines
+    decoder = LayerByLayer(ckpt, spec)
+    try:
+        samples = tokenize(ckpt, lines, min(max_tokens, spec.max_positions))
+        if not samples:
+            raise UserError("the calibration text has no tokens; give at least one line of text")
+        with torch.no_grad():
+            hidden = [decoder.embed(ids) for ids in samples]
+        run = _gptq_layer if scheme.algo == "gptq" else _awq_layer
+        for i in range(spec.layers):
+            layer = decoder.layer(i)
+            inputs = [(x, decoder.layer_kwargs(ids, i, x)) for ids, x in zip(samples, hidden)]
+            result, hidden = run(layer, inputs, scheme, spec, i)
+            del layer, inputs
+            yield result
+    finally:
+        decoder.close()
+
+
+def _quiet_inc():
+    with quiet_imports():
+        import transformers  # noqa: F401  before INC, whose gptq module checks for it on import
+        from neural_compressor.torch.algorithms.weight_only import awq, gptq, utility
+    return awq, gptq, utility
+
+
+def _linears(layer: nn.Module) -> dict[str, nn.Linear]:
+    return {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+
+
+def _forward(layer: nn.Module, inputs) -> list[torch.Tensor]:
+    outs = [layer(x, **kw) for x, kw in inputs]
+    return [o[0] if isinstance(o, tuple) else o for o in outs]
+
+
+@torch.no_grad()
+def _gptq_layer(layer, inputs, scheme: WeightOnly, spec: DecoderSpec, i: int):
+    """INC's GPTQ core on every linear of the layer at once (INC's default, not true-sequential):
+    Hessians from the layer's FP32 pass, then `fasterquant`; outputs with the quantized weights."""
+    _, gptq, utility = _quiet_inc()
+    prefix = spec.names.layer.format(i=i)
+    config = {  # INC's GPTQConfig defaults, as gptq_entry hands them to the quantizer
+        "dtype": "int",
+        "bits": scheme.bits,
+        "sym": scheme.sym,
+        "group_size": scheme.group_size,
+        "perchannel": True,
+        "mse": False,
+        "use_double_quant": False,
+        "double_quant_dtype": "int",
+        "double_quant_bits": 8,
+        "double_quant_sym": False,
+        "double_quant_group_size": 256,
+    }
+    linears = _linears(layer)
+    cores = {}
+    for name, m in linears.items():
+        cores[name] = gptq.GPTQ(m, m.weight.data, "cpu")
+        cores[name].quantizer.configure(dict(config))
+    hooks = [
+        m.register_forward_hook(lambda _, inp, out, core=cores[name]: core.add_batch(inp[0], out))
+        for name, m in linears.items()
+    ]
+    try:
+        _forward(layer, inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    result = LayerResult(i)
+    for name, m in linears.items():
+        scale, _, zero, dq = cores.pop(name).fasterquant(
+            m.weight.data.clone(),
+            blocksize=GPTQ_BLOCK,
+            percdamp=GPTQ_PERCDAMP,
+            groupsize=scheme.group_size,
+        )
+        m.weight.data = dq
+        zp = None if scheme.sym else zero
+        # the integer levels, by INC's own export step (symmetric: zero point left out, signed)
+        q = utility.quant_weight_w_scale(dq.clone(), scale, None, zp, scheme.group_size)
+        result.quantized[f"{prefix}{name}.weight"] = (q, scale, zp)
+    return result, _forward(layer, inputs)
+
+
+def absorbers(spec: DecoderSpec) -> dict[str, tuple[str, ...]]:
+    """Where AWQ may fold a linear's input-channel scale, in the layer's own module names:
+    into the norm before it (INC's own finding for these layers), and (as AWQ's authors do)
+    into v_proj's rows for o_proj when no query heads share a KV head, and into up_proj's rows
+    for down_proj behind a gated MLP (act(gate) · up is linear in up)."""
+    n = spec.names
+    mlp_in = tuple(p for p in (n.gate, n.up) if p)
+    found = {}
+    if n.mlp_norm is None:  # parallel residual: one norm feeds attention and MLP
+        found[n.attn_norm] = (n.q, n.k, n.v, *mlp_in)
+    else:
+        found[n.attn_norm] = (n.q, n.k, n.v)
+        found[n.mlp_norm] = mlp_in
+    if spec.heads == spec.kv_heads:
+        found[n.v] = (n.o,)
+    if n.gate:
+        found[n.up] = (n.down,)
+    return found
+
+
+@contextlib.contextmanager
+def _searches_at_our_bits(utility):
+    """INC 3.10's AWQ scale and clip searches call quant_tensor(num_bits=, data_type=), names it
+    does not take (it takes bits=, dtype=) and drops, so every search ran at its default 4 bits
+    (at --int8, clip ratios fit for 4 bits made the error 5x RTN's): pass them on as meant."""
+    original = utility.quant_tensor
+
+    def quant_tensor(weight, *args, num_bits=None, data_type=None, **kwargs):
+        if num_bits is not None:
+            kwargs.setdefault("bits", num_bits)
+        if data_type is not None:
+            kwargs.setdefault("dtype", data_type)
+        return original(weight, *args, **kwargs)
+
+    utility.quant_tensor = quant_tensor  # awq.py imports it from the module at each call
+    try:
+        yield
+    finally:
+        utility.quant_tensor = original
+
+
+@torch.no_grad()
+def _awq_layer(layer, inputs, scheme: WeightOnly, spec: DecoderSpec, i: int):
+    """INC's ActAwareWeightQuant on a one-layer model: scale search, folding into the
+    absorbers, clip search; then each weight by INC's RTN at its clip ratio (what INC's last
+    step does, here returning the integers instead of INC's packed module)."""
+    awq, _, utility = _quiet_inc()
+    prefix = spec.names.layer.format(i=i)
+    holder = nn.Module()
+    holder.layers = nn.ModuleList([layer])  # INC finds the block list as the first ModuleList
+    absorb = absorbers(spec)
+    algo = awq.ActAwareWeightQuant(
+        holder,
+        example_inputs=inputs[0][0],
+        data_type="int",
+        bits=scheme.bits,
+        group_size=scheme.group_size,
+        scheme="sym" if scheme.sym else "asym",
+        weight_config={},
+        total_block_args=[[x] for x, _ in inputs],
+        total_block_kwargs=[dict(kw) for _, kw in inputs],
+        device="cpu",
+        absorb_layer_dict=absorb,
+    )
+    scales: dict[tuple[str, ...], torch.Tensor] = {}
+    fold = algo.apply_scale
+
+    def record_and_fold(scale_info):
+        scales.update(scale_info)
+        fold(scale_info)
+
+    algo.apply_scale = record_and_fold
+    algo.apply_quantize_with_clip = lambda return_int=False: None  # done below, per weight
+    with _searches_at_our_bits(utility):
+        algo.quantize(use_auto_scale=True, use_mse_search=True, folding=True)
+
+    result = LayerResult(i)
+    block = "layers.0."
+    cols: dict[str, torch.Tensor] = {}
+    rows: dict[str, torch.Tensor] = {}
+    for tup, s in scales.items():
+        for name in tup:
+            cols[name.removeprefix(block)] = s.clone()
+        owner = algo.absorb_layer_dict[tup].removeprefix(block)
+        module = layer.get_submodule(owner)
+        if isinstance(module, nn.Linear):  # its rows divided; its weight is quantized below
+            rows[owner] = s.clone()
+        else:
+            result.changed[f"{prefix}{owner}.weight"] = module.weight.detach().clone()
+        if getattr(module, "bias", None) is not None:
+            result.changed[f"{prefix}{owner}.bias"] = module.bias.detach().clone()
+    result.folded = {
+        f"{prefix}{name}.weight": (cols.get(name), rows.get(name))
+        for name in cols.keys() | rows.keys()
+    }
+    for name, m in _linears(layer).items():
+        quantile = algo.weight_config.get(block + name, {}).get("quantile", 1.0)
+        result.quantized[f"{prefix}{name}.weight"] = utility.quant_tensor(
+            m.weight.data.clone(),
+            bits=scheme.bits,
+            group_size=scheme.group_size,
+            scheme="sym" if scheme.sym else "asym",
+            quantile=quantile,
+            return_int=True,
+        )
+    # INC's next-block inputs: the layer's FP32 outputs from before the scales were folded
+    return result, [args[0] for args in algo.total_block_args]

@@ -220,14 +220,18 @@ def quantize(
         locate(model, writer.spans)
         handles = {}
         try:
+            rewritten: dict[str, torch.Tensor] = {}  # GPTQ / AWQ: floats to store instead
 
             def load(name: str, as_dtype: torch.dtype | None = None) -> torch.Tensor:
                 if name in concat:
                     return torch.cat([load(p, as_dtype) for p in concat[name]])
                 path, info = ckpt.tensors[name]
-                if path not in handles:
-                    handles[path] = open(path, "rb")
-                t = read_tensor(path, info, handles[path])
+                if name in rewritten:
+                    t = rewritten[name]
+                else:
+                    if path not in handles:
+                        handles[path] = open(path, "rb")
+                    t = read_tensor(path, info, handles[path])
                 return t.to(as_dtype or TORCH[target_dtype(info, floats)])
 
             if not nbits:
@@ -240,6 +244,10 @@ def quantize(
                 from xcompile.weight_only import pack
 
                 made_from = {part: w for w in nbits for part in nbits_names(w)}
+                if scheme.algo != "rtn":  # the decoder layers' weights, calibrated layer by layer
+                    write_calibrated(
+                        ckpt, spec, scheme, nbits, concat, writer, load, rewritten, progress
+                    )
                 for name in _progress(writer.order(), progress, "quantizing"):
                     if writer.written(name):
                         continue
@@ -272,6 +280,49 @@ def quantize(
         )
         artifacts.write_manifest(tmp, manifest)
     return manifest
+
+
+def write_calibrated(
+    ckpt, spec, scheme, nbits: dict, concat: dict, writer, load, rewritten: dict, progress: bool
+) -> None:
+    """GPTQ / AWQ: each decoder layer's quantized weights (a fused weight: its parts' results
+    row-concatenated, exact since groups run along rows) and the floats the algorithm rewrote
+    (and whatever is concatenated from them), written as the layer finishes. `rewritten` keeps
+    those floats (vectors: norms, biases) for `load`."""
+    from xcompile.calibration import quantize_layers
+    from xcompile.passes.quantize_nbits import nbits_names
+    from xcompile.weight_only import pack_quantized
+
+    parts = {w: concat.get(w, [w]) for w in nbits}
+    floats = {
+        name: concat.get(name, [name])
+        for name in writer.order()
+        if name not in {p for w in nbits for p in nbits_names(w)}
+    }
+    layers = quantize_layers(ckpt, spec, scheme)
+    for _ in _progress(range(spec.layers), progress, f"{scheme.algo} layer by layer"):
+        result = next(layers)
+        rewritten.update(result.changed)
+        for w, sources in parts.items():
+            if not all(p in result.quantized for p in sources):
+                continue
+            q, scales, zp = zip(*(result.quantized[p] for p in sources))
+            packed = pack_quantized(
+                torch.cat(q), torch.cat(scales), None if zp[0] is None else torch.cat(zp), scheme
+            )
+            for part, t in zip(nbits_names(w), packed):
+                if t is not None:
+                    writer.write_at(part, to_bytes(t))
+        for name, sources in floats.items():
+            if any(p in result.changed for p in sources):
+                writer.write_at(name, to_bytes(load(name)))
+        del result
+    layers.close()
+    for w, sources in parts.items():  # what is left to RTN must be outside the layers (lm_head)
+        if not writer.written(nbits_names(w)[0]) and any(
+            p.startswith(spec.names.layer.format(i=i)) for p in sources for i in range(spec.layers)
+        ):
+            raise RuntimeError(f"{scheme.algo} returned no quantized {w}")
 
 
 def _progress(items, enabled: bool, label: str):

@@ -3,8 +3,10 @@
     scheme = WeightOnly(bits=4, group_size=128, sym=True, algo="rtn")
     blocks, scales, zero_points = pack(W, scheme)     # W (N, K) float
 
-RTN is INC's own `quant_tensor` (per tensor: the driver streams, one weight at a time). The
-layout is passes/quantize_nbits.py's (ONNX Runtime's MatMulNBits).
+RTN is INC's own `quant_tensor` (per tensor: the driver streams, one weight at a time); GPTQ and
+AWQ are INC's too, run layer by layer on calibration text (xcompile/calibration.py), and come
+back in RTN's integer form for `pack_quantized`. The layout is passes/quantize_nbits.py's (ONNX
+Runtime's MatMulNBits).
 """
 
 from __future__ import annotations
@@ -26,17 +28,24 @@ class WeightOnly:
     group_size: int  # -1: per output channel
     sym: bool
     algo: str = "rtn"
-    calib: Path | None = None
+    calib: Path | None = None  # gptq / awq: text, one sample a line (None: the shipped text)
     quantize_lm_head: bool = False
+    # MatMulNBits' accuracy_level: 4 lets the runtime round activations to int8 (VNNI), 0 not
+    accuracy_level: int = 4
 
     def describe(self) -> dict:
-        return {
+        """The manifest's `quant` entry."""
+        out = {
             "bits": self.bits,
             "group_size": self.group_size,
             "sym": self.sym,
             "algo": self.algo,
             "lm_head": self.quantize_lm_head,
+            "accuracy_level": self.accuracy_level,
         }
+        if self.algo != "rtn":
+            out["calib"] = self.calib.name if self.calib else "default"
+        return out
 
 
 def scheme_from_flags(
@@ -70,10 +79,14 @@ def scheme_from_flags(
             raise UserError("--calib is for --algo gptq or awq (RTN needs no calibration)")
         if not Path(calib).is_file():
             raise UserError(f"--calib {calib}: no such file; give a text file, one sample a line")
-        if not Path(calib).read_text(encoding="utf-8", errors="replace").strip():
+        try:
+            text = Path(calib).read_text(encoding="utf-8", errors="replace")
+        except OSError as e:
+            raise UserError(
+                f"--calib {calib}: unreadable ({e.strerror}); fix its permissions"
+            ) from None
+        if not text.strip():
             raise UserError(f"--calib {calib} is empty; give at least one line of text")
-    if algo != "rtn":
-        raise UserError(f"--algo {algo} is not available in this build yet; use --algo rtn")
     return WeightOnly(bits, group_size, sym, algo, Path(calib) if calib else None, quantize_lm_head)
 
 
@@ -105,12 +118,19 @@ def pack(
     w: torch.Tensor, scheme: WeightOnly
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """w (N, K) -> MatMulNBits' (B uint8 (N, k_blocks, blob), scales f32 (N, k_blocks),
-    zero_points uint8 or None)."""
-    n, k = w.shape
+    zero_points uint8 or None), by INC's RTN."""
+    return pack_quantized(*quantize_rtn(w, scheme), scheme)
+
+
+def pack_quantized(
+    q: torch.Tensor, scales: torch.Tensor, zp: torch.Tensor | None, scheme: WeightOnly
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """quantize_rtn's form (q (N, K): signed when symmetric, else in [0, 2^bits); scales and
+    zp (N, groups)), whichever algorithm made it -> MatMulNBits' layout, as `pack`."""
+    n, k = q.shape
     bits = scheme.bits
     block = block_size_for(scheme.group_size, k)
     k_blocks = -(-k // block)
-    q, scales, zp = quantize_rtn(w, scheme)
     q = q.to(torch.int32)
     if scheme.sym:  # INC's signed levels -> ORT's unsigned ones around the implicit 2^(bits-1)
         q = q + (1 << (bits - 1))

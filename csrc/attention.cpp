@@ -13,7 +13,11 @@
 // to stay in L1 and runs every head of the task over a block before the next: K and V come from
 // L2/L3 once per group instead of once per head (8x less traffic for 32 query heads over 4 KV heads).
 // Tasks run longest first (later tokens see more keys). Block boundaries depend only on the
-// token, so results do not depend on the thread count.
+// token (and the slot runs below), so results do not depend on the thread count.
+// Indirect access (beam search): with `slot_of` (total int32), key position j lives in cache
+// slot slot_of[j], i.e. at k_cache + slot_of[j] * slot_stride + (kv * capacity + j) * d: beams
+// share the rows they have in common and a reorder rewrites indices, never K or V. Key blocks are
+// also cut where the slot changes, so each block is contiguous.
 #include <omp.h>
 
 #include <algorithm>
@@ -336,7 +340,7 @@ Kernels kernels() {
 
 void attention(const float* q, const float* k_cache, const float* v_cache, float* out, int64_t S,
                int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t capacity, int64_t past,
-               int64_t window, float scale) {
+               int64_t window, float scale, const int32_t* slot_of, int64_t slot_stride) {
   const Kernels f = kernels();
   const int64_t group = heads / kv_heads, total = past + S;
   const int threads = num_threads();
@@ -362,22 +366,34 @@ void attention(const float* q, const float* k_cache, const float* v_cache, float
       const int64_t h1 = std::min(h0 + per_task, (kv + 1) * group);
       const int64_t pos = past + t;
       const int64_t lo = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0, n = pos + 1 - lo;
-      const float* k = k_cache + (kv * capacity + lo) * head_dim;
-      const float* v = v_cache + (kv * capacity + lo) * head_dim;
+      const int64_t row0 = (kv * capacity + lo) * head_dim;  // key lo in its slot
+      // Key block from j: its length and the offset of its slot (0 without indirection).
+      const auto block = [&](int64_t j, int64_t& len) -> int64_t {
+        len = std::min(f.key_block, n - j);
+        if (!slot_of) return 0;
+        const int32_t slot = slot_of[lo + j];
+        for (int64_t e = 1; e < len; ++e) {
+          if (slot_of[lo + j + e] != slot) {
+            len = e;
+            break;
+          }
+        }
+        return slot * slot_stride;
+      };
       // All of the task's q rows are read (scores) before any out row is written, so out may be q.
-      for (int64_t j = 0; j < n; j += f.key_block) {
-        const int64_t len = std::min(f.key_block, n - j);
+      for (int64_t j = 0, len; j < n; j += len) {
+        const float* k = k_cache + block(j, len) + row0 + j * head_dim;
         for (int64_t h = h0; h < h1; ++h)
-          f.scores(q + (t * heads + h) * head_dim, k + j * head_dim, len, head_dim, scale,
+          f.scores(q + (t * heads + h) * head_dim, k, len, head_dim, scale,
                    scores.data() + (h - h0) * n + j);
       }
       for (int64_t h = h0; h < h1; ++h)
         inv_sum[h - h0] = 1.0f / f.softmax(scores.data() + (h - h0) * n, n);
-      for (int64_t j = 0; j < n; j += f.key_block) {
-        const int64_t len = std::min(f.key_block, n - j);
+      for (int64_t j = 0, len; j < n; j += len) {
+        const float* v = v_cache + block(j, len) + row0 + j * head_dim;
         const bool last = j + len == n;
         for (int64_t h = h0; h < h1; ++h)
-          f.weighted(scores.data() + (h - h0) * n + j, v + j * head_dim, len, head_dim, j > 0,
+          f.weighted(scores.data() + (h - h0) * n + j, v, len, head_dim, j > 0,
                      last ? inv_sum[h - h0] : 1.0f, out + (t * heads + h) * head_dim);
       }
     }

@@ -35,9 +35,12 @@ void gelu_tanh(const float* x, float* out, int64_t n);
 // out (S, heads, d) (may be q), all fp32. Causal GQA: query t (position past + t), head h attends
 // to keys max(0, past + t - window + 1) .. past + t of KV head h / (heads / kv_heads) (window <= 0:
 // from 0), softmax(scale * q . k) @ v.
+// slot_of (past + S int32) or null: key j is read from the cache slot slot_of[j], slot_stride
+// floats apart (k_cache, v_cache then point at slot 0): beam search's indirect access.
 void attention(const float* q, const float* k_cache, const float* v_cache, float* out, int64_t S,
                int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t capacity, int64_t past,
-               int64_t window, float scale);
+               int64_t window, float scale, const int32_t* slot_of = nullptr,
+               int64_t slot_stride = 0);
 
 // x (M, K) fp32, w (N, K) fp32 (nn.Linear layout), bias (N) fp32 or null, out (M, N) fp32.
 // out[m, n] = sum_k x[m, k] * w[n, k] + bias[n]

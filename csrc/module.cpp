@@ -135,8 +135,8 @@ NB_MODULE(_C, m) {
       "attention",
       [](uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uintptr_t out, int64_t S, int64_t heads,
          int64_t kv_heads, int64_t head_dim, int64_t capacity, int64_t past, int64_t window,
-         double scale) {
-        check_sizes("attention", {S, heads, kv_heads, head_dim, capacity, past});
+         double scale, uintptr_t slot_of, int64_t slot_stride) {
+        check_sizes("attention", {S, heads, kv_heads, head_dim, capacity, past, slot_stride});
         if (kv_heads == 0 || heads % kv_heads)
           throw std::invalid_argument("attention: heads must be a positive multiple of kv_heads");
         if (past + S > capacity)
@@ -144,12 +144,15 @@ NB_MODULE(_C, m) {
         if (S == 0 || heads == 0 || head_dim == 0) return;
         xcompile::attention(as_ptr<const float>(q, "q", true), as_ptr<const float>(k_cache, "k_cache", true),
                             as_ptr<const float>(v_cache, "v_cache", true), as_ptr<float>(out, "out", true),
-                            S, heads, kv_heads, head_dim, capacity, past, window, float(scale));
+                            S, heads, kv_heads, head_dim, capacity, past, window, float(scale),
+                            as_ptr<const int32_t>(slot_of, "slot_of", false), slot_stride);
       },
       "q"_a, "k_cache"_a, "v_cache"_a, "out"_a, "S"_a, "heads"_a, "kv_heads"_a, "head_dim"_a,
-      "capacity"_a, "past"_a, "window"_a, "scale"_a, nb::call_guard<nb::gil_scoped_release>(),
+      "capacity"_a, "past"_a, "window"_a, "scale"_a, "slot_of"_a = 0, "slot_stride"_a = 0,
+      nb::call_guard<nb::gil_scoped_release>(),
       "Causal GQA of q (S, heads, d) at positions past.. over k_cache, v_cache (kv_heads, "
-      "capacity, d) into out (S, heads, d; may be q); window <= 0: no sliding window.");
+      "capacity, d) into out (S, heads, d; may be q); window <= 0: no sliding window; slot_of "
+      "(int32, past + S; 0: none): key j from cache slot slot_of[j], slot_stride floats apart.");
 
   m.def(
       "gemv_f32",

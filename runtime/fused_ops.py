@@ -314,13 +314,18 @@ def fast_op(key: tuple[str, str]):
 # -- attention over the KV cache -----------------------------------------------------------------
 
 
-def attention_step(k_cache: torch.Tensor, v_cache: torch.Tensor, use_kernels: bool):
-    """GroupQueryAttention bound to this layer's cache buffers (B, kv, capacity, d).
+def attention_step(k_cache: torch.Tensor, v_cache: torch.Tensor, use_kernels: bool, kv=None):
+    """GroupQueryAttention bound to this layer's cache buffers (slots, kv, capacity, d).
 
-    q3 (B,S,heads*d), k3/v3 (B,S,kv*d), past_k (B,kv,P,d) a view of the cache -> the new K/V
-    are written at P..P+S-1, then out (B,S,heads*d), present_k/v views (B,kv,P+S,d).
+    q3 (1,T,heads*d), k3/v3 (1,T,kv*d): the T new tokens of the segments `kv.segments` (a
+    KVCache's, set for each forward), one after the other. Each segment's new K/V are written into
+    its slot at start..start+length-1, then its queries attend to the positions before and
+    including their own, read through the cache's `rows` (beams share prefixes). Returns out
+    (1,T,heads*d) and the caches as present_k/v.
+    Without segments (the single-sequence path, B = 1): past_k (1,kv,P,d), a view of the cache,
+    says where the new tokens go.
     """
-    from xcompile.errors import UserError
+    from xcompile.runtime.kv_cache import Segment
 
     def run(
         q3,
@@ -337,26 +342,54 @@ def attention_step(k_cache: torch.Tensor, v_cache: torch.Tensor, use_kernels: bo
         local_window_size=-1,
         **__,
     ):
-        b, s, _ = q3.shape
-        p = past_k.shape[2]
+        segments = kv.segments if kv is not None else None
+        if segments is None:
+            segments = [Segment(0, past_k.shape[2], q3.shape[1])]
+            if k_cache.shape[2] < segments[0].start + segments[0].length:
+                from xcompile.errors import UserError
+
+                raise UserError(
+                    f"context full: {segments[0].start + segments[0].length} tokens do not fit "
+                    f"the KV cache of {k_cache.shape[2]}; ask for fewer tokens"
+                )
         d = k_cache.shape[-1]
-        if p + s > k_cache.shape[2]:
-            raise UserError(
-                f"context full: {p + s} tokens do not fit the KV cache of "
-                f"{k_cache.shape[2]}; ask for fewer tokens"
-            )
-        k_cache[:, :, p : p + s].copy_(k3.view(b, s, kv_num_heads, d).transpose(1, 2))
-        v_cache[:, :, p : p + s].copy_(v3.view(b, s, kv_num_heads, d).transpose(1, 2))
         scale = scale or d**-0.5
         window = local_window_size if local_window_size and local_window_size > 0 else 0
-        keys, values = k_cache[:, :, : p + s], v_cache[:, :, : p + s]
-        if use_kernels and b == 1:
-            from xcompile.runtime import kernels
+        q = q3.reshape(-1, num_heads, d)
+        k = k3.reshape(-1, kv_num_heads, d).transpose(0, 1)  # (kv, T, d)
+        v = v3.reshape(-1, kv_num_heads, d).transpose(0, 1)
+        outs = []
+        row = 0
+        for seg in segments:
+            p, s = seg.start, seg.length
+            k_cache[seg.slot, :, p : p + s].copy_(k[:, row : row + s])
+            v_cache[seg.slot, :, p : p + s].copy_(v[:, row : row + s])
+            q_seg = q[row : row + s]
+            slot_of = kv.rows[seg.slot] if kv is not None else None
+            if use_kernels:
+                from xcompile.runtime import kernels
 
-            q = q3.reshape(s, num_heads, d).contiguous()
-            out = kernels.attention(q, k_cache[0], v_cache[0], p, scale, window, out=q)
-            return out.view(b, s, num_heads * d), keys, values
-        return attention_reference(q3, keys, values, p, num_heads, scale, window), keys, values
+                q_seg = q_seg.contiguous()
+                if slot_of is None:
+                    out = kernels.attention(q_seg, k_cache[0], v_cache[0], p, scale, window, q_seg)
+                else:
+                    out = kernels.attention(
+                        q_seg, k_cache, v_cache, p, scale, window, q_seg, slot_of=slot_of
+                    )
+            else:
+                keys, values = k_cache[0, :, : p + s], v_cache[0, :, : p + s]
+                if slot_of is not None:
+                    from xcompile.runtime.kernels import gather_slots
+
+                    keys = gather_slots(k_cache, slot_of, p + s)
+                    values = gather_slots(v_cache, slot_of, p + s)
+                out = attention_reference(
+                    q_seg.reshape(1, s, -1), keys[None], values[None], p, num_heads, scale, window
+                )
+            outs.append(out.reshape(s, -1))
+            row += s
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        return out.view(1, row, -1), k_cache, v_cache
 
     return run
 

@@ -591,8 +591,12 @@ def attention(
     scale: float,
     window: int = 0,
     out: torch.Tensor | None = None,
+    slot_of: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal grouped-query attention of S new tokens over a preallocated KV cache, fp32.
+
+    slot_of (past + S,) int32, or None: indirect access (beam search). The caches are then
+    (slots, kv_heads, capacity, d) and key position j is read from slot slot_of[j].
 
     q (S, heads, d) at positions past .. past + S - 1; k_cache, v_cache (kv_heads, capacity, d)
     with rows 0 .. past + S - 1 valid (the new tokens' K and V already written). Query head h
@@ -603,6 +607,21 @@ def attention(
     _check("q", q, (torch.float32,))
     _check("k_cache", k_cache, (torch.float32,))
     _check("v_cache", v_cache, (torch.float32,))
+    slot_stride = 0
+    if slot_of is not None:
+        _check("slot_of", slot_of, (torch.int32,))
+        if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+            raise ValueError(
+                "attention: with slot_of the caches are (slots, kv_heads, capacity, d)"
+            )
+        if slot_of.dim() != 1 or slot_of.numel() < past + q.shape[0]:
+            raise ValueError(f"attention: slot_of needs {past + q.shape[0]} entries")
+        used = slot_of[: past + q.shape[0]]
+        if used.numel() and (int(used.min()) < 0 or int(used.max()) >= k_cache.shape[0]):
+            raise ValueError(f"attention: slot_of names slots outside 0..{k_cache.shape[0] - 1}")
+        slot_stride = k_cache[0].numel()
+        whole_k, whole_v = k_cache, v_cache
+        k_cache, v_cache = k_cache[0], v_cache[0]
     if q.dim() != 3 or k_cache.dim() != 3 or k_cache.shape != v_cache.shape:
         raise ValueError(
             f"attention: q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, v_cache "
@@ -627,8 +646,8 @@ def attention(
         _check_out(out, tuple(q.shape))
         out_span = _span(out)
         _check_alias(out_span, "q", _span(q), same_ok=True)
-        _check_alias(out_span, "k_cache", _span(k_cache), same_ok=False)
-        _check_alias(out_span, "v_cache", _span(v_cache), same_ok=False)
+        _check_alias(out_span, "k_cache", _span(whole_k if slot_stride else k_cache), False)
+        _check_alias(out_span, "v_cache", _span(whole_v if slot_stride else v_cache), False)
     _C.attention(
         q.data_ptr(),
         k_cache.data_ptr(),
@@ -642,8 +661,17 @@ def attention(
         past,
         window,
         scale,
+        0 if slot_of is None else slot_of.data_ptr(),
+        slot_stride,
     )
     return out
+
+
+def gather_slots(cache: torch.Tensor, slot_of: torch.Tensor, total: int) -> torch.Tensor:
+    """cache (slots, kv_heads, capacity, d), slot_of (>= total,) -> (kv_heads, total, d): position
+    j taken from slot slot_of[j] (a copy: the reference's way to read through the indices)."""
+    positions = torch.arange(total)
+    return cache[slot_of[:total].long(), :, positions].transpose(0, 1)
 
 
 def attention_reference(

@@ -1,28 +1,73 @@
-"""The KV cache: one preallocated block per layer, sized once for the whole generation.
+"""The KV cache: one preallocated block per layer, sized once, with a slot per sequence.
 
-    keys[i], values[i]: (batch, kv_heads, capacity, head_dim) float32
+    keys[i], values[i]: (slots, kv_heads, capacity, head_dim) float32
+    rows: (slots, capacity) int32, sequence s reads position t from slot rows[s, t]
 
-The plan's KV-append steps write new rows behind the `past` views this hands out; nothing is
-reallocated or concatenated while generating.
+A slot is one sequence: a request of the server's running batch, or a beam. `rows` is the indirect
+access of beam search: beams that share a prefix point at the slot that holds it, and reordering
+beams after a step rewrites rows only (fork / reorder), never K or V. Until then rows[s] = s.
+The plan's attention steps write new K/V at their sequence's own slot and read through `rows`;
+nothing is reallocated, concatenated or copied while generating.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+from xcompile.errors import UserError
+
+
+@dataclass(frozen=True)
+class Segment:
+    """`length` new tokens of the sequence in `slot`, at positions start .. start + length - 1:
+    one piece of a batched forward (its rows of input_ids, in order)."""
+
+    slot: int
+    start: int
+    length: int
 
 
 class KVCache:
-    def __init__(self, layers: int, kv_heads: int, head_dim: int, capacity: int, batch: int = 1):
-        shape = (batch, kv_heads, capacity, head_dim)
-        self.capacity = capacity
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, capacity: int, slots: int = 1):
+        shape = (slots, kv_heads, capacity, head_dim)
+        self.capacity, self.slots = capacity, slots
         self.buffers = {}
         for i in range(layers):
             for kind in ("key", "value"):
                 self.buffers[f"past_key_values.{i}.{kind}"] = torch.zeros(shape)
+        self.rows = torch.arange(slots, dtype=torch.int32)[:, None].repeat(1, capacity)
+        self.segments: list[Segment] | None = None  # set by Model.forward_batch while it runs
 
     def past(self, length: int) -> dict[str, torch.Tensor]:
         """Views of the first `length` positions, fed to the graph as past_key_values.*."""
         return {name: buf[:, :, :length] for name, buf in self.buffers.items()}
+
+    def claim(self, segments: list[Segment]) -> None:
+        """Before a forward: each segment's new positions will be written in its own slot."""
+        for seg in segments:
+            if not 0 <= seg.slot < self.slots:
+                raise ValueError(f"slot {seg.slot} outside 0..{self.slots - 1}")
+            if seg.start + seg.length > self.capacity:
+                raise UserError(
+                    f"context full: {seg.start + seg.length} tokens do not fit the KV cache of "
+                    f"{self.capacity}; ask for fewer tokens"
+                )
+            self.rows[seg.slot, seg.start : seg.start + seg.length] = seg.slot
+
+    def fork(self, source: int, targets: list[int], length: int) -> None:
+        """Sequences `targets` continue `source`'s first `length` positions (shared, not copied)."""
+        self.rows[targets, :length] = self.rows[source, :length]
+
+    def reorder(self, parents: list[int], length: int) -> None:
+        """Beam search after a step: slot s now continues the sequence that was in parents[s]
+        (the first `length` positions). Indices only: K and V stay where they are."""
+        self.rows[: len(parents), :length] = self.rows[parents, :length].clone()
+
+    def release(self, slot: int) -> None:
+        """The slot's sequence is done: its rows point back at itself."""
+        self.rows[slot] = slot
 
     @property
     def nbytes(self) -> int:

@@ -3,6 +3,11 @@
 model = Model.load("artifacts/")
 cache = model.new_cache(capacity)
 logits = model.forward(ids, start, cache)   # ids (S,) -> logits (S, vocab) fp32
+
+Several sequences at once (the server's batch, beams): a cache with a slot each, then one
+forward over all their new tokens (the weights are read once for all of them):
+cache = model.new_cache(capacity, slots=4)
+logits = model.forward_batch([Segment(slot, start, len(ids)), ...], all_ids, cache)  # (T, vocab)
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import torch
 from xcompile import artifacts
 from xcompile.errors import UserError
 from xcompile.runtime.comm import Communicator, SingleRank
-from xcompile.runtime.kv_cache import KVCache
+from xcompile.runtime.kv_cache import KVCache, Segment
 from xcompile.runtime.plan import Plan, build_plan
 
 
@@ -75,13 +80,24 @@ class Model:
     def context(self) -> int:
         return int(self.config["max_positions"])
 
-    def new_cache(self, capacity: int) -> KVCache:
+    def new_cache(self, capacity: int, slots: int = 1) -> KVCache:
         c = self.config
         kv_heads = c["kv_heads"] // self.manifest.ranks  # this rank's share
-        self._cache = KVCache(c["layers"], kv_heads, c["head_dim"], capacity)
+        self._cache = KVCache(c["layers"], kv_heads, c["head_dim"], capacity, slots)
         self._plan = build_plan(
-            self.graph, self.weights, self._cache.buffers, self.use_kernels, comm=self.comm
+            self.graph,
+            self.weights,
+            self._cache.buffers,
+            self.use_kernels,
+            comm=self.comm,
+            kv=self._cache,
         )
+        if slots > 1 and not self.batchable:
+            raise UserError(
+                f"{self.root} holds the primitive graph, which runs one sequence at a time; "
+                "rebuild the artifacts with fusion (the default, without --no-fuse) for "
+                "batching and beam search"
+            )
         if os.environ.get("XCOMPILE_PROFILE"):
             self._plan.profile = {}
         return self._cache
@@ -90,14 +106,52 @@ class Model:
     def plan(self) -> Plan:
         return self._plan
 
+    @property
+    def batchable(self) -> bool:
+        """The graph's attention is GroupQueryAttention, which reads the cache per sequence."""
+        return any(n.op_type == "GroupQueryAttention" for n in self.graph.graph.node)
+
     def forward(self, ids: list[int], start: int, cache: KVCache) -> torch.Tensor:
-        """ids: the S new tokens at positions start..start+S-1 -> logits (S, vocab)."""
+        """ids: the S new tokens at positions start..start+S-1 of slot 0 -> logits (S, vocab)."""
+        if not self.batchable:  # the primitive graph: past views in, KV appended behind them
+            self._check(cache)
+            s = len(ids)
+            feeds = cache.past(start)
+            feeds["input_ids"] = torch.tensor([ids], dtype=torch.int64)
+            feeds["position_ids"] = torch.arange(start, start + s, dtype=torch.int64)[None]
+            return self._run(feeds)
+        return self.forward_batch([Segment(0, start, len(ids))], ids, cache)
+
+    def forward_batch(
+        self, segments: list[Segment], ids: list[int], cache: KVCache
+    ) -> torch.Tensor:
+        """The new tokens of several sequences in one pass: ids holds each segment's tokens in
+        turn -> logits (len(ids), vocab), rows in the same order."""
+        self._check(cache)
+        if sum(seg.length for seg in segments) != len(ids) or not ids:
+            raise ValueError("forward_batch: the segments' lengths must add up to len(ids) > 0")
+        cache.claim(segments)
+        positions = [p for seg in segments for p in range(seg.start, seg.start + seg.length)]
+        feeds = cache.past(0)
+        feeds["input_ids"] = torch.tensor([ids], dtype=torch.int64)
+        feeds["position_ids"] = torch.tensor([positions], dtype=torch.int64)
+        cache.segments = segments
+        try:
+            return self._run(feeds)
+        finally:
+            cache.segments = None
+
+    def fork(self, cache: KVCache, source: int, targets: list[int], length: int) -> None:
+        cache.fork(source, targets, length)
+
+    def reorder(self, cache: KVCache, parents: list[int], length: int) -> None:
+        cache.reorder(parents, length)
+
+    def _check(self, cache: KVCache) -> None:
         if cache is not self._cache:
             raise ValueError("forward() takes the cache from this model's new_cache()")
-        s = len(ids)
-        feeds = cache.past(start)
-        feeds["input_ids"] = torch.tensor([ids], dtype=torch.int64)
-        feeds["position_ids"] = torch.arange(start, start + s, dtype=torch.int64)[None]
+
+    def _run(self, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
         with torch.inference_mode():
             # a copy: the plan reuses its output buffers at the next call
             return self._plan.run(feeds)[0].clone()

@@ -144,9 +144,12 @@ def build_plan(
     use_kernels: bool = True,
     fetch: str = "logits",
     comm=None,
+    kv=None,
 ) -> Plan:
     """cache: past input name (past_key_values.{i}.key|value) -> its preallocated buffer;
-    comm: the Communicator the ai.xcompile collectives (AllReduce, AllGather) run on."""
+    comm: the Communicator the ai.xcompile collectives (AllReduce, AllGather) run on;
+    kv: the KVCache those buffers belong to, whose `segments` say, at each run, which sequences
+    the rows of input_ids belong to (the GroupQueryAttention steps read them: batching, beams)."""
     graph = model.graph
     slot: dict[str, int] = {}
     slots: list[Any] = []
@@ -245,7 +248,9 @@ def build_plan(
             and PAST.match(node.input[3])
             and PAST.match(node.input[4])
         ):
-            fn = fused_ops.attention_step(cache[node.input[3]], cache[node.input[4]], use_kernels)
+            fn = fused_ops.attention_step(
+                cache[node.input[3]], cache[node.input[4]], use_kernels, kv=kv
+            )
             # seqlens_k and total_sequence_length follow from the cache views: not wired, so the
             # little graph that computes them per layer is dropped as dead code below
             steps.append(Step(node.name, fn, ins[:5], outs, attrs))

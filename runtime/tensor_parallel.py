@@ -1,6 +1,6 @@
 """Rank 0 drives, the other ranks follow: every Model call rank 0 makes is announced to the
-followers first (a few ints over the communicator), so they run the same forward passes and
-meet it in the same collectives.
+followers first (a few ints over the communicator), so they run the same forward passes, keep
+the same cache indices and meet it in the same collectives.
 
     rank 0:     model = Leader(Model.load(root, rank=0, comm=comm), comm); generate(model, ...)
     rank 1..:   follow(Model.load(root, rank=r, comm=comm), comm)
@@ -9,15 +9,15 @@ meet it in the same collectives.
 from __future__ import annotations
 
 from xcompile.runtime.comm import Communicator
-from xcompile.runtime.kv_cache import KVCache
+from xcompile.runtime.kv_cache import KVCache, Segment
 from xcompile.runtime.model import Model
 
-STOP, NEW_CACHE, FORWARD = 0, 1, 2
+STOP, NEW_CACHE, FORWARD, FORWARD_BATCH, FORK, REORDER = range(6)
 HEADER = 4  # command, a, b, c
 
 
 class Leader:
-    """A Model whose new_cache/forward run on every rank (same interface as Model)."""
+    """A Model whose cache and forward calls run on every rank (same interface as Model)."""
 
     def __init__(self, model: Model, comm: Communicator):
         self.model, self.comm = model, comm
@@ -25,14 +25,30 @@ class Leader:
     def __getattr__(self, name):
         return getattr(self.model, name)
 
-    def new_cache(self, capacity: int) -> KVCache:
-        self.comm.broadcast_ints([NEW_CACHE, capacity, 0, 0], HEADER)
-        return self.model.new_cache(capacity)
+    def new_cache(self, capacity: int, slots: int = 1) -> KVCache:
+        self.comm.broadcast_ints([NEW_CACHE, capacity, slots, 0], HEADER)
+        return self.model.new_cache(capacity, slots)
 
     def forward(self, ids: list[int], start: int, cache: KVCache):
         self.comm.broadcast_ints([FORWARD, start, len(ids), 0], HEADER)
         self.comm.broadcast_ints(ids, len(ids))
         return self.model.forward(ids, start, cache)
+
+    def forward_batch(self, segments: list[Segment], ids: list[int], cache: KVCache):
+        self.comm.broadcast_ints([FORWARD_BATCH, len(segments), len(ids), 0], HEADER)
+        layout = [v for seg in segments for v in (seg.slot, seg.start, seg.length)]
+        self.comm.broadcast_ints(layout + ids, len(layout) + len(ids))
+        return self.model.forward_batch(segments, ids, cache)
+
+    def fork(self, cache: KVCache, source: int, targets: list[int], length: int) -> None:
+        self.comm.broadcast_ints([FORK, source, len(targets), length], HEADER)
+        self.comm.broadcast_ints(targets, len(targets))
+        self.model.fork(cache, source, targets, length)
+
+    def reorder(self, cache: KVCache, parents: list[int], length: int) -> None:
+        self.comm.broadcast_ints([REORDER, len(parents), length, 0], HEADER)
+        self.comm.broadcast_ints(parents, len(parents))
+        self.model.reorder(cache, parents, length)
 
     def stop(self) -> None:
         self.comm.broadcast_ints([STOP, 0, 0, 0], HEADER)
@@ -42,11 +58,19 @@ def follow(model: Model, comm: Communicator) -> None:
     """Run what rank 0 announces until it says stop."""
     cache = None
     while True:
-        command, a, b, _ = comm.broadcast_ints(None, HEADER)
+        command, a, b, c = comm.broadcast_ints(None, HEADER)
         if command == STOP:
             return
         if command == NEW_CACHE:
-            cache = model.new_cache(a)
+            cache = model.new_cache(a, b)
         elif command == FORWARD:
             ids = comm.broadcast_ints(None, b)
             model.forward(ids, a, cache)
+        elif command == FORWARD_BATCH:
+            values = comm.broadcast_ints(None, 3 * a + b)
+            segments = [Segment(*values[3 * i : 3 * i + 3]) for i in range(a)]
+            model.forward_batch(segments, values[3 * a :], cache)
+        elif command == FORK:
+            model.fork(cache, a, comm.broadcast_ints(None, b), c)
+        elif command == REORDER:
+            model.reorder(cache, comm.broadcast_ints(None, a), b)

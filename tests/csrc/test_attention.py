@@ -97,3 +97,25 @@ def test_attention_rejects_out_in_the_cache():
     q, k, v = _cache(2, 1, 8, 1, 0, seed=7)
     with pytest.raises(ValueError, match="overlaps v_cache"):
         kernels.attention(q, k, v, 0, 0.5, out=v[0, :2].view(1, 2, 8))
+
+
+@pytest.mark.parametrize("window", [0, 8], ids=["causal", "window8"])
+def test_attention_reads_through_slot_indices(isa, window):
+    """Indirect access (beam search): key j from slot slot_of[j], in runs that switch slot
+    mid-block; the same as the reference on the gathered rows, and slots no index names (junk)
+    are never read."""
+    heads, kv_heads, d, slots, capacity = 8, 2, 64, 4, 90
+    gen = torch.Generator().manual_seed(3)
+    k = torch.randn(slots, kv_heads, capacity, d, generator=gen)
+    v = torch.randn(slots, kv_heads, capacity, d, generator=gen)
+    k[3], v[3] = 1e4, float("nan")  # slot 3 is never named
+    for tokens, past in [(1, 0), (1, 70), (5, 40), (20, 60)]:
+        total = past + tokens
+        slot_of = torch.randint(0, 3, (capacity,), generator=gen, dtype=torch.int32)
+        slot_of[: total // 2] = 0  # a long shared prefix, then short runs
+        q = torch.randn(tokens, heads, d, generator=gen)
+        got = kernels.attention(q, k, v, past, d**-0.5, window, slot_of=slot_of)
+        keys = kernels.gather_slots(k, slot_of, total)
+        values = kernels.gather_slots(v, slot_of, total)
+        expected = kernels.attention_reference(q, keys, values, past, d**-0.5, window)
+        assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5), f"S={tokens} P={past}"

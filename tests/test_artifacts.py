@@ -186,8 +186,10 @@ def test_header_refuses_malformed_entries(tmp_path, entry):
         read_safetensors_header(path)
 
 
-def test_header_refuses_unknown_dtype(tmp_path):
-    path = _raw_file(tmp_path / "x.safetensors", {"a": _entry("F8_E4M3", [2], 0, 2)}, b"\0" * 2)
+@pytest.mark.parametrize("dtype", ["F8_E4M3", ["F32"], {"F32": 1}, 4, None])
+def test_header_refuses_unknown_dtype(tmp_path, dtype):
+    """Found by the fuzzer (tests/faults): a list or object as dtype raised TypeError."""
+    path = _raw_file(tmp_path / "x.safetensors", {"a": _entry(dtype, [2], 0, 2)}, b"\0" * 2)
     with pytest.raises(UserError, match="unsupported dtype"):
         read_safetensors_header(path)
 
@@ -312,12 +314,39 @@ def test_manifest_refuses_paths_outside(folder, name):
         read_manifest(folder)
 
 
+@pytest.mark.parametrize("name", ["a\x00b", "\ud800"], ids=["nul", "lone-surrogate"])
+def test_manifest_refuses_names_no_file_can_have(folder, name):
+    """Found by the fuzzer (tests/faults): these raised ValueError from pathlib."""
+    _edit(folder, files={name: {"size": 1, "sha256": "0" * 64}})
+    with pytest.raises(UserError, match="cannot exist"):
+        read_manifest(folder)
+
+
 def test_manifest_refuses_symlink_outside(folder, tmp_path):
     (tmp_path / "elsewhere").write_bytes(b"x")
     (folder / "link").symlink_to(tmp_path / "elsewhere")
     _edit(folder, files={"link": {"size": 1, "sha256": "0" * 64}})
     with pytest.raises(UserError, match="outside the artifacts"):
         read_manifest(folder)
+
+
+def test_manifest_refuses_being_a_symlink_out(folder, tmp_path):
+    (tmp_path / "elsewhere.json").write_bytes((folder / "manifest.json").read_bytes())
+    (folder / "manifest.json").unlink()
+    (folder / "manifest.json").symlink_to(tmp_path / "elsewhere.json")
+    with pytest.raises(UserError, match="'manifest.json' points outside the artifacts"):
+        read_manifest(folder)
+
+
+def test_verify_refuses_an_unlisted_symlink_out(folder, tmp_path):
+    """The runtime opens tokenizer files by name, listed or not: none may lead out."""
+    m = read_manifest(folder)
+    (folder / "inside.json").symlink_to(folder / "rank0.safetensors")
+    artifacts.verify(folder, m)  # a link that stays inside is harmless
+    (tmp_path / "elsewhere.json").write_text("{}")
+    (folder / "tokenizer_config.json").symlink_to(tmp_path / "elsewhere.json")
+    with pytest.raises(UserError, match="'tokenizer_config.json' points outside the artifacts"):
+        artifacts.verify(folder, m, checksums=False)
 
 
 def test_manifest_missing_folder_or_file(tmp_path):
@@ -432,3 +461,87 @@ def test_atomic_folder_refuses_missing_parent(tmp_path):
     with pytest.raises(UserError, match="parent folder does not exist"), AtomicFolder(dest):
         pytest.fail("the body must not run")
     assert list(tmp_path.iterdir()) == []
+
+
+def _abandon(dest: Path) -> Path:
+    """The temporary folder of an AtomicFolder whose process was SIGKILLed mid-write."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, signal, sys\n"
+        "from xcompile.artifacts import AtomicFolder\n"
+        "tmp = AtomicFolder(sys.argv[1]).__enter__()\n"
+        "(tmp / 'manifest.json').write_text('{}')\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code, str(dest)], capture_output=True)
+    assert res.returncode == -9, res.stderr
+    (left,) = _siblings(dest)
+    return dest.parent / left
+
+
+def test_atomic_folder_removes_what_a_killed_writer_left(tmp_path):
+    dest = tmp_path / "out"
+    left = _abandon(dest)
+    assert left.name.startswith(".out.tmp-") and (left / "manifest.json").exists()
+    with AtomicFolder(dest) as tmp:
+        assert _siblings(dest) == [tmp.name]
+        (tmp / "manifest.json").write_text("{}")
+    assert _siblings(dest) == [] and (dest / "manifest.json").exists()
+
+
+def test_atomic_folder_keeps_a_folder_whose_writer_holds_its_lock(tmp_path):
+    """A writer this process cannot see (another pid namespace) still holds its flock."""
+    import fcntl
+    import os
+
+    dest = tmp_path / "out"
+    theirs = tmp_path / ".out.tmp-999999999-abc"  # a pid that runs nowhere here
+    theirs.mkdir()
+    lock = os.open(theirs, os.O_RDONLY)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        with AtomicFolder(dest) as tmp:
+            assert sorted(_siblings(dest)) == sorted([tmp.name, theirs.name])
+    finally:
+        os.close(lock)
+    with AtomicFolder(dest):
+        assert theirs.name not in _siblings(dest)
+
+
+def test_atomic_folder_puts_back_an_original_moved_aside(folder):
+    """A kill between the two renames of a filesystem without an atomic exchange."""
+    before = sorted(p.name for p in folder.iterdir())
+    aside = folder.parent / ".art.old-999999999-abc"
+    aside.mkdir()
+    folder.rename(aside / "artifacts")
+    with AtomicFolder(folder) as tmp:
+        assert sorted(p.name for p in folder.iterdir()) == before
+        (tmp / "manifest.json").write_text("{}")
+    assert _siblings(folder) == []
+
+
+def test_atomic_folder_replaces_without_a_moment_of_absence(folder, monkeypatch):
+    """The commit over existing artifacts is one exchange: no rename moves them aside."""
+    import os
+
+    renames = []
+    monkeypatch.setattr(os, "rename", lambda *a: renames.append(a))
+    with AtomicFolder(folder) as tmp:
+        (tmp / "manifest.json").write_text('{"new": true}')
+    assert renames == []
+    assert json.loads((folder / "manifest.json").read_text()) == {"new": True}
+    assert _siblings(folder) == []
+
+
+def test_signals_wait_for_the_commit(tmp_path):
+    import os
+    import signal
+
+    seen = []
+    with pytest.raises(KeyboardInterrupt), artifacts._signals_deferred():
+        os.kill(os.getpid(), signal.SIGINT)
+        seen.append("the block went on")
+    assert seen == ["the block went on"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

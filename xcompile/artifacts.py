@@ -12,10 +12,13 @@ and numpy-free code (torch is touched only in `map_tensors`, which the runtime c
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import signal
 import struct
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -109,7 +112,7 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
         if not isinstance(entry, dict):
             raise UserError(bad)
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise UserError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
         if not (isinstance(shape, list) and all(type(d) is int and 0 <= d < 2**40 for d in shape)):
             raise UserError(bad)
@@ -296,7 +299,13 @@ def _safe_relative(name: str, root: Path) -> Path:
     if not name or p.is_absolute() or ".." in p.parts or "\\" in name:
         raise UserError(f"manifest names a file outside the artifacts ({name!r}); rebuild them")
     full = root / p
-    if full.is_symlink() or not full.resolve().is_relative_to(root.resolve()):
+    try:
+        outside = full.is_symlink() or not full.resolve().is_relative_to(root.resolve())
+    except ValueError:  # a NUL or a lone surrogate: no file can have that name
+        raise UserError(
+            f"manifest names a file that cannot exist ({name!r}); rebuild them"
+        ) from None
+    if outside:
         raise UserError(f"artifact file {name!r} points outside the artifacts folder; rebuild them")
     return full
 
@@ -312,6 +321,7 @@ def read_manifest(root: str | os.PathLike) -> Manifest:
             f"{root}: no manifest.json, so not (complete) artifacts; "
             "build them with `xcompile quantize`"
         )
+    _safe_relative(MANIFEST, root)  # a link to a manifest elsewhere is not read
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
@@ -354,8 +364,15 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
 
 
 def verify(root: str | os.PathLike, manifest: Manifest, checksums: bool = True) -> None:
-    """Every file the manifest lists exists inside the folder with the listed size (and sha256)."""
+    """Every file the manifest lists exists inside the folder with the listed size (and sha256),
+    and no other entry is a link out of it (the runtime opens tokenizer files by name)."""
     root = Path(root)
+    inside = root.resolve()
+    for entry in root.iterdir():
+        if entry.is_symlink() and not entry.resolve().is_relative_to(inside):
+            raise UserError(
+                f"artifact file {entry.name!r} points outside the artifacts folder; rebuild them"
+            )
     for name, entry in manifest.files.items():
         full = _safe_relative(name, root)
         if not full.is_file():
@@ -412,12 +429,17 @@ class AtomicFolder:
     """A temporary sibling folder that becomes `dest` on commit, or vanishes on any failure.
 
     An interrupted compile never leaves something that looks like artifacts: the manifest is the
-    last file written, and the folder only appears under its name by one rename. Replacing existing
-    artifacts moves the old folder aside first and removes it after the rename.
+    last file written, and the folder only appears under its name by one rename (over existing
+    artifacts: one atomic exchange where the filesystem has it, else two renames). Ctrl-C or
+    SIGTERM during the commit or the clean-up takes effect when it is done. A SIGKILL leaves the
+    temporary folder, locked (flock) by its writer while it lived: the next AtomicFolder for the
+    same destination removes every one whose lock is free and whose writer's pid is gone.
     """
 
     def __init__(self, dest: str | os.PathLike):
         self.dest = Path(dest).absolute()
+        self.tmp: Path | None = None
+        self._lock: int | None = None
 
     def check(self) -> None:
         """Refuse (UserError) a destination this could not write or must not replace."""
@@ -434,35 +456,170 @@ class AtomicFolder:
     def __enter__(self) -> Path:
         self.check()
         parent = self.dest.parent
+        _remove_abandoned(parent, self.dest.name)
         try:
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.tmp-", dir=parent))
+            with _signals_deferred():  # interrupted here, no __exit__ would know the folder
+                prefix = f".{self.dest.name}.tmp-{os.getpid()}-"
+                self.tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+                self._lock = os.open(self.tmp, os.O_RDONLY)
+                fcntl.flock(self._lock, fcntl.LOCK_EX)
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp's 0700 is for the name, not the folder
-        except OSError as e:
-            raise UserError(
-                f"{parent}: cannot write there ({e.strerror}); choose another -o"
-            ) from e
+        except BaseException as e:
+            self._discard()
+            if isinstance(e, OSError):
+                raise UserError(
+                    f"{parent}: cannot write there ({e.strerror}); choose another -o"
+                ) from e
+            raise
         return self.tmp
 
     def __exit__(self, kind, value, tb) -> bool:
         if kind is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            with _signals_deferred():
+                self._discard()
             if isinstance(value, OSError) and not isinstance(value, UserError):
                 raise UserError(
                     f"{self.dest}: write failed ({value.strerror or value}); "
                     "free space or choose another -o"
                 ) from value
             return False
+        with _signals_deferred():
+            try:
+                self._commit()
+            except OSError as e:
+                self._discard()
+                raise UserError(
+                    f"{self.dest}: could not put the output in place ({e.strerror or e}); "
+                    "check the folder's permissions or choose another -o"
+                ) from e
+        return False
+
+    def _commit(self) -> None:
+        if self.dest.exists() and _exchange(self.tmp, self.dest):
+            _fsync_dir(self.dest.parent)
+            self._discard()  # now the old artifacts
+            return
         old = None
         if self.dest.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.old-", dir=self.dest.parent))
+            prefix = f".{self.dest.name}.old-{os.getpid()}-"
+            old = Path(tempfile.mkdtemp(prefix=prefix, dir=self.dest.parent))
             os.rename(self.dest, old / "artifacts")
-        os.rename(self.tmp, self.dest)
+        try:
+            os.rename(self.tmp, self.dest)
+        except OSError:
+            if old is not None:
+                os.rename(old / "artifacts", self.dest)
+                _remove(old)
+            raise
         _fsync_dir(self.dest.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        self.tmp = old
+        self._discard()
+
+    def _discard(self) -> None:
+        """Remove the temporary folder, its manifest first (a half-removed folder must not
+        look like artifacts), and let go of its lock."""
+        if self.tmp is not None:
+            _remove(self.tmp)
+            self.tmp = None
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
+
+def _remove(folder: Path) -> None:
+    try:
+        (folder / MANIFEST).unlink(missing_ok=True)
+    except OSError:
+        pass
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _remove_abandoned(parent: Path, name: str) -> None:
+    """Clear what a killed AtomicFolder for `name` left in parent: temporary folders whose
+    writer is gone (lock free, pid not running), and an original moved aside, which goes back
+    to its name if the kill came before the new folder took it."""
+    try:
+        entries = list(parent.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        if not entry.name.startswith(f".{name}."):
+            continue
+        kind, _, rest = entry.name[len(name) + 2 :].partition("-")  # tmp-PID-random
+        pid = rest.partition("-")[0]
+        if kind not in ("tmp", "old") or not pid.isdigit() or _running(int(pid)):
+            continue
+        if kind == "old":
+            if (entry / "artifacts").is_dir() and not (parent / name).exists():
+                os.rename(entry / "artifacts", parent / name)
+            _remove(entry)
+            continue
+        try:
+            fd = os.open(entry, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _remove(entry)
+        except OSError:
+            pass  # still held: its writer lives (in another pid namespace)
+        finally:
+            os.close(fd)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
         return False
+    except OSError:
+        return True  # someone else's
+    return True
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the platform
+    or the filesystem cannot."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    errno = ctypes.get_errno()
+    if errno in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: not here
+        return False
+    raise OSError(errno, os.strerror(errno), str(b))
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """Ctrl-C and SIGTERM wait for the end of the block (a commit, a clean-up), then take effect.
+    Only the main thread may set handlers: elsewhere the block runs as is."""
+    caught: list[int] = []
+    watched = (signal.SIGINT, signal.SIGTERM)
+    try:
+        previous = {
+            s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in watched
+        }
+    except ValueError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in caught:
+            if callable(previous[s]):
+                previous[s](s, None)
+            elif previous[s] == signal.SIG_DFL:
+                signal.raise_signal(s)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -65,6 +65,50 @@ class _Inputs:
         return self.template.encode(tokenizer, text) if self.template else tokenizer.encode(text)
 
 
+@dataclass
+class _Serve:
+    """--serve: where to listen and how many requests to batch."""
+
+    host: str
+    port: int
+    slots: int
+    model_name: str
+
+
+def _serve(root, model, options: _Serve) -> int:
+    """The HTTP server on rank 0 (the others follow its forward passes) -> exit code."""
+    from xcompile.runtime.engine import Engine
+    from xcompile.runtime.server import Served, serve
+    from xcompile.runtime.tokenizer import TextTokenizer
+
+    tokenizer = TextTokenizer(root)
+    try:
+        from xcompile.runtime.chat import ChatTemplate
+
+        template = ChatTemplate.from_artifacts(root)
+    except UserError:
+        template = None  # /v1/chat/completions then says the model has no chat template
+    engine = Engine(model, slots=options.slots)
+    served = Served(engine, tokenizer, options.model_name, template)
+
+    def ready(server) -> None:
+        host, port = server.servers[0].sockets[0].getsockname()[:2]
+        print(
+            f"xrun: serving {options.model_name} on http://{host}:{port}/v1 "
+            f"({options.slots} slots, {model.manifest.ranks} rank(s))",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    try:
+        code = serve(served, options.host, options.port, on_ready=ready)
+    finally:
+        engine.close()
+    if code:
+        print(f"xrun: the model stopped ({engine.failed}); exiting", file=sys.stderr)
+    return code
+
+
 def _read_inputs(root: Path, prompt, messages_file, chat: bool, stop) -> _Inputs:
     """Checks that need no model (before any rank starts): exactly one source, a readable
     messages file, a chat template when one is needed, non-empty stop strings."""
@@ -142,6 +186,21 @@ def run(
         "--weights",
         help="copy: into huge pages at start (faster decode); map: use the file's pages (no copy).",
     ),
+    serve: bool = typer.Option(
+        False, "--serve", help="Serve an OpenAI-compatible HTTP API instead of one prompt."
+    ),
+    host: str = typer.Option(
+        "127.0.0.1", "--host", help="--serve: the address to bind (default: this machine only)."
+    ),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="--serve: the TCP port."),
+    slots: int = typer.Option(
+        8, "--slots", min=1, help="--serve: requests decoded at once (a KV-cache slot each)."
+    ),
+    model_name: str = typer.Option(
+        None,
+        "--model-name",
+        help="--serve: the model id clients ask for (default: the folder's name).",
+    ),
     verbose: bool = typer.Option(False, "--verbose", help="Tracebacks on errors."),
     rank: int = typer.Option(None, "--rank", hidden=True),
     comm: str = typer.Option(None, "--comm", hidden=True),
@@ -158,7 +217,12 @@ def run(
         raise UserError(f"--weights {weights!r}: choose copy or map")
     manifest = artifacts.read_manifest(artifacts_dir)  # cheap checks before torch loads
     ranks = manifest.ranks
-    inputs = _read_inputs(artifacts_dir, prompt, messages_file, chat, stop)
+    if serve:
+        if prompt is not None or messages_file is not None or chat:
+            raise UserError("--serve takes its prompts over HTTP; drop --prompt/--messages/--chat")
+        inputs = _Serve(host, port, slots, model_name or artifacts_dir.resolve().name)
+    else:
+        inputs = _read_inputs(artifacts_dir, prompt, messages_file, chat, stop)
 
     if bind_cores is not False and comm is None and ranks == 1:
         from xcompile.runtime import launch
@@ -252,7 +316,14 @@ def _generate(
             return
         leader = Leader(model, communicator) if communicator else model
         try:
-            _lead(root, leader, inputs, max_new_tokens, temperature, top_k, top_p, seed, as_json)
+            if isinstance(inputs, _Serve):
+                code = _serve(root, leader, inputs)
+                if code:
+                    sys.exit(code)
+            else:
+                _lead(
+                    root, leader, inputs, max_new_tokens, temperature, top_k, top_p, seed, as_json
+                )
         finally:
             if communicator is not None:
                 leader.stop()

@@ -3,7 +3,7 @@
 Side by side in one run, on one shape (TinyLlama's MLP up/gate: N=5632, K=2048, M=1):
   read bandwidth         benchmarks/bandwidth.py: torch.sum over 1 GiB, best of 5
   xcompile bf16          kernels.linear on a bf16 weight (csrc/gemv.cpp)
-  xcompile int8/channel  kernels.linear_nbits, bits=8, block_size = next power of two >= K, no zp
+  xcompile int8/channel  kernels.linear_nbits, bits=8, per-channel scales (block_size_for), no zp
   xcompile int4/g128     kernels.linear_nbits, bits=4, block_size=128, with zero points
   ... q8                 the same on int8-quantized activations (accuracy_level 4: AVX512_VNNI
                          where the CPU has it, else the scalar reference)
@@ -26,6 +26,7 @@ from collections.abc import Callable
 import torch
 from bandwidth import read_bandwidth  # benchmarks/bandwidth.py, beside this file
 
+from xcompile.passes.quantize_nbits import block_size_for
 from xcompile.runtime import kernels
 
 COLD_BYTES = 128e6  # several times any last-level cache here
@@ -64,7 +65,7 @@ def main() -> None:
         scales = w.abs().amax(dim=1) / 127
         return torch.round(w / scales[:, None]).to(torch.int8), scales
 
-    channel = max(16, 1 << (k - 1).bit_length())  # per-channel INT8: one block per row
+    channel = block_size_for(-1, k)  # per-channel INT8, blocked as the artifacts are
     int8 = copies(lambda: kernels.quantize_nbits_reference(dense(), 8, channel, True))
     int4 = copies(lambda: kernels.quantize_nbits_reference(dense(), 4, 128, False))
     bf16 = copies(lambda: (dense().bfloat16(),))

@@ -25,9 +25,15 @@ MS = "com.microsoft"
 
 
 def block_size_for(group_size: int, k: int) -> int:
-    """MatMulNBits wants a power of two >= 16: per-channel (-1) is the next one >= K."""
+    """MatMulNBits wants a power of two >= 16. Per channel (-1): one block of the next power of
+    two >= K, unless a power of two >= 64 divides K: then blocks of the largest such, each with
+    the row's scale repeated, so no row is padded (K = 5632: 11 blocks of 512, where one block of
+    8192 would store and read 45 % padding)."""
     if group_size > 0:
         return group_size
+    divides = k & -k if k > 0 else 0  # the largest power of two dividing K
+    if divides >= 64:
+        return divides
     size = 16
     while size < k:
         size *= 2

@@ -19,6 +19,9 @@ from xcompile.weight_only import WeightOnly, pack, unpack
         (4, 32, False, 100),
         (4, 16, True, 40),
         (4, -1, False, 2048),
+        (8, -1, True, 5632),  # per channel in 11 blocks of 512, the scale repeated
+        (8, -1, False, 192),
+        (4, -1, False, 192),  # 3 blocks: an odd count of packed zero points
     ],
 )
 def test_layout_dequantizes_to_inc_qdq(bits, group, sym, k):
@@ -35,3 +38,11 @@ def test_layout_dequantizes_to_inc_qdq(bits, group, sym, k):
     # and the error is what the bits allow: a step is at most range / levels
     step = (w.abs().max() * 2 / (2**bits - 1)).item()
     assert (qdq - w).abs().max().item() <= step
+
+
+@pytest.mark.parametrize(
+    "k,block", [(2048, 2048), (5632, 512), (192, 64), (100, 128), (96, 128), (5, 16)]
+)
+def test_per_channel_blocks_divide_k_when_they_can(k, block):
+    """No padding where a power of two >= 64 divides K; else one block of the next power."""
+    assert block_size_for(-1, k) == block

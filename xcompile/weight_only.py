@@ -142,6 +142,10 @@ def pack_quantized(
         padded = (pairs[..., 0] | (pairs[..., 1] << 4)).contiguous()
     blocks = padded.view(n, k_blocks, block * bits // 8)
     scales = scales.float().reshape(n, -1)
+    if scheme.group_size == -1 and scales.shape[1] == 1 and k_blocks > 1:
+        # per channel over blocks that divide K (block_size_for): the row's scale, repeated
+        scales = scales.expand(n, k_blocks)
+        zp = None if zp is None else zp.reshape(n, 1).expand(n, k_blocks)
     if scales.shape[1] != k_blocks:
         raise RuntimeError(
             f"neural-compressor returned {scales.shape[1]} groups, expected {k_blocks}"

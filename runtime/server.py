@@ -229,7 +229,13 @@ def create_app(served: Served) -> FastAPI:
     async def health():
         if served.engine.failed:
             return JSONResponse({"status": "down", "reason": served.engine.failed}, 503)
-        return {"status": "ok", "slots": served.engine.slots, "busy": served.engine.busy_slots}
+        engine = served.engine  # steps: forward passes so far (one per step for the whole batch)
+        return {
+            "status": "ok",
+            "slots": engine.slots,
+            "busy": engine.busy_slots,
+            "steps": engine.steps,
+        }
 
     @app.get("/v1/models")
     async def models():

@@ -176,13 +176,15 @@ class Engine:
             r.prefilled += 1
             if r.prefilled == len(r.prompt_ids):
                 last_row[r.id] = 0
-        logits = self.model.forward_batch(segments, ids, self.cache)
+        wanted = sorted(last_row.values())  # logits only for the rows that make a token
+        logits = self.model.forward_batch(segments, ids, self.cache, wanted)
+        at = {row: i for i, row in enumerate(wanted)}
         self.steps += 1
         for r in batch:
             row = last_row.get(r.id)
             if row is None:
                 continue
-            token = r.sampler(logits[row])
+            token = r.sampler(logits[at[row]])
             r.tokens.append(token)
             r.emit(token, None)
             if token in r.eos_ids:

@@ -74,7 +74,7 @@ def generate(
         return out
 
     t0 = time.perf_counter()
-    logits = model.forward(prompt_ids, 0, cache)[-1]
+    logits = model.forward(prompt_ids, 0, cache, last_only=True)[-1]
     out.prefill_ms = (time.perf_counter() - t0) * 1e3
     position = len(prompt_ids)
     while True:

@@ -111,22 +111,31 @@ class Model:
         """The graph's attention is GroupQueryAttention, which reads the cache per sequence."""
         return any(n.op_type == "GroupQueryAttention" for n in self.graph.graph.node)
 
-    def forward(self, ids: list[int], start: int, cache: KVCache) -> torch.Tensor:
-        """ids: the S new tokens at positions start..start+S-1 of slot 0 -> logits (S, vocab)."""
+    def forward(
+        self, ids: list[int], start: int, cache: KVCache, last_only: bool = False
+    ) -> torch.Tensor:
+        """ids: the S new tokens at positions start..start+S-1 of slot 0 -> logits (S, vocab),
+        or (1, vocab) for the last token only (last_only: what generating needs)."""
+        rows = [len(ids) - 1] if last_only else None
         if not self.batchable:  # the primitive graph: past views in, KV appended behind them
             self._check(cache)
             s = len(ids)
             feeds = cache.past(start)
             feeds["input_ids"] = torch.tensor([ids], dtype=torch.int64)
             feeds["position_ids"] = torch.arange(start, start + s, dtype=torch.int64)[None]
-            return self._run(feeds)
-        return self.forward_batch([Segment(0, start, len(ids))], ids, cache)
+            return self._run(feeds, rows)
+        return self.forward_batch([Segment(0, start, len(ids))], ids, cache, rows)
 
     def forward_batch(
-        self, segments: list[Segment], ids: list[int], cache: KVCache
+        self,
+        segments: list[Segment],
+        ids: list[int],
+        cache: KVCache,
+        rows: list[int] | None = None,
     ) -> torch.Tensor:
         """The new tokens of several sequences in one pass: ids holds each segment's tokens in
-        turn -> logits (len(ids), vocab), rows in the same order."""
+        turn -> logits (len(ids), vocab), rows in the same order; or only `rows` of them
+        (len(rows), vocab): the output projection then runs on those rows alone."""
         self._check(cache)
         if sum(seg.length for seg in segments) != len(ids) or not ids:
             raise ValueError("forward_batch: the segments' lengths must add up to len(ids) > 0")
@@ -137,7 +146,7 @@ class Model:
         feeds["position_ids"] = torch.tensor([positions], dtype=torch.int64)
         cache.segments = segments
         try:
-            return self._run(feeds)
+            return self._run(feeds, rows)
         finally:
             cache.segments = None
 
@@ -151,7 +160,11 @@ class Model:
         if cache is not self._cache:
             raise ValueError("forward() takes the cache from this model's new_cache()")
 
-    def _run(self, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
-        with torch.inference_mode():
-            # a copy: the plan reuses its output buffers at the next call
-            return self._plan.run(feeds)[0].clone()
+    def _run(self, feeds: dict[str, torch.Tensor], rows: list[int] | None) -> torch.Tensor:
+        self._plan.rows = None if rows is None else torch.tensor(rows, dtype=torch.int64)
+        try:
+            with torch.inference_mode():
+                # a copy: the plan reuses its output buffers at the next call
+                return self._plan.run(feeds)[0].clone()
+        finally:
+            self._plan.rows = None

@@ -53,6 +53,9 @@ class Plan:
         self.fetch = fetch
 
     profile: dict[str, float] | None = None  # op kind -> seconds, when profiling (XCOMPILE_PROFILE)
+    # the rows of the output projection's input to compute (LongTensor), None: all of them.
+    # Prefill needs the logits of its last row only: the others would cost S x vocab x hidden.
+    rows: torch.Tensor | None = None
 
     def run(self, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
         env = self.slots
@@ -286,6 +289,7 @@ def build_plan(
     # keep only the steps the fetched output needs
     if fetch not in slot:
         raise UserError(f"the graph has no output {fetch!r}; rebuild the artifacts")
+    head = _head_step(steps, producer, fetch)
     needed = {slot[fetch]}
     kept = []
     for step in reversed(steps):
@@ -294,4 +298,26 @@ def build_plan(
             needed.update(i for i in step.ins if i >= 0)
     kept.reverse()
     feeds = {i.name: slot[i.name] for i in graph.input if i.name in slot and slot[i.name] in needed}
-    return Plan(kept, slots, feeds, slot[fetch])
+    plan = Plan(kept, slots, feeds, slot[fetch])
+    if head is not None:  # the output projection sees only the rows asked for (Plan.rows)
+        inner = head.fn
+
+        def project(x, *args, **kwargs):
+            if plan.rows is not None:
+                x = x[:, plan.rows]
+            return inner(x, *args, **kwargs)
+
+        head.fn = project
+    return plan
+
+
+def _head_step(steps: list[Step], producer: dict, fetch: str) -> Step | None:
+    """The step of the output projection (lm_head): the first node before `fetch` that is not
+    an Identity, a gather of its shards or its bias (all row-wise)."""
+    node = producer.get(fetch)
+    while node is not None and node.op_type in ("Identity", "AllGather", "Add"):
+        node = producer.get(node.input[0])
+    if node is None or node.op_type not in ("MatMul", "MatMulNBits", "Gemm"):
+        return None
+    names = (node.name, f"{node.name}/{node.op_type}")
+    return next((s for s in steps if s.name in names), None)

@@ -29,16 +29,24 @@ class Leader:
         self.comm.broadcast_ints([NEW_CACHE, capacity, slots, 0], HEADER)
         return self.model.new_cache(capacity, slots)
 
-    def forward(self, ids: list[int], start: int, cache: KVCache):
-        self.comm.broadcast_ints([FORWARD, start, len(ids), 0], HEADER)
+    def forward(self, ids: list[int], start: int, cache: KVCache, last_only: bool = False):
+        self.comm.broadcast_ints([FORWARD, start, len(ids), int(last_only)], HEADER)
         self.comm.broadcast_ints(ids, len(ids))
-        return self.model.forward(ids, start, cache)
+        return self.model.forward(ids, start, cache, last_only)
 
-    def forward_batch(self, segments: list[Segment], ids: list[int], cache: KVCache):
-        self.comm.broadcast_ints([FORWARD_BATCH, len(segments), len(ids), 0], HEADER)
+    def forward_batch(
+        self,
+        segments: list[Segment],
+        ids: list[int],
+        cache: KVCache,
+        rows: list[int] | None = None,
+    ):
+        picked = [] if rows is None else rows
+        header = [FORWARD_BATCH, len(segments), len(ids), -1 if rows is None else len(picked)]
+        self.comm.broadcast_ints(header, HEADER)
         layout = [v for seg in segments for v in (seg.slot, seg.start, seg.length)]
-        self.comm.broadcast_ints(layout + ids, len(layout) + len(ids))
-        return self.model.forward_batch(segments, ids, cache)
+        self.comm.broadcast_ints(layout + ids + picked, len(layout) + len(ids) + len(picked))
+        return self.model.forward_batch(segments, ids, cache, rows)
 
     def fork(self, cache: KVCache, source: int, targets: list[int], length: int) -> None:
         self.comm.broadcast_ints([FORK, source, len(targets), length], HEADER)
@@ -65,11 +73,12 @@ def follow(model: Model, comm: Communicator) -> None:
             cache = model.new_cache(a, b)
         elif command == FORWARD:
             ids = comm.broadcast_ints(None, b)
-            model.forward(ids, a, cache)
+            model.forward(ids, a, cache, bool(c))
         elif command == FORWARD_BATCH:
-            values = comm.broadcast_ints(None, 3 * a + b)
+            values = comm.broadcast_ints(None, 3 * a + b + max(c, 0))
             segments = [Segment(*values[3 * i : 3 * i + 3]) for i in range(a)]
-            model.forward_batch(segments, values[3 * a :], cache)
+            rows = None if c < 0 else values[3 * a + b :]
+            model.forward_batch(segments, values[3 * a : 3 * a + b], cache, rows)
         elif command == FORK:
             model.fork(cache, a, comm.broadcast_ints(None, b), c)
         elif command == REORDER:

@@ -83,3 +83,18 @@ def test_primitive_graph_refuses_slots(compiled):
     model = Model.load(compiled("llama", passes=[]))
     with pytest.raises(UserError, match="primitive graph"):
         model.new_cache(16, slots=2)
+
+
+@pytest.mark.parametrize("family", ["llama", "gptj"])
+def test_logits_of_chosen_rows_only(compiled, family):
+    """The output projection can run on the rows that need logits (prefill's last token)."""
+    model = Model.load(compiled(family))
+    ids = PROMPTS[2]
+    full = model.forward(ids, 0, model.new_cache(16))
+    last = model.forward(ids, 0, model.new_cache(16), last_only=True)
+    assert last.shape == (1, full.shape[1])
+    assert torch.allclose(last[0], full[-1], rtol=1e-5, atol=1e-5)
+    cache = model.new_cache(16, slots=2)
+    segs = [Segment(0, 0, 3), Segment(1, 0, 4)]
+    picked = model.forward_batch(segs, ids, cache, rows=[2, 6])
+    assert torch.allclose(picked[0], full[2], rtol=1e-5, atol=1e-5)

@@ -94,7 +94,7 @@ def test_disk_full_is_one_line_and_leaves_nothing(name, n_trials, zygote, tmp_pa
         record.trial(ok and not left and not lost, lost, left, f"fsize {limit}: {why}")
         mechanisms.add("RLIMIT_FSIZE")
     record.note = (
-        f"output {total / 1e3:.0f} kB; limits from 2 % to 99.5 % of it, by "
-        + " and ".join(sorted(mechanisms))
+        f"output {total / 1e3:.0f} kB; room for {min(fractions):.0%} to {max(fractions):.1%} of "
+        f"it, by {' and '.join(sorted(mechanisms))}"
     )
     record.check()

@@ -81,7 +81,9 @@ def _field(body: dict, name: str, kinds: tuple, default=None, check=None, why: s
 def sampling_of(body: dict) -> SamplingParams:
     for unsupported in ("logprobs", "top_logprobs", "best_of", "suffix", "tools", "logit_bias"):
         if body.get(unsupported) not in (None, False, [], {}):
-            raise ApiError(400, f"'{unsupported}' is not supported by this server", unsupported)
+            raise ApiError(
+                400, f"'{unsupported}' is not supported by this server", param=unsupported
+            )
     if _field(body, "n", (int,), 1) != 1:
         raise ApiError(400, "only n = 1 is supported", param="n")
     return SamplingParams(
@@ -269,7 +271,9 @@ def create_app(served: Served) -> FastAPI:
             ids = list(prompt)
         else:
             raise ApiError(
-                400, "'prompt' must be a string or a list of token ids (one prompt)", "prompt"
+                400,
+                "'prompt' must be a string or a list of token ids (one prompt)",
+                param="prompt",
             )
         if not ids:
             raise ApiError(400, "the prompt is empty after tokenization", param="prompt")

@@ -236,6 +236,7 @@ def test_dtype_flags(ckpt, flags):
         (["--fp32", "--algo", "gptq"], ["--algo", "--int8 or --int4"]),
         (["--bf16", "--group-size", "32"], ["--group-size", "--int8 or --int4"]),
         (["--int8", "--algo", "magic"], ["--algo", "rtn"]),
+        (["--int4", "--calib", "lines.txt"], ["--calib", "gptq or awq"]),
     ],
     ids=[
         "int4-group-7",
@@ -245,6 +246,7 @@ def test_dtype_flags(ckpt, flags):
         "algo-without-bits",
         "group-without-bits",
         "unknown-algo",
+        "calib-without-gptq-or-awq",
     ],
 )
 def test_quantization_flags(ckpt, flags, words):

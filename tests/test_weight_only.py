@@ -46,3 +46,41 @@ def test_layout_dequantizes_to_inc_qdq(bits, group, sym, k):
 def test_per_channel_blocks_divide_k_when_they_can(k, block):
     """No padding where a power of two >= 64 divides K; else one block of the next power."""
     assert block_size_for(-1, k) == block
+
+
+@pytest.mark.parametrize("bits,group,sym", [(4, 32, True), (4, 16, False), (8, -1, False)])
+def test_fused_weight_is_its_parts_row_concatenated(bits, group, sym):
+    """GPTQ and AWQ quantize Q, K and V (gate and up) one by one; the fused weight's blocks are
+    their integers concatenated along N, which packs to the rows of each part's own blocks."""
+    from xcompile.weight_only import pack_quantized, quantize_rtn
+
+    torch.manual_seed(bits + group)
+    scheme = WeightOnly(bits, group, sym)
+    parts = [torch.randn(n, 80) for n in (12, 4, 4)]
+    q, s, z = zip(*(quantize_rtn(w, scheme) for w in parts))
+    fused = pack_quantized(torch.cat(q), torch.cat(s), None if sym else torch.cat(z), scheme)
+    each = [pack(w, scheme) for w in parts]
+    for i, t in enumerate(fused):
+        if t is not None:
+            assert torch.equal(t, torch.cat([e[i] for e in each]))
+
+
+def test_gptq_and_awq_flags_make_a_scheme(tmp_path):
+    """No calibration file: the shipped text; the manifest entry says which."""
+    from xcompile.weight_only import scheme_from_flags
+
+    scheme = scheme_from_flags(4, 32, True, "gptq", None, False)
+    assert (scheme.algo, scheme.calib, scheme.describe()["calib"]) == ("gptq", None, "default")
+    text = tmp_path / "lines.txt"
+    text.write_text("one line\n")
+    scheme = scheme_from_flags(8, None, False, "awq", text, False)
+    assert scheme.describe() | {"accuracy_level": None} == {
+        "bits": 8,
+        "group_size": -1,
+        "sym": False,
+        "algo": "awq",
+        "lm_head": False,
+        "calib": "lines.txt",
+        "accuracy_level": None,
+    }
+    assert "calib" not in scheme_from_flags(4, None, True, None, None, False).describe()

@@ -5,7 +5,7 @@ and the rerun succeeds and leaves nothing behind (it also clears what a SIGKILL 
 
 The commands run in forks of a warmed-up server (tests/faults/zygote.py), so every kill lands in
 compile work: half the moments are drawn over the whole command, half over its writing (from
-the moment its temporary folder appears). Half the trials replace existing artifacts (quantize
+its first change on disk, wherever it writes). Half the trials replace existing artifacts (quantize
 over older FP32 artifacts; shard in place), half write a new folder.
 """
 
@@ -49,6 +49,17 @@ class Scenario:
     def temporaries(self) -> list[str]:
         return [p for p in os.listdir(self.parent) if p.startswith(f".{self.dest}.")]
 
+    def snapshot(self) -> set:
+        """What writing changes: the entries beside dest and in it, with their sizes."""
+        found = set()
+        for folder in (self.parent, self.parent / self.dest):
+            try:
+                for e in os.scandir(folder):
+                    found.add((folder.name, e.name, e.stat(follow_symlinks=False).st_size))
+            except FileNotFoundError:  # not there (yet, or any more)
+                continue
+        return found
+
 
 def scenario(command: str, parent: Path, replace: bool, zygote: Zygote) -> Scenario:
     parent.mkdir(parents=True)
@@ -72,7 +83,7 @@ def scenario(command: str, parent: Path, replace: bool, zygote: Zygote) -> Scena
 @dataclass
 class Timing:
     total: float  # seconds from fork to exit
-    writing: float  # seconds from the temporary folder's appearance to exit
+    writing: float  # seconds from the first change on disk to the commit
 
 
 _TIMINGS: dict[str, Timing] = {}
@@ -82,15 +93,19 @@ def timing(command: str, zygote: Zygote, tmp_path: Path) -> Timing:
     """One uninterrupted run, watched: how long the command takes and how long it writes."""
     if command not in _TIMINGS:
         s = scenario(command, tmp_path / "timing", False, zygote)
+        before = s.snapshot()
         zygote.start(s.argv, s.parent)
-        started, appeared = time.monotonic(), None
+        started, appeared, committed = time.monotonic(), None, None
         while (code := zygote.poll()) is None:
-            if appeared is None and s.temporaries():
+            if appeared is None and s.snapshot() != before:
                 appeared = time.monotonic()
+            if committed is None and (s.parent / s.dest / "manifest.json").exists():
+                committed = time.monotonic()
             time.sleep(0.0005)
         ended = time.monotonic()
         assert code == 0 and s.is_new(command), zygote.err.read_text()
-        _TIMINGS[command] = Timing(ended - started, ended - (appeared or started))
+        appeared, committed = appeared or started, committed or ended
+        _TIMINGS[command] = Timing(ended - started, committed - appeared)
     return _TIMINGS[command]
 
 
@@ -100,10 +115,11 @@ def interrupt(
     """Run s.argv, send sig `delay` s after its start (or after its temporary folder appears);
     returns (exit code, where the signal landed: before writing / writing / after the commit /
     after the command ended)."""
+    before = s.snapshot()
     pid = zygote.start(s.argv, s.parent)
     start = time.monotonic()
-    if in_writing:
-        while not s.temporaries():
+    if in_writing:  # from its first change on disk, wherever it writes
+        while s.snapshot() == before:
             if (code := zygote.poll()) is not None:
                 return code, "after"
             time.sleep(0.0005)
@@ -114,10 +130,12 @@ def interrupt(
         time.sleep(0.0005)
     if (code := zygote.poll()) is not None:
         return code, "after"
-    writing = bool(s.temporaries())
+    writing = bool(s.temporaries()) or s.snapshot() != before
     os.kill(pid, sig)
     code = zygote.wait()
-    return code, "writing" if writing else ("committed" if s.is_new(command) else "before")
+    if s.is_new(command) and not s.temporaries():
+        return code, "committed"
+    return code, "writing" if writing else "before"
 
 
 def check_trial(command, zygote, s: Scenario, sig, code, phase) -> dict:

@@ -11,7 +11,7 @@ import threading
 import pytest
 
 from xcompile.errors import UserError
-from xcompile.runtime.engine import Busy, Engine
+from xcompile.runtime.engine import Busy, Engine, EngineFailed
 from xcompile.runtime.generate import generate
 from xcompile.runtime.model import Model
 from xcompile.runtime.sampling import Sampler, SamplingParams
@@ -209,3 +209,35 @@ def test_submit_refuses_bad_requests_and_clips_to_the_context(engine_of, tokeniz
     engine.submit(ids, 1000, GREEDY, NO_EOS, clipped)
     assert len(clipped.wait().tokens) == 32 - len(ids) and clipped.reason == "length"
     assert engine.busy_slots == 0
+
+
+class FailingModel:
+    """A model whose forward pass raises from the `fail_at`-th on, as when a rank dies."""
+
+    def __init__(self, model: Model, fail_at: int):
+        self.model, self.fail_at, self.calls = model, fail_at, 0
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def forward_batch(self, *args):
+        self.calls += 1
+        if self.calls >= self.fail_at:
+            raise RuntimeError("rank 1 is gone")
+        return self.model.forward_batch(*args)
+
+
+def test_a_failed_step_ends_every_request_and_refuses_new_ones(art, tokenizer):
+    engine = Engine(FailingModel(Model.load(art), fail_at=4), slots=2)
+    try:
+        streams = [Stream(), Stream()]
+        with engine._lock:  # both in the batch from the first step
+            for stream in streams:
+                engine.submit(tokenizer.encode(PROMPTS[0]), 50, GREEDY, NO_EOS, stream)
+        for stream in streams:
+            assert stream.wait().reason == "error" and len(stream.tokens) == 3
+        assert engine.failed == "RuntimeError: rank 1 is gone"
+        with pytest.raises(EngineFailed, match="rank 1 is gone"):
+            engine.submit([1, 2, 3], 4, GREEDY, NO_EOS, Stream())
+    finally:
+        engine.close()

@@ -2,11 +2,13 @@
 
     xrun ARTIFACTS (--prompt TEXT | --messages FILE.json | --chat) [--max-new-tokens N]
                    [--stop S]... [--temperature T] [--top-k K] [--top-p P]
-                   [--seed S] [--bind-cores/--no-bind-cores] [--core-list L]
+                   [--seed S] [--beams B [--length-penalty F] [--early-stopping]]
+                   [--bind-cores/--no-bind-cores] [--core-list L]
                    [--backend shm|torch] [--json] [--verbose]
 
 Text streams to stdout as it is made; --json prints one object at the end instead (one per
 reply with --chat). --messages and --chat render the tokenizer's chat template (runtime/chat.py).
+--beams B > 1 searches B beams (runtime/beam.py) and prints the best sequence at the end.
 Sharded artifacts run one process per rank (runtime/launch.py); with --backend torch each rank
 is a process that torchrun started. The runtime imports none of the compile-time packages.
 """
@@ -59,6 +61,7 @@ class _Inputs:
     text: str | None
     template: object | None = None  # ChatTemplate, for --messages and --chat
     stop: list[str] = field(default_factory=list)
+    beam: _Beam | None = None  # --beams B > 1: beam search instead of greedy/sampling
 
     def prompt_ids(self, tokenizer, text: str | None = None) -> list[int]:
         text = self.text if text is None else text
@@ -162,6 +165,17 @@ def run(
         None, "--top-p", min=0.0, max=1.0, help="Sample within probability mass P."
     ),
     seed: int = typer.Option(None, "--seed", help="Seed for sampling."),
+    beams: int = typer.Option(
+        1, "--beams", min=1, help="Beam search with B beams (1: greedy or sampling)."
+    ),
+    length_penalty: float = typer.Option(
+        1.0, "--length-penalty", help="--beams: score = sum log p / length ** F."
+    ),
+    early_stopping: bool = typer.Option(
+        False,
+        "--early-stopping/--no-early-stopping",
+        help="--beams: stop once B sequences have finished (default: when none can do better).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object at the end."),
     threads: int = typer.Option(
         None, "--threads", min=1, help="Threads per rank (default: the rank's cores)."
@@ -223,6 +237,9 @@ def run(
         inputs = _Serve(host, port, slots, model_name or artifacts_dir.resolve().name)
     else:
         inputs = _read_inputs(artifacts_dir, prompt, messages_file, chat, stop)
+    beam = _beam(beams, length_penalty, early_stopping, temperature, top_k, top_p, serve, chat)
+    if beam is not None:
+        inputs.beam = beam
 
     if bind_cores is not False and comm is None and ranks == 1:
         from xcompile.runtime import launch
@@ -338,11 +355,68 @@ def _generate(
             communicator.close()
 
 
+@dataclass(frozen=True)
+class _Beam:
+    """--beams B > 1 and how hypotheses are scored and when the search stops."""
+
+    beams: int
+    length_penalty: float
+    early_stopping: bool
+
+
+def _beam(beams, length_penalty, early_stopping, temperature, top_k, top_p, serve, chat):
+    """--beams' options checked before any rank starts -> _Beam, or None for one beam."""
+    if beams == 1:
+        return None
+    if serve or chat:
+        raise UserError(f"--beams {beams} runs with --prompt or --messages; drop --serve/--chat")
+    if (temperature or 0) > 0 or top_k or (top_p is not None and top_p < 1):
+        raise UserError(
+            f"--beams {beams} searches deterministically (beam sampling is not supported); "
+            "drop --temperature/--top-k/--top-p"
+        )
+    return _Beam(beams, length_penalty, early_stopping)
+
+
+def _beam_lead(model, tokenizer, inputs, max_new_tokens, as_json) -> None:
+    """--beams: search, then print the best sequence's text (cut at the first --stop string)."""
+    from xcompile.runtime.beam import beam_search
+    from xcompile.runtime.stopping import StopChecker
+
+    opts = inputs.beam
+    result = beam_search(
+        model,
+        inputs.prompt_ids(tokenizer),
+        opts.beams,
+        max_new_tokens,
+        tokenizer.eos_ids,
+        opts.length_penalty,
+        opts.early_stopping,
+    )
+    # the text as the greedy path makes it: EOS not shown, cut before a stop string (the tokens
+    # after the one that completed it dropped)
+    stop = StopChecker(tokenizer, inputs.stop, tokenizer.eos_ids)
+    for i, token in enumerate(result.tokens):
+        if stop.push(token)[1] is not None:
+            result.tokens, result.finish_reason = result.tokens[: i + 1], "stop"
+            break
+    stop.flush()
+    result.text = stop.text
+    if as_json:
+        report = _report(model, result)
+        print(json.dumps({**report, "beams": opts.beams, "score": round(result.score, 6)}))
+    else:
+        sys.stdout.write(result.text + "\n")
+
+
 def _lead(root, model, inputs, max_new_tokens, temperature, top_k, top_p, seed, as_json):
     from xcompile.runtime.sampling import Sampler
     from xcompile.runtime.tokenizer import TextTokenizer
 
     tokenizer = TextTokenizer(root)
+    if inputs.beam is not None:
+        _beam_lead(model, tokenizer, inputs, max_new_tokens, as_json)
+        return
     sampler = Sampler(_sampling_params(root, temperature, top_k, top_p, seed))
     if inputs.text is None:
         _chat(model, tokenizer, sampler, inputs, max_new_tokens, as_json)

@@ -263,7 +263,11 @@ def fast_op(key: tuple[str, str]):
             accuracy_level=0,
         ):
             rows = x.numel() // K
-            if g_idx is not None or rows > 64:  # long prefill: dequantize, then torch's GEMM
+            # accuracy_level 4 allows int8 activations: taken where VNNI makes them pay, for any
+            # number of rows (prefill too: 64 multiply-adds an instruction beat dequantizing
+            # the weight for torch's fp32 GEMM)
+            q8 = accuracy_level == 4 and vnni and _C.gemv_nbits_q8_supported(bits, block_size)
+            if g_idx is not None or (rows > 64 and not q8):  # dequantize, then torch's GEMM
                 w = out((N, K), 1)
                 _C.dequantize_nbits(
                     blocks.data_ptr(),
@@ -279,8 +283,6 @@ def fast_op(key: tuple[str, str]):
                 return y if bias is None else y + bias
             x = _f32(x)
             y = out((*x.shape[:-1], N))
-            # accuracy_level 4 allows int8 activations: taken where VNNI makes them pay
-            q8 = accuracy_level == 4 and vnni and _C.gemv_nbits_q8_supported(bits, block_size)
             (_C.gemv_nbits_q8 if q8 else _C.gemv_nbits)(
                 x.data_ptr(),
                 blocks.data_ptr(),

@@ -207,7 +207,7 @@ def main() -> None:
     print(f"{args.artifacts}: {args.tokens} tokens per client, {args.slots} slots")
     print(
         f"read bandwidth: {max(bandwidth):.1f} GB/s (before {bandwidth[0]:.1f}, after "
-        f"{bandwidth[1]:.1f}); weights read per forward step: {weights / 1e9:.2f} GB"
+        f"{bandwidth[1]:.1f}); weights read per forward step: {weights / 1e6:.1f} MB"
     )
     print(
         f"{'clients':>7} {'total tok/s':>12} {'ms/token/client':>16} {'first token ms':>15} "

@@ -131,7 +131,8 @@ def beam_search(
             del finished[beams:]
 
         if last:
-            out.step_ms.append((time.perf_counter() - t0) * 1e3)
+            if step > 0:
+                out.step_ms.append((time.perf_counter() - t0) * 1e3)
             break
         # the next running beams: the B best candidates that did not end
         chosen = [i for i in range(len(tokens)) if not ends[i]][:beams]

@@ -305,6 +305,10 @@ def _safe_relative(name: str, root: Path) -> Path:
         raise UserError(
             f"manifest names a file that cannot exist ({name!r}); rebuild them"
         ) from None
+    except OSError as e:  # a name too long, a folder on the way that cannot be searched
+        raise UserError(
+            f"artifact file {name!r} cannot be checked ({e.strerror}); rebuild the artifacts"
+        ) from None
     if outside:
         raise UserError(f"artifact file {name!r} points outside the artifacts folder; rebuild them")
     return full

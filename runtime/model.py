@@ -58,12 +58,14 @@ class Model:
                 f"{graph_file}: not a readable ONNX graph ({e.__class__.__name__}); "
                 "rebuild the artifacts"
             ) from None
-        mapped = dict(artifacts.map_tensors(root / f"rank{rank}.safetensors"))
+        shard = root / f"rank{rank}.safetensors"
         if weights == "copy":
             from xcompile.runtime.weights import resident
 
-            mapped = resident(mapped)
-        elif weights != "map":
+            mapped = resident(shard)
+        elif weights == "map":
+            mapped = dict(artifacts.map_tensors(shard))
+        else:
             raise UserError(f"--weights {weights!r}: choose copy or map")
         if comm is not None and comm.ranks != manifest.ranks:
             raise UserError(

@@ -644,16 +644,11 @@ def write_manifest(folder: Path, manifest: Manifest) -> None:
     os.rename(tmp, folder / MANIFEST)
 
 
-def map_tensors(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
-    """Yield (name, torch tensor) views of a safetensors file's mmap: no copy, read-only pages.
-
-    Uses our validated header so a corrupt file is refused before any byte is interpreted.
-    """
-    import mmap
-
+def torch_dtypes() -> dict[str, Any]:
+    """safetensors dtype name -> torch dtype (torch imported only when asked)."""
     import torch
 
-    torch_dtypes = {
+    return {
         "F64": torch.float64,
         "F32": torch.float32,
         "F16": torch.float16,
@@ -665,13 +660,25 @@ def map_tensors(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
         "U8": torch.uint8,
         "BOOL": torch.bool,
     }
+
+
+def map_tensors(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
+    """Yield (name, torch tensor) views of a safetensors file's mmap: no copy, read-only pages.
+
+    Uses our validated header so a corrupt file is refused before any byte is interpreted.
+    """
+    import mmap
+
+    import torch
+
+    dtypes = torch_dtypes()
     header = read_safetensors_header(path)
     with open(path, "rb") as f:
         # ACCESS_COPY: private copy-on-write pages, shared with the page cache until written
         # (never). MAP_POPULATE was tried: decode measured 15-25 % slower after it.
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if os.path.getsize(path) else None
     for info in header.values():
-        dtype = torch_dtypes[info.dtype]
+        dtype = dtypes[info.dtype]
         count = info.nbytes // DTYPES[info.dtype][0]
         if count == 0:
             yield info.name, torch.empty(info.shape, dtype=dtype)

@@ -58,6 +58,14 @@ class BeamResult:
         return sum(self.step_ms) / len(self.step_ms) if self.step_ms else 0.0
 
 
+def forward(model, cache, segments: list[Segment], ids: list[int]) -> torch.Tensor:
+    """-> logits (len(ids), vocab). One beam goes through model.forward, which also runs the
+    primitive graph (no slots); several through one forward_batch."""
+    if len(segments) == 1 and segments[0].slot == 0:
+        return model.forward(ids, segments[0].start, cache)
+    return model.forward_batch(segments, ids, cache)
+
+
 def beam_search(
     model,
     prompt_ids: list[int],
@@ -90,7 +98,7 @@ def beam_search(
     cache = model.new_cache(n + budget, slots=beams)
 
     t0 = time.perf_counter()
-    logits = model.forward_batch([Segment(0, 0, n)], prompt_ids, cache)[-1:]  # (1, V)
+    logits = forward(model, cache, [Segment(0, 0, n)], prompt_ids)[-1:]  # (1, V)
     if beams > 1:
         model.fork(cache, 0, list(range(1, beams)), n)
     out.prefill_ms = (time.perf_counter() - t0) * 1e3
@@ -107,7 +115,7 @@ def beam_search(
         t0 = time.perf_counter()
         if step > 0:
             segments = [Segment(s, n + step - 1, 1) for s in range(beams)]
-            logits = model.forward_batch(segments, [seq[-1] for seq in running], cache)
+            logits = forward(model, cache, segments, [seq[-1] for seq in running])
         logprobs = torch.log_softmax(logits.float(), dim=-1).expand(beams, -1)  # (B, V)
         vocab = logprobs.shape[-1]
         total = (logprobs + scores[:, None]).reshape(-1)  # (B * V,)

@@ -162,6 +162,13 @@ def test_one_beam_is_greedy(family, setup):
     assert len(want.tokens) == 7  # the EOS case did stop early
 
 
+def test_one_beam_runs_on_the_primitive_graph(compiled, setup):
+    _, _, ids, _ = setup("llama")
+    model = Model.load(compiled("llama", passes=[]))
+    want = generate(model, ids, 16, Sampler(SamplingParams()), eos_ids=set())
+    assert beam_search(model, ids, 1, 16, eos_ids=()).tokens == want.tokens
+
+
 def test_budget_is_what_the_context_leaves(setup):
     model, _, ids, _ = setup("llama")
     long = (ids * 40)[: model.context - 5]

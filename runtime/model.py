@@ -139,6 +139,11 @@ class Model:
         turn -> logits (len(ids), vocab), rows in the same order; or only `rows` of them
         (len(rows), vocab): the output projection then runs on those rows alone."""
         self._check(cache)
+        if not self.batchable:
+            raise UserError(
+                f"{self.root} holds the primitive graph, which runs one sequence at a time "
+                "(Model.forward); rebuild the artifacts with fusion for batching"
+            )
         if sum(seg.length for seg in segments) != len(ids) or not ids:
             raise ValueError("forward_batch: the segments' lengths must add up to len(ids) > 0")
         cache.claim(segments)

@@ -83,6 +83,9 @@ def test_primitive_graph_refuses_slots(compiled):
     model = Model.load(compiled("llama", passes=[]))
     with pytest.raises(UserError, match="primitive graph"):
         model.new_cache(16, slots=2)
+    cache = model.new_cache(16)
+    with pytest.raises(UserError, match="primitive graph"):
+        model.forward_batch([Segment(0, 0, 2)], [5, 9], cache)
 
 
 @pytest.mark.parametrize("family", ["llama", "gptj"])

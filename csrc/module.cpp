@@ -180,42 +180,36 @@ NB_MODULE(_C, m) {
       nb::call_guard<nb::gil_scoped_release>(),
       "out (M, N) = x (M, K) @ w (N, K).T + bias; w bf16 bits, x/bias/out fp32.");
 
-  m.def(
-      "gemv_nbits",
-      [](uintptr_t x, uintptr_t B, uintptr_t scales, uintptr_t zero_points, uintptr_t bias,
-         uintptr_t out, int64_t M, int64_t N, int64_t K, int64_t bits, int64_t block_size) {
-        check_sizes("gemv_nbits", {M, N, K});
-        check_nbits("gemv_nbits", bits, block_size);
-        if (M == 0 || N == 0) return;
-        xcompile::gemv_nbits(as_ptr<const float>(x, "x", K > 0), as_ptr<const uint8_t>(B, "B", K > 0),
-                             as_ptr<const float>(scales, "scales", K > 0),
-                             as_ptr<const uint8_t>(zero_points, "zero_points", false),
-                             as_ptr<const float>(bias, "bias", false), as_ptr<float>(out, "out", true),
-                             M, N, K, int(bits), block_size);
-      },
-      "x"_a, "B"_a, "scales"_a, "zero_points"_a, "bias"_a, "out"_a, "M"_a, "N"_a, "K"_a, "bits"_a,
-      "block_size"_a, nb::call_guard<nb::gil_scoped_release>(),
-      "out (M, N) = x (M, K) @ W.T + bias (0: none), W from MatMulNBits' B, scales, zero_points "
-      "(0: 2^(bits-1)); fp32 x/out.");
-
-  m.def(
-      "gemv_nbits_q8",
-      [](uintptr_t x, uintptr_t B, uintptr_t scales, uintptr_t zero_points, uintptr_t bias,
-         uintptr_t out, int64_t M, int64_t N, int64_t K, int64_t bits, int64_t block_size) {
-        check_sizes("gemv_nbits_q8", {M, N, K});
-        check_nbits("gemv_nbits_q8", bits, block_size);
-        if (!xcompile::gemv_nbits_q8_supported(int(bits), block_size))
-          throw std::invalid_argument("gemv_nbits_q8: block_size must be >= 64 (INT8) or >= 128 (INT4)");
-        if (M == 0 || N == 0) return;
-        xcompile::gemv_nbits_q8(as_ptr<const float>(x, "x", K > 0), as_ptr<const uint8_t>(B, "B", K > 0),
-                                as_ptr<const float>(scales, "scales", K > 0),
-                                as_ptr<const uint8_t>(zero_points, "zero_points", false),
-                                as_ptr<const float>(bias, "bias", false), as_ptr<float>(out, "out", true),
-                                M, N, K, int(bits), block_size);
-      },
-      "x"_a, "B"_a, "scales"_a, "zero_points"_a, "bias"_a, "out"_a, "M"_a, "N"_a, "K"_a, "bits"_a,
-      "block_size"_a, nb::call_guard<nb::gil_scoped_release>(),
-      "gemv_nbits on int8-quantized activations (accuracy_level 4): VNNI, or the scalar reference.");
+  // gemv_nbits and gemv_nbits_q8 take the same arguments: one binding serves both.
+  using NBitsGemv = void (*)(const float*, const uint8_t*, const float*, const uint8_t*,
+                             const float*, float*, int64_t, int64_t, int64_t, int, int64_t);
+  const auto bind_nbits = [&m](const char* name, NBitsGemv gemv, bool q8, const char* doc) {
+    m.def(
+        name,
+        [name, gemv, q8](uintptr_t x, uintptr_t B, uintptr_t scales, uintptr_t zero_points,
+                         uintptr_t bias, uintptr_t out, int64_t M, int64_t N, int64_t K,
+                         int64_t bits, int64_t block_size) {
+          check_sizes(name, {M, N, K});
+          check_nbits(name, bits, block_size);
+          if (q8 && !xcompile::gemv_nbits_q8_supported(int(bits), block_size))
+            throw std::invalid_argument(std::string(name) +
+                                        ": block_size must be >= 64 (INT8) or >= 128 (INT4)");
+          if (M == 0 || N == 0) return;
+          gemv(as_ptr<const float>(x, "x", K > 0), as_ptr<const uint8_t>(B, "B", K > 0),
+               as_ptr<const float>(scales, "scales", K > 0),
+               as_ptr<const uint8_t>(zero_points, "zero_points", false),
+               as_ptr<const float>(bias, "bias", false), as_ptr<float>(out, "out", true), M, N, K,
+               int(bits), block_size);
+        },
+        "x"_a, "B"_a, "scales"_a, "zero_points"_a, "bias"_a, "out"_a, "M"_a, "N"_a, "K"_a,
+        "bits"_a, "block_size"_a, nb::call_guard<nb::gil_scoped_release>(), doc);
+  };
+  bind_nbits("gemv_nbits", xcompile::gemv_nbits, false,
+             "out (M, N) = x (M, K) @ W.T + bias (0: none), W from MatMulNBits' B, scales, "
+             "zero_points (0: 2^(bits-1)); fp32 x/out.");
+  bind_nbits("gemv_nbits_q8", xcompile::gemv_nbits_q8, true,
+             "gemv_nbits on int8-quantized activations (accuracy_level 4): VNNI, or the scalar "
+             "reference.");
 
   m.def("gemv_nbits_q8_supported", &xcompile::gemv_nbits_q8_supported, "bits"_a, "block_size"_a);
 

@@ -15,6 +15,7 @@ embedding rows are read one by one, for the token ids the text uses.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +32,11 @@ from xcompile.weight_only import WeightOnly
 DEFAULT_TEXT = Path(__file__).parent / "data" / "calib.txt"
 MAX_TOKENS = 128  # per line: longer lines are cut (the activations' statistics settle well before)
 MAX_LINES = 128  # GPTQ's and AWQ's papers calibrate on 128 samples
-GPTQ_PERCDAMP = 0.01  # INC's defaults (GPTQConfig)
-GPTQ_BLOCK = 2048
+GPTQ_PERCDAMP = 0.01  # INC's default (GPTQConfig)
+# columns per lazy batch (GPTQ's own 128, not GPTQConfig's 2048): the same result, but within a
+# batch every column updates all the batch's later ones, N x batch floats each; at 2048 that
+# traffic made a 4-layer, hidden-1024 model take 12 minutes
+GPTQ_BLOCK = 128
 
 Quantized = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # as weight_only.quantize_rtn
 
@@ -41,8 +45,9 @@ Quantized = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # as weight_
 class LayerResult:
     """What one decoder layer's calibrated quantization made, by checkpoint tensor name.
 
-    quantized  weight -> (q (N, K), scales (N, groups), zero points (N, groups) or None) in
-               weight_only.quantize_rtn's form: symmetric q signed, asymmetric q in [0, 2^bits)
+    quantized  weight -> (q (N, K), scales (N, groups) f32, zero points (N, groups) or None)
+               with quantize_rtn's levels: symmetric q int8 signed, asymmetric q uint8 in
+               [0, 2^bits) and zero points uint8
     changed    float tensors the algorithm rewrote (AWQ: the norms' weights and biases, an
                absorbing linear's bias), to store instead of the checkpoint's
     folded     AWQ: weight -> (column multipliers (K,) or None, row divisors (N,) or None): the
@@ -192,9 +197,21 @@ def quantize_layers(
             inputs = [(x, decoder.layer_kwargs(ids, i, x)) for ids, x in zip(samples, hidden)]
             result, hidden = run(layer, inputs, scheme, spec, i)
             del layer, inputs
+            _return_freed_memory()
             yield result
+            del result
     finally:
         decoder.close()
+
+
+def _return_freed_memory() -> None:
+    """glibc keeps a freed layer's pages in its arenas, where the next layer's differently
+    sized tensors fragment them: peak RSS crept up by ~20 MB a layer at hidden 1024. Trimming
+    after each layer holds it flat."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def _quiet_inc():
@@ -258,8 +275,14 @@ def _gptq_layer(layer, inputs, scheme: WeightOnly, spec: DecoderSpec, i: int):
         zp = None if scheme.sym else zero
         # the integer levels, by INC's own export step (symmetric: zero point left out, signed)
         q = utility.quant_weight_w_scale(dq.clone(), scale, None, zp, scheme.group_size)
-        result.quantized[f"{prefix}{name}.weight"] = (q, scale, zp)
+        result.quantized[f"{prefix}{name}.weight"] = _narrow(q, scale, zp, scheme)
     return result, _forward(layer, inputs)
+
+
+def _narrow(q, scales, zp, scheme: WeightOnly) -> Quantized:
+    """INC's integers come as float32: a byte each instead (a quarter of the layer's size)."""
+    levels = torch.int8 if scheme.sym else torch.uint8
+    return q.round().to(levels), scales.float(), None if zp is None else zp.round().to(torch.uint8)
 
 
 def absorbers(spec: DecoderSpec) -> dict[str, tuple[str, ...]]:
@@ -359,7 +382,7 @@ def _awq_layer(layer, inputs, scheme: WeightOnly, spec: DecoderSpec, i: int):
     }
     for name, m in _linears(layer).items():
         quantile = algo.weight_config.get(block + name, {}).get("quantile", 1.0)
-        result.quantized[f"{prefix}{name}.weight"] = utility.quant_tensor(
+        q, scale, zp = utility.quant_tensor(
             m.weight.data.clone(),
             bits=scheme.bits,
             group_size=scheme.group_size,
@@ -367,5 +390,6 @@ def _awq_layer(layer, inputs, scheme: WeightOnly, spec: DecoderSpec, i: int):
             quantile=quantile,
             return_int=True,
         )
+        result.quantized[f"{prefix}{name}.weight"] = _narrow(q, scale, zp, scheme)
     # INC's next-block inputs: the layer's FP32 outputs from before the scales were folded
     return result, [args[0] for args in algo.total_block_args]

@@ -158,3 +158,18 @@ def trials(fast: int, slow: int):
 
 def shm_names() -> set[str]:
     return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+
+
+def shm_left(before: set[str], expected_gone: set[str] = frozenset(), wait: float = 10) -> list:
+    """Entries of /dev/shm that are new since `before` and stay for `wait` seconds, and any of
+    `expected_gone` still there. A segment of someone else's run on this machine lives only
+    while its ranks start; a leak stays."""
+    deadline = time.monotonic() + wait
+    while True:
+        now = shm_names()
+        left = (now - before) | (set(expected_gone) & now)
+        if not left or time.monotonic() > deadline:
+            return sorted(left)
+        if set(expected_gone) & now:  # ours: no grace
+            return sorted(left)
+        time.sleep(0.2)

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.faults.attacks import ATTACKS, Attack
-from tests.faults.conftest import shm_names
+from tests.faults.conftest import shm_left, shm_names
 from tests.faults.opened import Opened
 from tests.faults.outcome import tree
 
@@ -104,7 +104,7 @@ def attack_once(attack, reader, zygote, tmp_path, run) -> tuple[bool, int, int, 
     lost = int((tree(art), tree(outside), sorted(os.listdir(case))) != before)
     if lost:
         problems.append("the artifacts or the files outside changed")
-    left = sorted(os.listdir(work)) + sorted(shm_names() - shm)
+    left = sorted(os.listdir(work)) + shm_left(shm)
     if left:
         problems.append(f"left behind: {left}")
     return not problems, lost, len(left), f"{attack.name} / {reader}: {'; '.join(problems)}"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.conftest import shm_names, trials
+from tests.faults.conftest import shm_left, shm_names, trials
 from tests.faults.test_rank_death import HOOK
 
 NAME = re.compile(r"/xcompile-[0-9a-f]{32}")  # 128 random bits
@@ -216,7 +216,7 @@ def test_no_pickle_on_the_artifact_path(ranks, zygote, tmp_path, fault):
                 calling.append(module)
     ok = res.returncode == 0 and not caught and not loaders and not calling and len(ours) > 5
     why = f"exit {res.returncode} {res.stderr[-300:]!r}; {caught}; {loaders}; {calling}"
-    record.trial(ok, leftovers=len(shm_names() - shm), why=why)
+    record.trial(ok, leftovers=len(shm_left(shm)), why=why)
     record.note = (
         f"{len(ours)} xcompile modules imported by xrun, none naming pickle or torch.load; "
         "no pickle-loading library imported"

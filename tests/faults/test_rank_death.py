@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.conftest import shm_names, trials
+from tests.faults.conftest import shm_left, shm_names, trials
 from tests.faults.outcome import tree
 
 HOOK = Path(__file__).parent / "hook"
@@ -190,7 +190,7 @@ def test_rank_killed_stops_the_others_within_5s(phase, n_trials, zygote, tmp_pat
         alive = [pid for pid in pids.values() if running(pid)]
         for pid in alive:
             os.kill(pid, signal.SIGKILL)
-        left = sorted(shm_names() - shm) + ([segment] if segment in shm_names() else [])
+        left = shm_left(shm, {segment})
         if alive or left:
             problems.append(f"ranks alive {alive}, /dev/shm {left}")
         if not re.fullmatch(r"xcompile-[0-9a-f]{32}", segment):

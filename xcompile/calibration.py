@@ -151,6 +151,8 @@ class LayerByLayer:
                 f"that a {self.spec.family} layer needs; is it complete?"
             )
         layer.load_state_dict(state, assign=True)
+        if any(b.is_meta for b in layer.buffers()):  # a table the layer computes for itself
+            raise NotImplementedError(f"{self.layer_class.__name__} has buffers of its own")
         return layer.float().eval()
 
     def layer_kwargs(self, ids: torch.Tensor, i: int, x: torch.Tensor) -> dict:

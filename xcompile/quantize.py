@@ -5,6 +5,8 @@
 
 Peak memory is about one tensor in its source and its target dtype, whatever the model size: the
 source is read with plain file reads (not mmap, whose touched pages would count as resident).
+GPTQ and AWQ go a decoder layer at a time instead (xcompile/calibration.py): one layer's FP32
+tensors plus the calibration text's hidden states.
 """
 
 from __future__ import annotations

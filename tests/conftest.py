@@ -75,11 +75,11 @@ def _quiet():
 
 
 def _mapped_somewhere(names: set[str]) -> set[str]:
-    """The /dev/shm names some live process still maps: in use (another run's ranks on a shared
-    machine), not left behind."""
+    """The /dev/shm names some other live process still maps: in use (another run's ranks on a
+    shared machine), not left behind. This process's own mappings do not count."""
     found = set()
     for pid in os.listdir("/proc"):
-        if not pid.isdigit():
+        if not pid.isdigit() or int(pid) == os.getpid():
             continue
         try:
             with open(f"/proc/{pid}/maps") as maps:

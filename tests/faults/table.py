@@ -42,6 +42,16 @@ WHAT_HAPPENS = {
     "Nobody let in: another uid": "uid 65534 can neither open (`Permission denied`) nor attach",
     "Nobody let in: no pickle": "xrun runs under a guard that fails any pickle.load/loads, "
     "Unpickler or torch.load: none called, no pickle-loading library imported",
+    "Nobody let in: the server binds": "without --host, `xrun --serve` listens on 127.0.0.1 "
+    "only (its sockets in /proc/net/tcp, tcp6)",
+    "Server: a rank dies": "the open streams end with an error event (or the connection "
+    "closes), /health and new requests get 503 for about 1 s, then xrun exits within 5 s (code "
+    "1, the launcher's line naming the rank) for a supervisor to restart it; no process of its "
+    "group left; /dev/shm and its folder hold nothing new",
+    "Server under load": "each request completes (finish_reason; streams end with [DONE]), is "
+    "left by its client, or gets 429 (retried); last trial: no slot busy after, all slots "
+    "usable at once, each slot gives the greedy text it gave before, RSS within 5 % of after a "
+    "warm-up",
 }
 ORDER = [
     "Compile interrupted",

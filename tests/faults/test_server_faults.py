@@ -131,6 +131,8 @@ def test_rank_killed_while_serving_the_server_answers_503_and_exits(
         alive = group(server.pid)
         left = sorted(unclaimed(segments | (shm_names() - shm)))
         left += sorted(p.name for p in work.iterdir())  # nothing written where it ran
+        if not segments:
+            problems.append("its ranks mapped no segment: nothing to look for in /dev/shm")
         if alive or left:
             problems.append(f"alive {alive}, left {left} (its segments: {segments})")
         windows.append(max((at for at, h, _ in answers if h == 503), default=0.0))

@@ -133,14 +133,19 @@ REFERENCE = {
 
 
 def output_buffers():
-    cache: dict[tuple, torch.Tensor] = {}
+    """get(shape, tag) -> an fp32 tensor of `shape` that this node reuses at every call: one
+    block per tag, grown to the largest size asked for (batched decode changes the row count at
+    every step; a buffer per shape grew without bound under a server's load)."""
+    blocks: dict[int, torch.Tensor] = {}
 
     def get(shape: tuple[int, ...], tag: int = 0) -> torch.Tensor:
-        key = (tag, *shape)
-        buf = cache.get(key)
-        if buf is None:
-            buf = cache[key] = torch.empty(shape)
-        return buf
+        numel = 1
+        for d in shape:
+            numel *= d
+        block = blocks.get(tag)
+        if block is None or block.numel() < numel:
+            block = blocks[tag] = torch.empty(max(numel, 1))
+        return block[:numel].view(shape)
 
     return get
 

@@ -86,9 +86,13 @@ def render(data: dict) -> str:
         "| --- | ---: | ---: | ---: | ---: | --- | --- |",
     ]
     for r in rows:
-        promise = next((v for k, v in WHAT_HAPPENS.items() if r["fault"].startswith(k)), "")
+        promise = next((v for k, v in WHAT_HAPPENS.items() if r["fault"].startswith(k)), "—")
         fault = r["fault"].replace("|", "\\|")
-        note = r["note"].replace("|", "\\|")
+        note = r["note"]
+        if r["survived"] < r["trials"] and r.get("failures"):
+            first = re.sub(r"/\S*/", "…/", r["failures"][0]).replace("\n", " ")
+            note += f"; **{r['trials'] - r['survived']} failed**, first: {first[:110]}…"
+        note = note.replace("|", "\\|")
         suite = "" if r["suite"] == "slow" else " (fast suite)"
         lines.append(
             f"| {fault}{suite} | {r['trials']:,} | {r['survived']:,} | {r['lost']} | "

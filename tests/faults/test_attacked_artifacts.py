@@ -96,7 +96,7 @@ def attack_once(attack, reader, zygote, tmp_path, run) -> tuple[bool, int, int, 
     lines = [line for line in stderr.splitlines() if line.strip()]
     problems = []
     if code != 2 or len(lines) != 1 or "Traceback" in stderr:
-        problems.append(f"exit {code}, stderr {stderr[-400:]!r}")
+        problems.append(f"exit {code}, {len(lines)} lines on stderr: {stderr[-400:]!r}")
     elif missing := [w for w in attack.words if w.lower() not in lines[0].lower()]:
         problems.append(f"{missing} not in {lines[0]!r}")
     if read_outside:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.conftest import shm_left, shm_names, trials
+from tests.faults.conftest import shm_left, shm_names
 from tests.faults.outcome import tree
 
 HOOK = Path(__file__).parent / "hook"
@@ -146,13 +146,14 @@ PHASES = {
 }
 
 
-@trials(fast=1, slow=4)
 @pytest.mark.parametrize(
-    "phase",
+    "phase,n_trials",
     [
-        pytest.param("prefill", marks=pytest.mark.slow),
-        pytest.param("decode", marks=pytest.mark.slow),
-        "allreduce",
+        pytest.param("allreduce", 1, id="allreduce-fast"),
+        *(
+            pytest.param(phase, 4, id=f"{phase}-slow", marks=pytest.mark.slow)
+            for phase in ("prefill", "decode", "allreduce")
+        ),
     ],
 )
 def test_rank_killed_stops_the_others_within_5s(phase, n_trials, zygote, tmp_path, fault):

@@ -278,6 +278,9 @@ def run(
                     f"{len(os.sched_getaffinity(0))} allowed cores; use fewer ranks "
                     "or --no-bind-cores"
                 )
+        # every file checked once, here: a damaged shard is one line, not one per rank (the
+        # ranks then find the verified stamp)
+        artifacts.verify(artifacts_dir, manifest)
         argv = [a for a in sys.argv[1:]]
         sys.exit(launch.supervise(argv, ranks, groups))
     else:

@@ -135,12 +135,12 @@ class Server:
                 if not line.startswith(b"data: {"):
                     continue
                 event = json.loads(line[6:])
+                last = time.perf_counter()  # any event: the toy 1.1B's tokens may decode to ""
                 if event.get("usage"):
                     count = event["usage"]["completion_tokens"]
                 elif event["choices"] and event["choices"][0]["text"]:
-                    last = time.perf_counter()
                     first = first or last
-            return Stream(sent, first or sent, last or sent, count)
+            return Stream(sent, first or float("nan"), last or sent, count)  # nan: no text
         finally:
             conn.close()
 

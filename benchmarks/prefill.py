@@ -30,6 +30,9 @@ def projection_shapes(root: Path) -> list[tuple[int, int]]:
 
     graph = onnx.load(str(root / "model.onnx"), load_external_data=False).graph
     dims = {i.name: tuple(i.dims) for i in graph.initializer}
+    for node in graph.node:  # BF16 weights reach their Transpose through a Cast
+        if node.op_type == "Cast" and node.input[0] in dims:
+            dims[node.output[0]] = dims[node.input[0]]
     shapes = []
     for node in graph.node:
         if node.op_type == "MatMulNBits":

@@ -107,7 +107,7 @@ def _serve(root, model, options: _Serve) -> int:
         code = serve(served, options.host, options.port, on_ready=ready)
     finally:
         engine.close()
-    if code:
+    if code and model.manifest.ranks == 1:  # sharded: the supervisor names the rank that died
         print(f"xrun: the model stopped ({engine.failed}); exiting", file=sys.stderr)
     return code
 

@@ -544,8 +544,13 @@ def test_signals_wait_for_the_commit(tmp_path):
     import signal
 
     seen = []
-    with pytest.raises(KeyboardInterrupt), artifacts._signals_deferred():
-        os.kill(os.getpid(), signal.SIGINT)
-        seen.append("the block went on")
-    assert seen == ["the block went on"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # Python's own Ctrl-C handler, whatever an earlier test in this process left installed
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt), artifacts._signals_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            seen.append("the block went on")
+        assert seen == ["the block went on"]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -429,5 +429,12 @@ def serve(served: Served, host: str, port: int, on_ready=None) -> int:
         await server.serve()
         task.cancel()
 
-    asyncio.run(main())
+    # Not asyncio.run: its own Ctrl-C handling races uvicorn's (which shuts down gracefully,
+    # then raises the signal again), and the exit code came out 0 or 130 by chance. Here the
+    # re-raised SIGINT always ends as KeyboardInterrupt: exit 130, as everywhere in xrun.
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
     return 3 if served.engine.failed else 0

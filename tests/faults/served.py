@@ -124,6 +124,10 @@ class Stream:
         self.conn.close()
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Serving:
     def __init__(self, art: Path, work: Path, slots: int, extra: list[str] = (), env=None):
         self.art, self.work, self.slots = art, work, slots
@@ -137,6 +141,10 @@ class Serving:
             cwd=work,
             env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})},
             start_new_session=True,  # its own group: the server, its launcher and ranks
+            # Ctrl-C as at a terminal, even when this test runs from a shell's background job
+            # (which starts everything with SIGINT ignored, and a server that ignores SIGINT
+            # shuts down gracefully with exit 0 instead of 130)
+            preexec_fn=_default_sigint,
         )
         self.pid = self.proc.pid
         self._ready = threading.Event()

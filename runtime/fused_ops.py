@@ -332,7 +332,7 @@ def attention_step(k_cache: torch.Tensor, v_cache: torch.Tensor, use_kernels: bo
     Without segments (the single-sequence path, B = 1): past_k (1,kv,P,d), a view of the cache,
     says where the new tokens go.
     """
-    from xcompile.runtime.kv_cache import Segment
+    from xcompile.runtime.kv_cache import Segment, check_room
 
     def run(
         q3,
@@ -352,13 +352,7 @@ def attention_step(k_cache: torch.Tensor, v_cache: torch.Tensor, use_kernels: bo
         segments = kv.segments if kv is not None else None
         if segments is None:
             segments = [Segment(0, past_k.shape[2], q3.shape[1])]
-            if k_cache.shape[2] < segments[0].start + segments[0].length:
-                from xcompile.errors import UserError
-
-                raise UserError(
-                    f"context full: {segments[0].start + segments[0].length} tokens do not fit "
-                    f"the KV cache of {k_cache.shape[2]}; ask for fewer tokens"
-                )
+            check_room(segments[0].start + segments[0].length, k_cache.shape[2])
         d = k_cache.shape[-1]
         scale = scale or d**-0.5
         window = local_window_size if local_window_size and local_window_size > 0 else 0

@@ -19,6 +19,15 @@ import torch
 from xcompile.errors import UserError
 
 
+def check_room(total: int, capacity: int) -> None:
+    """One refusal for every path that writes K/V: `total` positions in a cache of `capacity`."""
+    if total > capacity:
+        raise UserError(
+            f"context full: {total} tokens do not fit the KV cache of {capacity}; "
+            "ask for fewer tokens"
+        )
+
+
 @dataclass(frozen=True)
 class Segment:
     """`length` new tokens of the sequence in `slot`, at positions start .. start + length - 1:
@@ -49,11 +58,7 @@ class KVCache:
         for seg in segments:
             if not 0 <= seg.slot < self.slots:
                 raise ValueError(f"slot {seg.slot} outside 0..{self.slots - 1}")
-            if seg.start + seg.length > self.capacity:
-                raise UserError(
-                    f"context full: {seg.start + seg.length} tokens do not fit the KV cache of "
-                    f"{self.capacity}; ask for fewer tokens"
-                )
+            check_room(seg.start + seg.length, self.capacity)
             self.rows[seg.slot, seg.start : seg.start + seg.length] = seg.slot
 
     def fork(self, source: int, targets: list[int], length: int) -> None:

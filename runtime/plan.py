@@ -26,6 +26,7 @@ from onnx import numpy_helper
 
 from xcompile.errors import UserError
 from xcompile.runtime import fused_ops
+from xcompile.runtime.kv_cache import check_room
 from xcompile.runtime.ops import DTYPES, OPS
 
 PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)$")
@@ -131,11 +132,7 @@ def kv_append(past: torch.Tensor, new: torch.Tensor, cache: torch.Tensor) -> tor
     """past (B,kv,P,d) is a view of cache (B,kv,capacity,d); write new (B,kv,S,d) at P..P+S and
     return the view (B,kv,P+S,d)."""
     p, s = past.shape[2], new.shape[2]
-    if p + s > cache.shape[2]:
-        raise UserError(
-            f"context full: {p + s} tokens do not fit the KV cache of "
-            f"{cache.shape[2]}; ask for fewer tokens"
-        )
+    check_room(p + s, cache.shape[2])
     cache[:, :, p : p + s].copy_(new)
     return cache[:, :, : p + s]
 

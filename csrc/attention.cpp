@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -398,6 +399,14 @@ void attention(const float* q, const float* k_cache, const float* v_cache, float
       }
     }
   }
+}
+
+void kv_write(const float* src, int64_t src_stride, float* cache, int64_t slot, int64_t start,
+              int64_t S, int64_t kv_heads, int64_t head_dim, int64_t capacity) {
+  for (int64_t t = 0; t < S; ++t)
+    for (int64_t h = 0; h < kv_heads; ++h)
+      std::memcpy(cache + ((slot * kv_heads + h) * capacity + start + t) * head_dim,
+                  src + t * src_stride + h * head_dim, sizeof(float) * head_dim);
 }
 
 }  // namespace xcompile

@@ -20,16 +20,23 @@ void skip_rmsnorm(const float* x, const float* skip, const float* weight, float*
 // x (tokens, heads, head_dim) fp32 with token stride x_stride, out likewise with out_stride
 // (out may be x); cos, sin (tokens, rotary_dim / 2). Rotates the first rotary_dim dims of every
 // head: pairs (i, i + rotary_dim / 2) when !interleaved (Llama), (2i, 2i + 1) when interleaved
-// (GPT-J); the rest pass through.
+// (GPT-J); the rest pass through. positions (tokens) int64, or null: token t takes row
+// positions[t] of cos, sin (then whole tables, (max_positions, rotary_dim / 2)), else row t.
 void rotary(const float* x, const float* cos, const float* sin, float* out, int64_t tokens,
             int64_t heads, int64_t head_dim, int64_t rotary_dim, bool interleaved,
-            int64_t x_stride, int64_t out_stride);
+            int64_t x_stride, int64_t out_stride, const int64_t* positions = nullptr);
 
 // gate, up, out (n) fp32: out = gate * sigmoid(gate) * up. out may alias gate or up.
 void silu_mul(const float* gate, const float* up, float* out, int64_t n);
 
 // x, out (n) fp32: out = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))). out may alias x.
 void gelu_tanh(const float* x, float* out, int64_t n);
+
+// New K or V into the cache: src (S, kv_heads, d) fp32 with token stride src_stride (a column
+// slice of a fused QKV output, say) -> cache (slots, kv_heads, capacity, d) at slot `slot`,
+// positions start .. start + S - 1.
+void kv_write(const float* src, int64_t src_stride, float* cache, int64_t slot, int64_t start,
+              int64_t S, int64_t kv_heads, int64_t head_dim, int64_t capacity);
 
 // q (S, heads, d), k_cache and v_cache (kv_heads, capacity, d) with rows 0 .. past + S - 1 valid,
 // out (S, heads, d) (may be q), all fp32. Causal GQA: query t (position past + t), head h attends

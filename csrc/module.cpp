@@ -94,21 +94,30 @@ NB_MODULE(_C, m) {
       "rotary",
       [](uintptr_t x, uintptr_t cos, uintptr_t sin, uintptr_t out, int64_t tokens, int64_t heads,
          int64_t head_dim, int64_t rotary_dim, bool interleaved, int64_t x_stride,
-         int64_t out_stride) {
+         int64_t out_stride, uintptr_t positions, int64_t table_rows) {
         check_sizes("rotary", {tokens, heads, head_dim, rotary_dim, x_stride, out_stride});
         if (rotary_dim % 2 || rotary_dim > head_dim)
           throw std::invalid_argument("rotary: rotary_dim must be even and <= head_dim");
         if (tokens > 1 && (x_stride < heads * head_dim || out_stride < heads * head_dim))
           throw std::invalid_argument("rotary: token strides must be >= heads * head_dim");
+        const int64_t* pos = reinterpret_cast<const int64_t*>(positions);
+        for (int64_t t = 0; pos && t < tokens; ++t)
+          if (pos[t] < 0 || pos[t] >= table_rows)
+            throw std::invalid_argument("rotary: position " + std::to_string(pos[t]) +
+                                        " outside the cos/sin tables' " +
+                                        std::to_string(table_rows) + " rows");
         if (tokens == 0 || heads == 0 || head_dim == 0) return;
         xcompile::rotary(as_ptr<const float>(x, "x", true), as_ptr<const float>(cos, "cos", rotary_dim > 0),
                          as_ptr<const float>(sin, "sin", rotary_dim > 0), as_ptr<float>(out, "out", true),
-                         tokens, heads, head_dim, rotary_dim, interleaved, x_stride, out_stride);
+                         tokens, heads, head_dim, rotary_dim, interleaved, x_stride, out_stride, pos);
       },
       "x"_a, "cos"_a, "sin"_a, "out"_a, "tokens"_a, "heads"_a, "head_dim"_a, "rotary_dim"_a,
-      "interleaved"_a, "x_stride"_a, "out_stride"_a, nb::call_guard<nb::gil_scoped_release>(),
+      "interleaved"_a, "x_stride"_a, "out_stride"_a, "positions"_a = 0, "table_rows"_a = 0,
+      nb::call_guard<nb::gil_scoped_release>(),
       "Rotary embedding of x (tokens, heads, head_dim; token stride x_stride) into out (may be x); "
-      "cos, sin (tokens, rotary_dim / 2); interleaved: GPT-J pairs, else Llama's half split.");
+      "cos, sin (tokens, rotary_dim / 2), or with positions (tokens,) int64 the whole tables "
+      "(table_rows, rotary_dim / 2) read at those rows; interleaved: GPT-J pairs, else Llama's "
+      "half split.");
 
   m.def(
       "silu_mul",
@@ -153,6 +162,25 @@ NB_MODULE(_C, m) {
       "Causal GQA of q (S, heads, d) at positions past.. over k_cache, v_cache (kv_heads, "
       "capacity, d) into out (S, heads, d; may be q); window <= 0: no sliding window; slot_of "
       "(int32, past + S; 0: none): key j from cache slot slot_of[j], slot_stride floats apart.");
+
+  m.def(
+      "kv_write",
+      [](uintptr_t src, int64_t src_stride, uintptr_t cache, int64_t slot, int64_t slots,
+         int64_t start, int64_t S, int64_t kv_heads, int64_t head_dim, int64_t capacity) {
+        check_sizes("kv_write", {src_stride, slot, start, S, kv_heads, head_dim, capacity});
+        if (slot >= slots || start + S > capacity)
+          throw std::invalid_argument("kv_write: slot or positions outside the cache");
+        if (S > 1 && src_stride < kv_heads * head_dim)
+          throw std::invalid_argument("kv_write: src_stride must be >= kv_heads * head_dim");
+        if (S == 0 || kv_heads == 0 || head_dim == 0) return;
+        xcompile::kv_write(as_ptr<const float>(src, "src", true), src_stride,
+                           as_ptr<float>(cache, "cache", true), slot, start, S, kv_heads, head_dim,
+                           capacity);
+      },
+      "src"_a, "src_stride"_a, "cache"_a, "slot"_a, "slots"_a, "start"_a, "S"_a, "kv_heads"_a,
+      "head_dim"_a, "capacity"_a, nb::call_guard<nb::gil_scoped_release>(),
+      "src (S, kv_heads, d; token stride src_stride) -> cache (slots, kv_heads, capacity, d) at "
+      "slot, positions start .. start + S - 1; all fp32.");
 
   m.def(
       "gemv_f32",

@@ -131,7 +131,7 @@ HeadFn head_kernel(bool interleaved) {
 
 void rotary(const float* x, const float* cos, const float* sin, float* out, int64_t tokens,
             int64_t heads, int64_t head_dim, int64_t rotary_dim, bool interleaved,
-            int64_t x_stride, int64_t out_stride) {
+            int64_t x_stride, int64_t out_stride, const int64_t* positions) {
   const HeadFn head = head_kernel(interleaved);
   const int64_t half = rotary_dim / 2, tasks = tokens * heads;
   const int threads = num_threads();
@@ -142,7 +142,8 @@ void rotary(const float* x, const float* cos, const float* sin, float* out, int6
     const int64_t t = task / heads, h = task % heads;
     const float* xh = x + t * x_stride + h * head_dim;
     float* oh = out + t * out_stride + h * head_dim;
-    head(xh, cos + t * half, sin + t * half, oh, half);
+    const int64_t row = positions ? positions[t] : t;
+    head(xh, cos + row * half, sin + row * half, oh, half);
     if (oh != xh && head_dim > rotary_dim)
       std::memcpy(oh + rotary_dim, xh + rotary_dim, sizeof(float) * (head_dim - rotary_dim));
   }

@@ -137,15 +137,24 @@ def output_buffers():
     block per tag, grown to the largest size asked for (batched decode changes the row count at
     every step; a buffer per shape grew without bound under a server's load)."""
     blocks: dict[int, torch.Tensor] = {}
+    views: dict[tuple, torch.Tensor] = {}  # (tag, shape) -> its view of the block, as made
 
     def get(shape: tuple[int, ...], tag: int = 0) -> torch.Tensor:
+        view = views.get((tag, shape))
+        if view is not None:
+            return view
         numel = 1
         for d in shape:
             numel *= d
         block = blocks.get(tag)
         if block is None or block.numel() < numel:
             block = blocks[tag] = torch.empty(max(numel, 1))
-        return block[:numel].view(shape)
+            for key in [key for key in views if key[0] == tag]:  # views of the old block
+                del views[key]
+        if len(views) >= 32:  # row counts change under batching: keep this bounded
+            views.clear()
+        view = views[(tag, shape)] = block[:numel].view(shape)
+        return view
 
     return get
 
@@ -222,11 +231,42 @@ def fast_op(key: tuple[str, str]):
                     rotary_embedding_dim,
                     scale,
                 )
+            s, hidden = x.shape[1], x.shape[2]
+            d = hidden // num_heads
+            r = rotary_embedding_dim or 2 * cos_cache.shape[-1]
+            y = out((s, num_heads, d))
+            if (
+                x.dtype == torch.float32
+                and x.stride(2) == 1
+                and cos_cache.dtype == sin_cache.dtype == torch.float32
+                and cos_cache.is_contiguous()
+                and sin_cache.is_contiguous()
+                and cos_cache.shape == sin_cache.shape
+                and cos_cache.shape[-1] * 2 == r
+                and position_ids.dtype == torch.int64
+                and position_ids.is_contiguous()
+                and position_ids.numel() == s
+            ):  # one call: x read in place (often a column slice of the fused QKV output), the
+                # tables read at each token's position
+                _C.rotary(
+                    x.data_ptr(),
+                    cos_cache.data_ptr(),
+                    sin_cache.data_ptr(),
+                    y.data_ptr(),
+                    s,
+                    num_heads,
+                    d,
+                    r,
+                    bool(interleaved),
+                    x.stride(1),
+                    hidden,
+                    position_ids.data_ptr(),
+                    cos_cache.shape[0],
+                )
+                return y.view(x.shape)
             from xcompile.runtime import kernels
 
-            s = x.shape[1]
-            y = out((s, num_heads, x.shape[2] // num_heads))
-            y.copy_(x.view(y.shape))  # x is often a column slice of the fused QKV output
+            y.copy_(x.view(y.shape))
             pos = position_ids[0]
             kernels.rotary(
                 y,
@@ -332,7 +372,46 @@ def attention_step(k_cache: torch.Tensor, v_cache: torch.Tensor, use_kernels: bo
     Without segments (the single-sequence path, B = 1): past_k (1,kv,P,d), a view of the cache,
     says where the new tokens go.
     """
+    from xcompile import _C
     from xcompile.runtime.kv_cache import Segment, check_room
+
+    fast = use_kernels and k_cache.dtype == v_cache.dtype == torch.float32
+    slots, _, capacity, _ = k_cache.shape
+    k_ptr, v_ptr = k_cache.data_ptr(), v_cache.data_ptr()
+    slot_stride = k_cache[0].numel()
+    out_buffer = output_buffers()
+
+    def direct(q3, k3, v3, segments, heads, kv_heads, d, scale, window):
+        # Decode's path, straight to the kernels: the new K/V written into each segment's slot
+        # from wherever they sit (columns of the fused QKV output), then attention read through
+        # the cache's rows (KVCache keeps them inside 0..slots-1). No torch op per call.
+        out = out_buffer((1, q3.shape[1], heads * d))
+        q_stride, k_stride, v_stride = q3.stride(1), k3.stride(1), v3.stride(1)
+        q0, k0, v0, o0 = q3.data_ptr(), k3.data_ptr(), v3.data_ptr(), out.data_ptr()
+        rows, row_stride = kv.rows.data_ptr(), kv.rows.stride(0)
+        row = 0
+        for seg in segments:
+            p, s = seg.start, seg.length
+            _C.kv_write(k0 + 4 * row * k_stride, k_stride, k_ptr, seg.slot, slots, p, s, kv_heads, d, capacity)
+            _C.kv_write(v0 + 4 * row * v_stride, v_stride, v_ptr, seg.slot, slots, p, s, kv_heads, d, capacity)
+            _C.attention(
+                q0 + 4 * row * q_stride,
+                k_ptr,
+                v_ptr,
+                o0 + 4 * row * heads * d,
+                s,
+                heads,
+                kv_heads,
+                d,
+                capacity,
+                p,
+                window,
+                scale,
+                rows + 4 * seg.slot * row_stride,
+                slot_stride,
+            )
+            row += s
+        return out, k_cache, v_cache
 
     def run(
         q3,
@@ -356,6 +435,8 @@ def attention_step(k_cache: torch.Tensor, v_cache: torch.Tensor, use_kernels: bo
         d = k_cache.shape[-1]
         scale = scale or d**-0.5
         window = local_window_size if local_window_size and local_window_size > 0 else 0
+        if fast and kv is not None and _direct(q3, k3, v3, num_heads, kv_num_heads, d):
+            return direct(q3, k3, v3, segments, num_heads, kv_num_heads, d, scale, window)
         q = q3.reshape(-1, num_heads, d)
         k = k3.reshape(-1, kv_num_heads, d).transpose(0, 1)  # (kv, T, d)
         v = v3.reshape(-1, kv_num_heads, d).transpose(0, 1)
@@ -393,6 +474,20 @@ def attention_step(k_cache: torch.Tensor, v_cache: torch.Tensor, use_kernels: bo
         return out.view(1, row, -1), k_cache, v_cache
 
     return run
+
+
+def _direct(q3, k3, v3, heads: int, kv_heads: int, d: int) -> bool:
+    """q3 (1,T,heads*d) with whole rows, k3/v3 (1,T,kv*d) whose rows may be column slices:
+    the shapes the kernels can read as they are."""
+    return (
+        q3.dtype == k3.dtype == v3.dtype == torch.float32
+        and q3.dim() == k3.dim() == v3.dim() == 3
+        and q3.shape[0] == 1
+        and q3.shape[2] == heads * d
+        and k3.shape[2] == v3.shape[2] == kv_heads * d
+        and q3.stride(2) == k3.stride(2) == v3.stride(2) == 1
+        and q3.stride(1) == heads * d
+    )
 
 
 def attention_reference(q3, keys, values, past: int, heads: int, scale: float, window: int):

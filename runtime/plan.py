@@ -128,6 +128,10 @@ def linear_step(weight: torch.Tensor, use_kernels: bool) -> Callable[[torch.Tens
     return run
 
 
+def split_fixed(x: torch.Tensor, *, sizes: list[int], axis: int) -> tuple[torch.Tensor, ...]:
+    return x.split(sizes, axis)
+
+
 def kv_append(past: torch.Tensor, new: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
     """past (B,kv,P,d) is a view of cache (B,kv,capacity,d); write new (B,kv,S,d) at P..P+S and
     return the view (B,kv,P+S,d)."""
@@ -264,6 +268,17 @@ def build_plan(
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
             slots[outs[0]] = torch.from_numpy(numpy_helper.to_array(attrs["value"]).copy())
             const.add(node.output[0])
+            continue
+        if (
+            node.op_type == "Split"
+            and node.domain in ("", "ai.onnx")
+            and len(node.input) > 1
+            and node.input[1] in const
+            and node.input[0] not in const
+        ):  # split sizes known now: no tensor-to-list conversion per call
+            sizes = [int(n) for n in slots[slot[node.input[1]]].tolist()]
+            axis = int(attrs.get("axis", 0))
+            steps.append(Step(f"{node.name}/Split", split_fixed, ins[:1], outs, {"sizes": sizes, "axis": axis}))
             continue
         fn = op_fn(node)
         if all(n in const or n == "" for n in node.input):  # fold now, once

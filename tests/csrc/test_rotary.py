@@ -92,3 +92,36 @@ def test_rotary_rejects_partly_overlapping_out():
     buf = torch.randn(3, 2, 8)
     with pytest.raises(ValueError, match="overlaps x"):
         kernels.rotary(buf[:2], torch.randn(2, 4), torch.randn(2, 4), False, out=buf[1:])
+
+
+@pytest.mark.parametrize("interleaved", [False, True], ids=["half_split", "interleaved"])
+def test_rotary_reads_whole_tables_at_positions(isa, interleaved):
+    # The decode path: whole (max_positions, rotary_dim / 2) tables and each token's position,
+    # x a column slice of a wider buffer, out a separate buffer; partial rotary passes through.
+    tokens, heads, head_dim, rotary_dim, table_rows = 3, 4, 34, 18, 50
+    cos, sin = _tables(table_rows, rotary_dim)
+    wide = torch.randn(tokens, heads * head_dim + 20)
+    x = wide[:, : heads * head_dim]
+    positions = torch.tensor([49, 0, 17])
+    out = torch.full((tokens, heads, head_dim), float("nan"))
+    _C.rotary(
+        x.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), tokens, heads, head_dim,
+        rotary_dim, interleaved, wide.stride(0), heads * head_dim, positions.data_ptr(),
+        table_rows,
+    )
+    expected = kernels.rotary_reference(
+        x.reshape(tokens, heads, head_dim), cos[positions], sin[positions], interleaved, rotary_dim
+    )
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("position", [50, -1])
+def test_rotary_refuses_a_position_outside_the_tables(position):
+    cos, sin = _tables(50, 8)
+    x = torch.randn(1, 2, 8)
+    positions = torch.tensor([position])
+    with pytest.raises(ValueError, match="outside the cos/sin tables"):
+        _C.rotary(
+            x.data_ptr(), cos.data_ptr(), sin.data_ptr(), x.data_ptr(), 1, 2, 8, 8, False, 16, 16,
+            positions.data_ptr(), 50,
+        )

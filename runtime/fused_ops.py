@@ -292,6 +292,7 @@ def fast_op(key: tuple[str, str]):
 
     if key == (MS, "MatMulNBits") and hasattr(_C, "gemv_nbits"):
         vnni = _C.isa() == "avx512_vnni"  # as dispatched when the plan is built
+        bound: list = [None, None]  # [the blocks tensor, its constant pointers and kernel]
 
         def matmul_nbits(
             x,
@@ -307,40 +308,30 @@ def fast_op(key: tuple[str, str]):
             block_size,
             accuracy_level=0,
         ):
-            rows = x.numel() // K
-            # accuracy_level 4 allows int8 activations: taken where VNNI makes them pay, for any
-            # number of rows (prefill too: 64 multiply-adds an instruction beat dequantizing
-            # the weight for torch's fp32 GEMM)
-            q8 = accuracy_level == 4 and vnni and _C.gemv_nbits_q8_supported(bits, block_size)
-            if g_idx is not None or (rows > 64 and not q8):  # dequantize, then torch's GEMM
-                w = out((N, K), 1)
-                _C.dequantize_nbits(
+            if bound[0] is not blocks:  # the weights are constants: resolve them once
+                # accuracy_level 4 allows int8 activations: taken where VNNI makes them pay, for
+                # any number of rows (prefill too: 64 multiply-adds an instruction beat
+                # dequantizing the weight for torch's fp32 GEMM)
+                q8 = accuracy_level == 4 and vnni and _C.gemv_nbits_q8_supported(bits, block_size)
+                bound[0] = blocks
+                bound[1] = (
+                    _C.gemv_nbits_q8 if q8 else _C.gemv_nbits,
+                    q8,
                     blocks.data_ptr(),
                     scales.data_ptr(),
                     0 if zero_points is None else zero_points.data_ptr(),
-                    w.data_ptr(),
-                    N,
-                    K,
-                    bits,
-                    block_size,
+                    0 if bias is None else bias.data_ptr(),
                 )
+            kernel, q8, b_ptr, s_ptr, zp_ptr, bias_ptr = bound[1]
+            rows = x.numel() // K
+            if g_idx is not None or (rows > 64 and not q8):  # dequantize, then torch's GEMM
+                w = out((N, K), 1)
+                _C.dequantize_nbits(b_ptr, s_ptr, zp_ptr, w.data_ptr(), N, K, bits, block_size)
                 y = torch.nn.functional.linear(x, w)
                 return y if bias is None else y + bias
             x = _f32(x)
             y = out((*x.shape[:-1], N))
-            (_C.gemv_nbits_q8 if q8 else _C.gemv_nbits)(
-                x.data_ptr(),
-                blocks.data_ptr(),
-                scales.data_ptr(),
-                0 if zero_points is None else zero_points.data_ptr(),
-                0 if bias is None else bias.data_ptr(),
-                y.data_ptr(),
-                rows,
-                N,
-                K,
-                bits,
-                block_size,
-            )
+            kernel(x.data_ptr(), b_ptr, s_ptr, zp_ptr, bias_ptr, y.data_ptr(), rows, N, K, bits, block_size)
             return y
 
         return matmul_nbits

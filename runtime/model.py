@@ -148,7 +148,7 @@ class Model:
             raise ValueError("forward_batch: the segments' lengths must add up to len(ids) > 0")
         cache.claim(segments)
         positions = [p for seg in segments for p in range(seg.start, seg.start + seg.length)]
-        feeds = cache.past(0)
+        feeds = dict(cache.buffers)  # the attention steps write and read them through `rows`
         feeds["input_ids"] = torch.tensor([ids], dtype=torch.int64)
         feeds["position_ids"] = torch.tensor([positions], dtype=torch.int64)
         cache.segments = segments

@@ -13,6 +13,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from xcompile.runtime.replay import Start, emit, emit_at
+
 MS = "com.microsoft"
 XC = "ai.xcompile"
 
@@ -132,6 +134,17 @@ REFERENCE = {
 # step's output lives only until the step after its last reader, within one forward pass.
 
 
+_generation = [0]  # bumped whenever an output buffer is (re)allocated: recorded addresses move
+
+
+def buffers_generation() -> int:
+    return _generation[0]
+
+
+def bump_generation() -> None:
+    _generation[0] += 1
+
+
 def output_buffers():
     """get(shape, tag) -> an fp32 tensor of `shape` that this node reuses at every call: one
     block per tag, grown to the largest size asked for (batched decode changes the row count at
@@ -149,11 +162,12 @@ def output_buffers():
         block = blocks.get(tag)
         if block is None or block.numel() < numel:
             block = blocks[tag] = torch.empty(max(numel, 1))
+            _generation[0] += 1
             for key in [key for key in views if key[0] == tag]:  # views of the old block
                 del views[key]
         if len(views) >= 32:  # row counts change under batching: keep this bounded
             views.clear()
-        view = views[(tag, shape)] = block[:numel].view(shape)
+        view = views[(tag, shape)] = block.narrow(0, 0, numel).view(shape)
         return view
 
     return get
@@ -178,7 +192,7 @@ def fast_op(key: tuple[str, str]):
             x = _f32(x)
             y = out(tuple(x.shape))
             cols = x.shape[-1]
-            _C.rmsnorm(
+            emit(_C.rmsnorm, 
                 x.data_ptr(), scale.data_ptr(), y.data_ptr(), x.numel() // cols, cols, epsilon
             )
             return y
@@ -193,7 +207,7 @@ def fast_op(key: tuple[str, str]):
             x, skip = _f32(x), _f32(skip)
             y, total = out(tuple(x.shape), 0), out(tuple(x.shape), 1)
             cols = x.shape[-1]
-            _C.skip_rmsnorm(
+            emit(_C.skip_rmsnorm, 
                 x.data_ptr(),
                 skip.data_ptr(),
                 gamma.data_ptr(),
@@ -248,7 +262,7 @@ def fast_op(key: tuple[str, str]):
                 and position_ids.numel() == s
             ):  # one call: x read in place (often a column slice of the fused QKV output), the
                 # tables read at each token's position
-                _C.rotary(
+                emit(_C.rotary, 
                     x.data_ptr(),
                     cos_cache.data_ptr(),
                     sin_cache.data_ptr(),
@@ -285,7 +299,7 @@ def fast_op(key: tuple[str, str]):
         def silu_mul(g, up):
             g, up = _f32(g), _f32(up)
             y = out(tuple(g.shape))
-            _C.silu_mul(g.data_ptr(), up.data_ptr(), y.data_ptr(), g.numel())
+            emit(_C.silu_mul, g.data_ptr(), up.data_ptr(), y.data_ptr(), g.numel())
             return y
 
         return silu_mul
@@ -326,12 +340,12 @@ def fast_op(key: tuple[str, str]):
             rows = x.numel() // K
             if g_idx is not None or (rows > 64 and not q8):  # dequantize, then torch's GEMM
                 w = out((N, K), 1)
-                _C.dequantize_nbits(b_ptr, s_ptr, zp_ptr, w.data_ptr(), N, K, bits, block_size)
+                emit(_C.dequantize_nbits, b_ptr, s_ptr, zp_ptr, w.data_ptr(), N, K, bits, block_size)
                 y = torch.nn.functional.linear(x, w)
                 return y if bias is None else y + bias
             x = _f32(x)
             y = out((*x.shape[:-1], N))
-            kernel(x.data_ptr(), b_ptr, s_ptr, zp_ptr, bias_ptr, y.data_ptr(), rows, N, K, bits, block_size)
+            emit(kernel, x.data_ptr(), b_ptr, s_ptr, zp_ptr, bias_ptr, y.data_ptr(), rows, N, K, bits, block_size)
             return y
 
         return matmul_nbits
@@ -341,7 +355,7 @@ def fast_op(key: tuple[str, str]):
         def gelu_tanh(x, bias=None):
             x = _f32(x if bias is None else x + bias)
             y = out(tuple(x.shape))
-            _C.gelu_tanh(x.data_ptr(), y.data_ptr(), x.numel())
+            emit(_C.gelu_tanh, x.data_ptr(), y.data_ptr(), x.numel())
             return y
 
         return gelu_tanh
@@ -380,26 +394,32 @@ def attention_step(k_cache: torch.Tensor, v_cache: torch.Tensor, use_kernels: bo
         q_stride, k_stride, v_stride = q3.stride(1), k3.stride(1), v3.stride(1)
         q0, k0, v0, o0 = q3.data_ptr(), k3.data_ptr(), v3.data_ptr(), out.data_ptr()
         rows, row_stride = kv.rows.data_ptr(), kv.rows.stride(0)
+        starts = [seg.start for seg in segments]
         row = 0
-        for seg in segments:
-            p, s = seg.start, seg.length
-            _C.kv_write(k0 + 4 * row * k_stride, k_stride, k_ptr, seg.slot, slots, p, s, kv_heads, d, capacity)
-            _C.kv_write(v0 + 4 * row * v_stride, v_stride, v_ptr, seg.slot, slots, p, s, kv_heads, d, capacity)
-            _C.attention(
-                q0 + 4 * row * q_stride,
-                k_ptr,
-                v_ptr,
-                o0 + 4 * row * heads * d,
-                s,
-                heads,
-                kv_heads,
-                d,
-                capacity,
-                p,
-                window,
-                scale,
-                rows + 4 * seg.slot * row_stride,
-                slot_stride,
+        for i, seg in enumerate(segments):
+            s, p = seg.length, Start(i)  # the start moves every step: replays resolve it
+            k_row, v_row = k0 + 4 * row * k_stride, v0 + 4 * row * v_stride
+            emit_at(_C.kv_write, (k_row, k_stride, k_ptr, seg.slot, slots, p, s, kv_heads, d, capacity), starts)
+            emit_at(_C.kv_write, (v_row, v_stride, v_ptr, seg.slot, slots, p, s, kv_heads, d, capacity), starts)
+            emit_at(
+                _C.attention,
+                (
+                    q0 + 4 * row * q_stride,
+                    k_ptr,
+                    v_ptr,
+                    o0 + 4 * row * heads * d,
+                    s,
+                    heads,
+                    kv_heads,
+                    d,
+                    capacity,
+                    p,
+                    window,
+                    scale,
+                    rows + 4 * seg.slot * row_stride,
+                    slot_stride,
+                ),
+                starts,
             )
             row += s
         return out, k_cache, v_cache

@@ -149,13 +149,27 @@ class Model:
         cache.claim(segments)
         positions = [p for seg in segments for p in range(seg.start, seg.start + seg.length)]
         feeds = dict(cache.buffers)  # the attention steps write and read them through `rows`
-        feeds["input_ids"] = torch.tensor([ids], dtype=torch.int64)
-        feeds["position_ids"] = torch.tensor([positions], dtype=torch.int64)
+        feeds["input_ids"], feeds["position_ids"] = self._id_feeds(ids, positions)
         cache.segments = segments
+        # what fixes every shape and address of this forward: a replayed decode step needs
+        # only the segments' start positions, which move by one a step
+        key = (tuple((seg.slot, seg.length) for seg in segments), None if rows is None else tuple(rows))
         try:
-            return self._run(feeds, rows)
+            return self._run(feeds, rows, key, [seg.start for seg in segments])
         finally:
             cache.segments = None
+
+    def _id_feeds(self, ids: list[int], positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """input_ids, position_ids (1, n) int64 in blocks kept between forwards, so that their
+        addresses stay put (a replayed step reads them where they were recorded)."""
+        n = len(ids)
+        block = getattr(self, "_ids_block", None)
+        if block is None or block.shape[1] < n:
+            block = self._ids_block = torch.zeros(2, max(n, 64), dtype=torch.int64)
+        array = block.numpy()
+        array[0, :n] = ids
+        array[1, :n] = positions
+        return block[0, :n].view(1, n), block[1, :n].view(1, n)
 
     def fork(self, cache: KVCache, source: int, targets: list[int], length: int) -> None:
         cache.fork(source, targets, length)
@@ -167,11 +181,17 @@ class Model:
         if cache is not self._cache:
             raise ValueError("forward() takes the cache from this model's new_cache()")
 
-    def _run(self, feeds: dict[str, torch.Tensor], rows: list[int] | None) -> torch.Tensor:
+    def _run(
+        self,
+        feeds: dict[str, torch.Tensor],
+        rows: list[int] | None,
+        key=None,
+        starts: list[int] = (),
+    ) -> torch.Tensor:
         self._plan.rows = None if rows is None else torch.tensor(rows, dtype=torch.int64)
         try:
             with torch.inference_mode():
                 # a copy: the plan reuses its output buffers at the next call
-                return self._plan.run(feeds)[0].clone()
+                return self._plan.run(feeds, key, starts)[0].clone()
         finally:
             self._plan.rows = None

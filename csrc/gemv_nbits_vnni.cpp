@@ -271,7 +271,8 @@ void gemv_nbits_q8(const float* x, const uint8_t* B, const float* scales,
   const int threads = num_threads();
   const int64_t tasks = (N + R - 1) / R;
   const bool pool = threads > 1 && N > R && N * K >= kParallelMinElems;
-#pragma omp parallel for schedule(static) num_threads(threads) if (pool)
+  const int64_t chunk = chunk_tasks(R * w.k_blocks * w.block_size);
+#pragma omp parallel for schedule(dynamic, chunk) num_threads(threads) if (pool)
   for (int64_t t = 0; t < tasks; ++t) {
     const int64_t n0 = t * R;
     task(qx, w, M, n0, std::min<int64_t>(R, N - n0), bias, out, N);

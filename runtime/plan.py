@@ -111,7 +111,6 @@ class Plan:
         return env[self.fetch]
 
     def _record(self, env: list, key: Any) -> torch.Tensor:
-        generation = fused_ops.buffers_generation()
         program = Program(feeds=tuple(env[slot].data_ptr() for slot in self.feeds.values()))
         for index, step in enumerate(self.steps):
             with recording_step() as record:
@@ -132,17 +131,18 @@ class Plan:
             else:  # re-run at each replay, its outputs copied where the recording read them
                 result = self._settle(env, index, step, result)
                 program.entries.append((PYTHON, index, addresses(result)))
-        program.generation = generation
+        # a buffer that grew while recording moved only its own node's addresses, recorded
+        # after it grew: the program holds from here on, until the next growth
+        program.generation = fused_ops.buffers_generation()
         self._tries[key] = self._tries.get(key, 0) + 1
-        if generation == fused_ops.buffers_generation():
-            seen = self._seen.pop(key, None)
-            if seen is not None and seen.same_as(program):
-                if len(self._ready) >= self._MAX_PROGRAMS:
-                    self._ready.pop(next(iter(self._ready)))
-                self._ready[key] = program
-                self._tries.pop(key, None)
-            else:
-                self._seen[key] = program
+        seen = self._seen.pop(key, None)
+        if seen is not None and seen.generation == program.generation and seen.same_as(program):
+            if len(self._ready) >= self._MAX_PROGRAMS:
+                self._ready.pop(next(iter(self._ready)))
+            self._ready[key] = program
+            self._tries.pop(key, None)
+        else:
+            self._seen[key] = program
         return env[self.fetch]
 
     def _settle(self, env: list, index: int, step: Step, result: Any) -> Any:

@@ -1,12 +1,13 @@
 """Decode speed of `xrun` beside transformers' eager generate and the machine's read bandwidth,
 all measured in this run, alternating so that the shared host's swings hit every row alike.
 
-    python benchmarks/decode.py MODEL_DIR [--variants bf16 bf16:primitive fp32] [--tokens 32]
+    python benchmarks/decode.py MODEL_DIR [--variants bf16 bf16:primitive fp32] [--tokens 64]
                                          [--work DIR] [--ranks 1]
 
 A variant is a weight format, optionally `:primitive` (compiled with --no-fuse). Each is compiled
 from MODEL_DIR once (into --work), run by `xrun --json` in a fresh process, and its per_token_ms
-read; transformers runs in this process in FP32. GB/s = weight bytes read per
+read (the mean over every decode step, the two recorded before replays start included: see
+runtime/replay.py); transformers runs in this process in FP32. GB/s = weight bytes read per
 token (every matrix but the embedding table, which is read one row at a time) / time per token.
 """
 
@@ -115,7 +116,7 @@ def main() -> None:
     parser.add_argument(
         "--variants", nargs="+", default=["bf16", "bf16:primitive", "int8", "int4", "fp32"]
     )
-    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--work", type=Path, default=Path("bench-work"))

@@ -323,7 +323,9 @@ def _generate(
     from xcompile.runtime.model import Model
     from xcompile.runtime.tensor_parallel import Leader, follow
 
-    n_threads = threads or len(os.sched_getaffinity(0))
+    from xcompile.runtime import launch
+
+    n_threads = threads or launch.cores()
     torch.set_num_threads(n_threads)
     kernels.set_num_threads(n_threads)
     rank = communicator.rank if communicator else 0

@@ -77,13 +77,31 @@ def numa_node(cores: list[int]) -> int | None:
     return None
 
 
+_bound: list[int] = []  # the cores bind() gave this process
+
+
 def bind(cores: list[int]) -> None:
     """Pin this process to `cores`, and each of its OpenMP threads to one of them (read when
     libgomp starts: call before torch or xcompile._C is imported)."""
+    _bound[:] = cores
     os.sched_setaffinity(0, cores)
     os.environ["OMP_NUM_THREADS"] = str(len(cores))
     os.environ.setdefault("OMP_PROC_BIND", "close")
     os.environ.setdefault("OMP_PLACES", "{" + "},{".join(map(str, cores)) + "}")
+
+
+def cores() -> int:
+    """How many cores this process may use: the ones bind() gave it (libgomp then pins the
+    importing thread to the first, so the thread's own affinity says 1), else its affinity."""
+    return len(_bound) or len(os.sched_getaffinity(0))
+
+
+def unpin_thread() -> None:
+    """Give the calling thread all the cores bind() gave the process. libgomp pins the thread
+    that starts it to the first place (OMP_PROC_BIND), and threads Python starts later inherit
+    that one core: the server's engine thread would share it with the event loop's."""
+    if _bound:
+        os.sched_setaffinity(0, _bound)
 
 
 def _child_setup() -> None:

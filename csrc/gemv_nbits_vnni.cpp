@@ -128,98 +128,6 @@ void task_scalar(const QuantizedX& qx, const NBits& w, int64_t M, int64_t n0, in
 
 #if XC_X86
 // ---- AVX512_VNNI -------------------------------------------------------------------------------
-// MB rows of x times RB weight rows. Per unit: int32 dot products (vpdpbusd), then one
-// convert + FMA by the unit's activation scale (times the weight scale when a block is one unit,
-// ONE_UNIT; else per block, by the weight scale, at the block's end).
-// Registers, MB = 4, RB = 1: 4 int32 + 4 block + 4 total accumulators, 4-8 x vectors.
-template <int MB, int RB, int BITS, bool ONE_UNIT>
-XC_TARGET_VNNI void block_vnni(const QuantizedX& qx, const NBits& w, int64_t m0, int64_t n0,
-                               const float* bias, float* out, int64_t N) {
-  constexpr int64_t kStep = BITS == 8 ? 64 : 128;  // elements per vpdpbusd (pair)
-  const int64_t steps = qx.unit / kStep, units_per_block = w.block_size / qx.unit;
-  const int8_t* xq = qx.q.data() + m0 * qx.padded;
-  const float* sx = qx.scale.data() + m0 * qx.units;
-  const float* cx = qx.c.data() + m0 * qx.k_blocks;
-  Row row[RB];
-  for (int r = 0; r < RB; ++r) row[r] = w.row(n0 + r);
-  __m512 total[MB][RB];
-  float correction[MB][RB] = {};
-  for (int m = 0; m < MB; ++m)
-    for (int r = 0; r < RB; ++r) total[m][r] = _mm512_setzero_ps();
-  const __m512i low4 = _mm512_set1_epi8(0x0F);
-  int64_t u = 0;  // the unit, counted over the whole row
-  for (int64_t b = 0; b < w.k_blocks; ++b) {
-    const uint8_t* wq[RB];  // where the next step's weight bytes are, per row
-    float s[RB];
-    for (int r = 0; r < RB; ++r) {
-      wq[r] = row[r].q + b * w.blob;
-      s[r] = row[r].s[b];
-    }
-    __m512 in_block[MB][RB];
-    if constexpr (!ONE_UNIT) {
-      for (int m = 0; m < MB; ++m)
-        for (int r = 0; r < RB; ++r) in_block[m][r] = _mm512_setzero_ps();
-    }
-    for (int64_t j = 0; j < units_per_block; ++j, ++u) {
-      __m512i dot[MB][RB];
-      for (int m = 0; m < MB; ++m)
-        for (int r = 0; r < RB; ++r) dot[m][r] = _mm512_setzero_si512();
-      const int8_t* xb = xq + u * qx.unit;
-      for (int64_t t = 0; t < steps; ++t, xb += kStep) {
-        for (int r = 0; r < RB; ++r)
-          _mm_prefetch(reinterpret_cast<const char*>(wq[r] + kPrefetch), _MM_HINT_T0);
-        if constexpr (BITS == 8) {
-          __m512i xv[MB];
-          for (int m = 0; m < MB; ++m) xv[m] = _mm512_loadu_si512(xb + m * qx.padded);
-          for (int r = 0; r < RB; ++r) {
-            const __m512i wv = _mm512_loadu_si512(wq[r]);
-            wq[r] += 64;
-            for (int m = 0; m < MB; ++m) dot[m][r] = _mm512_dpbusd_epi32(dot[m][r], wv, xv[m]);
-          }
-        } else {
-          __m512i x_even[MB], x_odd[MB];
-          for (int m = 0; m < MB; ++m) {
-            x_even[m] = _mm512_loadu_si512(xb + m * qx.padded);
-            x_odd[m] = _mm512_loadu_si512(xb + m * qx.padded + 64);
-          }
-          for (int r = 0; r < RB; ++r) {
-            const __m512i packed = _mm512_loadu_si512(wq[r]);
-            wq[r] += 64;
-            const __m512i even = _mm512_and_si512(packed, low4);
-            const __m512i odd = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low4);
-            for (int m = 0; m < MB; ++m) {
-              dot[m][r] = _mm512_dpbusd_epi32(dot[m][r], even, x_even[m]);
-              dot[m][r] = _mm512_dpbusd_epi32(dot[m][r], odd, x_odd[m]);
-            }
-          }
-        }
-      }
-      for (int m = 0; m < MB; ++m) {
-        const float sxu = sx[m * qx.units + u];
-        for (int r = 0; r < RB; ++r) {
-          const __m512 d = _mm512_cvtepi32_ps(dot[m][r]);
-          if constexpr (ONE_UNIT)
-            total[m][r] = _mm512_fmadd_ps(d, _mm512_set1_ps(sxu * s[r]), total[m][r]);
-          else
-            in_block[m][r] = _mm512_fmadd_ps(d, _mm512_set1_ps(sxu), in_block[m][r]);
-        }
-      }
-    }
-    for (int m = 0; m < MB; ++m) {
-      const float c = cx[m * qx.k_blocks + b];
-      for (int r = 0; r < RB; ++r) {
-        if constexpr (!ONE_UNIT)
-          total[m][r] = _mm512_fmadd_ps(in_block[m][r], _mm512_set1_ps(s[r]), total[m][r]);
-        correction[m][r] += s[r] * float(zero_point<BITS>(row[r], b)) * c;
-      }
-    }
-  }
-  for (int m = 0; m < MB; ++m)
-    for (int r = 0; r < RB; ++r)
-      out[(m0 + m) * N + n0 + r] =
-          _mm512_reduce_add_ps(total[m][r]) - correction[m][r] + (bias ? bias[n0 + r] : 0.0f);
-}
-
 // One row of x (decode) times one weight row: the general kernel's work without its MB x RB
 // bookkeeping. A unit is one vpdpbusd (INT8: 64 weights) or two (INT4: 128), and a block holds
 // per_block units. The general kernel spent ~45 instructions per INT4 block (24 cycles, 0.7 of
@@ -318,33 +226,70 @@ XC_TARGET_VNNI void row_vnni(const QuantizedX& qx, const NBits& w, int64_t n, co
   *out = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) - correction + (bias ? *bias : 0.0f);
 }
 
-template <int MB, int RB, int BITS>
-XC_TARGET_VNNI void block_vnni_any(const QuantizedX& qx, const NBits& w, int64_t m0, int64_t n0,
-                                   const float* bias, float* out, int64_t N) {
-  if (qx.unit == w.block_size)
-    block_vnni<MB, RB, BITS, true>(qx, w, m0, n0, bias, out, N);
-  else
-    block_vnni<MB, RB, BITS, false>(qx, w, m0, n0, bias, out, N);
+// MB rows of x (2..4: batched decode, prefill) times one weight row: each weight unit is loaded
+// and unpacked once for all MB rows. Arrays indexed by m only (unrolled: kept in registers).
+template <int BITS, int MB>
+XC_TARGET_VNNI void rows_vnni(const QuantizedX& qx, const NBits& w, int64_t m0, int64_t n,
+                              const float* bias, float* out, int64_t N) {
+  constexpr int64_t kUnitBytes = 64;
+  const Row row = w.row(n);
+  const int8_t* xq = qx.q.data() + m0 * qx.padded;
+  const float* sx = qx.scale.data() + m0 * qx.units;
+  const float* cx = qx.c.data() + m0 * qx.k_blocks;
+  const int64_t per_block = w.block_size / qx.unit, unit = qx.unit;
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  __m512 acc[MB];
+  float correction[MB];
+  for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps(), correction[m] = 0.0f;
+  const uint8_t* wq = row.q;
+  for (int64_t b = 0, u = 0; b < w.k_blocks; ++b) {
+    __m512 in_block[MB];
+    for (int m = 0; m < MB; ++m) in_block[m] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < per_block; ++j, ++u, wq += kUnitBytes) {
+      _mm_prefetch(reinterpret_cast<const char*>(wq + kPrefetch), _MM_HINT_T0);
+      const __m512i packed = _mm512_loadu_si512(wq);
+      __m512i lo = packed, hi = packed;
+      if constexpr (BITS == 4) {
+        lo = _mm512_and_si512(packed, low4);
+        hi = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low4);
+      }
+      for (int m = 0; m < MB; ++m) {
+        const int8_t* xm = xq + m * qx.padded + u * unit;
+        __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xm));
+        if constexpr (BITS == 4) dot = _mm512_dpbusd_epi32(dot, hi, _mm512_loadu_si512(xm + 64));
+        in_block[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot),
+                                      _mm512_set1_ps(sx[m * qx.units + u]), in_block[m]);
+      }
+    }
+    const float zp_s = row.s[b] * float(zero_point<BITS>(row, b));
+    for (int m = 0; m < MB; ++m) {
+      acc[m] = _mm512_fmadd_ps(in_block[m], _mm512_set1_ps(row.s[b]), acc[m]);
+      correction[m] += zp_s * cx[m * qx.k_blocks + b];
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    out[(m0 + m) * N + n] =
+        _mm512_reduce_add_ps(acc[m]) - correction[m] + (bias ? bias[n] : 0.0f);
 }
 
 // Weight rows one at a time, so each thread reads its share of B as one linear stream (rows are
 // contiguous), which the prefetchers follow; interleaving 4 rows (4 short streams) read INT8 at
 // 0.73 and INT4 at 0.36 of the machine's read bandwidth, one row at a time at 0.87 and 0.78
-// (benchmarks/gemv_nbits.py, N=5632 K=2048, 2 threads). Up to 4 rows of x share each weight load.
+// (benchmarks/gemv_nbits.py, N=5632 K=2048, 2 threads).
 template <int BITS>
 void task_vnni(const QuantizedX& qx, const NBits& w, int64_t M, int64_t n0, int64_t rows,
                const float* bias, float* out, int64_t N) {
-  if (M == 1) {
-    for (int64_t n = n0; n < n0 + rows; ++n) row_vnni<BITS>(qx, w, n, bias ? bias + n : nullptr, out + n);
-    return;
+  for (int64_t n = n0; n < n0 + rows; ++n) {  // a weight row from memory once, then from L1
+    if (M == 1) {
+      row_vnni<BITS>(qx, w, n, bias ? bias + n : nullptr, out + n);
+      continue;
+    }
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) rows_vnni<BITS, 4>(qx, w, m, n, bias, out, N);
+    if (M - m == 3) rows_vnni<BITS, 3>(qx, w, m, n, bias, out, N);
+    if (M - m == 2) rows_vnni<BITS, 2>(qx, w, m, n, bias, out, N);
+    if (M - m == 1) rows_vnni<BITS, 1>(qx, w, m, n, bias, out, N);
   }
-  int64_t m = 0;
-  for (; m + 4 <= M; m += 4)
-    for (int64_t n = n0; n < n0 + rows; ++n) block_vnni_any<4, 1, BITS>(qx, w, m, n, bias, out, N);
-  for (; m + 2 <= M; m += 2)
-    for (int64_t n = n0; n < n0 + rows; ++n) block_vnni_any<2, 1, BITS>(qx, w, m, n, bias, out, N);
-  if (m < M)
-    for (int64_t n = n0; n < n0 + rows; ++n) block_vnni_any<1, 1, BITS>(qx, w, m, n, bias, out, N);
 }
 #endif
 

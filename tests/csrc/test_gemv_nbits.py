@@ -151,7 +151,7 @@ def test_linear_nbits_int8_activations_match_reference(isa, bits, block, sym, k)
         B, scales, zp, w_q = _weights(n, k, bits, bs, sym)
         gen = torch.Generator().manual_seed(n)
         bias = torch.randn(n, generator=gen)
-        for m in [1, 2, 3]:
+        for m in [1, 2, 3, 4, 7]:  # the one-row kernel, then blocks of 4, 3, 2, 1 rows
             x = torch.randn(m, k, generator=gen) * torch.rand(m, k, generator=gen) * 4
             got = kernels.linear_nbits(
                 x, B, scales, zp, bits, bs, k, bias=bias, int8_activations=True

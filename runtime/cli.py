@@ -318,12 +318,10 @@ def _generate(
 ) -> None:
     import torch
 
-    from xcompile.runtime import kernels
+    from xcompile.runtime import kernels, launch
     from xcompile.runtime.comm import PeerLost, ShmComm
     from xcompile.runtime.model import Model
     from xcompile.runtime.tensor_parallel import Leader, follow
-
-    from xcompile.runtime import launch
 
     n_threads = threads or launch.cores()
     torch.set_num_threads(n_threads)

@@ -192,8 +192,14 @@ def fast_op(key: tuple[str, str]):
             x = _f32(x)
             y = out(tuple(x.shape))
             cols = x.shape[-1]
-            emit(_C.rmsnorm, 
-                x.data_ptr(), scale.data_ptr(), y.data_ptr(), x.numel() // cols, cols, epsilon
+            emit(
+                _C.rmsnorm,
+                x.data_ptr(),
+                scale.data_ptr(),
+                y.data_ptr(),
+                x.numel() // cols,
+                cols,
+                epsilon,
             )
             return y
 
@@ -207,7 +213,8 @@ def fast_op(key: tuple[str, str]):
             x, skip = _f32(x), _f32(skip)
             y, total = out(tuple(x.shape), 0), out(tuple(x.shape), 1)
             cols = x.shape[-1]
-            emit(_C.skip_rmsnorm, 
+            emit(
+                _C.skip_rmsnorm,
                 x.data_ptr(),
                 skip.data_ptr(),
                 gamma.data_ptr(),
@@ -262,7 +269,8 @@ def fast_op(key: tuple[str, str]):
                 and position_ids.numel() == s
             ):  # one call: x read in place (often a column slice of the fused QKV output), the
                 # tables read at each token's position
-                emit(_C.rotary, 
+                emit(
+                    _C.rotary,
                     x.data_ptr(),
                     cos_cache.data_ptr(),
                     sin_cache.data_ptr(),
@@ -357,12 +365,27 @@ def fast_op(key: tuple[str, str]):
             rows = x.numel() // K
             if g_idx is not None or (rows > 64 and not q8):  # dequantize, then torch's GEMM
                 w = out((N, K), 1)
-                emit(_C.dequantize_nbits, b_ptr, s_ptr, zp_ptr, w.data_ptr(), N, K, bits, block_size)
+                emit(
+                    _C.dequantize_nbits, b_ptr, s_ptr, zp_ptr, w.data_ptr(), N, K, bits, block_size
+                )
                 y = torch.nn.functional.linear(x, w)
                 return y if bias is None else y + bias
             x = _f32(x)
             y = out((*x.shape[:-1], N))
-            emit(kernel, x.data_ptr(), b_ptr, s_ptr, zp_ptr, bias_ptr, y.data_ptr(), rows, N, K, bits, block_size)
+            emit(
+                kernel,
+                x.data_ptr(),
+                b_ptr,
+                s_ptr,
+                zp_ptr,
+                bias_ptr,
+                y.data_ptr(),
+                rows,
+                N,
+                K,
+                bits,
+                block_size,
+            )
             return y
 
         return matmul_nbits
@@ -416,8 +439,16 @@ def attention_step(k_cache: torch.Tensor, v_cache: torch.Tensor, use_kernels: bo
         for i, seg in enumerate(segments):
             s, p = seg.length, Start(i)  # the start moves every step: replays resolve it
             k_row, v_row = k0 + 4 * row * k_stride, v0 + 4 * row * v_stride
-            emit_at(_C.kv_write, (k_row, k_stride, k_ptr, seg.slot, slots, p, s, kv_heads, d, capacity), starts)
-            emit_at(_C.kv_write, (v_row, v_stride, v_ptr, seg.slot, slots, p, s, kv_heads, d, capacity), starts)
+            emit_at(
+                _C.kv_write,
+                (k_row, k_stride, k_ptr, seg.slot, slots, p, s, kv_heads, d, capacity),
+                starts,
+            )
+            emit_at(
+                _C.kv_write,
+                (v_row, v_stride, v_ptr, seg.slot, slots, p, s, kv_heads, d, capacity),
+                starts,
+            )
             emit_at(
                 _C.attention,
                 (

@@ -153,7 +153,10 @@ class Model:
         cache.segments = segments
         # what fixes every shape and address of this forward: a replayed decode step needs
         # only the segments' start positions, which move by one a step
-        key = (tuple((seg.slot, seg.length) for seg in segments), None if rows is None else tuple(rows))
+        key = (
+            tuple((seg.slot, seg.length) for seg in segments),
+            None if rows is None else tuple(rows),
+        )
         try:
             return self._run(feeds, rows, key, [seg.start for seg in segments])
         finally:

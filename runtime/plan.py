@@ -101,13 +101,9 @@ class Plan:
 
     def _run_from(self, env: list, first: int) -> torch.Tensor:
         for step in self.steps[first:] if first else self.steps:
-            result = step.fn(*[env[i] if i >= 0 else None for i in step.ins], **step.attrs)
-            if len(step.outs) == 1:
-                env[step.outs[0]] = result
-            else:
-                for slot, value in zip(step.outs, result):
-                    if slot >= 0:  # an omitted optional output has no slot
-                        env[slot] = value
+            _store(
+                env, step, step.fn(*[env[i] if i >= 0 else None for i in step.ins], **step.attrs)
+            )
         return env[self.fetch]
 
     def _record(self, env: list, key: Any) -> torch.Tensor:
@@ -115,12 +111,7 @@ class Plan:
         for index, step in enumerate(self.steps):
             with recording_step() as record:
                 result = step.fn(*[env[i] if i >= 0 else None for i in step.ins], **step.attrs)
-            if len(step.outs) == 1:
-                env[step.outs[0]] = result
-            else:
-                for slot, value in zip(step.outs, result):
-                    if slot >= 0:
-                        env[slot] = value
+            _store(env, step, result)
             if step.view and not record.calls and not record.work:
                 continue  # views of stable memory: nothing to redo
             if record.calls and not record.work:
@@ -156,7 +147,9 @@ class Plan:
             if isinstance(value, torch.Tensor) and slot >= 0:
                 kept = self._kept.get((index, k))
                 if kept is None or kept.shape != value.shape or kept.dtype != value.dtype:
-                    kept = self._kept[(index, k)] = torch.empty_like(value, memory_format=torch.contiguous_format)
+                    kept = self._kept[(index, k)] = torch.empty_like(
+                        value, memory_format=torch.contiguous_format
+                    )
                     fused_ops.bump_generation()
                 if kept.data_ptr() != value.data_ptr():
                     kept.copy_(value)
@@ -195,12 +188,7 @@ class Plan:
             result = step.fn(*[env[i] if i >= 0 else None for i in step.ins], **step.attrs)
             kind = step.name.rsplit("/", 1)[-1].split("_")[0]
             self.profile[kind] = self.profile.get(kind, 0.0) + time.perf_counter() - t0
-            if len(step.outs) == 1:
-                env[step.outs[0]] = result
-            else:
-                for slot, value in zip(step.outs, result):
-                    if slot >= 0:
-                        env[slot] = value
+            _store(env, step, result)
         return env[self.fetch]
 
     def op_counts(self) -> dict[str, int]:
@@ -209,6 +197,16 @@ class Plan:
             kind = step.name.rsplit("/", 1)[-1].split("_")[0]
             counts[kind] = counts.get(kind, 0) + 1
         return counts
+
+
+def _store(env: list, step: Step, result: Any) -> None:
+    """A step's result into its output slots."""
+    if len(step.outs) == 1:
+        env[step.outs[0]] = result
+    else:
+        for slot, value in zip(step.outs, result):
+            if slot >= 0:  # an omitted optional output has no slot
+                env[slot] = value
 
 
 def _attrs(node: onnx.NodeProto) -> dict[str, Any]:

@@ -127,14 +127,38 @@ def test_kv_write_places_rows_at_slot_and_positions():
     slots, kv_heads, capacity, d, tokens = 3, 2, 10, 8, 4
     cache = torch.zeros(slots, kv_heads, capacity, d)
     wide = torch.randn(tokens, kv_heads * d + 5)  # token stride wider than kv_heads * d
-    _C.kv_write(wide.data_ptr(), wide.stride(0), cache.data_ptr(), 1, slots, 6, tokens, kv_heads, d, capacity)
+    _C.kv_write(
+        wide.data_ptr(),
+        wide.stride(0),
+        cache.data_ptr(),
+        1,
+        slots,
+        6,
+        tokens,
+        kv_heads,
+        d,
+        capacity,
+    )
     expected = torch.zeros_like(cache)
     expected[1, :, 6:10] = wide[:, : kv_heads * d].reshape(tokens, kv_heads, d).transpose(0, 1)
     assert torch.equal(cache, expected)
     with pytest.raises(ValueError, match="outside the cache"):
-        _C.kv_write(wide.data_ptr(), wide.stride(0), cache.data_ptr(), 3, slots, 0, 1, kv_heads, d, capacity)
+        _C.kv_write(
+            wide.data_ptr(), wide.stride(0), cache.data_ptr(), 3, slots, 0, 1, kv_heads, d, capacity
+        )
     with pytest.raises(ValueError, match="outside the cache"):
-        _C.kv_write(wide.data_ptr(), wide.stride(0), cache.data_ptr(), 0, slots, 7, tokens, kv_heads, d, capacity)
+        _C.kv_write(
+            wide.data_ptr(),
+            wide.stride(0),
+            cache.data_ptr(),
+            0,
+            slots,
+            7,
+            tokens,
+            kv_heads,
+            d,
+            capacity,
+        )
 
 
 def test_attention_step_direct_path_matches_reference():
@@ -155,7 +179,10 @@ def test_attention_step_direct_path_matches_reference():
         qkv = torch.randn(1, 4, (heads + 2 * kv_heads) * d, generator=gen.manual_seed(3))
         q3, k3, v3 = qkv.split([heads * d, kv_heads * d, kv_heads * d], -1)
         q3 = q3.contiguous()
-        k_cache, v_cache = kv.buffers["past_key_values.0.key"], kv.buffers["past_key_values.0.value"]
+        k_cache, v_cache = (
+            kv.buffers["past_key_values.0.key"],
+            kv.buffers["past_key_values.0.value"],
+        )
         step = fused_ops.attention_step(k_cache, v_cache, use_kernels, kv=kv)
         kv.segments = segments
         out, _, _ = step(q3, k3, v3, k_cache, v_cache, num_heads=heads, kv_num_heads=kv_heads)

@@ -105,8 +105,18 @@ def test_rotary_reads_whole_tables_at_positions(isa, interleaved):
     positions = torch.tensor([49, 0, 17])
     out = torch.full((tokens, heads, head_dim), float("nan"))
     _C.rotary(
-        x.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), tokens, heads, head_dim,
-        rotary_dim, interleaved, wide.stride(0), heads * head_dim, positions.data_ptr(),
+        x.data_ptr(),
+        cos.data_ptr(),
+        sin.data_ptr(),
+        out.data_ptr(),
+        tokens,
+        heads,
+        head_dim,
+        rotary_dim,
+        interleaved,
+        wide.stride(0),
+        heads * head_dim,
+        positions.data_ptr(),
         table_rows,
     )
     expected = kernels.rotary_reference(
@@ -122,6 +132,17 @@ def test_rotary_refuses_a_position_outside_the_tables(position):
     positions = torch.tensor([position])
     with pytest.raises(ValueError, match="outside the cos/sin tables"):
         _C.rotary(
-            x.data_ptr(), cos.data_ptr(), sin.data_ptr(), x.data_ptr(), 1, 2, 8, 8, False, 16, 16,
-            positions.data_ptr(), 50,
+            x.data_ptr(),
+            cos.data_ptr(),
+            sin.data_ptr(),
+            x.data_ptr(),
+            1,
+            2,
+            8,
+            8,
+            False,
+            16,
+            16,
+            positions.data_ptr(),
+            50,
         )

@@ -270,50 +270,65 @@ XC_TARGET_VNNI void row_vnni(const QuantizedX& qx, const NBits& w, int64_t n, co
   *out = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) - correction + (bias ? *bias : 0.0f);
 }
 
-// MB rows of x (2..4: batched decode, prefill) times one weight row: each weight unit is loaded
-// and unpacked once for all MB rows. Arrays indexed by m only (unrolled: kept in registers).
-template <int BITS, int MB>
-XC_TARGET_VNNI void rows_vnni(const QuantizedX& qx, const NBits& w, int64_t m0, int64_t n,
+// MB rows of x times RB weight rows: each weight unit is loaded and unpacked once for all MB
+// rows, each x unit and its scale once for all RB weight rows. Arrays are indexed by the unrolled
+// m and r only (kept in registers). RB = 1 for a few rows (batched decode: the weight stream
+// stays linear), RB = 4 with MB = 2 for prefill (fewer loads and broadcasts per multiply-add).
+template <int BITS, int MB, int RB>
+XC_TARGET_VNNI void rows_vnni(const QuantizedX& qx, const NBits& w, int64_t m0, int64_t n0,
                               const float* bias, float* out, int64_t N) {
   constexpr int64_t kUnitBytes = 64;
-  const Row row = w.row(n);
+  Row row[RB];
+  for (int r = 0; r < RB; ++r) row[r] = w.row(n0 + r);
   const int8_t* xq = qx.q.data() + m0 * qx.padded;
   const float* sx = qx.scale.data() + m0 * qx.units;
   const float* cx = qx.c.data() + m0 * qx.k_blocks;
   const int64_t per_block = w.block_size / qx.unit, unit = qx.unit;
   const __m512i low4 = _mm512_set1_epi8(0x0F);
-  __m512 acc[MB];
-  float correction[MB];
-  for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps(), correction[m] = 0.0f;
-  const uint8_t* wq = row.q;
+  __m512 acc[MB][RB];
+  float correction[MB][RB];
+  for (int m = 0; m < MB; ++m)
+    for (int r = 0; r < RB; ++r) acc[m][r] = _mm512_setzero_ps(), correction[m][r] = 0.0f;
   for (int64_t b = 0, u = 0; b < w.k_blocks; ++b) {
-    __m512 in_block[MB];
-    for (int m = 0; m < MB; ++m) in_block[m] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < per_block; ++j, ++u, wq += kUnitBytes) {
-      _mm_prefetch(reinterpret_cast<const char*>(wq + kPrefetch), _MM_HINT_T0);
-      const __m512i packed = _mm512_loadu_si512(wq);
-      __m512i lo = packed, hi = packed;
-      if constexpr (BITS == 4) {
-        lo = _mm512_and_si512(packed, low4);
-        hi = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low4);
+    __m512 in_block[MB][RB];
+    for (int m = 0; m < MB; ++m)
+      for (int r = 0; r < RB; ++r) in_block[m][r] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < per_block; ++j, ++u) {
+      __m512i lo[RB], hi[RB];
+      for (int r = 0; r < RB; ++r) {
+        const uint8_t* wq = row[r].q + u * kUnitBytes;
+        _mm_prefetch(reinterpret_cast<const char*>(wq + kPrefetch), _MM_HINT_T0);
+        lo[r] = hi[r] = _mm512_loadu_si512(wq);
+        if constexpr (BITS == 4) {
+          hi[r] = _mm512_and_si512(_mm512_srli_epi16(lo[r], 4), low4);
+          lo[r] = _mm512_and_si512(lo[r], low4);
+        }
       }
       for (int m = 0; m < MB; ++m) {
         const int8_t* xm = xq + m * qx.padded + u * unit;
-        __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xm));
-        if constexpr (BITS == 4) dot = _mm512_dpbusd_epi32(dot, hi, _mm512_loadu_si512(xm + 64));
-        in_block[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot),
-                                      _mm512_set1_ps(sx[m * qx.units + u]), in_block[m]);
+        const __m512i x_lo = _mm512_loadu_si512(xm);
+        __m512i x_hi = x_lo;
+        if constexpr (BITS == 4) x_hi = _mm512_loadu_si512(xm + 64);
+        const __m512 scale = _mm512_set1_ps(sx[m * qx.units + u]);
+        for (int r = 0; r < RB; ++r) {
+          __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[r], x_lo);
+          if constexpr (BITS == 4) dot = _mm512_dpbusd_epi32(dot, hi[r], x_hi);
+          in_block[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, in_block[m][r]);
+        }
       }
     }
-    const float zp_s = row.s[b] * float(zero_point<BITS>(row, b));
-    for (int m = 0; m < MB; ++m) {
-      acc[m] = _mm512_fmadd_ps(in_block[m], _mm512_set1_ps(row.s[b]), acc[m]);
-      correction[m] += zp_s * cx[m * qx.k_blocks + b];
+    for (int r = 0; r < RB; ++r) {
+      const float zp_s = row[r].s[b] * float(zero_point<BITS>(row[r], b));
+      for (int m = 0; m < MB; ++m) {
+        acc[m][r] = _mm512_fmadd_ps(in_block[m][r], _mm512_set1_ps(row[r].s[b]), acc[m][r]);
+        correction[m][r] += zp_s * cx[m * qx.k_blocks + b];
+      }
     }
   }
   for (int m = 0; m < MB; ++m)
-    out[(m0 + m) * N + n] =
-        _mm512_reduce_add_ps(acc[m]) - correction[m] + (bias ? bias[n] : 0.0f);
+    for (int r = 0; r < RB; ++r)
+      out[(m0 + m) * N + n0 + r] = _mm512_reduce_add_ps(acc[m][r]) - correction[m][r] +
+                                   (bias ? bias[n0 + r] : 0.0f);
 }
 
 // Weight rows one at a time, so each thread reads its share of B as one linear stream (rows are
@@ -323,16 +338,31 @@ XC_TARGET_VNNI void rows_vnni(const QuantizedX& qx, const NBits& w, int64_t m0, 
 template <int BITS>
 void task_vnni(const QuantizedX& qx, const NBits& w, int64_t M, int64_t n0, int64_t rows,
                const float* bias, float* out, int64_t N) {
-  for (int64_t n = n0; n < n0 + rows; ++n) {  // a weight row from memory once, then from L1
-    if (M == 1) {
-      row_vnni<BITS>(qx, w, n, bias ? bias + n : nullptr, out + n);
-      continue;
+  if (M == 1) {
+    for (int64_t n = n0; n < n0 + rows; ++n) row_vnni<BITS>(qx, w, n, bias ? bias + n : nullptr, out + n);
+    return;
+  }
+  if (M <= 4) {  // batched decode: one weight row at a time, all of x's rows on it
+    for (int64_t n = n0; n < n0 + rows; ++n) {
+      if (M == 4) rows_vnni<BITS, 4, 1>(qx, w, 0, n, bias, out, N);
+      else if (M == 3) rows_vnni<BITS, 3, 1>(qx, w, 0, n, bias, out, N);
+      else rows_vnni<BITS, 2, 1>(qx, w, 0, n, bias, out, N);
     }
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4) rows_vnni<BITS, 4>(qx, w, m, n, bias, out, N);
-    if (M - m == 3) rows_vnni<BITS, 3>(qx, w, m, n, bias, out, N);
-    if (M - m == 2) rows_vnni<BITS, 2>(qx, w, m, n, bias, out, N);
-    if (M - m == 1) rows_vnni<BITS, 1>(qx, w, m, n, bias, out, N);
+    return;
+  }
+  // Prefill: pairs of x's rows outside, the task's R weight rows inside (both stay in L1 while
+  // they meet; sweeping all of x per weight row read a 128-token prefill's x from L2 each time)
+  for (int64_t m = 0; m < M; m += 2) {
+    const bool pair = m + 2 <= M;
+    if (rows == R) {
+      if (pair) rows_vnni<BITS, 2, R>(qx, w, m, n0, bias, out, N);
+      else rows_vnni<BITS, 1, R>(qx, w, m, n0, bias, out, N);
+    } else {
+      for (int64_t n = n0; n < n0 + rows; ++n) {
+        if (pair) rows_vnni<BITS, 2, 1>(qx, w, m, n, bias, out, N);
+        else rows_vnni<BITS, 1, 1>(qx, w, m, n, bias, out, N);
+      }
+    }
   }
 }
 #endif

@@ -70,6 +70,9 @@ class Plan:
     rows: torch.Tensor | None = None
     replay = True  # replay recorded forwards (see runtime/replay.py)
     replayed = 0  # forwards replayed so far
+    # forwards of more rows are run plainly, never recorded: a prefill's shape seldom comes back,
+    # and recording costs (every torch call goes through a TorchFunctionMode)
+    MAX_REPLAY_ROWS = 16
     _MAX_PROGRAMS = 8  # keys kept ready (a server's batch changes composition often)
     _MAX_TRIES = 4  # recordings of one key that may disagree before it is given up
 
@@ -84,7 +87,7 @@ class Plan:
             env[slot] = feeds[name]
         if self.profile is not None:
             return self._run_profiled(env)
-        if key is None or not self.replay:
+        if key is None or not self.replay or len(starts) and key_rows(key) > self.MAX_REPLAY_ROWS:
             return self._run_from(env, 0)
         if not hasattr(self, "_ready"):
             self._ready: dict[Any, Program] = {}
@@ -197,6 +200,11 @@ class Plan:
             kind = step.name.rsplit("/", 1)[-1].split("_")[0]
             counts[kind] = counts.get(kind, 0) + 1
         return counts
+
+
+def key_rows(key: Any) -> int:
+    """Rows of input_ids in a forward of this key: ((slot, length), ...), rows."""
+    return sum(length for _, length in key[0])
 
 
 def _store(env: list, step: Step, result: Any) -> None:

@@ -157,6 +157,14 @@ void silu_mul(const float* gate, const float* up, float* out, int64_t n) {
   run_span(silu_mul_kernel(), gate, up, out, n);
 }
 
+void silu_mul_rows(const float* gate, const float* up, float* out, int64_t rows, int64_t cols,
+                   int64_t gate_stride, int64_t up_stride) {
+  if (gate_stride == cols && up_stride == cols) return silu_mul(gate, up, out, rows * cols);
+  const SpanFn span = silu_mul_kernel();
+  for (int64_t r = 0; r < rows; ++r)
+    run_span(span, gate + r * gate_stride, up + r * up_stride, out + r * cols, cols);
+}
+
 void gelu_tanh(const float* x, float* out, int64_t n) {
   run_span(gelu_tanh_kernel(), x, nullptr, out, n);
 }

@@ -110,39 +110,9 @@ XC_TARGET_AVX512 inline __m512 load16(const uint16_t* w, __mmask16 tail) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
 }
 
-// MB * RB accumulators + RB weight vectors + 1 x vector within 32 zmm registers: MB <= 4.
-template <int MB, int RB, typename WT>
-XC_TARGET_AVX512 void block_avx512(const float* x, const WT* w, const float* bias, float* out,
-                                   int64_t N, int64_t K) {
-  __m512 acc[MB][RB];
-  for (int m = 0; m < MB; ++m)
-    for (int r = 0; r < RB; ++r) acc[m][r] = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 16 <= K; k += 16) {
-    __m512 wv[RB];
-    for (int r = 0; r < RB; ++r) wv[r] = load16(w + r * K + k);
-    for (int m = 0; m < MB; ++m) {
-      const __m512 xv = _mm512_loadu_ps(x + m * K + k);
-      for (int r = 0; r < RB; ++r) acc[m][r] = _mm512_fmadd_ps(xv, wv[r], acc[m][r]);
-    }
-  }
-  if (k < K) {  // masked lanes load as 0 in both x and w, so they add nothing
-    const __mmask16 tail = __mmask16((1u << (K - k)) - 1);
-    __m512 wv[RB];
-    for (int r = 0; r < RB; ++r) wv[r] = load16(w + r * K + k, tail);
-    for (int m = 0; m < MB; ++m) {
-      const __m512 xv = _mm512_maskz_loadu_ps(tail, x + m * K + k);
-      for (int r = 0; r < RB; ++r) acc[m][r] = _mm512_fmadd_ps(xv, wv[r], acc[m][r]);
-    }
-  }
-  for (int m = 0; m < MB; ++m)
-    for (int r = 0; r < RB; ++r)
-      out[m * N + r] = _mm512_reduce_add_ps(acc[m][r]) + (bias ? bias[r] : 0.0f);
-}
-
 // One weight row at a time, with four accumulators per x row and a software prefetch 4 KiB ahead:
 // a thread's share of w is then one linear stream, which the prefetchers follow. Interleaving
-// R = 4 rows (block_avx512) read a 5632 x 2048 bf16 matrix at ~0.85-0.90 of the read bandwidth.
+// R = 4 rows (the kernel this replaced) read a 5632 x 2048 bf16 matrix at ~0.85-0.90 of the read bandwidth.
 constexpr int64_t kPrefetchBytes = 4096;
 
 template <int MB, typename WT>

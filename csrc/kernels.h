@@ -28,6 +28,10 @@ void rotary(const float* x, const float* cos, const float* sin, float* out, int6
 
 // gate, up, out (n) fp32: out = gate * sigmoid(gate) * up. out may alias gate or up.
 void silu_mul(const float* gate, const float* up, float* out, int64_t n);
+// The same on rows: gate (rows, cols) and up with row strides gate_stride, up_stride (column
+// slices of a fused gate/up projection's output), out (rows, cols) contiguous.
+void silu_mul_rows(const float* gate, const float* up, float* out, int64_t rows, int64_t cols,
+                   int64_t gate_stride, int64_t up_stride);
 
 // x, out (n) fp32: out = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))). out may alias x.
 void gelu_tanh(const float* x, float* out, int64_t n);

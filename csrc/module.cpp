@@ -121,14 +121,20 @@ NB_MODULE(_C, m) {
 
   m.def(
       "silu_mul",
-      [](uintptr_t gate, uintptr_t up, uintptr_t out, int64_t n) {
-        check_sizes("silu_mul", {n});
-        if (n == 0) return;
-        xcompile::silu_mul(as_ptr<const float>(gate, "gate", true), as_ptr<const float>(up, "up", true),
-                           as_ptr<float>(out, "out", true), n);
+      [](uintptr_t gate, uintptr_t up, uintptr_t out, int64_t n, int64_t rows, int64_t gate_stride,
+         int64_t up_stride) {
+        check_sizes("silu_mul", {n, rows, gate_stride, up_stride});
+        if (n == 0 || rows == 0) return;
+        if (rows > 1 && (gate_stride < n || up_stride < n))
+          throw std::invalid_argument("silu_mul: row strides must be >= n");
+        xcompile::silu_mul_rows(as_ptr<const float>(gate, "gate", true),
+                                as_ptr<const float>(up, "up", true), as_ptr<float>(out, "out", true),
+                                rows, n, rows > 1 ? gate_stride : n, rows > 1 ? up_stride : n);
       },
-      "gate"_a, "up"_a, "out"_a, "n"_a, nb::call_guard<nb::gil_scoped_release>(),
-      "out (n) = gate * sigmoid(gate) * up; fp32, out may alias an input.");
+      "gate"_a, "up"_a, "out"_a, "n"_a, "rows"_a = 1, "gate_stride"_a = 0, "up_stride"_a = 0,
+      nb::call_guard<nb::gil_scoped_release>(),
+      "out (rows, n) = gate * sigmoid(gate) * up; fp32; gate and up rows gate_stride, up_stride "
+      "floats apart (rows > 1), out contiguous and may alias an input.");
 
   m.def(
       "gelu_tanh",

@@ -128,9 +128,6 @@ class Engine:
 
     # ---- the engine's thread ------------------------------------------------------------------
     def _loop(self) -> None:
-        from xcompile.runtime.launch import unpin_thread
-
-        unpin_thread()  # this thread's parallel regions use the rank's cores, not one
         while True:
             with self._lock:
                 while not self._stopping and not self.active:

@@ -305,26 +305,32 @@ def fast_op(key: tuple[str, str]):
     if key == (XC, "SiluMul"):
 
         def silu_mul(g, up):
-            if (  # several rows of gate and up as column slices of the fused projection's output
+            shape = tuple(g.shape)
+            cols = shape[-1] if shape else 1
+            if (  # rows of gate and up as column slices of the fused projection's output: read
+                # where they lie
                 g.dtype == up.dtype == torch.float32
                 and g.dim() == 3
-                and g.shape == up.shape
-                and g.shape[0] == 1
-                and g.shape[1] <= 64
+                and shape == tuple(up.shape)
+                and shape[0] == 1
                 and g.stride(-1) == up.stride(-1) == 1
-                and not (g.is_contiguous() and up.is_contiguous())
+                and min(g.stride(1), up.stride(1)) >= cols
             ):
-                rows, cols = g.shape[1], g.shape[2]
-                g2, up2 = g.view(rows, cols), up.view(rows, cols)  # drop the batch of 1
-                y = out(tuple(g.shape))
-                gp, upp, yp = g2.data_ptr(), up2.data_ptr(), y.data_ptr()
-                gs, ups = 4 * g2.stride(0), 4 * up2.stride(0)
-                for r in range(rows):  # a call per row: no copy of either slice
-                    emit(_C.silu_mul, gp + r * gs, upp + r * ups, yp + 4 * r * cols, cols)
-                return y
-            g, up = _f32(g), _f32(up)
-            y = out(tuple(g.shape))
-            emit(_C.silu_mul, g.data_ptr(), up.data_ptr(), y.data_ptr(), g.numel())
+                rows, g_stride, up_stride = shape[1], g.stride(1), up.stride(1)
+            else:
+                g, up = _f32(g), _f32(up)
+                rows, g_stride, up_stride = g.numel() // max(cols, 1), cols, cols
+            y = out(shape)
+            emit(
+                _C.silu_mul,
+                g.data_ptr(),
+                up.data_ptr(),
+                y.data_ptr(),
+                cols,
+                rows,
+                g_stride,
+                up_stride,
+            )
             return y
 
         return silu_mul

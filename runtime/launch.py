@@ -96,14 +96,6 @@ def cores() -> int:
     return len(_bound) or len(os.sched_getaffinity(0))
 
 
-def unpin_thread() -> None:
-    """Give the calling thread all the cores bind() gave the process. libgomp pins the thread
-    that starts it to the first place (OMP_PROC_BIND), and threads Python starts later inherit
-    that one core: the server's engine thread would share it with the event loop's."""
-    if _bound:
-        os.sched_setaffinity(0, _bound)
-
-
 def _child_setup() -> None:
     """In each rank: die with the supervisor (PR_SET_PDEATHSIG), so no rank outlives it."""
     import ctypes

@@ -63,6 +63,10 @@ class Plan:
         self.slots = slots  # constants filled in; the rest written by steps while running
         self.feeds = feeds
         self.fetch = fetch
+        self._ready: dict[Any, Program] = {}  # key -> a program two recordings agreed on
+        self._seen: dict[Any, Program] = {}  # key -> its latest recording, not yet confirmed
+        self._tries: dict[Any, int] = {}  # key -> recordings that did not agree
+        self._kept: dict[tuple[int, int], torch.Tensor] = {}  # Python steps' outputs, kept put
 
     profile: dict[str, float] | None = None  # op kind -> seconds, when profiling (XCOMPILE_PROFILE)
     # the rows of the output projection's input to compute (LongTensor), None: all of them.
@@ -87,12 +91,8 @@ class Plan:
             env[slot] = feeds[name]
         if self.profile is not None:
             return self._run_profiled(env)
-        if key is None or not self.replay or len(starts) and key_rows(key) > self.MAX_REPLAY_ROWS:
+        if key is None or not self.replay or key_rows(key) > self.MAX_REPLAY_ROWS:
             return self._run_from(env, 0)
-        if not hasattr(self, "_ready"):
-            self._ready: dict[Any, Program] = {}
-            self._seen: dict[Any, Program] = {}
-            self._tries: dict[Any, int] = {}
         program = self._ready.get(key)
         if program is not None:
             if program.generation == fused_ops.buffers_generation():
@@ -142,8 +142,6 @@ class Plan:
     def _settle(self, env: list, index: int, step: Step, result: Any) -> Any:
         """A Python step's outputs, copied into tensors kept for it (torch allocates afresh at
         every call; the recorded kernel calls read the recording's addresses), and set in env."""
-        if not hasattr(self, "_kept"):
-            self._kept: dict[tuple[int, int], torch.Tensor] = {}
         values = result if len(step.outs) > 1 else (result,)
         settled = []
         for k, (slot, value) in enumerate(zip(step.outs, values)):

@@ -122,6 +122,22 @@ def sharded(tmp_path_factory, compiled):
     return get
 
 
+def process_group(pgid: int) -> list[int]:
+    """Live (not zombie) processes of the process group: a server and any ranks it started."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            found.append(int(entry))
+    return found
+
+
 def run_xrun(
     args: list[str], launcher: list[str] | None = None, timeout: float = 180, cwd=None
 ) -> dict:

@@ -88,3 +88,19 @@ def test_activations_reject_bad_inputs():
     buf = torch.randn(9)
     with pytest.raises(ValueError, match="overlaps x"):
         kernels.gelu_tanh(buf[:8], out=buf[1:])
+
+
+def test_silu_mul_reads_rows_where_they_lie(isa):
+    # gate and up as column slices of one fused (rows, 2 * cols) projection output, as batched
+    # decode has them; out contiguous. Row strides below n are refused.
+    from xcompile import _C
+
+    rows, cols = 5, 100
+    fused = torch.randn(rows, 2 * cols + 3) * 4
+    up, gate = fused[:, :cols], fused[:, cols : 2 * cols]
+    out = torch.full((rows, cols), float("nan"))
+    stride = fused.stride(0)
+    _C.silu_mul(gate.data_ptr(), up.data_ptr(), out.data_ptr(), cols, rows, stride, stride)
+    torch.testing.assert_close(out, kernels.silu_mul_reference(gate, up), **TOL)
+    with pytest.raises(ValueError, match="row strides"):
+        _C.silu_mul(gate.data_ptr(), up.data_ptr(), out.data_ptr(), cols, rows, cols - 1, stride)

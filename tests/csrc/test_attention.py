@@ -127,38 +127,21 @@ def test_kv_write_places_rows_at_slot_and_positions():
     slots, kv_heads, capacity, d, tokens = 3, 2, 10, 8, 4
     cache = torch.zeros(slots, kv_heads, capacity, d)
     wide = torch.randn(tokens, kv_heads * d + 5)  # token stride wider than kv_heads * d
-    _C.kv_write(
-        wide.data_ptr(),
-        wide.stride(0),
-        cache.data_ptr(),
-        1,
-        slots,
-        6,
-        tokens,
-        kv_heads,
-        d,
-        capacity,
-    )
+
+    def write(slot: int, start: int, rows: int) -> None:
+        _C.kv_write(
+            wide.data_ptr(), wide.stride(0), cache.data_ptr(), slot, slots, start, rows,
+            kv_heads, d, capacity,
+        )  # fmt: skip
+
+    write(1, 6, tokens)
     expected = torch.zeros_like(cache)
     expected[1, :, 6:10] = wide[:, : kv_heads * d].reshape(tokens, kv_heads, d).transpose(0, 1)
     assert torch.equal(cache, expected)
     with pytest.raises(ValueError, match="outside the cache"):
-        _C.kv_write(
-            wide.data_ptr(), wide.stride(0), cache.data_ptr(), 3, slots, 0, 1, kv_heads, d, capacity
-        )
+        write(3, 0, 1)  # no slot 3
     with pytest.raises(ValueError, match="outside the cache"):
-        _C.kv_write(
-            wide.data_ptr(),
-            wide.stride(0),
-            cache.data_ptr(),
-            0,
-            slots,
-            7,
-            tokens,
-            kv_heads,
-            d,
-            capacity,
-        )
+        write(0, 7, tokens)  # positions 7..10 of 10
 
 
 def test_attention_step_direct_path_matches_reference():

@@ -24,25 +24,10 @@ import threading
 import time
 from pathlib import Path
 
+from tests.conftest import process_group as group
 from tests.faults.test_rank_death import children
 
 READY = re.compile(r"xrun: serving (\S+) on http://([^/:]+):(\d+)/v1 \((\d+) slots, (\d+) rank")
-
-
-def group(pgid: int) -> list[int]:
-    """Live (not zombie) processes of the process group."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            found.append(int(entry))
-    return found
 
 
 def mapped_segments(pids: list[int]) -> set[str]:

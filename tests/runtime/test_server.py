@@ -25,6 +25,7 @@ from pathlib import Path
 import openai
 import pytest
 
+from tests.conftest import process_group as _group
 from tests.conftest import run_xrun
 
 PROMPT = "The quick brown fox jumps over the lazy dog and then"
@@ -91,21 +92,6 @@ def _segments(pgid: int) -> set[str]:
                 if "/dev/shm/xcompile" in line:
                     names.add(line.split("/dev/shm/", 1)[1].split()[0])
     return names
-
-
-def _group(pgid: int) -> list[int]:
-    """Live (not zombie) processes of the process group: the server and any ranks it started."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                found.append(int(entry))
-    return found
 
 
 @contextlib.contextmanager

@@ -145,32 +145,87 @@ def bump_generation() -> None:
     _generation[0] += 1
 
 
-def output_buffers():
+class OutputBuffers:
     """get(shape, tag) -> an fp32 tensor of `shape` that this node reuses at every call: one
     block per tag, grown to the largest size asked for (batched decode changes the row count at
-    every step; a buffer per shape grew without bound under a server's load)."""
-    blocks: dict[int, torch.Tensor] = {}
-    views: dict[tuple, torch.Tensor] = {}  # (tag, shape) -> its view of the block, as made
+    every step; a buffer per shape grew without bound under a server's load).
 
-    def get(shape: tuple[int, ...], tag: int = 0) -> torch.Tensor:
-        view = views.get((tag, shape))
+    Alone, a node keeps its blocks to itself, so every node holds its largest output for the
+    life of the plan: a prefill of S tokens then kept S rows of every intermediate of every
+    layer. build_plan instead maps each node onto a block of a shared BufferPool (`share`),
+    which nodes whose outputs are never alive at the same time use in turn (plan.share_buffers).
+    """
+
+    def __init__(self) -> None:
+        self.blocks: dict[int, torch.Tensor] = {}  # tag -> own block (unshared)
+        self.views: dict[tuple, torch.Tensor] = {}  # (tag, shape) -> its view of the block
+        self.pool: BufferPool | None = None
+        self.color = 0
+        self.epoch = -1  # pool.epoch the views were made in
+
+    def share(self, pool: BufferPool | None, color: int = 0) -> None:
+        """Use block `color` of `pool` from now on (None: blocks of its own again)."""
+        self.pool, self.color, self.views, self.blocks = pool, color, {}, {}
+
+    def __call__(self, shape: tuple[int, ...], tag: int = 0) -> torch.Tensor:
+        pool = self.pool
+        if pool is not None and pool.epoch != self.epoch:  # a block moved: views are stale
+            self.views.clear()
+            self.epoch = pool.epoch
+        view = self.views.get((tag, shape))
         if view is not None:
             return view
         numel = 1
         for d in shape:
             numel *= d
-        block = blocks.get(tag)
-        if block is None or block.numel() < numel:
-            block = blocks[tag] = torch.empty(max(numel, 1))
-            _generation[0] += 1
-            for key in [key for key in views if key[0] == tag]:  # views of the old block
-                del views[key]
-        if len(views) >= 32:  # row counts change under batching: keep this bounded
-            views.clear()
-        view = views[(tag, shape)] = block.narrow(0, 0, numel).view(shape)
+        if pool is not None:
+            block = pool.block((self.color, tag), numel)
+            self.epoch = pool.epoch
+        else:
+            block = self.blocks.get(tag)
+            if block is None or block.numel() < numel:
+                block = self.blocks[tag] = torch.empty(max(numel, 1))
+                _generation[0] += 1
+                for key in [key for key in self.views if key[0] == tag]:  # views of the old block
+                    del self.views[key]
+        if len(self.views) >= 32:  # row counts change under batching: keep this bounded
+            self.views.clear()
+        view = self.views[(tag, shape)] = block.narrow(0, 0, numel).view(shape)
         return view
 
-    return get
+
+class BufferPool:
+    """Blocks shared by the nodes of one plan: key (color, tag) -> an fp32 block, grown to the
+    largest size any of its nodes asks for. Growing one moves it: `epoch` tells the nodes to
+    drop their views, and the buffers generation tells replays their addresses moved."""
+
+    def __init__(self) -> None:
+        self.blocks: dict[tuple[int, int], torch.Tensor] = {}
+        self.epoch = 0
+
+    def block(self, key: tuple[int, int], numel: int) -> torch.Tensor:
+        block = self.blocks.get(key)
+        if block is None or block.numel() < numel:
+            block = self.blocks[key] = torch.empty(max(numel, 1))
+            self.epoch += 1
+            _generation[0] += 1
+        return block
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.blocks.values())
+
+
+def output_buffers() -> OutputBuffers:
+    return OutputBuffers()
+
+
+def owns_outputs(fn, buffers: OutputBuffers):
+    """Mark fn as a step whose outputs are its own buffers or fresh tensors, never views of its
+    inputs (what plan.share_buffers needs to know to end its inputs' lifetimes)."""
+    if fn is not None:
+        fn.buffers = buffers
+        fn.fresh_outputs = True
+    return fn
 
 
 def _f32(x: torch.Tensor) -> torch.Tensor:
@@ -178,10 +233,15 @@ def _f32(x: torch.Tensor) -> torch.Tensor:
 
 
 def fast_op(key: tuple[str, str]):
-    """A fresh fast implementation of op `key` for one node, or None (use the reference)."""
+    """A fresh fast implementation of op `key` for one node, or None (use the reference). Its
+    outputs are its own buffers (or fresh tensors on a fallback path), never its inputs."""
+    out = output_buffers()
+    return owns_outputs(_fast_op(key, out), out)
+
+
+def _fast_op(key: tuple[str, str], out: OutputBuffers):
     from xcompile import _C
 
-    out = output_buffers()
     domain, op = key
 
     if op == "SimplifiedLayerNormalization":
@@ -538,6 +598,7 @@ def attention_step(k_cache: torch.Tensor, v_cache: torch.Tensor, use_kernels: bo
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
         return out.view(1, row, -1), k_cache, v_cache
 
+    run.buffers = out_buffer  # fresh_outputs unset: its general path writes into q's memory
     return run
 
 

@@ -67,6 +67,7 @@ class Plan:
         self._seen: dict[Any, Program] = {}  # key -> its latest recording, not yet confirmed
         self._tries: dict[Any, int] = {}  # key -> recordings that did not agree
         self._kept: dict[tuple[int, int], torch.Tensor] = {}  # Python steps' outputs, kept put
+        self.pool: fused_ops.BufferPool | None = None  # the steps' shared output blocks
 
     profile: dict[str, float] | None = None  # op kind -> seconds, when profiling (XCOMPILE_PROFILE)
     # the rows of the output projection's input to compute (LongTensor), None: all of them.
@@ -242,7 +243,7 @@ def linear_step(weight: torch.Tensor, use_kernels: bool) -> Callable[[torch.Tens
             return out
         return torch.nn.functional.linear(x, weight.to(x.dtype))
 
-    return run
+    return fused_ops.owns_outputs(run, buffer)
 
 
 def split_fixed(x: torch.Tensor, *, sizes: list[int], axis: int) -> tuple[torch.Tensor, ...]:
@@ -437,8 +438,51 @@ def build_plan(
                 x = x[:, plan.rows]
             return inner(x, *args, **kwargs)
 
+        project.__dict__.update(inner.__dict__)  # its buffers, and whether its outputs are fresh
         head.fn = project
+    plan.pool = share_buffers(kept, slot[fetch])
     return plan
+
+
+def share_buffers(steps: list[Step], fetch: int) -> fused_ops.BufferPool:
+    """Map the steps' output buffers onto one pool, so that steps whose outputs are never alive
+    at the same time use the same blocks (the plan's memory then follows the largest set of
+    values alive at once, a few per layer, instead of every intermediate of every layer).
+
+    A value's memory belongs to the step that owns its buffers. A step that may return views of
+    its inputs (Split, Reshape, any reference op, attention's general path) passes its inputs'
+    owners on to its outputs, so a block stays alive until the last reader of any view of it.
+    Steps i < j may share a block only if every read of i's memory happens before step j, so no
+    step ever writes into a block it is reading. The fetched output keeps a block of its own, so
+    it stays as it was until the next run reaches its step (as it did with a block per step)."""
+    owners: dict[int, set[int]] = {}  # value slot -> steps whose blocks it may live in
+    last: dict[int, int] = {}  # owning step -> the last step that reads its memory
+    for i, step in enumerate(steps):
+        read: set[int] = set()
+        for s in step.ins:
+            read |= owners.get(s, set())
+        for o in read:
+            last[o] = i
+        mine = {i} if getattr(step.fn, "buffers", None) is not None else set()
+        passed = mine if getattr(step.fn, "fresh_outputs", False) else mine | read
+        for s in step.outs:
+            if s >= 0:
+                owners[s] = passed
+    result = owners.get(fetch, set())
+    pool = fused_ops.BufferPool()
+    free_after: list[int] = []  # color -> the last step reading the block's current owner
+    for i, step in enumerate(steps):
+        buffers = getattr(step.fn, "buffers", None)
+        if buffers is None:
+            continue
+        color = next((c for c, end in enumerate(free_after) if end < i), len(free_after))
+        if i in result:  # a block of its own: the caller reads it until the next run's step
+            color = len(free_after)
+        if color == len(free_after):
+            free_after.append(0)
+        free_after[color] = len(steps) if i in result else last.get(i, i)
+        buffers.share(pool, color)
+    return pool
 
 
 def _head_step(steps: list[Step], producer: dict, fetch: str) -> Step | None:

@@ -9,3 +9,13 @@ def test_rmsnorm_fuses_and_keeps_outputs(around):
     assert a["SimplifiedLayerNormalization"] == 2 * layers + 1
     assert a["ReduceMean"] == a["Sqrt"] == a["Reciprocal"] == a["Pow"] == 0
     assert_same_outputs(before, after)
+
+
+def test_rmsnorm_fuses_the_norm_of_a_cast_embedding(compiled):
+    # BF16 embeddings are cast to FP32 before the first norm, and the residual Add reads that
+    # cast too: onnxscript's rule alone left this one norm as 7 primitive ops
+    primitive = op_counts(compiled("llama", "bf16", passes=[]))
+    assert primitive["Cast"] >= 1 and primitive["ReduceMean"] == 2 * 3 + 1
+    fused = op_counts(compiled("llama", "bf16", passes=["rmsnorm"]))
+    assert fused["SimplifiedLayerNormalization"] == 2 * 3 + 1
+    assert fused.get("ReduceMean", 0) == fused.get("Pow", 0) == 0

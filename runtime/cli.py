@@ -316,6 +316,11 @@ def _generate(
     reference,
     weights="copy",
 ) -> None:
+    if weights == "copy":  # read the shard into memory while torch imports (runtime/weights.py)
+        from xcompile.runtime.weights import start_copy
+
+        rank = communicator.rank if communicator else 0
+        start_copy(Path(root) / f"rank{rank}.safetensors")
     import torch
 
     from xcompile.runtime import kernels, launch

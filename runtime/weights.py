@@ -7,6 +7,10 @@ hardware-prefetch restart every 4 KiB. The copy is read from the file with plain
 into the block (never through a mapping, whose touched pages would count as this process's too:
 peak RSS 2.66 GB for the 1.23 GB INT8 shard when copied from the mapping), so the process holds
 the weights once; the page cache's copy stays reclaimable.
+
+The copy needs no torch: `start_copy` runs it on a thread while the process imports torch (about
+1.5 s here, most of it holding the GIL; the reads release it), and `resident` then waits for it
+and makes the tensors.
 """
 
 from __future__ import annotations
@@ -14,52 +18,108 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
-
-import torch
+import threading
+from pathlib import Path
 
 HUGE = 2 << 20
 MADV_HUGEPAGE = 14
 ALIGN = 64
 
 
-def resident(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read every tensor of a safetensors file (header already validated by
-    artifacts.read_safetensors_header) into one 2 MiB-aligned anonymous block advised for huge
-    pages -> name -> view of the block."""
-    from xcompile.artifacts import read_safetensors_header, torch_dtypes
-    from xcompile.errors import UserError
+class _Copy:
+    """A shard read into one 2 MiB-aligned anonymous block: block, start (the aligned offset in
+    it), layout (name -> offset from start), header (name -> TensorInfo)."""
 
-    header = read_safetensors_header(path)
-    dtypes = torch_dtypes()
-    layout, total = {}, 0
-    for name, info in header.items():
-        total = -(-total // ALIGN) * ALIGN
-        layout[name] = total
-        total += info.nbytes
-    size = -(-max(total, 1) // HUGE) * HUGE
-    block = mmap.mmap(-1, size + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    raw = torch.frombuffer(block, dtype=torch.uint8)
-    start = (-raw.data_ptr()) % HUGE
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise(ctypes.c_void_p(raw.data_ptr() + start), ctypes.c_size_t(size), MADV_HUGEPAGE)
-    except (OSError, AttributeError):
-        pass  # no madvise: ordinary pages, still correct
-    memory = memoryview(block)
-    out = {}
-    with open(path, "rb", buffering=0) as f:
+    def __init__(self, path: Path):
+        self.path = path
+        self.error: BaseException | None = None
+        self.thread: threading.Thread | None = None
+
+    def run(self) -> None:
+        try:
+            self._read()
+        except BaseException as e:  # handed to resident(), in the main thread
+            self.error = e
+
+    def _read(self) -> None:
+        from xcompile.artifacts import read_safetensors_header
+        from xcompile.errors import UserError
+
+        self.header = header = read_safetensors_header(self.path)
+        self.layout, total = {}, 0
         for name, info in header.items():
-            at = start + layout[name]
-            dtype = dtypes[info.dtype]
-            if info.nbytes == 0:
-                out[name] = torch.empty(info.shape, dtype=dtype)
-                continue
-            f.seek(info.begin)
-            target, done = memory[at : at + info.nbytes], 0
-            while done < info.nbytes:
-                n = f.readinto(target[done:])
-                if not n:
-                    raise UserError(f"{path}: truncated at {name}; rebuild the artifacts")
-                done += n
-            out[name] = raw[at : at + info.nbytes].view(dtype).view(info.shape)
+            total = -(-total // ALIGN) * ALIGN
+            self.layout[name] = total
+            total += info.nbytes
+        size = -(-max(total, 1) // HUGE) * HUGE
+        self.block = block = mmap.mmap(-1, size + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        address = ctypes.addressof(ctypes.c_char.from_buffer(block))
+        self.start = start = (-address) % HUGE
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.madvise(ctypes.c_void_p(address + start), ctypes.c_size_t(size), MADV_HUGEPAGE)
+        except (OSError, AttributeError):
+            pass  # no madvise: ordinary pages, still correct
+        memory = memoryview(block)
+        try:
+            with open(self.path, "rb", buffering=0) as f:
+                for name, info in header.items():
+                    if info.nbytes == 0:
+                        continue
+                    at = start + self.layout[name]
+                    f.seek(info.begin)
+                    target, done = memory[at : at + info.nbytes], 0
+                    while done < info.nbytes:
+                        n = f.readinto(target[done:])
+                        if not n:
+                            raise UserError(
+                                f"{self.path}: truncated at {name}; rebuild the artifacts"
+                            )
+                        done += n
+                    target.release()
+        finally:
+            memory.release()
+
+
+_pending: dict[str, _Copy] = {}
+
+
+def _key(path: str | os.PathLike) -> str:
+    return os.path.realpath(path)
+
+
+def start_copy(path: str | os.PathLike) -> None:
+    """Begin copying a shard into huge pages on a background thread; resident(path) takes it."""
+    copy = _Copy(Path(path))
+    copy.thread = threading.Thread(target=copy.run, name="xcompile-weights", daemon=True)
+    _pending[_key(path)] = copy
+    copy.thread.start()
+
+
+def resident(path: str | os.PathLike) -> dict:
+    """Every tensor of a safetensors file (header validated by artifacts.read_safetensors_header)
+    in one 2 MiB-aligned anonymous block advised for huge pages -> name -> view of the block.
+    Takes the copy start_copy began for this file, else copies now."""
+    import torch
+
+    from xcompile.artifacts import torch_dtypes
+
+    copy = _pending.pop(_key(path), None)
+    if copy is None:
+        copy = _Copy(Path(path))
+        copy.run()
+    else:
+        copy.thread.join()
+    if copy.error is not None:
+        raise copy.error
+    dtypes = torch_dtypes()
+    raw = torch.frombuffer(copy.block, dtype=torch.uint8)
+    out = {}
+    for name, info in copy.header.items():
+        dtype = dtypes[info.dtype]
+        if info.nbytes == 0:
+            out[name] = torch.empty(info.shape, dtype=dtype)
+            continue
+        at = copy.start + copy.layout[name]
+        out[name] = raw[at : at + info.nbytes].view(dtype).view(info.shape)
     return out

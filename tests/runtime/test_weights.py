@@ -1,0 +1,37 @@
+"""Weights copied into huge pages (runtime/weights.py): the background copy that xrun starts
+before importing torch gives the same tensors as the file, and its errors reach the caller."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from xcompile.artifacts import map_tensors
+from xcompile.errors import UserError
+from xcompile.runtime import weights
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_copied_weights_equal_the_files_tensors(compiled, background):
+    shard = compiled("llama", "int4") / "rank0.safetensors"
+    if background:
+        weights.start_copy(shard)
+    copied = weights.resident(shard)
+    mapped = dict(map_tensors(shard))
+    assert copied.keys() == mapped.keys()
+    for name, tensor in mapped.items():
+        assert copied[name].dtype == tensor.dtype and torch.equal(copied[name], tensor), name
+        assert copied[name].data_ptr() % 64 == 0  # every tensor on a cache line
+    assert not weights._pending  # resident took the background copy
+
+
+def test_a_truncated_shard_fails_in_the_caller_not_the_thread(compiled, tmp_path):
+    shard = tmp_path / "rank0.safetensors"
+    shutil.copy(compiled("llama", "int4") / "rank0.safetensors", shard)
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size - 100)
+    weights.start_copy(shard)
+    with pytest.raises(UserError, match="truncated"):
+        weights.resident(shard)

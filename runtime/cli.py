@@ -316,11 +316,11 @@ def _generate(
     reference,
     weights="copy",
 ) -> None:
-    if weights == "copy":  # read the shard into memory while torch imports (runtime/weights.py)
-        from xcompile.runtime.weights import start_copy
+    from xcompile.runtime import weights as resident_weights
 
-        rank = communicator.rank if communicator else 0
-        start_copy(Path(root) / f"rank{rank}.safetensors")
+    shard = Path(root) / f"rank{communicator.rank if communicator else 0}.safetensors"
+    if weights == "copy":  # read the shard into memory while torch imports (runtime/weights.py)
+        resident_weights.start_copy(shard)
     import torch
 
     from xcompile.runtime import kernels, launch
@@ -359,6 +359,7 @@ def _generate(
             sys.exit(PEER_LOST_EXIT)  # the supervisor names the rank that died, in one line
         raise UserError(str(e)) from None
     finally:
+        resident_weights.cancel_copy(shard)  # a load that failed leaves it behind
         if communicator is not None:
             communicator.close()
 

@@ -34,6 +34,7 @@ class _Copy:
         self.path = path
         self.error: BaseException | None = None
         self.thread: threading.Thread | None = None
+        self.cancelled = False  # stop between tensors: nobody will take the copy
 
     def run(self) -> None:
         try:
@@ -64,6 +65,9 @@ class _Copy:
         try:
             with open(self.path, "rb", buffering=0) as f:
                 for name, info in header.items():
+                    if self.cancelled:
+                        self.block = None
+                        return
                     if info.nbytes == 0:
                         continue
                     at = start + self.layout[name]
@@ -94,6 +98,14 @@ def start_copy(path: str | os.PathLike) -> None:
     copy.thread = threading.Thread(target=copy.run, name="xcompile-weights", daemon=True)
     _pending[_key(path)] = copy
     copy.thread.start()
+
+
+def cancel_copy(path: str | os.PathLike) -> None:
+    """Drop the copy start_copy began for this file, if resident did not take it (the load
+    failed): its thread stops at the next tensor and the block is freed."""
+    copy = _pending.pop(_key(path), None)
+    if copy is not None:
+        copy.cancelled = True
 
 
 def resident(path: str | os.PathLike) -> dict:

@@ -139,6 +139,9 @@ def test_attack_refused_in_process(kind, zygote, tmp_path, monkeypatch, capfd, f
             ok, lost, left, why = attack_once(attack, reader, zygote, tmp_path, run)
             record.trial(ok, lost, left, why)
     record.check()
+    from xcompile.runtime import weights
+
+    assert not weights._pending, "a refused load left its background weight copy behind"
 
 
 @pytest.mark.slow

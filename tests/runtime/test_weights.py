@@ -24,7 +24,16 @@ def test_copied_weights_equal_the_files_tensors(compiled, background):
     for name, tensor in mapped.items():
         assert copied[name].dtype == tensor.dtype and torch.equal(copied[name], tensor), name
         assert copied[name].data_ptr() % 64 == 0  # every tensor on a cache line
-    assert not weights._pending  # resident took the background copy
+    assert weights._key(shard) not in weights._pending  # resident took the background copy
+
+
+def test_a_copy_nobody_takes_is_dropped(compiled):
+    shard = compiled("llama", "int4") / "rank0.safetensors"
+    weights.start_copy(shard)
+    copy = weights._pending[weights._key(shard)]
+    weights.cancel_copy(shard)
+    copy.thread.join()
+    assert weights._key(shard) not in weights._pending and copy.cancelled
 
 
 def test_a_truncated_shard_fails_in_the_caller_not_the_thread(compiled, tmp_path):

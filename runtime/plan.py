@@ -126,8 +126,9 @@ class Plan:
             else:  # re-run at each replay, its outputs copied where the recording read them
                 result = self._settle(env, index, step, result)
                 program.entries.append((PYTHON, index, addresses(result)))
-        # a buffer that grew while recording moved only its own node's addresses, recorded
-        # after it grew: the program holds from here on, until the next growth
+        # a shared block that grew while recording moved the addresses that steps before the
+        # growth wrote to as well: such a recording ends at a newer generation than the one
+        # before it, so it never agrees with it; the next one, with nothing growing, does
         program.generation = fused_ops.buffers_generation()
         self._tries[key] = self._tries.get(key, 0) + 1
         seen = self._seen.pop(key, None)

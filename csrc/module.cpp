@@ -5,6 +5,7 @@
 // dtypes, shapes and contiguity is xcompile.runtime.kernels; these bindings trust their callers
 // apart from null pointers and negative sizes. Kernels release the GIL while they run.
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
@@ -16,6 +17,7 @@
 #include "dispatch.h"
 #include "kernels.h"
 #include "shm_allreduce.h"
+#include "tape.h"
 #include "threads.h"
 
 namespace nb = nanobind;
@@ -39,6 +41,49 @@ void check_nbits(const char* kernel, int64_t bits, int64_t block_size) {
   if (bits != 4 && bits != 8) throw std::invalid_argument(std::string(kernel) + ": bits must be 4 or 8");
   if (block_size < 16 || (block_size & (block_size - 1)))
     throw std::invalid_argument(std::string(kernel) + ": block_size must be a power of two >= 16");
+}
+
+// Registers a kernel binding for tapes (tape.h) and hands it on to m.def: a taped call runs
+// the very function a Python call does.
+template <typename... A>
+auto tape_def(const char* name, void (*f)(A...)) {
+  xcompile::tape_kernels()[name] = xcompile::tape_kernel(f);
+  return f;
+}
+
+template <bool Q8>
+void nbits_gemv(uintptr_t x, uintptr_t B, uintptr_t scales, uintptr_t zero_points, uintptr_t bias,
+                uintptr_t out, int64_t M, int64_t N, int64_t K, int64_t bits, int64_t block_size) {
+  const char* name = Q8 ? "gemv_nbits_q8" : "gemv_nbits";
+  check_sizes(name, {M, N, K});
+  check_nbits(name, bits, block_size);
+  if (Q8 && !xcompile::gemv_nbits_q8_supported(int(bits), block_size))
+    throw std::invalid_argument(std::string(name) +
+                                ": block_size must be >= 64 (INT8) or >= 128 (INT4)");
+  if (M == 0 || N == 0) return;
+  (Q8 ? xcompile::gemv_nbits_q8 : xcompile::gemv_nbits)(
+      as_ptr<const float>(x, "x", K > 0), as_ptr<const uint8_t>(B, "B", K > 0),
+      as_ptr<const float>(scales, "scales", K > 0),
+      as_ptr<const uint8_t>(zero_points, "zero_points", false),
+      as_ptr<const float>(bias, "bias", false), as_ptr<float>(out, "out", true), M, N, K,
+      int(bits), block_size);
+}
+
+// Tape.add(name, args, starts): args converted once by the kernel's parameter types (bools and
+// ints to int64, floats to double); starts: (argument index, start index) pairs.
+void tape_add(xcompile::Tape& tape, const std::string& name, nb::tuple args,
+              std::vector<std::pair<int, int>> starts) {
+  const std::vector<bool>& floating = tape.kernel(name).floating;
+  std::vector<xcompile::TapeArg> converted(args.size());  // Tape::add checks the count
+  for (size_t i = 0; i < args.size(); ++i) {
+    if (i < floating.size() && floating[i])
+      converted[i].d = nb::cast<double>(args[i]);
+    else if (PyBool_Check(args[i].ptr()))
+      converted[i].i = args[i].ptr() == Py_True;
+    else
+      converted[i].i = nb::cast<int64_t>(args[i]);
+  }
+  tape.add(name, std::move(converted), std::move(starts));
 }
 
 }  // namespace
@@ -66,33 +111,33 @@ NB_MODULE(_C, m) {
 
   m.def(
       "rmsnorm",
-      [](uintptr_t x, uintptr_t weight, uintptr_t out, int64_t rows, int64_t cols, double eps) {
+      tape_def("rmsnorm", +[](uintptr_t x, uintptr_t weight, uintptr_t out, int64_t rows, int64_t cols, double eps) {
         check_sizes("rmsnorm", {rows, cols});
         if (rows == 0 || cols == 0) return;
         xcompile::rmsnorm(as_ptr<const float>(x, "x", true), as_ptr<const float>(weight, "weight", true),
                           as_ptr<float>(out, "out", true), rows, cols, float(eps));
-      },
+      }),
       "x"_a, "weight"_a, "out"_a, "rows"_a, "cols"_a, "eps"_a,
       nb::call_guard<nb::gil_scoped_release>(),
       "out (rows, cols) = x * rsqrt(mean(x^2, -1) + eps) * weight; fp32, contiguous.");
 
   m.def(
       "skip_rmsnorm",
-      [](uintptr_t x, uintptr_t skip, uintptr_t weight, uintptr_t out, uintptr_t sum_out,
+      tape_def("skip_rmsnorm", +[](uintptr_t x, uintptr_t skip, uintptr_t weight, uintptr_t out, uintptr_t sum_out,
          int64_t rows, int64_t cols, double eps) {
         check_sizes("skip_rmsnorm", {rows, cols});
         if (rows == 0 || cols == 0) return;
         xcompile::skip_rmsnorm(as_ptr<const float>(x, "x", true), as_ptr<const float>(skip, "skip", true),
                                as_ptr<const float>(weight, "weight", true), as_ptr<float>(out, "out", true),
                                as_ptr<float>(sum_out, "sum_out", true), rows, cols, float(eps));
-      },
+      }),
       "x"_a, "skip"_a, "weight"_a, "out"_a, "sum_out"_a, "rows"_a, "cols"_a, "eps"_a,
       nb::call_guard<nb::gil_scoped_release>(),
       "sum_out = x + skip; out = rmsnorm(sum_out) * weight; all (rows, cols) fp32, weight (cols).");
 
   m.def(
       "rotary",
-      [](uintptr_t x, uintptr_t cos, uintptr_t sin, uintptr_t out, int64_t tokens, int64_t heads,
+      tape_def("rotary", +[](uintptr_t x, uintptr_t cos, uintptr_t sin, uintptr_t out, int64_t tokens, int64_t heads,
          int64_t head_dim, int64_t rotary_dim, bool interleaved, int64_t x_stride,
          int64_t out_stride, uintptr_t positions, int64_t table_rows) {
         check_sizes("rotary", {tokens, heads, head_dim, rotary_dim, x_stride, out_stride});
@@ -110,7 +155,7 @@ NB_MODULE(_C, m) {
         xcompile::rotary(as_ptr<const float>(x, "x", true), as_ptr<const float>(cos, "cos", rotary_dim > 0),
                          as_ptr<const float>(sin, "sin", rotary_dim > 0), as_ptr<float>(out, "out", true),
                          tokens, heads, head_dim, rotary_dim, interleaved, x_stride, out_stride, pos);
-      },
+      }),
       "x"_a, "cos"_a, "sin"_a, "out"_a, "tokens"_a, "heads"_a, "head_dim"_a, "rotary_dim"_a,
       "interleaved"_a, "x_stride"_a, "out_stride"_a, "positions"_a = 0, "table_rows"_a = 0,
       nb::call_guard<nb::gil_scoped_release>(),
@@ -121,7 +166,7 @@ NB_MODULE(_C, m) {
 
   m.def(
       "silu_mul",
-      [](uintptr_t gate, uintptr_t up, uintptr_t out, int64_t n, int64_t rows, int64_t gate_stride,
+      tape_def("silu_mul", +[](uintptr_t gate, uintptr_t up, uintptr_t out, int64_t n, int64_t rows, int64_t gate_stride,
          int64_t up_stride) {
         check_sizes("silu_mul", {n, rows, gate_stride, up_stride});
         if (n == 0 || rows == 0) return;
@@ -130,7 +175,7 @@ NB_MODULE(_C, m) {
         xcompile::silu_mul_rows(as_ptr<const float>(gate, "gate", true),
                                 as_ptr<const float>(up, "up", true), as_ptr<float>(out, "out", true),
                                 rows, n, rows > 1 ? gate_stride : n, rows > 1 ? up_stride : n);
-      },
+      }),
       "gate"_a, "up"_a, "out"_a, "n"_a, "rows"_a = 1, "gate_stride"_a = 0, "up_stride"_a = 0,
       nb::call_guard<nb::gil_scoped_release>(),
       "out (rows, n) = gate * sigmoid(gate) * up; fp32; gate and up rows gate_stride, up_stride "
@@ -138,17 +183,17 @@ NB_MODULE(_C, m) {
 
   m.def(
       "gelu_tanh",
-      [](uintptr_t x, uintptr_t out, int64_t n) {
+      tape_def("gelu_tanh", +[](uintptr_t x, uintptr_t out, int64_t n) {
         check_sizes("gelu_tanh", {n});
         if (n == 0) return;
         xcompile::gelu_tanh(as_ptr<const float>(x, "x", true), as_ptr<float>(out, "out", true), n);
-      },
+      }),
       "x"_a, "out"_a, "n"_a, nb::call_guard<nb::gil_scoped_release>(),
       "out (n) = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))); fp32, out may be x.");
 
   m.def(
       "attention",
-      [](uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uintptr_t out, int64_t S, int64_t heads,
+      tape_def("attention", +[](uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uintptr_t out, int64_t S, int64_t heads,
          int64_t kv_heads, int64_t head_dim, int64_t capacity, int64_t past, int64_t window,
          double scale, uintptr_t slot_of, int64_t slot_stride) {
         check_sizes("attention", {S, heads, kv_heads, head_dim, capacity, past, slot_stride});
@@ -161,7 +206,7 @@ NB_MODULE(_C, m) {
                             as_ptr<const float>(v_cache, "v_cache", true), as_ptr<float>(out, "out", true),
                             S, heads, kv_heads, head_dim, capacity, past, window, float(scale),
                             as_ptr<const int32_t>(slot_of, "slot_of", false), slot_stride);
-      },
+      }),
       "q"_a, "k_cache"_a, "v_cache"_a, "out"_a, "S"_a, "heads"_a, "kv_heads"_a, "head_dim"_a,
       "capacity"_a, "past"_a, "window"_a, "scale"_a, "slot_of"_a = 0, "slot_stride"_a = 0,
       nb::call_guard<nb::gil_scoped_release>(),
@@ -171,7 +216,7 @@ NB_MODULE(_C, m) {
 
   m.def(
       "kv_write",
-      [](uintptr_t src, int64_t src_stride, uintptr_t cache, int64_t slot, int64_t slots,
+      tape_def("kv_write", +[](uintptr_t src, int64_t src_stride, uintptr_t cache, int64_t slot, int64_t slots,
          int64_t start, int64_t S, int64_t kv_heads, int64_t head_dim, int64_t capacity) {
         check_sizes("kv_write", {src_stride, slot, start, S, kv_heads, head_dim, capacity});
         if (slot >= slots || start + S > capacity)
@@ -182,7 +227,7 @@ NB_MODULE(_C, m) {
         xcompile::kv_write(as_ptr<const float>(src, "src", true), src_stride,
                            as_ptr<float>(cache, "cache", true), slot, start, S, kv_heads, head_dim,
                            capacity);
-      },
+      }),
       "src"_a, "src_stride"_a, "cache"_a, "slot"_a, "slots"_a, "start"_a, "S"_a, "kv_heads"_a,
       "head_dim"_a, "capacity"_a, nb::call_guard<nb::gil_scoped_release>(),
       "src (S, kv_heads, d; token stride src_stride) -> cache (slots, kv_heads, capacity, d) at "
@@ -190,66 +235,57 @@ NB_MODULE(_C, m) {
 
   m.def(
       "gemv_f32",
-      [](uintptr_t x, uintptr_t w, uintptr_t bias, uintptr_t out, int64_t M, int64_t N, int64_t K) {
+      tape_def("gemv_f32", +[](uintptr_t x, uintptr_t w, uintptr_t bias, uintptr_t out, int64_t M, int64_t N, int64_t K) {
         check_sizes("gemv_f32", {M, N, K});
         if (M == 0 || N == 0) return;
         xcompile::gemv_f32(as_ptr<const float>(x, "x", K > 0), as_ptr<const float>(w, "w", K > 0),
                            as_ptr<const float>(bias, "bias", false), as_ptr<float>(out, "out", true),
                            M, N, K);
-      },
+      }),
       "x"_a, "w"_a, "bias"_a, "out"_a, "M"_a, "N"_a, "K"_a,
       nb::call_guard<nb::gil_scoped_release>(),
       "out (M, N) = x (M, K) @ w (N, K).T + bias (N, or 0 for none); all fp32.");
 
   m.def(
       "gemv_bf16",
-      [](uintptr_t x, uintptr_t w, uintptr_t bias, uintptr_t out, int64_t M, int64_t N, int64_t K) {
+      tape_def("gemv_bf16", +[](uintptr_t x, uintptr_t w, uintptr_t bias, uintptr_t out, int64_t M, int64_t N, int64_t K) {
         check_sizes("gemv_bf16", {M, N, K});
         if (M == 0 || N == 0) return;
         xcompile::gemv_bf16(as_ptr<const float>(x, "x", K > 0), as_ptr<const uint16_t>(w, "w", K > 0),
                             as_ptr<const float>(bias, "bias", false), as_ptr<float>(out, "out", true),
                             M, N, K);
-      },
+      }),
       "x"_a, "w"_a, "bias"_a, "out"_a, "M"_a, "N"_a, "K"_a,
       nb::call_guard<nb::gil_scoped_release>(),
       "out (M, N) = x (M, K) @ w (N, K).T + bias; w bf16 bits, x/bias/out fp32.");
 
   // gemv_nbits and gemv_nbits_q8 take the same arguments: one binding serves both.
-  using NBitsGemv = void (*)(const float*, const uint8_t*, const float*, const uint8_t*,
-                             const float*, float*, int64_t, int64_t, int64_t, int, int64_t);
-  const auto bind_nbits = [&m](const char* name, NBitsGemv gemv, bool q8, const char* doc) {
-    m.def(
-        name,
-        [name, gemv, q8](uintptr_t x, uintptr_t B, uintptr_t scales, uintptr_t zero_points,
-                         uintptr_t bias, uintptr_t out, int64_t M, int64_t N, int64_t K,
-                         int64_t bits, int64_t block_size) {
-          check_sizes(name, {M, N, K});
-          check_nbits(name, bits, block_size);
-          if (q8 && !xcompile::gemv_nbits_q8_supported(int(bits), block_size))
-            throw std::invalid_argument(std::string(name) +
-                                        ": block_size must be >= 64 (INT8) or >= 128 (INT4)");
-          if (M == 0 || N == 0) return;
-          gemv(as_ptr<const float>(x, "x", K > 0), as_ptr<const uint8_t>(B, "B", K > 0),
-               as_ptr<const float>(scales, "scales", K > 0),
-               as_ptr<const uint8_t>(zero_points, "zero_points", false),
-               as_ptr<const float>(bias, "bias", false), as_ptr<float>(out, "out", true), M, N, K,
-               int(bits), block_size);
-        },
-        "x"_a, "B"_a, "scales"_a, "zero_points"_a, "bias"_a, "out"_a, "M"_a, "N"_a, "K"_a,
-        "bits"_a, "block_size"_a, nb::call_guard<nb::gil_scoped_release>(), doc);
+  const auto bind_nbits = [&m](const char* name, auto kernel, const char* doc) {
+    m.def(name, tape_def(name, kernel), "x"_a, "B"_a, "scales"_a, "zero_points"_a, "bias"_a,
+          "out"_a, "M"_a, "N"_a, "K"_a, "bits"_a, "block_size"_a,
+          nb::call_guard<nb::gil_scoped_release>(), doc);
   };
-  bind_nbits("gemv_nbits", xcompile::gemv_nbits, false,
+  bind_nbits("gemv_nbits", &nbits_gemv<false>,
              "out (M, N) = x (M, K) @ W.T + bias (0: none), W from MatMulNBits' B, scales, "
              "zero_points (0: 2^(bits-1)); fp32 x/out.");
-  bind_nbits("gemv_nbits_q8", xcompile::gemv_nbits_q8, true,
+  bind_nbits("gemv_nbits_q8", &nbits_gemv<true>,
              "gemv_nbits on int8-quantized activations (accuracy_level 4): VNNI, or the scalar "
              "reference.");
+
+  nb::class_<xcompile::Tape>(m, "Tape", "Kernel calls recorded once, run again in one call.")
+      .def(nb::init<>())
+      .def("add", &tape_add, "name"_a, "args"_a, "starts"_a = std::vector<std::pair<int, int>>(),
+           "Append kernel `name` (a function of this module) with its arguments; starts: "
+           "(argument index, index into run()'s starts) for arguments that are segment starts.")
+      .def("run", &xcompile::Tape::run, "starts"_a = std::vector<int64_t>(),
+           nb::call_guard<nb::gil_scoped_release>(), "Call every kernel in order.")
+      .def("__len__", &xcompile::Tape::size);
 
   m.def("gemv_nbits_q8_supported", &xcompile::gemv_nbits_q8_supported, "bits"_a, "block_size"_a);
 
   m.def(
       "dequantize_nbits",
-      [](uintptr_t B, uintptr_t scales, uintptr_t zero_points, uintptr_t out, int64_t N, int64_t K,
+      tape_def("dequantize_nbits", +[](uintptr_t B, uintptr_t scales, uintptr_t zero_points, uintptr_t out, int64_t N, int64_t K,
          int64_t bits, int64_t block_size) {
         check_sizes("dequantize_nbits", {N, K});
         check_nbits("dequantize_nbits", bits, block_size);
@@ -258,7 +294,7 @@ NB_MODULE(_C, m) {
                                    as_ptr<const float>(scales, "scales", true),
                                    as_ptr<const uint8_t>(zero_points, "zero_points", false),
                                    as_ptr<float>(out, "out", true), N, K, int(bits), block_size);
-      },
+      }),
       "B"_a, "scales"_a, "zero_points"_a, "out"_a, "N"_a, "K"_a, "bits"_a, "block_size"_a,
       nb::call_guard<nb::gil_scoped_release>(),
       "out (N, K) fp32 = W of MatMulNBits' B, scales, zero_points (0: 2^(bits-1)).");

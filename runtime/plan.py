@@ -24,6 +24,7 @@ import onnx
 import torch
 from onnx import numpy_helper
 
+from xcompile._C import Tape
 from xcompile.errors import UserError
 from xcompile.runtime import fused_ops
 from xcompile.runtime.kv_cache import check_room
@@ -135,6 +136,7 @@ class Plan:
         if seen is not None and seen.generation == program.generation and seen.same_as(program):
             if len(self._ready) >= self._MAX_PROGRAMS:
                 self._ready.pop(next(iter(self._ready)))
+            program.compile()
             self._ready[key] = program
             self._tries.pop(key, None)
         else:
@@ -168,7 +170,11 @@ class Plan:
             return self._record(env, key)
         self.replayed += 1
         steps = self.steps
-        for kind, a, b in program.entries:
+        for run in program.runs:
+            if type(run) is Tape:
+                run.run(starts)
+                continue
+            kind, a, b = run
             if kind == NATIVE:
                 a(*b)
                 continue

@@ -93,9 +93,40 @@ class Program:
     entries: list = field(default_factory=list)
     feeds: tuple = ()  # the feed tensors' addresses at recording
     generation: int = -1  # fused_ops.buffers_generation() at recording
+    runs: list = field(default_factory=list)  # compile(): _C.Tapes and the entries left as they are
 
     def same_as(self, other: Program) -> bool:
         return self.feeds == other.feeds and self.entries == other.entries
+
+    def compile(self) -> None:
+        """Runs of consecutive kernel calls into _C.Tapes, each replayed by one call into C++
+        (a call from Python costs ~3 us, ~1 ms over a decode step's ~300); calls to anything
+        else and PYTHON steps stay entries."""
+        from xcompile import _C
+
+        runs: list = []
+        tape = None
+        for entry in self.entries:
+            kind, fn, args = entry
+            name = getattr(fn, "__name__", "") if kind != PYTHON else ""
+            if name and getattr(_C, name, None) is fn:
+                if tape is None:
+                    tape = _C.Tape()
+                try:
+                    tape.add(
+                        name,
+                        tuple(0 if type(a) is Start else a for a in args),
+                        [(i, a.index) for i, a in enumerate(args) if type(a) is Start],
+                    )
+                except (ValueError, TypeError):  # not a taped kernel: called from Python
+                    pass
+                else:
+                    if not runs or runs[-1] is not tape:
+                        runs.append(tape)
+                    continue
+            tape = None
+            runs.append(entry)
+        self.runs = runs
 
 
 @contextmanager

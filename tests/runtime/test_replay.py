@@ -7,8 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from xcompile import _C
 from xcompile.runtime.kv_cache import Segment
 from xcompile.runtime.model import Model
+from xcompile.runtime.replay import PYTHON
 
 
 def decode(model: Model, replay: bool, prompt: list[int], tokens: list[int], slots: int = 1):
@@ -32,6 +34,11 @@ def test_replayed_decode_equals_plain_run(compiled, family, dtype):
     assert count >= len(tokens) - 3  # two recordings agree, then every step replays
     for a, b in zip(replayed, plain):
         assert torch.equal(a, b)
+    # every kernel call replays from C++ (_C.Tape); only Python steps stay entries
+    (program,) = model.plan._ready.values()
+    calls = sum(1 for kind, *_ in program.entries if kind != PYTHON)
+    assert sum(len(run) for run in program.runs if type(run) is _C.Tape) == calls > 0
+    assert all(type(run) is _C.Tape or run[0] == PYTHON for run in program.runs)
 
 
 def test_replay_survives_buffers_that_grow_and_batches_that_change(compiled):

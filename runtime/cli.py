@@ -318,7 +318,8 @@ def _generate(
 ) -> None:
     from xcompile.runtime import weights as resident_weights
 
-    shard = Path(root) / f"rank{communicator.rank if communicator else 0}.safetensors"
+    rank = communicator.rank if communicator else 0
+    shard = Path(root) / f"rank{rank}.safetensors"
     if weights == "copy":  # read the shard into memory while torch imports (runtime/weights.py)
         resident_weights.start_copy(shard)
     import torch
@@ -331,7 +332,6 @@ def _generate(
     n_threads = threads or launch.cores()
     torch.set_num_threads(n_threads)
     kernels.set_num_threads(n_threads)
-    rank = communicator.rank if communicator else 0
     try:
         model = Model.load(
             root, use_kernels=not reference, rank=rank, comm=communicator, weights=weights

@@ -150,44 +150,36 @@ class OutputBuffers:
     block per tag, grown to the largest size asked for (batched decode changes the row count at
     every step; a buffer per shape grew without bound under a server's load).
 
-    Alone, a node keeps its blocks to itself, so every node holds its largest output for the
-    life of the plan: a prefill of S tokens then kept S rows of every intermediate of every
-    layer. build_plan instead maps each node onto a block of a shared BufferPool (`share`),
-    which nodes whose outputs are never alive at the same time use in turn (plan.share_buffers).
+    The blocks live in a BufferPool. Alone, a node has a pool of its own and so holds its
+    largest output for the life of the plan: a prefill of S tokens then kept S rows of every
+    intermediate of every layer. build_plan instead puts every node on one shared pool
+    (`share`), where nodes whose outputs are never alive at the same time use the same block in
+    turn (plan.share_buffers).
     """
 
     def __init__(self) -> None:
-        self.blocks: dict[int, torch.Tensor] = {}  # tag -> own block (unshared)
-        self.views: dict[tuple, torch.Tensor] = {}  # (tag, shape) -> its view of the block
-        self.pool: BufferPool | None = None
-        self.color = 0
-        self.epoch = -1  # pool.epoch the views were made in
+        self.share(None)
 
     def share(self, pool: BufferPool | None, color: int = 0) -> None:
-        """Use block `color` of `pool` from now on (None: blocks of its own again)."""
-        self.pool, self.color, self.views, self.blocks = pool, color, {}, {}
+        """Use block `color` of `pool` from now on (None: a pool of its own)."""
+        self.pool, self.color = pool or BufferPool(), color
+        self.views: dict[tuple, torch.Tensor] = {}  # (tag, shape) -> its view of the block
+        self.epoch = -1  # pool.epoch the views were made in
 
     def __call__(self, shape: tuple[int, ...], tag: int = 0) -> torch.Tensor:
-        pool = self.pool
-        if pool is not None and pool.epoch != self.epoch:  # a block moved: views are stale
+        if self.pool.epoch != self.epoch:  # a block moved: views are stale
             self.views.clear()
-            self.epoch = pool.epoch
+            self.epoch = self.pool.epoch
         view = self.views.get((tag, shape))
         if view is not None:
             return view
         numel = 1
         for d in shape:
             numel *= d
-        if pool is not None:
-            block = pool.block((self.color, tag), numel)
-            self.epoch = pool.epoch
-        else:
-            block = self.blocks.get(tag)
-            if block is None or block.numel() < numel:
-                block = self.blocks[tag] = torch.empty(max(numel, 1))
-                _generation[0] += 1
-                for key in [key for key in self.views if key[0] == tag]:  # views of the old block
-                    del self.views[key]
+        block = self.pool.block((self.color, tag), numel)
+        if self.pool.epoch != self.epoch:  # it grew just now: views of the old block go too
+            self.views.clear()
+            self.epoch = self.pool.epoch
         if len(self.views) >= 32:  # row counts change under batching: keep this bounded
             self.views.clear()
         view = self.views[(tag, shape)] = block.narrow(0, 0, numel).view(shape)
@@ -215,10 +207,6 @@ class BufferPool:
         return sum(b.numel() * b.element_size() for b in self.blocks.values())
 
 
-def output_buffers() -> OutputBuffers:
-    return OutputBuffers()
-
-
 def owns_outputs(fn, buffers: OutputBuffers):
     """Mark fn as a step whose outputs are its own buffers or fresh tensors, never views of its
     inputs (what plan.share_buffers needs to know to end its inputs' lifetimes)."""
@@ -235,7 +223,7 @@ def _f32(x: torch.Tensor) -> torch.Tensor:
 def fast_op(key: tuple[str, str]):
     """A fresh fast implementation of op `key` for one node, or None (use the reference). Its
     outputs are its own buffers (or fresh tensors on a fallback path), never its inputs."""
-    out = output_buffers()
+    out = OutputBuffers()
     return owns_outputs(_fast_op(key, out), out)
 
 
@@ -490,7 +478,7 @@ def attention_step(k_cache: torch.Tensor, v_cache: torch.Tensor, use_kernels: bo
     slots, _, capacity, _ = k_cache.shape
     k_ptr, v_ptr = k_cache.data_ptr(), v_cache.data_ptr()
     slot_stride = k_cache[0].numel()
-    out_buffer = output_buffers()
+    out_buffer = OutputBuffers()
 
     def direct(q3, k3, v3, segments, heads, kv_heads, d, scale, window):
         # Decode's path, straight to the kernels: the new K/V written into each segment's slot

@@ -237,7 +237,7 @@ def linear_step(weight: torch.Tensor, use_kernels: bool) -> Callable[[torch.Tens
     n, k = weight.shape
     gemv = {torch.float32: _C.gemv_f32, torch.bfloat16: _C.gemv_bf16}.get(weight.dtype)
     w = weight.data_ptr()
-    buffer = fused_ops.output_buffers()
+    buffer = fused_ops.OutputBuffers()
     max_rows = GEMV_MAX_ROWS if weight.dtype == torch.float32 else NARROW_GEMV_MAX_ROWS
 
     def run(x: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ that often takes less, ~7 ms a token in all. Replayed, the step is one loop over
     for fn, args in calls: fn(*args)  # the next forward with the same shapes
 
 Fast ops call kernels through `emit(fn, *args)` on paths that do nothing else to data (their
-outputs live in buffers that stay put, see fused_ops.output_buffers); a path that also runs a
+outputs live in buffers that stay put, see fused_ops.OutputBuffers); a path that also runs a
 torch op calls its kernels directly. While recording, a TorchFunctionMode notes every torch
 function a step calls beyond reading metadata and making views: such a step (or one that emits
 nothing) is re-run as Python at each replay, with its outputs' addresses checked against the

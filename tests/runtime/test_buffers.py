@@ -18,11 +18,11 @@ def owning(fresh: bool = True):
     def fn(*_):
         return None
 
-    return fused_ops.owns_outputs(fn, fused_ops.output_buffers()) if fresh else _buffered(fn)
+    return fused_ops.owns_outputs(fn, fused_ops.OutputBuffers()) if fresh else _buffered(fn)
 
 
 def _buffered(fn):
-    fn.buffers = fused_ops.output_buffers()
+    fn.buffers = fused_ops.OutputBuffers()
     return fn
 
 
@@ -92,7 +92,7 @@ def test_shared_buffers_keep_logits_and_bound_the_prefill_memory(compiled, dtype
     alone = model.forward(prompt, 0, cache)  # the same cache: a new one builds a new plan
     assert torch.equal(shared, alone)
     per_step = sum(
-        b.numel() * b.element_size() for s in owners for b in s.fn.buffers.blocks.values()
+        b.numel() * b.element_size() for s in owners for b in s.fn.buffers.pool.blocks.values()
     )
     # the test model's 3 layers have ~10 buffered steps each; the values alive at once (the
     # residual stream, a layer's QKV and attention output, its MLP's input and output, the

@@ -9,6 +9,12 @@
 #if XC_X86
 #include <cpuid.h>
 #endif
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+#include "tiles.h"
 
 namespace xcompile {
 namespace {
@@ -35,14 +41,36 @@ Isa detect() {
   const bool avx2 = ebx & (1u << 5);
   const bool avx512f = ebx & (1u << 16), avx512bw = ebx & (1u << 30), avx512vl = ebx & (1u << 31);
   const bool avx512vnni = ecx & (1u << 11);
-  if (os_zmm && avx512f && avx512bw && avx512vl && avx2 && fma)
+  if (os_zmm && avx512f && avx512bw && avx512vl && avx2 && fma) {
+    if (avx512vnni && amx_usable()) return Isa::amx;
     return avx512vnni ? Isa::avx512_vnni : Isa::avx512;
+  }
   if (avx2 && fma) return Isa::avx2;
   return Isa::scalar;
 }
 #else
 Isa detect() { return Isa::scalar; }
 #endif
+
+bool amx_check() {
+#if XC_X86
+  unsigned eax, ebx, ecx, edx;
+  if (__get_cpuid_max(0, nullptr) < 7) return false;
+  __cpuid_count(7, 0, eax, ebx, ecx, edx);
+  const bool bf16 = edx & (1u << 22), tile = edx & (1u << 24), int8 = edx & (1u << 25);
+  __get_cpuid(1, &eax, &ebx, &ecx, &edx);
+  if (!(bf16 && tile && int8) || !(ecx & (1u << 27))) return false;
+  if ((xgetbv0() & (3u << 17)) != (3u << 17)) return false;  // XTILECFG + XTILEDATA
+#if defined(__linux__)
+  // Linux hands out the 8 KiB tile state only to processes that ask (5.16 on); before the grant
+  // the first tile instruction faults. ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18.
+  if (syscall(SYS_arch_prctl, 0x1023, 18) != 0) return false;
+#endif
+  return true;
+#else
+  return false;
+#endif
+}
 
 Isa cpu_best() {
   static const Isa best = detect();
@@ -65,11 +93,17 @@ const char* isa_name(Isa isa) {
     case Isa::avx2: return "avx2";
     case Isa::avx512: return "avx512";
     case Isa::avx512_vnni: return "avx512_vnni";
+    case Isa::amx: return "amx";
   }
   return "unknown";
 }
 
 Isa best_isa() { return cpu_best(); }
+
+bool amx_usable() {
+  static const bool usable = amx_check();
+  return usable;
+}
 
 std::vector<Isa> supported_isas() {
   std::vector<Isa> isas;
@@ -87,7 +121,7 @@ void set_isa(const std::string& name) {
     }
   }
   bool known = false;
-  for (int i = 0; i <= int(Isa::avx512_vnni); ++i) known = known || name == isa_name(Isa(i));
+  for (int i = 0; i <= int(Isa::amx); ++i) known = known || name == isa_name(Isa(i));
   throw std::invalid_argument((known ? "this CPU cannot run ISA '" : "unknown ISA '") + name +
                               "'; choose one of: " + supported_names());
 }

@@ -21,7 +21,7 @@
 namespace xcompile {
 
 // Ordered slowest to fastest: best_isa() is the largest value the CPU supports.
-// Only paths that are genuinely different code are listed (no avx512_bf16 yet: activations stay
+// Only paths that are genuinely different code are listed (no avx512_bf16: activations stay
 // fp32, so _mm512_dpbf16_ps would cost accuracy; that path would alias avx512 today).
 enum class Isa : int {
   scalar = 0,  // portable C++, the baseline every CPU runs
@@ -30,6 +30,10 @@ enum class Isa : int {
   // + AVX512_VNNI: the same fp32 kernels, and INT8/INT4 GEMV on int8-quantized activations
   // (vpdpbusd, 64 multiply-adds an instruction) where the graph allows it (accuracy_level 4)
   avx512_vnni = 3,
+  // + AMX-TILE / AMX-BF16 / AMX-INT8 (Sapphire Rapids on): prefill-sized matmuls (16 rows of x and
+  // more) on tiles (csrc/gemm_tiles.cpp); decode stays on the avx512_vnni kernels, which are
+  // already at the memory's speed there. Only where the OS grants the tile state.
+  amx = 4,
 };
 
 const char* isa_name(Isa isa);

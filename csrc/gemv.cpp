@@ -220,6 +220,8 @@ void gemv_f32(const float* x, const float* w, const float* bias, float* out, int
 
 void gemv_bf16(const float* x, const uint16_t* w, const float* bias, float* out, int64_t M,
                int64_t N, int64_t K) {
+  if (current_isa() == Isa::amx && M >= 16 && gemm_bf16_tiles_supported(N, K))
+    return gemm_bf16_tiles(x, w, bias, out, M, N, K, /*emulate=*/false);
   gemv<uint16_t>(x, w, bias, out, M, N, K);
 }
 

@@ -27,6 +27,7 @@
 #include "dispatch.h"
 #include "kernels.h"
 #include "nbits.h"
+#include "quantize_x.h"
 #include "threads.h"
 
 #if XC_X86
@@ -42,31 +43,6 @@ constexpr int64_t kParallelMinElems = int64_t(1) << 16;
 // 2048-8192 at 0.86-0.91 (INT8) and 0.76-0.80 (INT4)
 constexpr int64_t kPrefetch = 4096;
 
-// Cache-line-aligned storage: every 64-byte load of x's units then stays within one line (a load
-// that straddles two costs two; unaligned x cost the INT4 row kernel ~20 % in a microbenchmark).
-template <typename T>
-struct LineAligned {
-  using value_type = T;
-  LineAligned() = default;
-  template <typename U>
-  LineAligned(const LineAligned<U>&) {}
-  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
-  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
-  template <typename U>
-  bool operator==(const LineAligned<U>&) const { return true; }
-  template <typename U>
-  bool operator!=(const LineAligned<U>&) const { return false; }
-};
-
-// x (M, K) quantized: q (M, padded) int8 (INT4: permuted in groups of 128), scale (M, units),
-// c (M, k_blocks) as in the header. Rows of q start on cache lines (padded is a multiple of 64).
-struct QuantizedX {
-  int64_t padded, unit, units, k_blocks;
-  std::vector<int8_t, LineAligned<int8_t>> q;
-  std::vector<float> scale, c;
-};
-
-constexpr int64_t unit_for(int bits) { return bits == 8 ? 64 : 128; }
 
 #if XC_X86
 // One whole unit (n elements, a multiple of 16) of x quantized as quantize_x's loop does it, 16
@@ -101,53 +77,6 @@ XC_TARGET_AVX512 int32_t quantize_unit_avx512(const float* x, int64_t n, int8_t*
 }
 #endif
 
-QuantizedX quantize_x(const float* x, int64_t M, const NBits& w, int bits) {
-  QuantizedX qx;
-  qx.k_blocks = w.k_blocks;
-  qx.padded = w.k_blocks * w.block_size;
-  qx.unit = std::min<int64_t>(w.block_size, unit_for(bits));
-  qx.units = qx.padded / qx.unit;
-  qx.q.assign(size_t(M * qx.padded), 0);
-  qx.scale.assign(size_t(M * qx.units), 0.0f);
-  qx.c.assign(size_t(M * qx.k_blocks), 0.0f);
-  const int64_t per_block = w.block_size / qx.unit;
-#if XC_X86
-  const bool vector = current_isa() >= Isa::avx512 && qx.unit % 16 == 0;
-#endif
-  for (int64_t m = 0; m < M; ++m) {
-    const float* xm = x + m * w.K;
-    int8_t* qm = qx.q.data() + m * qx.padded;
-    for (int64_t u = 0; u < qx.units; ++u) {
-      const int64_t k0 = u * qx.unit, k1 = std::min(k0 + qx.unit, w.K);
-#if XC_X86
-      if (vector && k1 - k0 == qx.unit) {  // a whole unit: the same numbers, 16 at a time
-        float& s = qx.scale[m * qx.units + u];
-        const int32_t sum = quantize_unit_avx512(xm + k0, qx.unit, qm + k0, bits == 4, &s);
-        qx.c[m * qx.k_blocks + u / per_block] += s * float(sum);
-        continue;
-      }
-#endif
-      float amax = 0.0f;
-      for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(xm[k]));
-      const float s = amax / 127.0f;
-      const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-      int32_t sum = 0;
-      for (int64_t k = k0; k < k1; ++k) {
-        // round half to even, as rint under the default rounding mode, without a libm call:
-        // |x * inv| <= 127, far inside the range where adding 1.5 * 2^23 rounds exactly
-        const int32_t v = int32_t((xm[k] * inv + 12582912.0f) - 12582912.0f);
-        const int8_t q = int8_t(std::clamp(v, -127, 127));
-        sum += q;
-        // INT4: position of element k in its group of 128 -> evens first, then odds
-        const int64_t at = bits == 8 ? k : (k & ~int64_t(127)) + (k & 1) * 64 + (k & 127) / 2;
-        qm[at] = q;
-      }
-      qx.scale[m * qx.units + u] = s;
-      qx.c[m * qx.k_blocks + u / per_block] += s * float(sum);
-    }
-  }
-  return qx;
-}
 
 // ---- scalar: the plain path the VNNI kernel is held to ----------------------------------------
 template <int BITS>
@@ -427,6 +356,54 @@ TaskFn task_for(int bits) {
 
 }  // namespace
 
+QuantizedX quantize_x(const float* x, int64_t M, const NBits& w, int bits) {
+  QuantizedX qx;
+  qx.k_blocks = w.k_blocks;
+  qx.padded = w.k_blocks * w.block_size;
+  qx.unit = std::min<int64_t>(w.block_size, unit_for(bits));
+  qx.units = qx.padded / qx.unit;
+  qx.q.assign(size_t(M * qx.padded), 0);
+  qx.scale.assign(size_t(M * qx.units), 0.0f);
+  qx.c.assign(size_t(M * qx.k_blocks), 0.0f);
+  const int64_t per_block = w.block_size / qx.unit;
+#if XC_X86
+  const bool vector = current_isa() >= Isa::avx512 && qx.unit % 16 == 0;
+#endif
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xm = x + m * w.K;
+    int8_t* qm = qx.q.data() + m * qx.padded;
+    for (int64_t u = 0; u < qx.units; ++u) {
+      const int64_t k0 = u * qx.unit, k1 = std::min(k0 + qx.unit, w.K);
+#if XC_X86
+      if (vector && k1 - k0 == qx.unit) {  // a whole unit: the same numbers, 16 at a time
+        float& s = qx.scale[m * qx.units + u];
+        const int32_t sum = quantize_unit_avx512(xm + k0, qx.unit, qm + k0, bits == 4, &s);
+        qx.c[m * qx.k_blocks + u / per_block] += s * float(sum);
+        continue;
+      }
+#endif
+      float amax = 0.0f;
+      for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(xm[k]));
+      const float s = amax / 127.0f;
+      const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+      int32_t sum = 0;
+      for (int64_t k = k0; k < k1; ++k) {
+        // round half to even, as rint under the default rounding mode, without a libm call:
+        // |x * inv| <= 127, far inside the range where adding 1.5 * 2^23 rounds exactly
+        const int32_t v = int32_t((xm[k] * inv + 12582912.0f) - 12582912.0f);
+        const int8_t q = int8_t(std::clamp(v, -127, 127));
+        sum += q;
+        // INT4: position of element k in its group of 128 -> evens first, then odds
+        const int64_t at = bits == 8 ? k : (k & ~int64_t(127)) + (k & 1) * 64 + (k & 127) / 2;
+        qm[at] = q;
+      }
+      qx.scale[m * qx.units + u] = s;
+      qx.c[m * qx.k_blocks + u / per_block] += s * float(sum);
+    }
+  }
+  return qx;
+}
+
 bool gemv_nbits_q8_supported(int bits, int64_t block_size) {
   return block_size >= (bits == 8 ? 64 : 128);
 }
@@ -434,6 +411,9 @@ bool gemv_nbits_q8_supported(int bits, int64_t block_size) {
 void gemv_nbits_q8(const float* x, const uint8_t* B, const float* scales,
                    const uint8_t* zero_points, const float* bias, float* out, int64_t M, int64_t N,
                    int64_t K, int bits, int64_t block_size) {
+  if (current_isa() == Isa::amx && M >= 16 && N % 16 == 0)  // a prompt: AMX tiles
+    return gemm_nbits_q8_tiles(x, B, scales, zero_points, bias, out, M, N, K, bits, block_size,
+                               /*emulate=*/false);
   const NBits w(B, scales, zero_points, K, bits, block_size);
   const QuantizedX qx = quantize_x(x, M, w, bits);
   const TaskFn task = task_for(bits);

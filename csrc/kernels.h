@@ -83,4 +83,17 @@ void gemv_nbits_q8(const float* x, const uint8_t* B, const float* scales,
 void dequantize_nbits(const uint8_t* B, const float* scales, const uint8_t* zero_points,
                       float* out, int64_t N, int64_t K, int bits, int64_t block_size);
 
+// Prefill matmuls on AMX tiles (csrc/gemm_tiles.cpp), meant for x of 16 rows and more; the same
+// operands and results as gemv_bf16 / gemv_nbits_q8 (BF16: x carried as two bf16, so within fp32
+// tolerances, not bit for bit). N a multiple of 16, BF16 K a multiple of 32. emulate: run on the
+// C++ model of the tile unit (any CPU; the tests), else on the AMX unit (throws
+// std::invalid_argument where this CPU or its OS has none). gemv_bf16 and gemv_nbits_q8 take
+// these themselves when the current ISA is amx and x has 16 rows or more.
+bool gemm_bf16_tiles_supported(int64_t N, int64_t K);
+void gemm_bf16_tiles(const float* x, const uint16_t* w, const float* bias, float* out, int64_t M,
+                     int64_t N, int64_t K, bool emulate);
+void gemm_nbits_q8_tiles(const float* x, const uint8_t* B, const float* scales,
+                         const uint8_t* zero_points, const float* bias, float* out, int64_t M,
+                         int64_t N, int64_t K, int bits, int64_t block_size, bool emulate);
+
 }  // namespace xcompile

@@ -16,6 +16,7 @@
 
 #include "dispatch.h"
 #include "kernels.h"
+#include "tiles.h"
 #include "shm_allreduce.h"
 #include "tape.h"
 #include "threads.h"
@@ -282,6 +283,43 @@ NB_MODULE(_C, m) {
       .def("__len__", &xcompile::Tape::size);
 
   m.def("gemv_nbits_q8_supported", &xcompile::gemv_nbits_q8_supported, "bits"_a, "block_size"_a);
+
+  // The AMX tile kernels called directly, on the unit or its C++ model (emulate): the tests hold
+  // both to the references on any CPU. gemv_bf16 / gemv_nbits_q8 take them by themselves under
+  // the amx ISA.
+  m.def("amx_usable", &xcompile::amx_usable,
+        "Whether this CPU has AMX (tile, bf16, int8) and the OS lets this process use it.");
+  m.def(
+      "gemm_bf16_tiles",
+      [](uintptr_t x, uintptr_t w, uintptr_t bias, uintptr_t out, int64_t M, int64_t N, int64_t K,
+         bool emulate) {
+        check_sizes("gemm_bf16_tiles", {M, N, K});
+        if (M == 0) return;
+        xcompile::gemm_bf16_tiles(as_ptr<const float>(x, "x", true), as_ptr<const uint16_t>(w, "w", true),
+                                  as_ptr<const float>(bias, "bias", false),
+                                  as_ptr<float>(out, "out", true), M, N, K, emulate);
+      },
+      "x"_a, "w"_a, "bias"_a, "out"_a, "M"_a, "N"_a, "K"_a, "emulate"_a,
+      nb::call_guard<nb::gil_scoped_release>(),
+      "gemv_bf16 on AMX tiles (emulate: on their C++ model); N a multiple of 16, K of 32.");
+  m.def(
+      "gemm_nbits_q8_tiles",
+      [](uintptr_t x, uintptr_t B, uintptr_t scales, uintptr_t zero_points, uintptr_t bias,
+         uintptr_t out, int64_t M, int64_t N, int64_t K, int64_t bits, int64_t block_size,
+         bool emulate) {
+        check_sizes("gemm_nbits_q8_tiles", {M, N, K});
+        check_nbits("gemm_nbits_q8_tiles", bits, block_size);
+        if (M == 0) return;
+        xcompile::gemm_nbits_q8_tiles(
+            as_ptr<const float>(x, "x", true), as_ptr<const uint8_t>(B, "B", true),
+            as_ptr<const float>(scales, "scales", true),
+            as_ptr<const uint8_t>(zero_points, "zero_points", false),
+            as_ptr<const float>(bias, "bias", false), as_ptr<float>(out, "out", true), M, N, K,
+            int(bits), block_size, emulate);
+      },
+      "x"_a, "B"_a, "scales"_a, "zero_points"_a, "bias"_a, "out"_a, "M"_a, "N"_a, "K"_a, "bits"_a,
+      "block_size"_a, "emulate"_a, nb::call_guard<nb::gil_scoped_release>(),
+      "gemv_nbits_q8 on AMX tiles (emulate: on their C++ model); N a multiple of 16.");
 
   m.def(
       "dequantize_nbits",

@@ -384,7 +384,8 @@ def _fast_op(key: tuple[str, str], out: OutputBuffers):
         return silu_mul
 
     if key == (MS, "MatMulNBits") and hasattr(_C, "gemv_nbits"):
-        vnni = _C.isa() == "avx512_vnni"  # as dispatched when the plan is built
+        # as dispatched when the plan is built (amx: VNNI for decode, tiles for prompts)
+        vnni = _C.isa() in ("avx512_vnni", "amx")
         bound: list = [None, None]  # [the blocks tensor, its constant pointers and kernel]
 
         def matmul_nbits(

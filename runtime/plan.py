@@ -231,7 +231,8 @@ def linear_step(weight: torch.Tensor, use_kernels: bool) -> Callable[[torch.Tens
     """x (..., K) @ weight (N, K)ᵀ -> (..., N) fp32; weight fp32 or bf16 as stored.
 
     Few rows (decode): the csrc GEMV, called directly on pointers resolved here, writing into a
-    buffer kept per input shape (see fused_ops). Many rows (prefill): torch's GEMM."""
+    buffer kept per input shape (see fused_ops). Many rows (prefill): torch's GEMM, or for BF16
+    weights on a CPU with AMX the same kernel call, which takes its tile path from 16 rows on."""
     from xcompile import _C
 
     n, k = weight.shape
@@ -239,6 +240,8 @@ def linear_step(weight: torch.Tensor, use_kernels: bool) -> Callable[[torch.Tens
     w = weight.data_ptr()
     buffer = fused_ops.OutputBuffers()
     max_rows = GEMV_MAX_ROWS if weight.dtype == torch.float32 else NARROW_GEMV_MAX_ROWS
+    if weight.dtype == torch.bfloat16 and _C.isa() == "amx":  # prompts go to the AMX tiles
+        max_rows = 1 << 62
 
     def run(x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // k

@@ -1,0 +1,146 @@
+"""The AMX tile kernels (csrc/gemm_tiles.cpp) against the references in runtime/kernels.py.
+
+The kernels' one body runs on the AMX unit and on its C++ model (csrc/tiles.h): the model runs
+here on every CPU, so packing, blocking and tails are tested everywhere; the unit is held to the
+references and to the model where the CPU has AMX, and those tests skip elsewhere."""
+
+import pytest
+import torch
+
+from xcompile import _C
+from xcompile.runtime import kernels
+
+from .test_gemv_nbits import _weights
+
+AMX = _C.amx_usable()
+needs_amx = pytest.mark.skipif(
+    not AMX, reason="this CPU (or its OS) has no AMX; the C++ model of the tiles runs instead"
+)
+UNITS = [True, False] if AMX else [True]  # emulate=True: the model; False: the AMX unit
+unit_ids = {True: "model", False: "amx"}
+
+
+def _bf16_tiles(x, w, bias, emulate):
+    m, k = x.shape
+    n = w.shape[0]
+    out = torch.full((m, n), float("nan"))
+    _C.gemm_bf16_tiles(
+        x.data_ptr(), w.data_ptr(), 0 if bias is None else bias.data_ptr(), out.data_ptr(),
+        m, n, k, emulate,
+    )  # fmt: skip
+    return out
+
+
+def _q8_tiles(x, B, scales, zp, bias, bits, bs, k, emulate):
+    m, n = x.shape[0], B.shape[0]
+    out = torch.full((m, n), float("nan"))
+    _C.gemm_nbits_q8_tiles(
+        x.data_ptr(), B.data_ptr(), scales.data_ptr(), 0 if zp is None else zp.data_ptr(),
+        0 if bias is None else bias.data_ptr(), out.data_ptr(), m, n, k, bits, bs, emulate,
+    )  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize("emulate", UNITS, ids=lambda e: unit_ids[e])
+@pytest.mark.parametrize("k", [32, 96, 1024])
+def test_bf16_tiles_match_fp32_reference(emulate, k, threads):
+    """x is carried as two bf16 (hi + lo): the result stays within fp32-GEMV tolerances, where
+    rounding x once to bf16 (a plain BF16 GEMM) misses them by ~100x."""
+    for n in [16, 48]:
+        gen = torch.Generator().manual_seed(k + n)
+        w = (torch.randn(n, k, generator=gen) / k**0.5).to(torch.bfloat16)
+        bias = torch.randn(n, generator=gen)
+        for m in [1, 15, 16, 17, 33, 50]:  # one tile, a tile and a row, pairs of tiles, tails
+            x = torch.randn(m, k, generator=gen) * 3
+            expected = kernels.linear_reference(x, w, bias)
+            for t in (1, 2):
+                _C.set_num_threads(t)
+                got = _bf16_tiles(x, w, bias, emulate)
+                error = (got - expected).abs().max().item()
+                assert error <= 1e-4, f"M={m} N={n} threads={t}: {error:.3g}"
+            once = kernels.linear_reference(x.bfloat16().float(), w, bias)
+            assert (once - expected).abs().max().item() > 20 * max(error, 1e-6)
+    no_bias = _bf16_tiles(x, w, None, emulate)
+    torch.testing.assert_close(no_bias + bias, got, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("emulate", UNITS, ids=lambda e: unit_ids[e])
+@pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("bits,block", [(8, 64), (8, 256), (4, 128), (4, 256)])
+def test_q8_tiles_match_reference(emulate, bits, block, sym, threads):
+    """The int8-activation matmul (MatMulNBits' accuracy_level 4) on tiles against the reference
+    of the VNNI kernel, whose quantized activations it shares. K = 300 leaves a padded block."""
+    k = 300
+    for n in [16, 32]:
+        B, scales, zp, _ = _weights(n, k, bits, block, sym)
+        gen = torch.Generator().manual_seed(n + bits)
+        bias = torch.randn(n, generator=gen)
+        for m in [1, 16, 17, 35]:
+            x = torch.randn(m, k, generator=gen) * torch.rand(m, k, generator=gen) * 4
+            expected = kernels.linear_nbits_q8_reference(x, B, scales, zp, bits, block, k, bias)
+            for t in (1, 2):
+                _C.set_num_threads(t)
+                got = _q8_tiles(x, B, scales, zp, bias, bits, block, k, emulate)
+                error = (got - expected).abs().max()
+                assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4), f"M={m}: {error:.3g}"
+
+
+@needs_amx
+def test_amx_unit_equals_its_model():
+    """Integer dots are exact, so the INT8 kernel's unit and model agree bit for bit; BF16 to the
+    last bits of fp32 (the unit may add a pair's products in another order)."""
+    k, n, m = 512, 64, 40
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(m, k, generator=gen)
+    w = torch.randn(n, k, generator=gen).to(torch.bfloat16)
+    torch.testing.assert_close(
+        _bf16_tiles(x, w, None, False), _bf16_tiles(x, w, None, True), rtol=1e-5, atol=1e-5
+    )
+    B, scales, zp, _ = _weights(n, k, 8, 128, False)
+    assert torch.equal(
+        _q8_tiles(x, B, scales, zp, None, 8, 128, k, False),
+        _q8_tiles(x, B, scales, zp, None, 8, 128, k, True),
+    )
+
+
+@needs_amx
+def test_amx_isa_takes_tiles_for_prompts():
+    """Under the amx ISA, gemv_bf16 and gemv_nbits_q8 hand 16 rows and more to the tiles (their
+    results equal the tile kernels' own) and keep fewer rows on the vector kernels."""
+    before = _C.isa()
+    _C.set_isa("amx")
+    try:
+        k, n = 256, 32
+        gen = torch.Generator().manual_seed(1)
+        w = torch.randn(n, k, generator=gen).to(torch.bfloat16)
+        B, scales, zp, _ = _weights(n, k, 8, 128, True)
+        for m in (4, 16, 20):
+            x = torch.randn(m, k, generator=gen)
+            bf16 = kernels.linear(x, w)
+            q8 = kernels.linear_nbits(x, B, scales, zp, 8, 128, k, int8_activations=True)
+            tiles = m >= 16
+            assert torch.equal(bf16, _bf16_tiles(x, w, None, False)) == tiles
+            assert torch.equal(q8, _q8_tiles(x, B, scales, zp, None, 8, 128, k, False)) or not tiles
+    finally:
+        _C.set_isa(before)
+
+
+def test_tiles_refuse_shapes_they_do_not_take():
+    x, w = torch.randn(16, 64), torch.randn(24, 64).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        _bf16_tiles(x, w, None, True)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        _bf16_tiles(torch.randn(16, 40), torch.randn(16, 40).to(torch.bfloat16), None, True)
+    B, scales, zp, _ = _weights(3, 256, 8, 128, True)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        _q8_tiles(torch.randn(16, 256), B, scales, zp, None, 8, 128, 256, True)
+
+
+@pytest.mark.skipif(AMX, reason="this CPU has AMX")
+def test_without_amx_the_unit_is_refused_by_name():
+    x, w = torch.randn(16, 64), torch.randn(16, 64).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="no AMX.*emulate=True"):
+        _bf16_tiles(x, w, None, False)
+    assert "amx" not in _C.supported_isas()
+    with pytest.raises(ValueError, match="cannot run ISA 'amx'"):
+        _C.set_isa("amx")

@@ -216,6 +216,33 @@ def owns_outputs(fn, buffers: OutputBuffers):
     return fn
 
 
+PANEL_ROWS = 256  # weight rows widened at a time for a prompt's matmul (see paneled_linear)
+
+
+def paneled_linear(x: torch.Tensor, n: int, widen, out: OutputBuffers) -> torch.Tensor:
+    """x (..., K) fp32 @ W (N, K).T -> (..., N) fp32 for many rows of x (a prompt), W held
+    narrower than fp32 (BF16, INT8, INT4): widen(n0, n1, panel) writes rows n0 .. n1 - 1 of W as
+    fp32 into panel (n1 - n0, K). PANEL_ROWS rows at a time, each panel multiplied by torch's GEMM
+    while it is still in cache. Widening the whole weight first wrote and read back N x K fp32
+    through memory, into a fresh allocation each call: 128 rows of x times 11264 x 2048 (a fused
+    gate/up) went from 85 to 138 GFLOP/s, 2048 x 5632 (down) from 84 to 157.
+
+    Scratch: out's tags 1 (the panel) and 2 (the result, transposed)."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    panel = out((min(n, PANEL_ROWS), k), 1)
+    y_t = out((n, m), 2)  # W x^T: a panel's rows of it are contiguous
+    for n0 in range(0, n, PANEL_ROWS):
+        n1 = min(n, n0 + PANEL_ROWS)
+        rows = panel[: n1 - n0]
+        widen(n0, n1, rows)
+        torch.mm(rows, x2.T, out=y_t[n0:n1])
+    y = out((*x.shape[:-1], n))
+    y.view(m, n).copy_(y_t.T)
+    return y
+
+
 def _f32(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
 
@@ -419,12 +446,26 @@ def _fast_op(key: tuple[str, str], out: OutputBuffers):
             kernel, q8, b_ptr, s_ptr, zp_ptr, bias_ptr = bound[1]
             rows = x.numel() // K
             if g_idx is not None or (rows > 64 and not q8):  # dequantize, then torch's GEMM
-                w = out((N, K), 1)
-                emit(
-                    _C.dequantize_nbits, b_ptr, s_ptr, zp_ptr, w.data_ptr(), N, K, bits, block_size
+                b_row, zp_row = (
+                    blocks.numel() // N,
+                    0 if zero_points is None else zero_points.numel() // N,
                 )
-                y = torch.nn.functional.linear(x, w)
-                return y if bias is None else y + bias
+
+                def dequantize(n0, n1, panel):
+                    emit(
+                        _C.dequantize_nbits,
+                        b_ptr + n0 * b_row,
+                        s_ptr + n0 * (scales.numel() // N) * 4,
+                        zp_ptr and zp_ptr + n0 * zp_row,
+                        panel.data_ptr(),
+                        n1 - n0,
+                        K,
+                        bits,
+                        block_size,
+                    )
+
+                y = paneled_linear(_f32(x), N, dequantize, out)
+                return y if bias is None else y.add_(bias)
             x = _f32(x)
             y = out((*x.shape[:-1], N))
             emit(

@@ -231,8 +231,9 @@ def linear_step(weight: torch.Tensor, use_kernels: bool) -> Callable[[torch.Tens
     """x (..., K) @ weight (N, K)ᵀ -> (..., N) fp32; weight fp32 or bf16 as stored.
 
     Few rows (decode): the csrc GEMV, called directly on pointers resolved here, writing into a
-    buffer kept per input shape (see fused_ops). Many rows (prefill): torch's GEMM, or for BF16
-    weights on a CPU with AMX the same kernel call, which takes its tile path from 16 rows on."""
+    buffer kept per input shape (see fused_ops). Many rows (prefill): torch's GEMM, on BF16
+    weights a panel at a time (fused_ops.paneled_linear); on a CPU with AMX, BF16 weights stay on
+    the kernel call, which takes its tile path from 16 rows on."""
     from xcompile import _C
 
     n, k = weight.shape
@@ -251,6 +252,10 @@ def linear_step(weight: torch.Tensor, use_kernels: bool) -> Callable[[torch.Tens
             out = buffer((*x.shape[:-1], n))
             emit(gemv, x.data_ptr(), w, 0, out.data_ptr(), rows, n, k)
             return out
+        if use_kernels and weight.dtype == torch.bfloat16 and x.dtype == torch.float32:
+            return fused_ops.paneled_linear(
+                x, n, lambda n0, n1, panel: panel.copy_(weight[n0:n1]), buffer
+            )
         return torch.nn.functional.linear(x, weight.to(x.dtype))
 
     return fused_ops.owns_outputs(run, buffer)

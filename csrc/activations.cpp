@@ -116,6 +116,7 @@ XC_TARGET_AVX512 void gelu_tanh_avx512(const float* x, const float*, float* out,
 SpanFn silu_mul_kernel() {
   switch (current_isa()) {
 #if XC_X86
+    case Isa::amx:
     case Isa::avx512_vnni:
     case Isa::avx512: return silu_mul_avx512;
     case Isa::avx2: return silu_mul_avx2;
@@ -127,6 +128,7 @@ SpanFn silu_mul_kernel() {
 SpanFn gelu_tanh_kernel() {
   switch (current_isa()) {
 #if XC_X86
+    case Isa::amx:
     case Isa::avx512_vnni:
     case Isa::avx512: return gelu_tanh_avx512;
     case Isa::avx2: return gelu_tanh_avx2;

@@ -32,7 +32,8 @@ enum class Isa : int {
   avx512_vnni = 3,
   // + AMX-TILE / AMX-BF16 / AMX-INT8 (Sapphire Rapids on): prefill-sized matmuls (16 rows of x and
   // more) on tiles (csrc/gemm_tiles.cpp); decode stays on the avx512_vnni kernels, which are
-  // already at the memory's speed there. Only where the OS grants the tile state.
+  // already at the memory's speed there, and every other kernel takes its avx512_vnni path
+  // (each switch on the ISA lists amx beside avx512_vnni). Only where the OS grants the tiles.
   amx = 4,
 };
 

@@ -166,6 +166,7 @@ template <typename WT>
 BlockTable<WT> block_table() {
   switch (current_isa()) {
 #if XC_X86
+    case Isa::amx:
     case Isa::avx512_vnni:
     case Isa::avx512:
       return {4,

@@ -373,6 +373,7 @@ template <int BITS>
 Table table_for() {
   switch (current_isa()) {
 #if XC_X86
+    case Isa::amx:
     case Isa::avx512_vnni:
     case Isa::avx512:
       return {4,

@@ -187,6 +187,7 @@ XC_TARGET_AVX512 void skip_row_avx512(const float* x, const float* skip, const f
 RowFn row_kernel() {
   switch (current_isa()) {
 #if XC_X86
+    case Isa::amx:
     case Isa::avx512_vnni:
     case Isa::avx512: return row_avx512;
     case Isa::avx2: return row_avx2;
@@ -198,6 +199,7 @@ RowFn row_kernel() {
 SkipRowFn skip_row_kernel() {
   switch (current_isa()) {
 #if XC_X86
+    case Isa::amx:
     case Isa::avx512_vnni:
     case Isa::avx512: return skip_row_avx512;
     case Isa::avx2: return skip_row_avx2;

@@ -23,6 +23,7 @@
 #include <stdexcept>
 #include <vector>
 
+#include "bf16.h"
 #include "dispatch.h"
 #include "kernels.h"
 #include "nbits.h"
@@ -35,22 +36,6 @@ namespace {
 
 // a tile kernel's work below which waking the pool costs more than it saves
 constexpr int64_t kTileParallelMinElems = int64_t(1) << 16;
-
-// fp32 -> bf16, rounded to nearest even (NaN kept a NaN)
-inline uint16_t bf16_round(float f) {
-  uint32_t bits;
-  std::memcpy(&bits, &f, 4);
-  if (std::isnan(f)) return uint16_t((bits >> 16) | 0x40);
-  bits += 0x7FFF + ((bits >> 16) & 1);
-  return uint16_t(bits >> 16);
-}
-
-inline float bf16_value(uint16_t h) {
-  const uint32_t bits = uint32_t(h) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
 
 // x (M, K) fp32 as hi and lo bf16 in B-tile (VNNI) layout:
 //   [m tile][k step of 32][pair r of the step (16)][column m of the tile (16)][2]
@@ -73,7 +58,7 @@ PackedBf16 pack_bf16(const float* x, int64_t M, int64_t K) {
       const float v = x[m * K + k];
       const uint16_t hi = bf16_round(v);
       p.hi[at] = hi;
-      p.lo[at] = bf16_round(v - bf16_value(hi));
+      p.lo[at] = bf16_round(v - bf16_to_f32(hi));
     }
   return p;
 }

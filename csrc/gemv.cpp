@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "bf16.h"
 #include "dispatch.h"
 #include "kernels.h"
 #include "threads.h"
@@ -28,12 +29,6 @@ constexpr int R = 4;  // weight rows per task: R independent FMA chains per x ro
 // Below this many weight elements a gemv takes a few microseconds; waking the pool costs more.
 constexpr int64_t kParallelMinElems = int64_t(1) << 16;
 
-inline float bf16_to_f32(uint16_t h) {
-  const uint32_t bits = uint32_t(h) << 16;  // bf16 is the top half of an fp32
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
 inline float to_f32(float v) { return v; }
 inline float to_f32(uint16_t v) { return bf16_to_f32(v); }
 

@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "bf16.h"
 #include "dispatch.h"
 
 #if XC_X86
@@ -101,10 +102,7 @@ struct EmulatedTiles {
   static float bf16(const uint8_t* p) {
     uint16_t h;
     std::memcpy(&h, p, 2);
-    const uint32_t bits = uint32_t(h) << 16;
-    float f;
-    std::memcpy(&f, &bits, 4);
-    return f;
+    return bf16_to_f32(h);
   }
 };
 

@@ -287,6 +287,8 @@ NB_MODULE(_C, m) {
   // The AMX tile kernels called directly, on the unit or its C++ model (emulate): the tests hold
   // both to the references on any CPU. gemv_bf16 / gemv_nbits_q8 take them by themselves under
   // the amx ISA.
+  m.def("gemm_bf16_tiles_supported", &xcompile::gemm_bf16_tiles_supported, "N"_a, "K"_a,
+        "Whether gemm_bf16_tiles takes weights of N rows and K columns whole.");
   m.def("amx_usable", &xcompile::amx_usable,
         "Whether this CPU has AMX (tile, bf16, int8) and the OS lets this process use it.");
   m.def(

@@ -241,8 +241,8 @@ def linear_step(weight: torch.Tensor, use_kernels: bool) -> Callable[[torch.Tens
     w = weight.data_ptr()
     buffer = fused_ops.OutputBuffers()
     max_rows = GEMV_MAX_ROWS if weight.dtype == torch.float32 else NARROW_GEMV_MAX_ROWS
-    if weight.dtype == torch.bfloat16 and _C.isa() == "amx":  # prompts go to the AMX tiles
-        max_rows = 1 << 62
+    if weight.dtype == torch.bfloat16 and _C.isa() == "amx" and _C.gemm_bf16_tiles_supported(n, k):
+        max_rows = 1 << 62  # prompts go to the AMX tiles (through the same kernel call)
 
     def run(x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // k

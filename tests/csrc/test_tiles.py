@@ -128,6 +128,12 @@ def test_amx_isa_takes_tiles_for_prompts():
         _C.set_isa(before)
 
 
+def test_tiles_say_which_shapes_they_take():
+    assert _C.gemm_bf16_tiles_supported(32, 64)
+    assert not _C.gemm_bf16_tiles_supported(24, 64)
+    assert not _C.gemm_bf16_tiles_supported(32, 40)
+
+
 def test_tiles_refuse_shapes_they_do_not_take():
     x, w = torch.randn(16, 64), torch.randn(24, 64).to(torch.bfloat16)
     with pytest.raises(ValueError, match="multiple of 16"):

@@ -463,6 +463,8 @@ def _complete(model, tokenizer, prompt_ids, sampler, max_new_tokens, inputs, as_
 
 def _report(model, result) -> dict:
     """--json's object (DESIGN.md, CLI contract)."""
+    from xcompile import _C
+
     profile = model.plan.profile
     return {
         "prompt_tokens": result.prompt_tokens,
@@ -472,6 +474,7 @@ def _report(model, result) -> dict:
         "prefill_ms": round(result.prefill_ms, 3),
         "per_token_ms": round(result.per_token_ms, 3),
         "ranks": model.manifest.ranks,
+        "isa": _C.isa(),  # the kernels' path on this CPU (XCOMPILE_ISA forces one)
         **(
             {
                 "profile_ms": {

@@ -139,15 +139,18 @@ def process_group(pgid: int) -> list[int]:
 
 
 def run_xrun(
-    args: list[str], launcher: list[str] | None = None, timeout: float = 180, cwd=None
+    args: list[str], launcher: list[str] | None = None, timeout: float = 180, cwd=None, env=None
 ) -> dict:
-    """Run xrun (optionally under a launcher such as torchrun) and return its --json object."""
+    """Run xrun (optionally under a launcher such as torchrun; env: variables to add) and return
+    its --json object."""
     import json
+    import os
     import subprocess
     import sys
 
     cmd = (launcher or [sys.executable, "-m", "xcompile.runtime.cli"]) + args + ["--json"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    env = {**os.environ, **env} if env else None
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

@@ -1,8 +1,7 @@
 """xrun --json says which kernel path ran: the CPU's best, or the one XCOMPILE_ISA forces."""
 
-from xcompile import _C
-
 from tests.conftest import run_xrun
+from xcompile import _C
 
 
 def test_json_names_the_kernel_path(compiled):

@@ -86,8 +86,10 @@ PackedQ8 pack_q8(const QuantizedX& qx, int64_t M) {
     for (int64_t k = 0; k < qx.padded; ++k)
       p.q[((mt * p.chunks + k / 64) * kTileRows + k % 64 / 4) * 64 + j * 4 + k % 4] =
           qx.q[m * qx.padded + k];
-    for (int64_t u = 0; u < p.units; ++u) p.scale[(mt * p.units + u) * 16 + j] = qx.scale[m * qx.units + u];
-    for (int64_t b = 0; b < qx.k_blocks; ++b) p.c[(mt * qx.k_blocks + b) * 16 + j] = qx.c[m * qx.k_blocks + b];
+    for (int64_t u = 0; u < p.units; ++u)
+      p.scale[(mt * p.units + u) * 16 + j] = qx.scale[m * qx.units + u];
+    for (int64_t b = 0; b < qx.k_blocks; ++b)
+      p.c[(mt * qx.k_blocks + b) * 16 + j] = qx.c[m * qx.k_blocks + b];
   }
   return p;
 }

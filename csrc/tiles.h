@@ -19,8 +19,9 @@
 
 #if XC_X86
 #include <immintrin.h>
-#define XC_TARGET_AMX \
-  __attribute__((target("amx-tile,amx-bf16,amx-int8,avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")))
+#define XC_TARGET_AMX                                                                      \
+  __attribute__((                                                                          \
+      target("amx-tile,amx-bf16,amx-int8,avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")))
 #endif
 
 namespace xcompile {

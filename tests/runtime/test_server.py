@@ -393,15 +393,22 @@ def test_concurrent_streams_share_forward_steps(single):
             )
         )
 
-    before = single.idle()
-    with ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(stream, range(2)))
-    steps = single.idle()["steps"] - before["steps"]
-    tokens = sum(usage.completion_tokens for _, _, usage, _ in results)
-    assert [text for text, *_ in results] == [alone.choices[0].text] * 2
-    assert tokens == 2 * alone.usage.completion_tokens
-    assert steps < tokens  # one at a time it would be exactly `tokens`
-    assert steps <= 0.75 * tokens, f"{steps} forward steps for 2 streams of {tokens // 2}"
+    # How much the two overlap depends on when the second request lands: on a loaded 2-core
+    # host it once came ~86 steps after the first. Up to 3 tries; broken batching fails all.
+    fewest = None
+    for _ in range(3):
+        before = single.idle()
+        with ThreadPoolExecutor(2) as pool:
+            results = list(pool.map(stream, range(2)))
+        steps = single.idle()["steps"] - before["steps"]
+        tokens = sum(usage.completion_tokens for _, _, usage, _ in results)
+        assert [text for text, *_ in results] == [alone.choices[0].text] * 2
+        assert tokens == 2 * alone.usage.completion_tokens
+        fewest = steps if fewest is None else min(fewest, steps)
+        if fewest <= 0.75 * tokens:
+            break
+    assert fewest < tokens  # one at a time it would be exactly `tokens`
+    assert fewest <= 0.75 * tokens, f"{fewest} forward steps for 2 streams of {tokens // 2}"
 
 
 # ---- where it listens ---------------------------------------------------------------------

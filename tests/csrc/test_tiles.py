@@ -66,10 +66,11 @@ def test_bf16_tiles_match_fp32_reference(emulate, k, threads):
 
 @pytest.mark.parametrize("emulate", UNITS, ids=lambda e: unit_ids[e])
 @pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
-@pytest.mark.parametrize("bits,block", [(8, 64), (8, 256), (4, 128), (4, 256)])
+@pytest.mark.parametrize("bits,block", [(8, 64), (8, 256), (8, 512), (4, 128), (4, 256), (4, 512)])
 def test_q8_tiles_match_reference(emulate, bits, block, sym, threads):
     """The int8-activation matmul (MatMulNBits' accuracy_level 4) on tiles against the reference
-    of the VNNI kernel, whose quantized activations it shares. K = 300 leaves a padded block."""
+    of the VNNI kernel, whose quantized activations it shares. K = 300 leaves a padded block (512:
+    one block per row, as per-channel weights)."""
     k = 300
     for n in [16, 32]:
         B, scales, zp, _ = _weights(n, k, bits, block, sym)

@@ -19,6 +19,8 @@
 namespace xcompile {
 namespace {
 
+bool amx_check();  // below: the tile unit, and the OS's grant to use it
+
 #if XC_X86
 // XCR0: which register states the OS saves on context switch. A CPU may report AVX-512 in CPUID
 // while the kernel has it disabled; using it then faults, so both must agree.
@@ -42,7 +44,7 @@ Isa detect() {
   const bool avx512f = ebx & (1u << 16), avx512bw = ebx & (1u << 30), avx512vl = ebx & (1u << 31);
   const bool avx512vnni = ecx & (1u << 11);
   if (os_zmm && avx512f && avx512bw && avx512vl && avx2 && fma) {
-    if (avx512vnni && amx_usable()) return Isa::amx;
+    if (avx512vnni && amx_check()) return Isa::amx;
     return avx512vnni ? Isa::avx512_vnni : Isa::avx512;
   }
   if (avx2 && fma) return Isa::avx2;
@@ -100,10 +102,9 @@ const char* isa_name(Isa isa) {
 
 Isa best_isa() { return cpu_best(); }
 
-bool amx_usable() {
-  static const bool usable = amx_check();
-  return usable;
-}
+// The tile kernels' hardware build also uses AVX-512 (their scaling and write-back), so AMX is
+// usable where the whole amx ISA is: AMX granted, and AVX-512 VNNI enabled by the OS.
+bool amx_usable() { return cpu_best() == Isa::amx; }
 
 std::vector<Isa> supported_isas() {
   std::vector<Isa> isas;

@@ -140,6 +140,7 @@ void gemm_nbits_q8_bits(const QuantizedX& qx, const NBits& w, const float* bias,
       const uint8_t* rows = w.row(n0).q;  // INT8: the weights in place, rows padded bytes apart
       if constexpr (BITS == 4) {
         unpack_int4(w, n0, qx.padded, unpacked.data());
+        asm volatile("" ::: "memory");  // tileloadd's asm names no memory input: stores first
         rows = unpacked.data();
       }
       for (int64_t mt = 0; mt < xp.m_tiles; ++mt) {

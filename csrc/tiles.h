@@ -1,8 +1,8 @@
 // AMX tiles, two ways: the hardware unit (AmxTiles: tileloadd, tdpbf16ps, tdpbusd) and a plain
 // C++ model of it (EmulatedTiles) that runs on any CPU. The tile kernels (gemm_tiles.cpp) are
 // written once against this interface and instantiated for both, so their blocking, packing and
-// tails are tested everywhere, and on a CPU with AMX the two are held to each other bit for bit
-// (integer dots are exact; TDPBF16PS adds the two products of a pair in order, as modelled here).
+// tails are tested everywhere, and on a CPU with AMX the two are held to each other (integer dots
+// are exact; the model adds TDPBF16PS's products in the order of the SDM's operation section).
 //
 // Every kernel uses one configuration: 8 tiles of 16 rows x 64 bytes (palette 1), that is
 // 16 x 16 fp32 / int32 accumulators, 16 x 32 bf16 or 16 x 64 int8 operands. The "B" operand of a
@@ -11,6 +11,7 @@
 // instruction.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -39,8 +40,11 @@ struct alignas(64) TileConfig {
   }
 };
 
-// Whether this CPU has AMX-TILE, AMX-BF16 and AMX-INT8 and the OS lets this process use them
-// (Linux: XCR0's tile state, granted by arch_prctl(ARCH_REQ_XCOMP_PERM) on first call).
+static_assert(sizeof(TileConfig) == 64, "ldtilecfg reads 64 bytes");
+
+// Whether this CPU has AMX-TILE, AMX-BF16 and AMX-INT8 (and AVX-512 VNNI) and the OS lets this
+// process use them (Linux: XCR0's tile state, granted by arch_prctl(ARCH_REQ_XCOMP_PERM)): the
+// best ISA is amx.
 bool amx_usable();
 
 // ---- the model: what each instruction does, per the Intel SDM's pseudocode ---------------------
@@ -68,21 +72,28 @@ struct EmulatedTiles {
     for (int r = 0; r < kTileRows; ++r)
       std::memcpy(static_cast<uint8_t*>(p) + r * stride, unit().t[T][r], kTileBytes);
   }
-  // C (16 x 16 fp32) += A (16 rows x 16 bf16 pairs) . B (16 pairs x 16 columns, VNNI)
+  // C (16 x 16 fp32) += A (16 rows x 16 bf16 pairs) . B (16 pairs x 16 columns, VNNI).
+  // As the SDM's operation section has it: per row, the pairs' first and second products are
+  // summed apart over k (from zero), then both are added to C; bf16 inputs that are denormal
+  // count as zero and denormal fp32 results flush to zero. Products of bf16 are exact in fp32,
+  // so only the adds round (to nearest even, as C++ does).
   template <int C, int A, int B>
   static void dpbf16ps() {
     Unit& u = unit();
-    for (int m = 0; m < kTileRows; ++m)
+    for (int m = 0; m < kTileRows; ++m) {
+      float even[16] = {}, odd[16] = {};
       for (int k = 0; k < kTileRows; ++k)
         for (int n = 0; n < 16; ++n) {
-          float c, a0, a1, b0, b1;
-          std::memcpy(&c, &u.t[C][m][4 * n], 4);
-          a0 = bf16(&u.t[A][m][4 * k]), a1 = bf16(&u.t[A][m][4 * k + 2]);
-          b0 = bf16(&u.t[B][k][4 * n]), b1 = bf16(&u.t[B][k][4 * n + 2]);
-          c += a0 * b0;  // products of bf16 are exact in fp32: only the adds round
-          c += a1 * b1;
-          std::memcpy(&u.t[C][m][4 * n], &c, 4);
+          even[n] = ftz(even[n] + bf16(&u.t[A][m][4 * k]) * bf16(&u.t[B][k][4 * n]));
+          odd[n] = ftz(odd[n] + bf16(&u.t[A][m][4 * k + 2]) * bf16(&u.t[B][k][4 * n + 2]));
         }
+      for (int n = 0; n < 16; ++n) {
+        float c;
+        std::memcpy(&c, &u.t[C][m][4 * n], 4);
+        c = ftz(c + ftz(even[n] + odd[n]));
+        std::memcpy(&u.t[C][m][4 * n], &c, 4);
+      }
+    }
   }
   // C (16 x 16 int32) += A (16 rows x 16 quads of u8) . B (16 quads x 16 columns of s8, VNNI)
   template <int C, int A, int B>
@@ -100,11 +111,12 @@ struct EmulatedTiles {
   }
 
  private:
-  static float bf16(const uint8_t* p) {
+  static float bf16(const uint8_t* p) {  // a denormal input counts as zero
     uint16_t h;
     std::memcpy(&h, p, 2);
-    return bf16_to_f32(h);
+    return ftz(bf16_to_f32(h));
   }
+  static float ftz(float f) { return std::fpclassify(f) == FP_SUBNORMAL ? f * 0.0f : f; }
 };
 
 #if XC_X86
@@ -113,6 +125,7 @@ struct EmulatedTiles {
 // literals only: a template's tile number reaches them through these if-constexpr ladders.
 #define XC_AMX_INLINE XC_TARGET_AMX __attribute__((always_inline)) inline
 #define XC_ON_TILE(T, F, ...)                                                    \
+  static_assert(T >= 0 && T < 8, "tiles are 0 .. 7");                            \
   if constexpr (T == 0) F(0, ##__VA_ARGS__);                                     \
   else if constexpr (T == 1) F(1, ##__VA_ARGS__);                                \
   else if constexpr (T == 2) F(2, ##__VA_ARGS__);                                \

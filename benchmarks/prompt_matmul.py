@@ -68,10 +68,7 @@ def int8_variants(x: torch.Tensor, n: int) -> dict[str, Callable[[], object]]:
     scales = torch.rand(n, k // block) / (64 * k**0.5)
     out, buffers = torch.empty(m, n), fused_ops.OutputBuffers()
     p = B.data_ptr(), scales.data_ptr()
-
-    def dequantize(n0: int, n1: int, panel: torch.Tensor) -> None:
-        _C.dequantize_nbits(p[0] + n0 * k, p[1] + n0 * (k // block) * 4, 0, panel.data_ptr(),
-                            n1 - n0, k, 8, block)  # fmt: skip
+    dequantize = fused_ops.dequantize_panels(B, scales, None, n, k, 8, block)
 
     variants = {
         "1 dequantize all + torch": lambda: torch.nn.functional.linear(

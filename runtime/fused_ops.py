@@ -166,10 +166,13 @@ class OutputBuffers:
         self.views: dict[tuple, torch.Tensor] = {}  # (tag, shape) -> its view of the block
         self.epoch = -1  # pool.epoch the views were made in
 
-    def __call__(self, shape: tuple[int, ...], tag: int = 0) -> torch.Tensor:
-        if self.pool.epoch != self.epoch:  # a block moved: views are stale
+    def _drop_stale_views(self) -> None:
+        if self.pool.epoch != self.epoch:  # a block moved (another node's, or ours just now)
             self.views.clear()
             self.epoch = self.pool.epoch
+
+    def __call__(self, shape: tuple[int, ...], tag: int = 0) -> torch.Tensor:
+        self._drop_stale_views()
         view = self.views.get((tag, shape))
         if view is not None:
             return view
@@ -177,9 +180,7 @@ class OutputBuffers:
         for d in shape:
             numel *= d
         block = self.pool.block((self.color, tag), numel)
-        if self.pool.epoch != self.epoch:  # it grew just now: views of the old block go too
-            self.views.clear()
-            self.epoch = self.pool.epoch
+        self._drop_stale_views()
         if len(self.views) >= 32:  # row counts change under batching: keep this bounded
             self.views.clear()
         view = self.views[(tag, shape)] = block.narrow(0, 0, numel).view(shape)
@@ -243,6 +244,32 @@ def paneled_linear(x: torch.Tensor, n: int, widen, out: OutputBuffers) -> torch.
         torch.mm(x2, rows.T, out=columns)
         y2[:, n0:n1].copy_(columns)
     return y
+
+
+def dequantize_panels(blocks, scales, zero_points, n: int, k: int, bits: int, block_size: int):
+    """widen(n0, n1, panel) for paneled_linear on MatMulNBits weights: rows n0 .. n1 - 1 of W
+    dequantized from their own rows of blocks, scales (fp32) and zero points."""
+    from xcompile import _C
+
+    b_ptr, s_ptr = blocks.data_ptr(), scales.data_ptr()
+    zp_ptr = 0 if zero_points is None else zero_points.data_ptr()
+    b_row, s_row = blocks.numel() // n, scales.numel() // n * 4
+    zp_row = 0 if zero_points is None else zero_points.numel() // n
+
+    def widen(n0: int, n1: int, panel: torch.Tensor) -> None:
+        emit(
+            _C.dequantize_nbits,
+            b_ptr + n0 * b_row,
+            s_ptr + n0 * s_row,
+            zp_ptr and zp_ptr + n0 * zp_row,
+            panel.data_ptr(),
+            n1 - n0,
+            k,
+            bits,
+            block_size,
+        )
+
+    return widen
 
 
 def _f32(x: torch.Tensor) -> torch.Tensor:
@@ -448,25 +475,8 @@ def _fast_op(key: tuple[str, str], out: OutputBuffers):
             kernel, q8, b_ptr, s_ptr, zp_ptr, bias_ptr = bound[1]
             rows = x.numel() // K
             if g_idx is not None or (rows > 64 and not q8):  # dequantize, then torch's GEMM
-                b_row, zp_row = (
-                    blocks.numel() // N,
-                    0 if zero_points is None else zero_points.numel() // N,
-                )
-
-                def dequantize(n0, n1, panel):
-                    emit(
-                        _C.dequantize_nbits,
-                        b_ptr + n0 * b_row,
-                        s_ptr + n0 * (scales.numel() // N) * 4,
-                        zp_ptr and zp_ptr + n0 * zp_row,
-                        panel.data_ptr(),
-                        n1 - n0,
-                        K,
-                        bits,
-                        block_size,
-                    )
-
-                y = paneled_linear(_f32(x), N, dequantize, out)
+                widen = dequantize_panels(blocks, scales, zero_points, N, K, bits, block_size)
+                y = paneled_linear(_f32(x), N, widen, out)
                 return y if bias is None else y.add_(bias)
             x = _f32(x)
             y = out((*x.shape[:-1], N))

@@ -241,12 +241,13 @@ def linear_step(weight: torch.Tensor, use_kernels: bool) -> Callable[[torch.Tens
     w = weight.data_ptr()
     buffer = fused_ops.OutputBuffers()
     max_rows = GEMV_MAX_ROWS if weight.dtype == torch.float32 else NARROW_GEMV_MAX_ROWS
-    if weight.dtype == torch.bfloat16 and _C.isa() == "amx" and _C.gemm_bf16_tiles_supported(n, k):
-        max_rows = 1 << 62  # prompts go to the AMX tiles (through the same kernel call)
+    # prompts too go to the kernel call, which hands them to the AMX tiles
+    tiles = weight.dtype == torch.bfloat16 and _C.isa() == "amx"
+    tiles = tiles and _C.gemm_bf16_tiles_supported(n, k)
 
     def run(x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // k
-        if use_kernels and gemv is not None and rows <= max_rows:
+        if use_kernels and gemv is not None and (rows <= max_rows or tiles):
             if x.dtype != torch.float32 or not x.is_contiguous():
                 x = x.float().contiguous()
             out = buffer((*x.shape[:-1], n))

@@ -4,7 +4,8 @@ Side by side in one run, on one shape (TinyLlama's MLP up/gate: N=5632, K=2048, 
   read bandwidth         benchmarks/bandwidth.py: torch.sum over 1 GiB, best of 5
   xcompile bf16          kernels.linear on a bf16 weight (csrc/gemv.cpp)
   xcompile int8/channel  kernels.linear_nbits, bits=8, per-channel scales (block_size_for), no zp
-  xcompile int4/g128     kernels.linear_nbits, bits=4, block_size=128, with zero points
+  xcompile int4/g128     kernels.linear_nbits, bits=4, block_size=128, with zero points (uint8,
+                         two per byte; or float32, one per block: llama.cpp Q4_1's min and scale)
   ... q8                 the same on int8-quantized activations (accuracy_level 4: AVX512_VNNI
                          where the CPU has it, else the scalar reference)
   torch int8pack_mm      torch.ops.aten._weight_int8pack_mm(x, int8 (N, K), fp32 scales (N,)),
@@ -68,6 +69,7 @@ def main() -> None:
     channel = block_size_for(-1, k)  # per-channel INT8, blocked as the artifacts are
     int8 = copies(lambda: kernels.quantize_nbits_reference(dense(), 8, channel, True))
     int4 = copies(lambda: kernels.quantize_nbits_reference(dense(), 4, 128, False))
+    int4_float = copies(lambda: kernels.quantize_nbits_reference(dense(), 4, 128, False, True))
     bf16 = copies(lambda: (dense().bfloat16(),))
     packed = copies(int8pack)
     # name -> (weight copies, call on one copy)
@@ -81,12 +83,20 @@ def main() -> None:
             int4,
             lambda w: kernels.linear_nbits(x, *w, 4, 128, k, out=out),
         ),
+        "xcompile int4/g128 (f32 zp)": (
+            int4_float,
+            lambda w: kernels.linear_nbits(x, *w, 4, 128, k, out=out),
+        ),
         "xcompile int8/channel q8": (
             int8,
             lambda w: kernels.linear_nbits(x, *w, 8, channel, k, out=out, int8_activations=True),
         ),
         "xcompile int4/g128 (zp) q8": (
             int4,
+            lambda w: kernels.linear_nbits(x, *w, 4, 128, k, out=out, int8_activations=True),
+        ),
+        "xcompile int4/g128 (f32 zp) q8": (
+            int4_float,
             lambda w: kernels.linear_nbits(x, *w, 4, 128, k, out=out, int8_activations=True),
         ),
         "torch _weight_int8pack_mm": (

@@ -76,12 +76,12 @@ def int8_variants(x: torch.Tensor, n: int) -> dict[str, Callable[[], object]]:
         ),
         "2 panels + torch": lambda: fused_ops.paneled_linear(x, n, dequantize, buffers),
         "3 int8 x, VNNI": lambda: _C.gemv_nbits_q8(
-            x.data_ptr(), *p, 0, 0, out.data_ptr(), m, n, k, 8, block
+            x.data_ptr(), *p, 0, False, 0, out.data_ptr(), m, n, k, 8, block
         ),
     }
     if _C.amx_usable():
         variants["4 int8 x, AMX tiles"] = lambda: _C.gemm_nbits_q8_tiles(
-            x.data_ptr(), *p, 0, 0, out.data_ptr(), m, n, k, 8, block, False
+            x.data_ptr(), *p, 0, False, 0, out.data_ptr(), m, n, k, 8, block, False
         )
     return variants
 

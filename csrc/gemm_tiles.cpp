@@ -10,7 +10,8 @@
 //          GEMM keeps 8), each multiplied in: results within fp32 tolerances of the fp32 GEMV,
 //          for twice the tile work, which prefill on AMX has to spare.
 //   INT8 / INT4: x quantized as the VNNI kernel does it (quantize_x.h); integer dots per unit
-//          (TDPBUSD: u8 weights . s8 activations, exact), scaled per unit and block in fp32.
+//          (TDPBUSD: u8 weights . s8 activations, exact), scaled per unit and block in fp32;
+//          zero points (packed uint8 or fp32) enter only the per-block fp32 term.
 // Shapes: N a multiple of 16, BF16 K a multiple of 32 (gemm_bf16_tiles_supported); the runtime's
 // other shapes take the vector kernels. The body is written once (gemm_tiles_body.h) for the AMX
 // unit and for its C++ model (tiles.h), which the tests run on every CPU.
@@ -138,7 +139,7 @@ void gemm_bf16_tiles(const float* x, const uint16_t* w, const float* bias, float
 }
 
 void gemm_nbits_q8_tiles(const float* x, const uint8_t* B, const float* scales,
-                         const uint8_t* zero_points, const float* bias, float* out, int64_t M,
+                         ZeroPoints zero_points, const float* bias, float* out, int64_t M,
                          int64_t N, int64_t K, int bits, int64_t block_size, bool emulate) {
   check_unit(emulate);
   if (N <= 0 || N % kTileRows != 0 || !gemv_nbits_q8_supported(bits, block_size))

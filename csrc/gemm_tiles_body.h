@@ -102,7 +102,7 @@ inline void q8_block(const PackedQ8& xp, const NBits& w, const uint8_t* rows, in
     const float* cx = xp.c.data() + (mt * w.k_blocks + b) * 16;
     for (int i = 0; i < kTileRows; ++i) {
       const Row row = w.row(n0 + i);
-      const float s = row.s[b], zp = float(zero_point<BITS>(row, b));
+      const float s = row.s[b], zp = zero_point<BITS>(row, b);
       for (int j = 0; j < 16; ++j) acc[i][j] += s * (in_block[i][j] - zp * cx[j]);
     }
   }

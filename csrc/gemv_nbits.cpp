@@ -4,17 +4,18 @@
 //   B (N, k_blocks, blob) uint8, blob = block_size * bits / 8, k_blocks = ceil(K / block_size);
 //     INT4: element 2j of a block is the low nibble of byte j, 2j + 1 the high nibble
 //   scales (N, k_blocks) fp32
-//   zero_points uint8 or null (then 2^(bits-1)): INT8 (N, k_blocks); INT4 (N, ceil(k_blocks / 2)),
-//     block 2j in the low nibble
+//   zero_points (nbits.h's ZeroPoints) packed uint8: INT8 (N, k_blocks), INT4 (N, ceil(k_blocks /
+//     2)) with block 2j in the low nibble; or fp32 (N, k_blocks), not packed; or none: 2^(bits-1)
 //   W[n, k] = (q[n, k] - zp[n, k / block_size]) * scales[n, k / block_size]
 //   out[m, n] = sum_k x[m, k] * W[n, k] + bias[n]
 // Same shape of work as gemv.cpp: threads split N into blocks of R weight rows, each task streams
 // its rows once for all M. Weights are dequantized to fp32 in registers, 16 (AVX-512) or 8 (AVX2)
-// at a time, to exactly the reference's values ((q - zp) in integers, one rounding multiply by the
-// scale), and FMA'd with x. block_size is a power of two >= 16, so a block is whole vector steps
-// except the last block's tail past K, where x and w are masked; the AVX-512 INT4 pairs kernels
-// instead read x zero-padded to whole blocks (padding weights are finite, so they add 0).
-// INT4 on AVX-512 dequantizes by table lookup (vpermps), INT8 by widen, subtract, convert, scale.
+// at a time, to exactly the reference's values ((float(q) - zp) * scale, two fp32 roundings; the
+// first is exact for integer zero points), and FMA'd with x. block_size is a power of two >= 16,
+// so a block is whole vector steps except the last block's tail past K, where x and w are masked;
+// the AVX-512 INT4 pairs kernels instead read x zero-padded to whole blocks (padding weights are
+// finite, so they add 0).
+// INT4 on AVX-512 dequantizes by table lookup (vpermps), INT8 by widen, convert, subtract, scale.
 // Not done: an AVX-512 VNNI path on int8-quantized activations. Rounding x to 8 bits per row costs
 // ~1e-2 relative error in out (0.9% at K=2048, Gaussian x), ~100x the 1e-4 every path is held to.
 #include <omp.h>
@@ -74,9 +75,9 @@ void block_scalar(const float* x, const NBits& w, int64_t n0, const float* bias,
       for (int r = 0; r < RB; ++r) {
         const uint8_t* blk = row[r].q + b * w.blob;
         const float s = row[r].s[b];
-        const int zp = zero_point<BITS>(row[r], b);
+        const float zp = zero_point<BITS>(row[r], b);
         for (int64_t i = 0, len = w.block_len(b); i < len; ++i)
-          sum[r] += double(xb[i]) * double(float(q_at<BITS>(blk, i) - zp) * s);
+          sum[r] += double(xb[i]) * double((float(q_at<BITS>(blk, i)) - zp) * s);
       }
     }
     for (int r = 0; r < RB; ++r) out[m * N + r] = float(sum[r]) + (bias ? bias[r] : 0.0f);
@@ -89,10 +90,10 @@ void dequant_scalar(const NBits& w, int64_t n, float* out) {
   for (int64_t b = 0; b < w.k_blocks; ++b) {
     const uint8_t* blk = row.q + b * w.blob;
     const float s = row.s[b];
-    const int zp = zero_point<BITS>(row, b);
+    const float zp = zero_point<BITS>(row, b);
     float* ob = out + b * w.block_size;
     for (int64_t i = 0, len = w.block_len(b); i < len; ++i)
-      ob[i] = float(q_at<BITS>(blk, i) - zp) * s;
+      ob[i] = (float(q_at<BITS>(blk, i)) - zp) * s;
   }
 }
 
@@ -124,8 +125,8 @@ XC_TARGET_AVX2 inline __m256i load_q8(const uint8_t* blk, int64_t i) {
   }
 }
 
-XC_TARGET_AVX2 inline __m256 dequant8(__m256i q, __m256i zp, __m256 s) {
-  return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(q, zp)), s);
+XC_TARGET_AVX2 inline __m256 dequant8(__m256i q, __m256 zp, __m256 s) {
+  return _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(q), zp), s);
 }
 
 XC_TARGET_AVX2 inline __m256i tail_mask8(int64_t n) {  // lanes < n all ones
@@ -152,11 +153,11 @@ XC_TARGET_AVX2 void block_avx2(const float* x, const NBits& w, int64_t n0, const
   for (int64_t b = 0; b < w.k_blocks; ++b) {
     const uint8_t* blk[RB];
     __m256 s[RB];
-    __m256i zp[RB];
+    __m256 zp[RB];
     for (int r = 0; r < RB; ++r) {
       blk[r] = row[r].q + b * w.blob;
       s[r] = _mm256_set1_ps(row[r].s[b]);
-      zp[r] = _mm256_set1_epi32(zero_point<BITS>(row[r], b));
+      zp[r] = _mm256_set1_ps(zero_point<BITS>(row[r], b));
     }
     const float* xb = x + b * w.block_size;
     const int64_t len = w.block_len(b);
@@ -191,7 +192,7 @@ XC_TARGET_AVX2 void dequant_avx2(const NBits& w, int64_t n, float* out) {
   for (int64_t b = 0; b < w.k_blocks; ++b) {
     const uint8_t* blk = row.q + b * w.blob;
     const __m256 s = _mm256_set1_ps(row.s[b]);
-    const __m256i zp = _mm256_set1_epi32(zero_point<BITS>(row, b));
+    const __m256 zp = _mm256_set1_ps(zero_point<BITS>(row, b));
     float* ob = out + b * w.block_size;
     const int64_t len = w.block_len(b);
     int64_t i = 0;
@@ -202,40 +203,31 @@ XC_TARGET_AVX2 void dequant_avx2(const NBits& w, int64_t n, float* out) {
 }
 
 // ---- AVX-512 F/BW/VL: 16 lanes, masked tail ----------------------------------------------------
-// INT8: q widened to int32, (q - zp) converted, times the scale. INT4: a block's 16 possible
+// INT8: q widened to int32, converted, minus zp, times the scale. INT4: a block's 16 possible
 // weights (i - zp) * s, i = 0..15, fill one zmm, so dequantizing 16 elements is one vpermps
 // indexed by their nibbles (it reads only the low 4 bits of each index).
 template <int BITS>
 struct Dequant512 {
-  __m512i zp;
-  __m512 s;
-  XC_TARGET_AVX512 void set(int zero_point, float scale) {
-    zp = _mm512_set1_epi32(zero_point);
+  __m512 zp, s;
+  XC_TARGET_AVX512 void set(float zero_point, float scale) {
+    zp = _mm512_set1_ps(zero_point);
     s = _mm512_set1_ps(scale);
   }
   // Weights i .. i + 15 of the block at blk (i a multiple of 16).
   XC_TARGET_AVX512 __m512 operator()(const uint8_t* blk, int64_t i) const {
     const __m512i q =
         _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + i)));
-    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(q, zp)), s);
+    return _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(q), zp), s);
   }
 };
-
-// kCentered[z][i] = i - z: the INT4 values a zero point z leaves, as floats.
-struct Centered {
-  alignas(64) float v[16][16];
-  constexpr Centered() : v() {
-    for (int z = 0; z < 16; ++z)
-      for (int i = 0; i < 16; ++i) v[z][i] = float(i - z);
-  }
-};
-constexpr Centered kCentered;
 
 template <>
 struct Dequant512<4> {
   __m512 table;
-  XC_TARGET_AVX512 void set(int zero_point, float scale) {
-    table = _mm512_mul_ps(_mm512_load_ps(kCentered.v[zero_point]), _mm512_set1_ps(scale));
+  XC_TARGET_AVX512 void set(float zero_point, float scale) {
+    const __m512 levels = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    table = _mm512_mul_ps(_mm512_sub_ps(levels, _mm512_set1_ps(zero_point)),
+                          _mm512_set1_ps(scale));
   }
   XC_TARGET_AVX512 __m512 operator()(const uint8_t* blk, int64_t i) const {
     uint64_t eight;  // 16 nibbles, element j in byte j / 2, the low nibble first
@@ -423,7 +415,7 @@ bool use_pool(int threads, int64_t N, int64_t K) {
 
 }  // namespace
 
-void gemv_nbits(const float* x, const uint8_t* B, const float* scales, const uint8_t* zero_points,
+void gemv_nbits(const float* x, const uint8_t* B, const float* scales, ZeroPoints zero_points,
                 const float* bias, float* out, int64_t M, int64_t N, int64_t K, int bits,
                 int64_t block_size) {
   const NBits w(B, scales, zero_points, K, bits, block_size);
@@ -458,8 +450,8 @@ void gemv_nbits(const float* x, const uint8_t* B, const float* scales, const uin
   }
 }
 
-void dequantize_nbits(const uint8_t* B, const float* scales, const uint8_t* zero_points,
-                      float* out, int64_t N, int64_t K, int bits, int64_t block_size) {
+void dequantize_nbits(const uint8_t* B, const float* scales, ZeroPoints zero_points, float* out,
+                      int64_t N, int64_t K, int bits, int64_t block_size) {
   const NBits w(B, scales, zero_points, K, bits, block_size);
   const DequantFn dequant = table_for(bits, block_size).dequant;
   const int threads = num_threads();

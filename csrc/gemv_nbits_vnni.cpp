@@ -7,7 +7,7 @@
 // Activations are quantized per row in units of U elements (U = min(block_size, 64 for INT8, 128
 // for INT4: one vpdpbusd's worth; 256 flipped greedy tokens of the test models, 64 did not):
 //   sx[m, u] = max|x[m, unit u]| / 127,  xq[m, k] = rint(x[m, k] / sx[m, u]) in [-127, 127]
-// The weights stay as stored (q unsigned, zero point zp per block), so
+// The weights stay as stored (q unsigned, zero point zp per block, packed uint8 or fp32), so
 //   out[m, n] = sum_b s[n, b] * ( sum_{u in b} sx[m, u] * dot_u  -  zp[n, b] * c[m, b] )
 //   dot_u = sum_{k in u} q[n, k] * xq[m, k]   (int32, exact)
 //   c[m, b] = sum_{u in b} sx[m, u] * sum_{k in u} xq[m, k]   (per x row, shared by all n)
@@ -161,9 +161,11 @@ XC_TARGET_VNNI __attribute__((always_inline)) inline __m512i sum_lanes16(const _
                           _mm512_shuffle_i32x4(w01, w23, 0xDD));
 }
 
-// The zero points of blocks b .. b+15 of a row (b a multiple of 16) as 16 fp32 lanes
+// The zero points of blocks b .. b+15 of a row (b a multiple of 16) as 16 fp32 lanes: float ones
+// loaded as they are, packed ones widened
 template <int BITS>
 XC_TARGET_VNNI __attribute__((always_inline)) inline __m512 zero_points16(const Row& row, int64_t b) {
+  if (row.zf) return _mm512_loadu_ps(row.zf + b);
   if (!row.z) return _mm512_set1_ps(float(1 << (BITS - 1)));
   __m128i z;
   if constexpr (BITS == 8) {
@@ -240,7 +242,7 @@ XC_TARGET_VNNI void row_vnni(const QuantizedX& qx, const NBits& w, int64_t n0, i
       }
     }
     for (int64_t b = scalar_from; b < k_blocks; ++b)
-      correction += row.s[b] * float(zero_point<BITS>(row, b)) * cx[b];
+      correction += row.s[b] * zero_point<BITS>(row, b) * cx[b];
     const __m512 sum = _mm512_sub_ps(_mm512_add_ps(acc0, acc1), corrections);
     out[n] = _mm512_reduce_add_ps(sum) - correction + (bias ? bias[n] : 0.0f);
   }
@@ -295,7 +297,7 @@ XC_TARGET_VNNI void rows_vnni(const QuantizedX& qx, const NBits& w, int64_t m0, 
       }
     }
     for (int r = 0; r < RB; ++r) {
-      const float zp_s = row[r].s[b] * float(zero_point<BITS>(row[r], b));
+      const float zp_s = row[r].s[b] * zero_point<BITS>(row[r], b);
       for (int m = 0; m < MB; ++m) {
         acc[m][r] = _mm512_fmadd_ps(in_block[m][r], _mm512_set1_ps(row[r].s[b]), acc[m][r]);
         correction[m][r] += zp_s * cx[m * qx.k_blocks + b];
@@ -409,7 +411,7 @@ bool gemv_nbits_q8_supported(int bits, int64_t block_size) {
 }
 
 void gemv_nbits_q8(const float* x, const uint8_t* B, const float* scales,
-                   const uint8_t* zero_points, const float* bias, float* out, int64_t M, int64_t N,
+                   ZeroPoints zero_points, const float* bias, float* out, int64_t M, int64_t N,
                    int64_t K, int bits, int64_t block_size) {
   if (current_isa() == Isa::amx && M >= 16 && N % 16 == 0)  // a prompt: AMX tiles
     return gemm_nbits_q8_tiles(x, B, scales, zero_points, bias, out, M, N, K, bits, block_size,

@@ -4,6 +4,8 @@
 
 #include <cstdint>
 
+#include "nbits.h"  // ZeroPoints
+
 namespace xcompile {
 
 // x (rows, cols) fp32, weight (cols) fp32, out (rows, cols) fp32 (may alias x).
@@ -65,11 +67,13 @@ void gemv_bf16(const float* x, const uint16_t* w, const float* bias, float* out,
 // Weight-only INT8 / INT4 in ONNX Runtime's com.microsoft MatMulNBits layout (csrc/gemv_nbits.cpp):
 //   B (N, k_blocks, block_size * bits / 8) uint8, k_blocks = ceil(K / block_size); INT4 element 2j
 //   of a block in the low nibble of byte j, 2j + 1 in the high one. scales (N, k_blocks) fp32.
-//   zero_points uint8 or null (2^(bits-1)): INT8 (N, k_blocks), INT4 (N, ceil(k_blocks / 2)) with
-//   block 2j in the low nibble. bits 4 or 8; block_size a power of two >= 16.
-//   W[n, k] = (q[n, k] - zp[n, k / block_size]) * scales[n, k / block_size]
+//   zero_points (nbits.h): packed uint8, INT8 (N, k_blocks), INT4 (N, ceil(k_blocks / 2)) with
+//   block 2j in the low nibble; or fp32 (N, k_blocks) like scales; or none (2^(bits-1)).
+//   bits 4 or 8; block_size a power of two >= 16.
+//   W[n, k] = (q[n, k] - zp[n, k / block_size]) * scales[n, k / block_size], in fp32:
+//   (float(q) - zp) * scale, exact in the subtraction for integer zero points.
 // gemv_nbits: x (M, K) fp32, bias (N) fp32 or null, out (M, N) = x @ W.T + bias, fp32.
-void gemv_nbits(const float* x, const uint8_t* B, const float* scales, const uint8_t* zero_points,
+void gemv_nbits(const float* x, const uint8_t* B, const float* scales, ZeroPoints zero_points,
                 const float* bias, float* out, int64_t M, int64_t N, int64_t K, int bits,
                 int64_t block_size);
 // gemv_nbits_q8: the same on int8-quantized activations (csrc/gemv_nbits_vnni.cpp; MatMulNBits'
@@ -77,11 +81,11 @@ void gemv_nbits(const float* x, const uint8_t* B, const float* scales, const uin
 // Needs block_size >= 64 (INT8) or >= 128 (INT4): gemv_nbits_q8_supported.
 bool gemv_nbits_q8_supported(int bits, int64_t block_size);
 void gemv_nbits_q8(const float* x, const uint8_t* B, const float* scales,
-                   const uint8_t* zero_points, const float* bias, float* out, int64_t M, int64_t N,
+                   ZeroPoints zero_points, const float* bias, float* out, int64_t M, int64_t N,
                    int64_t K, int bits, int64_t block_size);
-// dequantize_nbits: out (N, K) fp32 = W, bit for bit (q - zp in integers, one multiply).
-void dequantize_nbits(const uint8_t* B, const float* scales, const uint8_t* zero_points,
-                      float* out, int64_t N, int64_t K, int bits, int64_t block_size);
+// dequantize_nbits: out (N, K) fp32 = W, bit for bit the reference's (float(q) - zp) * scale.
+void dequantize_nbits(const uint8_t* B, const float* scales, ZeroPoints zero_points, float* out,
+                      int64_t N, int64_t K, int bits, int64_t block_size);
 
 // Prefill matmuls on AMX tiles (csrc/gemm_tiles.cpp), meant for x of 16 rows and more; the same
 // operands and results as gemv_bf16 / gemv_nbits_q8 (BF16: x carried as two bf16, so within fp32
@@ -93,7 +97,7 @@ bool gemm_bf16_tiles_supported(int64_t N, int64_t K);
 void gemm_bf16_tiles(const float* x, const uint16_t* w, const float* bias, float* out, int64_t M,
                      int64_t N, int64_t K, bool emulate);
 void gemm_nbits_q8_tiles(const float* x, const uint8_t* B, const float* scales,
-                         const uint8_t* zero_points, const float* bias, float* out, int64_t M,
+                         ZeroPoints zero_points, const float* bias, float* out, int64_t M,
                          int64_t N, int64_t K, int bits, int64_t block_size, bool emulate);
 
 }  // namespace xcompile

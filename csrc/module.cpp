@@ -44,6 +44,19 @@ void check_nbits(const char* kernel, int64_t bits, int64_t block_size) {
     throw std::invalid_argument(std::string(kernel) + ": block_size must be a power of two >= 16");
 }
 
+// MatMulNBits zero points at `address`: packed uint8 (0: none, 2^(bits-1)), or with
+// float_zero_points fp32 (N, k_blocks), not packed (0 allowed only where nothing is read).
+xcompile::ZeroPoints zero_points_at(uintptr_t address, bool float_zero_points, bool read) {
+  xcompile::ZeroPoints zp;
+  if (float_zero_points && read && address == 0)
+    throw std::invalid_argument("float_zero_points is set but zero_points is a null pointer");
+  if (float_zero_points)
+    zp.values = reinterpret_cast<const float*>(address);
+  else
+    zp.packed = reinterpret_cast<const uint8_t*>(address);
+  return zp;
+}
+
 // Registers a kernel binding for tapes (tape.h) and hands it on to m.def: a taped call runs
 // the very function a Python call does.
 template <typename... A>
@@ -53,8 +66,9 @@ auto tape_def(const char* name, void (*f)(A...)) {
 }
 
 template <bool Q8>
-void nbits_gemv(uintptr_t x, uintptr_t B, uintptr_t scales, uintptr_t zero_points, uintptr_t bias,
-                uintptr_t out, int64_t M, int64_t N, int64_t K, int64_t bits, int64_t block_size) {
+void nbits_gemv(uintptr_t x, uintptr_t B, uintptr_t scales, uintptr_t zero_points,
+                bool float_zero_points, uintptr_t bias, uintptr_t out, int64_t M, int64_t N,
+                int64_t K, int64_t bits, int64_t block_size) {
   const char* name = Q8 ? "gemv_nbits_q8" : "gemv_nbits";
   check_sizes(name, {M, N, K});
   check_nbits(name, bits, block_size);
@@ -65,7 +79,7 @@ void nbits_gemv(uintptr_t x, uintptr_t B, uintptr_t scales, uintptr_t zero_point
   (Q8 ? xcompile::gemv_nbits_q8 : xcompile::gemv_nbits)(
       as_ptr<const float>(x, "x", K > 0), as_ptr<const uint8_t>(B, "B", K > 0),
       as_ptr<const float>(scales, "scales", K > 0),
-      as_ptr<const uint8_t>(zero_points, "zero_points", false),
+      zero_points_at(zero_points, float_zero_points, K > 0),
       as_ptr<const float>(bias, "bias", false), as_ptr<float>(out, "out", true), M, N, K,
       int(bits), block_size);
 }
@@ -262,13 +276,14 @@ NB_MODULE(_C, m) {
 
   // gemv_nbits and gemv_nbits_q8 take the same arguments: one binding serves both.
   const auto bind_nbits = [&m](const char* name, auto kernel, const char* doc) {
-    m.def(name, tape_def(name, kernel), "x"_a, "B"_a, "scales"_a, "zero_points"_a, "bias"_a,
-          "out"_a, "M"_a, "N"_a, "K"_a, "bits"_a, "block_size"_a,
+    m.def(name, tape_def(name, kernel), "x"_a, "B"_a, "scales"_a, "zero_points"_a,
+          "float_zero_points"_a, "bias"_a, "out"_a, "M"_a, "N"_a, "K"_a, "bits"_a, "block_size"_a,
           nb::call_guard<nb::gil_scoped_release>(), doc);
   };
   bind_nbits("gemv_nbits", &nbits_gemv<false>,
              "out (M, N) = x (M, K) @ W.T + bias (0: none), W from MatMulNBits' B, scales, "
-             "zero_points (0: 2^(bits-1)); fp32 x/out.");
+             "zero_points (0: 2^(bits-1); packed uint8, or fp32 (N, k_blocks) with "
+             "float_zero_points); fp32 x/out.");
   bind_nbits("gemv_nbits_q8", &nbits_gemv<true>,
              "gemv_nbits on int8-quantized activations (accuracy_level 4): VNNI, or the scalar "
              "reference.");
@@ -306,37 +321,39 @@ NB_MODULE(_C, m) {
       "gemv_bf16 on AMX tiles (emulate: on their C++ model); N a multiple of 16, K of 32.");
   m.def(
       "gemm_nbits_q8_tiles",
-      [](uintptr_t x, uintptr_t B, uintptr_t scales, uintptr_t zero_points, uintptr_t bias,
-         uintptr_t out, int64_t M, int64_t N, int64_t K, int64_t bits, int64_t block_size,
-         bool emulate) {
+      [](uintptr_t x, uintptr_t B, uintptr_t scales, uintptr_t zero_points, bool float_zero_points,
+         uintptr_t bias, uintptr_t out, int64_t M, int64_t N, int64_t K, int64_t bits,
+         int64_t block_size, bool emulate) {
         check_sizes("gemm_nbits_q8_tiles", {M, N, K});
         check_nbits("gemm_nbits_q8_tiles", bits, block_size);
         if (M == 0) return;
         xcompile::gemm_nbits_q8_tiles(
             as_ptr<const float>(x, "x", true), as_ptr<const uint8_t>(B, "B", true),
             as_ptr<const float>(scales, "scales", true),
-            as_ptr<const uint8_t>(zero_points, "zero_points", false),
+            zero_points_at(zero_points, float_zero_points, true),
             as_ptr<const float>(bias, "bias", false), as_ptr<float>(out, "out", true), M, N, K,
             int(bits), block_size, emulate);
       },
-      "x"_a, "B"_a, "scales"_a, "zero_points"_a, "bias"_a, "out"_a, "M"_a, "N"_a, "K"_a, "bits"_a,
-      "block_size"_a, "emulate"_a, nb::call_guard<nb::gil_scoped_release>(),
+      "x"_a, "B"_a, "scales"_a, "zero_points"_a, "float_zero_points"_a, "bias"_a, "out"_a, "M"_a,
+      "N"_a, "K"_a, "bits"_a, "block_size"_a, "emulate"_a, nb::call_guard<nb::gil_scoped_release>(),
       "gemv_nbits_q8 on AMX tiles (emulate: on their C++ model); N a multiple of 16.");
 
   m.def(
       "dequantize_nbits",
-      tape_def("dequantize_nbits", +[](uintptr_t B, uintptr_t scales, uintptr_t zero_points, uintptr_t out, int64_t N, int64_t K,
-         int64_t bits, int64_t block_size) {
+      tape_def("dequantize_nbits", +[](uintptr_t B, uintptr_t scales, uintptr_t zero_points,
+         bool float_zero_points, uintptr_t out, int64_t N, int64_t K, int64_t bits,
+         int64_t block_size) {
         check_sizes("dequantize_nbits", {N, K});
         check_nbits("dequantize_nbits", bits, block_size);
         if (N == 0 || K == 0) return;
         xcompile::dequantize_nbits(as_ptr<const uint8_t>(B, "B", true),
                                    as_ptr<const float>(scales, "scales", true),
-                                   as_ptr<const uint8_t>(zero_points, "zero_points", false),
+                                   zero_points_at(zero_points, float_zero_points, true),
                                    as_ptr<float>(out, "out", true), N, K, int(bits), block_size);
       }),
-      "B"_a, "scales"_a, "zero_points"_a, "out"_a, "N"_a, "K"_a, "bits"_a, "block_size"_a,
-      nb::call_guard<nb::gil_scoped_release>(),
-      "out (N, K) fp32 = W of MatMulNBits' B, scales, zero_points (0: 2^(bits-1)).");
+      "B"_a, "scales"_a, "zero_points"_a, "float_zero_points"_a, "out"_a, "N"_a, "K"_a, "bits"_a,
+      "block_size"_a, nb::call_guard<nb::gil_scoped_release>(),
+      "out (N, K) fp32 = W of MatMulNBits' B, scales, zero_points (0: 2^(bits-1); packed uint8, "
+      "or fp32 (N, k_blocks) with float_zero_points).");
 }
 

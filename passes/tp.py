@@ -12,7 +12,10 @@ Each family declares, in its frontend file, which weights are column-, row- and 
     attention                        GroupQueryAttention / RotaryEmbedding heads / R;
                                      the fused projections' Split sizes / R
 AllReduce and AllGather are ai.xcompile ops (ONNX Runtime has none). A concatenated weight
-(passes/concat_matmul.py) slices each of its parts and concatenates the slices.
+(passes/concat_matmul.py) slices each of its parts and concatenates the slices. A MatMulNBits
+weight's scales and zero points follow its rows (column) or its blocks along K (row); INT4 zero
+points packed two to a byte are unpacked, sliced and repacked, float32 ones (the scales' shape)
+are sliced as the scales are.
 """
 
 from __future__ import annotations
@@ -56,21 +59,28 @@ class Slicing:
             "quantize with a smaller --group-size or use fewer ranks"
         )
 
+    def packed_zero_points(self, columns: int) -> bool:
+        """Whether this is a quantized weight's INT4 zero points two to a byte (uint8), rather
+        than one per block like the scales (INT8, or float32 zero points). From the columns
+        alone: they differ wherever the weight has more than one block, and where it has one the
+        two readings slice alike."""
+        bits, block, k = self.nbits
+        return self.role == "zero_points" and bits == 4 and columns != -(-k // block)
+
     def shape(self, name: str, shape: tuple[int, ...], ranks: int) -> tuple[int, ...]:
         if self.kind == "replicated":
             return shape
         if self.kind == "row" and self.role is not None:
             bits = self.nbits[0]
             per_rank, block, whole = self.row_blocks(ranks)
-            n, blocks = shape[0], shape[1]
+            n = shape[0]
             if not whole:  # per channel: one (re-padded) block; scales/zero points unchanged
                 return (n, 1, block * bits // 8) if self.role == "qweight" else shape
-            kb = blocks // ranks if self.role != "zero_points" or bits == 8 else None
             if self.role == "qweight":
                 return (n, per_rank // block, block * bits // 8)
-            if self.role == "scales" or bits == 8:
-                return (n, per_rank // block)
-            return (n, -(-(per_rank // block) // 2)) if kb is None else (n, kb)
+            if self.packed_zero_points(shape[1]):
+                return (n, -(-(per_rank // block) // 2))
+            return (n, per_rank // block)
         axis = -1 if self.kind == "row" else 0
         if shape[axis] % ranks:
             raise UserError(
@@ -122,7 +132,7 @@ class Slicing:
             padded[:, :per_rank] = q
             return _packed(padded, bits).reshape(n, 1, new_block * bits // 8)
         kb = per_rank // block
-        if self.role == "zero_points" and bits == 4:
+        if self.packed_zero_points(t.shape[1]):
             z = _elements(t, 4)[:, rank * kb : (rank + 1) * kb]
             if kb % 2:
                 z = torch.cat([z, torch.full((z.shape[0], 1), 8, dtype=torch.uint8)], dim=1)

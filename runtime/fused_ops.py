@@ -103,10 +103,16 @@ def matmul_nbits_ref(
     block_size,
     accuracy_level=0,
 ):
-    """x (..., K) @ W(N, K)ᵀ with W in MatMulNBits' layout (see passes/quantize_nbits.py)."""
-    from xcompile.weight_only import unpack
+    """x (..., K) @ W(N, K)ᵀ with W in MatMulNBits' layout (see passes/quantize_nbits.py; zero
+    points packed uint8, float32 (N, k_blocks) or none)."""
+    from xcompile.runtime.kernels import dequantize_nbits_reference
 
-    w = unpack(blocks, scales.reshape(N, -1), zero_points, bits, block_size, K)
+    scales = scales.reshape(N, -1)
+    if zero_points is not None and zero_points.is_floating_point():
+        zero_points = zero_points.reshape(N, -1)
+    w = dequantize_nbits_reference(
+        blocks.reshape(N, scales.shape[1], -1), scales, zero_points, bits, block_size, K
+    )
     y = x @ w.T
     return y if bias is None else y + bias
 
@@ -248,13 +254,15 @@ def paneled_linear(x: torch.Tensor, n: int, widen, out: OutputBuffers) -> torch.
 
 def dequantize_panels(blocks, scales, zero_points, n: int, k: int, bits: int, block_size: int):
     """widen(n0, n1, panel) for paneled_linear on MatMulNBits weights: rows n0 .. n1 - 1 of W
-    dequantized from their own rows of blocks, scales (fp32) and zero points."""
+    dequantized from their own rows of blocks, scales (fp32) and zero points (packed uint8 or
+    fp32)."""
     from xcompile import _C
 
     b_ptr, s_ptr = blocks.data_ptr(), scales.data_ptr()
     zp_ptr = 0 if zero_points is None else zero_points.data_ptr()
+    zp_float = zero_points is not None and zero_points.dtype == torch.float32
     b_row, s_row = blocks.numel() // n, scales.numel() // n * 4
-    zp_row = 0 if zero_points is None else zero_points.numel() // n
+    zp_row = 0 if zero_points is None else zero_points.numel() // n * zero_points.element_size()
 
     def widen(n0: int, n1: int, panel: torch.Tensor) -> None:
         emit(
@@ -262,6 +270,7 @@ def dequantize_panels(blocks, scales, zero_points, n: int, k: int, bits: int, bl
             b_ptr + n0 * b_row,
             s_ptr + n0 * s_row,
             zp_ptr and zp_ptr + n0 * zp_row,
+            zp_float,
             panel.data_ptr(),
             n1 - n0,
             k,
@@ -470,9 +479,10 @@ def _fast_op(key: tuple[str, str], out: OutputBuffers):
                     blocks.data_ptr(),
                     scales.data_ptr(),
                     0 if zero_points is None else zero_points.data_ptr(),
+                    zero_points is not None and zero_points.dtype == torch.float32,
                     0 if bias is None else bias.data_ptr(),
                 )
-            kernel, q8, b_ptr, s_ptr, zp_ptr, bias_ptr = bound[1]
+            kernel, q8, b_ptr, s_ptr, zp_ptr, zp_float, bias_ptr = bound[1]
             rows = x.numel() // K
             if g_idx is not None or (rows > 64 and not q8):  # dequantize, then torch's GEMM
                 widen = dequantize_panels(blocks, scales, zero_points, N, K, bits, block_size)
@@ -486,6 +496,7 @@ def _fast_op(key: tuple[str, str], out: OutputBuffers):
                 b_ptr,
                 s_ptr,
                 zp_ptr,
+                zp_float,
                 bias_ptr,
                 y.data_ptr(),
                 rows,

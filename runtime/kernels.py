@@ -199,14 +199,23 @@ def _nbits_shapes(
     if tuple(scales.shape) != (n, k_blocks):
         raise ValueError(f"scales has shape {tuple(scales.shape)}; expected ({n}, {k_blocks})")
     if zero_points is not None:
-        _check("zero_points", zero_points, (torch.uint8,))
-        cols = k_blocks if bits == 8 else -(-k_blocks // 2)
+        _check("zero_points", zero_points, (torch.uint8, torch.float32))
+        packed = zero_points.dtype == torch.uint8
+        cols = k_blocks if bits == 8 or not packed else -(-k_blocks // 2)
         if tuple(zero_points.shape) != (n, cols):
             raise ValueError(
                 f"zero_points has shape {tuple(zero_points.shape)}; expected ({n}, {cols})"
-                + (" (two 4-bit zero points per byte)" if bits == 4 else "")
+                + (" (two 4-bit zero points per byte)" if bits == 4 and packed else "")
+                + ("" if packed else " (float zero points: one per block, like scales)")
             )
     return n
+
+
+def _zero_points_args(zero_points: torch.Tensor | None) -> tuple[int, bool]:
+    """(address, float_zero_points) of checked zero points, as the nbits kernels take them."""
+    if zero_points is None:
+        return 0, False
+    return zero_points.data_ptr(), zero_points.dtype == torch.float32
 
 
 def linear_nbits(
@@ -230,9 +239,12 @@ def linear_nbits(
                   INT4: element 2j of a block in the low nibble of byte j, 2j + 1 in the high one;
                   the last block's padding past K is ignored
     scales        float32 (N, k_blocks)
-    zero_points   uint8 or None (then 2^(bits-1)): INT8 (N, k_blocks); INT4 (N, ceil(k_blocks / 2)),
-                  block 2j in the low nibble
-    W[n, k] = (q[n, k] - zp[n, k // block_size]) * scales[n, k // block_size]
+    zero_points   uint8: INT8 (N, k_blocks); INT4 (N, ceil(k_blocks / 2)), block 2j in the low
+                  nibble; or float32 (N, k_blocks), not packed (ONNX Runtime's zero points of A's
+                  type: a block's float offset, llama.cpp Q4_1 / Q4_K's min = -zp * scale);
+                  or None (then 2^(bits-1))
+    W[n, k] = (q[n, k] - zp[n, k // block_size]) * scales[n, k // block_size], in fp32:
+              (float(q) - zp) * scale, the subtraction exact for integer zero points
     """
     n = _nbits_shapes(B, scales, zero_points, bits, block_size, K)
     _check("x", x, (torch.float32,))
@@ -259,7 +271,7 @@ def linear_nbits(
         x.data_ptr(),
         B.data_ptr(),
         scales.data_ptr(),
-        0 if zero_points is None else zero_points.data_ptr(),
+        *_zero_points_args(zero_points),
         0 if bias is None else bias.data_ptr(),
         out.data_ptr(),
         x.numel() // K,
@@ -286,7 +298,7 @@ def dequantize_nbits(
     _C.dequantize_nbits(
         B.data_ptr(),
         scales.data_ptr(),
-        0 if zero_points is None else zero_points.data_ptr(),
+        *_zero_points_args(zero_points),
         out.data_ptr(),
         n,
         K,
@@ -304,19 +316,22 @@ def dequantize_nbits_reference(
     block_size: int,
     K: int,
 ) -> torch.Tensor:
-    """The MatMulNBits layout unpacked with torch ops: (N, K) fp32."""
+    """The MatMulNBits layout unpacked with torch ops: (N, K) fp32, (float(q) - zp) * scale
+    with fp32 roundings (zero points packed uint8, float32 (N, k_blocks) or None)."""
     n, k_blocks = scales.shape
     if bits == 4:  # byte j of a block holds elements 2j (low nibble) and 2j + 1 (high)
         q = torch.stack((B & 0xF, B >> 4), dim=-1).reshape(n, k_blocks, block_size)
     else:
         q = B
     if zero_points is None:
-        zp = torch.full((n, k_blocks), 1 << (bits - 1), dtype=torch.int32)
+        zp = torch.full((n, k_blocks), float(1 << (bits - 1)))
+    elif zero_points.is_floating_point():
+        zp = zero_points.float()
     elif bits == 4:
         zp = torch.stack((zero_points & 0xF, zero_points >> 4), dim=-1).reshape(n, -1)[:, :k_blocks]
     else:
         zp = zero_points
-    w = (q.int() - zp.int()[..., None]).float() * scales[..., None]
+    w = (q.float() - zp.float()[..., None]) * scales[..., None]
     return w.reshape(n, k_blocks * block_size)[:, :K]
 
 
@@ -371,17 +386,28 @@ def linear_nbits_q8_reference(
 
 
 def quantize_nbits_reference(
-    w: torch.Tensor, bits: int, block_size: int, sym: bool
+    w: torch.Tensor, bits: int, block_size: int, sym: bool, float_zero_points: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Round-to-nearest MatMulNBits weights (B, scales, zero_points or None) of w (N, K), for
     tests. sym: scale = absmax / (2^(bits-1) - 1), zero point 2^(bits-1) left implicit; asym:
-    scale = (max - min) / (2^bits - 1) over a range stretched to hold 0, zp = round(-min / scale).
-    The last block is zero-padded past K."""
+    scale = (max - min) / (2^bits - 1) over a range stretched to hold 0, zp = round(-min / scale);
+    float_zero_points (asym): the block's own min and max, zp = -min / scale unrounded, float32
+    (N, k_blocks), q = round((w - min) / scale) (llama.cpp's Q4_1 / Q8_1 min and scale). The
+    last block is zero-padded past K."""
     n, k = w.shape
     k_blocks = -(-k // block_size)
     padded = torch.nn.functional.pad(w.float(), (0, k_blocks * block_size - k))
     blocks = padded.reshape(n, k_blocks, block_size)
     top = (1 << bits) - 1
+    if float_zero_points and not sym:
+        low, high = blocks.amin(dim=-1), blocks.amax(dim=-1)
+        scales = (high - low) / top
+        scales = torch.where(scales > 0, scales, 1)  # a constant block: q = 0, zp = -min
+        q = torch.round((blocks - low[..., None]) / scales[..., None]).clamp(0, top)
+        q = q.to(torch.uint8)
+        if bits == 4:
+            q = q[..., 0::2] | (q[..., 1::2] << 4)
+        return q.contiguous(), scales.contiguous(), (-low / scales).contiguous()
     if sym:
         absmax = blocks.abs().amax(dim=-1)
         scales = absmax / ((1 << (bits - 1)) - 1)

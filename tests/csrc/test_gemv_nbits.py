@@ -12,6 +12,8 @@ KS = [16, 17, 100, 2048 + 16, 5632]
 NS = [1, 3, 33, 257]
 MS = [1, 3, 8]
 BLOCKS = ["16", "32", "128", "channel"]
+# zero points: none (2^(bits-1)), packed uint8, or float32 (N, k_blocks) like the scales
+ZPS = ["none", "uint8", "float"]
 
 
 def _block_size(block: str, k: int) -> int:
@@ -21,11 +23,13 @@ def _block_size(block: str, k: int) -> int:
 
 
 @functools.cache
-def _weights(n: int, k: int, bits: int, block_size: int, sym: bool):
+def _weights(n: int, k: int, bits: int, block_size: int, zp: str):
     """Random MatMulNBits weights (every byte random, padding past K included, so a kernel that
     reads the padding gets a wrong answer) scaled so outputs are O(1), and the reference's
-    dequantized W (N, K). Cached across ISA paths."""
-    gen = torch.Generator().manual_seed(k * 1000 + n * 10 + bits + sym)
+    dequantized W (N, K). zp: one of ZPS; float zero points are off the integer grid and spread a
+    little past [0, 2^bits - 1], so that ignoring them (2^(bits-1)) or reading their bytes as
+    packed uint8 gives other weights. Cached across ISA paths."""
+    gen = torch.Generator().manual_seed(k * 1000 + n * 10 + bits + ZPS.index(zp))
     k_blocks = -(-k // block_size)
 
     def random_bytes(*shape: int) -> torch.Tensor:
@@ -34,18 +38,23 @@ def _weights(n: int, k: int, bits: int, block_size: int, sym: bool):
     B = random_bytes(n, k_blocks, block_size * bits // 8)
     spread = (1 << bits) / 12**0.5  # std of a uniform q - zp
     scales = (torch.rand(n, k_blocks, generator=gen) + 0.5) / (spread * k**0.5)
-    zp = None if sym else random_bytes(n, k_blocks if bits == 8 else -(-k_blocks // 2))
-    return B, scales, zp, kernels.dequantize_nbits_reference(B, scales, zp, bits, block_size, k)
+    zero_points = {
+        "none": lambda: None,
+        "uint8": lambda: random_bytes(n, k_blocks if bits == 8 else -(-k_blocks // 2)),
+        "float": lambda: torch.rand(n, k_blocks, generator=gen) * ((1 << bits) + 1) - 1,
+    }[zp]()
+    w_q = kernels.dequantize_nbits_reference(B, scales, zero_points, bits, block_size, k)
+    return B, scales, zero_points, w_q
 
 
 @pytest.mark.parametrize("k", KS)
-@pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("zp_kind", ZPS)
 @pytest.mark.parametrize("block", BLOCKS)
 @pytest.mark.parametrize("bits", [4, 8])
-def test_linear_nbits_and_dequantize_match_reference(isa, bits, block, sym, k):
+def test_linear_nbits_and_dequantize_match_reference(isa, bits, block, zp_kind, k):
     bs = _block_size(block, k)
     for n in NS:
-        B, scales, zp, w_q = _weights(n, k, bits, bs, sym)
+        B, scales, zp, w_q = _weights(n, k, bits, bs, zp_kind)
         assert torch.equal(kernels.dequantize_nbits(B, scales, zp, bits, bs, k), w_q), f"N={n}"
         gen = torch.Generator().manual_seed(n)
         bias = torch.randn(n, generator=gen)
@@ -62,14 +71,20 @@ def test_linear_nbits_and_dequantize_match_reference(isa, bits, block, sym, k):
                 assert ok, f"N={n} M={m} bias={b is not None}: max abs error {error:.3g}"
 
 
-@pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("zp_kind", ZPS)
 @pytest.mark.parametrize("bits", [4, 8])
-def test_quantize_reference_round_trips(bits, sym):
+def test_quantize_reference_round_trips(bits, zp_kind):
     # K = 100 over blocks of 32: a partial last block, an odd k_blocks for INT4 zero points.
     w = torch.randn(33, 100)
-    B, scales, zp = kernels.quantize_nbits_reference(w, bits, 32, sym)
+    sym, floating = zp_kind == "none", zp_kind == "float"
+    B, scales, zp = kernels.quantize_nbits_reference(w, bits, 32, sym, float_zero_points=floating)
     assert B.shape == (33, 4, 32 * bits // 8) and scales.shape == (33, 4)
-    assert (zp is None) == sym and (sym or zp.shape == (33, 4 if bits == 8 else 2))
+    assert (zp is None) == sym
+    if zp_kind == "uint8":
+        assert zp.dtype == torch.uint8 and zp.shape == (33, 4 if bits == 8 else 2)
+    if floating:  # the blocks' own minima, off the integer grid
+        assert zp.dtype == torch.float32 and zp.shape == (33, 4)
+        assert (zp != zp.round()).float().mean() > 0.9
     w_q = kernels.dequantize_nbits_reference(B, scales, zp, bits, 32, 100)
     step = scales.repeat_interleave(32, dim=1)[:, :100]
     assert ((w_q - w).abs() <= 0.5001 * step).all()  # round to nearest
@@ -79,11 +94,12 @@ def test_quantize_reference_round_trips(bits, sym):
     )
 
 
+@pytest.mark.parametrize("zp_kind", ["uint8", "float"])
 @pytest.mark.parametrize("bits", [4, 8])
-def test_threads_agree(isa, threads, bits):
+def test_threads_agree(isa, threads, bits, zp_kind):
     # N * K large enough for the pool; M = 8 spans several x-row chunks on every path.
     k, n, bs = 2048 + 16, 257, 128
-    B, scales, zp, w_q = _weights(n, k, bits, bs, False)
+    B, scales, zp, w_q = _weights(n, k, bits, bs, zp_kind)
     x, bias = torch.randn(8, k), torch.randn(n)
     outs, deqs = [], []
     for t in (1, 2):
@@ -96,7 +112,7 @@ def test_threads_agree(isa, threads, bits):
 
 
 def test_linear_nbits_leading_dims_out_and_empty_k():
-    B, scales, zp, w_q = _weights(3, 17, 8, 16, True)
+    B, scales, zp, w_q = _weights(3, 17, 8, 16, "none")
     x = torch.randn(2, 2, 17)
     out = torch.empty(2, 2, 3)
     assert kernels.linear_nbits(x, B, scales, zp, 8, 16, 17, out=out) is out
@@ -130,6 +146,8 @@ def _bad(**changes):
         (_bad(B=torch.zeros(5, 4, 16, dtype=torch.int8)), "B has dtype"),
         (_bad(scales=torch.ones(5, 3)), r"expected \(5, 4\)"),
         (_bad(zero_points=torch.zeros(5, 4, dtype=torch.uint8)), "two 4-bit zero points"),
+        (_bad(zero_points=torch.zeros(5, 2)), r"expected \(5, 4\) \(float zero points"),
+        (_bad(zero_points=torch.zeros(5, 4, dtype=torch.float64)), "zero_points has dtype"),
         (_bad(x=torch.randn(2, 99)), r"expected \(..., 100\)"),
         (_bad(x=torch.randn(2, 100, dtype=torch.float64)), "x has dtype"),
     ],
@@ -140,15 +158,15 @@ def test_linear_nbits_rejects_bad_inputs(args, match):
 
 
 @pytest.mark.parametrize("k", [100, 2048 + 16, 5632])
-@pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("zp_kind", ZPS)
 @pytest.mark.parametrize("block", ["128", "256", "channel"])
 @pytest.mark.parametrize("bits", [4, 8])
-def test_linear_nbits_int8_activations_match_reference(isa, bits, block, sym, k):
+def test_linear_nbits_int8_activations_match_reference(isa, bits, block, zp_kind, k):
     """accuracy_level 4: the VNNI kernel (or its scalar reference) against the activations as the
     kernel rounds them times the exact weights, in float64."""
     bs = _block_size(block, k)
     for n in [1, 5, 64]:
-        B, scales, zp, w_q = _weights(n, k, bits, bs, sym)
+        B, scales, zp, w_q = _weights(n, k, bits, bs, zp_kind)
         gen = torch.Generator().manual_seed(n)
         bias = torch.randn(n, generator=gen)
         for m in [1, 2, 3, 4, 7]:  # the one-row kernel, then blocks of 4, 3, 2, 1 rows
@@ -167,8 +185,30 @@ def test_linear_nbits_int8_activations_match_reference(isa, bits, block, sym, k)
 
 @pytest.mark.parametrize("bits,block", [(8, 32), (4, 64)])
 def test_int8_activations_refuse_small_blocks(bits, block):
-    B, scales, zp, _ = _weights(4, 256, bits, block, True)
+    B, scales, zp, _ = _weights(4, 256, bits, block, "none")
     with pytest.raises(ValueError, match="block_size >="):
         kernels.linear_nbits(
             torch.randn(1, 256), B, scales, zp, bits, block, 256, int8_activations=True
         )
+
+
+@pytest.mark.parametrize("int8_activations", [False, True], ids=["fp32-x", "int8-x"])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_float_zero_points_are_neither_ignored_nor_read_as_bytes(isa, bits, int8_activations):
+    """The other tests' float zero points are not a case the uint8 reading passes by chance: the
+    kernels' result sits on the float reference, far from both misreadings (2^(bits-1) and the
+    float's bytes as packed uint8 zero points)."""
+    k, n, bs = 2048 + 16, 64, 128  # 17 blocks: 16 for the VNNI kernel's lanes, then a tail
+    B, scales, zp, _ = _weights(n, k, bits, bs, "float")
+    x = torch.randn(4, k, generator=torch.Generator().manual_seed(bits))
+    got = kernels.linear_nbits(x, B, scales, zp, bits, bs, k, int8_activations=int8_activations)
+    if int8_activations:
+        expected = kernels.linear_nbits_q8_reference(x, B, scales, zp, bits, bs, k)
+    else:
+        expected = kernels.linear_nbits_reference(x, B, scales, zp, bits, bs, k)
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4)
+    k_blocks = scales.shape[1]
+    as_bytes = zp.view(torch.uint8)[:, : k_blocks if bits == 8 else -(-k_blocks // 2)]
+    for wrong in (None, as_bytes.contiguous()):
+        misread = kernels.linear_nbits_reference(x, B, scales, wrong, bits, bs, k)
+        assert (got - misread).abs().max() > 100 * (got - expected).abs().max() + 0.1

@@ -10,7 +10,7 @@ import torch
 from xcompile import _C
 from xcompile.runtime import kernels
 
-from .test_gemv_nbits import _weights
+from .test_gemv_nbits import ZPS, _weights
 
 AMX = _C.amx_usable()
 needs_amx = pytest.mark.skipif(
@@ -36,7 +36,8 @@ def _q8_tiles(x, B, scales, zp, bias, bits, bs, k, emulate):
     out = torch.full((m, n), float("nan"))
     _C.gemm_nbits_q8_tiles(
         x.data_ptr(), B.data_ptr(), scales.data_ptr(), 0 if zp is None else zp.data_ptr(),
-        0 if bias is None else bias.data_ptr(), out.data_ptr(), m, n, k, bits, bs, emulate,
+        zp is not None and zp.dtype == torch.float32, 0 if bias is None else bias.data_ptr(),
+        out.data_ptr(), m, n, k, bits, bs, emulate,
     )  # fmt: skip
     return out
 
@@ -65,15 +66,15 @@ def test_bf16_tiles_match_fp32_reference(emulate, k, threads):
 
 
 @pytest.mark.parametrize("emulate", UNITS, ids=lambda e: unit_ids[e])
-@pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("zp_kind", ZPS)
 @pytest.mark.parametrize("bits,block", [(8, 64), (8, 256), (8, 512), (4, 128), (4, 256), (4, 512)])
-def test_q8_tiles_match_reference(emulate, bits, block, sym, threads):
+def test_q8_tiles_match_reference(emulate, bits, block, zp_kind, threads):
     """The int8-activation matmul (MatMulNBits' accuracy_level 4) on tiles against the reference
     of the VNNI kernel, whose quantized activations it shares. K = 300 leaves a padded block (512:
-    one block per row, as per-channel weights)."""
+    one block per row, as per-channel weights); zero points none, packed uint8 or float32."""
     k = 300
     for n in [16, 32]:
-        B, scales, zp, _ = _weights(n, k, bits, block, sym)
+        B, scales, zp, _ = _weights(n, k, bits, block, zp_kind)
         gen = torch.Generator().manual_seed(n + bits)
         bias = torch.randn(n, generator=gen)
         for m in [1, 16, 17, 35]:
@@ -98,13 +99,14 @@ def test_amx_unit_equals_its_model():
     torch.testing.assert_close(
         _bf16_tiles(x, w, None, False), _bf16_tiles(x, w, None, True), rtol=1e-4, atol=1e-4
     )
-    B, scales, zp, _ = _weights(n, k, 8, 128, False)
-    torch.testing.assert_close(
-        _q8_tiles(x, B, scales, zp, None, 8, 128, k, False),
-        _q8_tiles(x, B, scales, zp, None, 8, 128, k, True),
-        rtol=1e-5,
-        atol=1e-5,
-    )
+    for zp_kind in ("uint8", "float"):
+        B, scales, zp, _ = _weights(n, k, 8, 128, zp_kind)
+        torch.testing.assert_close(
+            _q8_tiles(x, B, scales, zp, None, 8, 128, k, False),
+            _q8_tiles(x, B, scales, zp, None, 8, 128, k, True),
+            rtol=1e-5,
+            atol=1e-5,
+        )
 
 
 @needs_amx
@@ -115,7 +117,7 @@ def test_amx_isa_takes_tiles_for_prompts():
     k, n = 256, 32
     gen = torch.Generator().manual_seed(1)
     w = torch.randn(n, k, generator=gen).to(torch.bfloat16)
-    B, scales, zp, _ = _weights(n, k, 8, 128, True)
+    B, scales, zp, _ = _weights(n, k, 8, 128, "none")
 
     def both(x, isa):
         _C.set_isa(isa)
@@ -150,7 +152,7 @@ def test_tiles_refuse_shapes_they_do_not_take():
         _bf16_tiles(x, w, None, True)
     with pytest.raises(ValueError, match="multiple of 16"):
         _bf16_tiles(torch.randn(16, 40), torch.randn(16, 40).to(torch.bfloat16), None, True)
-    B, scales, zp, _ = _weights(3, 256, 8, 128, True)
+    B, scales, zp, _ = _weights(3, 256, 8, 128, "none")
     with pytest.raises(ValueError, match="multiple of 16"):
         _q8_tiles(torch.randn(16, 256), B, scales, zp, None, 8, 128, 256, True)
 

@@ -7,7 +7,7 @@ import torch
 from xcompile.runtime import fused_ops, kernels
 from xcompile.runtime.plan import linear_step
 
-from ..csrc.test_gemv_nbits import _weights
+from ..csrc.test_gemv_nbits import ZPS, _weights
 
 
 @pytest.fixture
@@ -29,13 +29,13 @@ def test_bf16_prompt_matmul_equals_widened_weight(small_panels, n):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("zp_kind", ZPS)
 @pytest.mark.parametrize("bits", [4, 8])
-def test_nbits_prompt_matmul_dequantizes_by_panels(small_panels, bits, sym):
+def test_nbits_prompt_matmul_dequantizes_by_panels(small_panels, bits, zp_kind):
     """MatMulNBits on fp32 activations for many rows: each panel dequantized from its own rows'
-    blocks, scales and zero points."""
+    blocks, scales and zero points (packed uint8: a row's bytes; float32: 4 bytes a block)."""
     n, k, block = 150, 300, 32
-    B, scales, zp, _ = _weights(n, k, bits, block, sym)
+    B, scales, zp, _ = _weights(n, k, bits, block, zp_kind)
     gen = torch.Generator().manual_seed(bits)
     bias = torch.randn(n, generator=gen)
     x = torch.randn(1, 80, k, generator=gen)
@@ -43,3 +43,7 @@ def test_nbits_prompt_matmul_dequantizes_by_panels(small_panels, bits, sym):
     got = matmul(x, B, scales, zp, None, bias, K=k, N=n, bits=bits, block_size=block)
     expected = kernels.linear_nbits_reference(x, B, scales, zp, bits, block, k, bias)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # the plan's reference op (xrun --reference) reads the same zero points
+    reference = fused_ops.REFERENCE[("com.microsoft", "MatMulNBits")]
+    plain = reference(x, B, scales, zp, None, bias, K=k, N=n, bits=bits, block_size=block)
+    torch.testing.assert_close(plain, expected, rtol=1e-5, atol=1e-5)

@@ -2,20 +2,26 @@
 
     x ─► MatMul(Transpose(Cast?(W)))       ==>  x ─► MatMulNBits(B, scales[, zero_points])
                                                       K, N, bits, block_size
-Layout (written by the quantize driver, xcompile/quantize.py, from neural-compressor's RTN):
+Layout (written by the quantize driver, xcompile/quantize.py, from neural-compressor's RTN
+or our own searched RTN, GPTQ or AWQ):
     B            uint8 (N, k_blocks, block_size * bits / 8); INT4: element 2j of a block in the
                  low nibble of byte j, 2j + 1 in the high nibble; the last block zero-padded
     scales       float32 (N, k_blocks)
-    zero_points  uint8, asymmetric only: INT8 (N, k_blocks); INT4 (N, ceil(k_blocks / 2)), two
-                 per byte; symmetric leaves them out (ORT then uses 2^(bits-1))
+    zero_points  absent (symmetric: ORT then uses 2^(bits-1));
+                 uint8: INT8 (N, k_blocks); INT4 (N, ceil(k_blocks / 2)), two per byte;
+                 or float32 (N, k_blocks), not packed (ORT's "same type as A"): a block's offset
+                 need not be a whole level, as llama.cpp's Q4_1 / Q4_K mins
     W[n, k] = (q[n, k] - zp[n, k // block_size]) * scales[n, k // block_size]
-The pass runs when `xcompile quantize --int8/--int4` asks for it (not in passes.fuse). The
-embedding table and lm_head stay as they are unless asked (`quantize_lm_head`).
+Which weights, and each one's bits / group size / zero points, is the caller's plan (a
+`layout_for(node_name, weight_name) -> Layout | None`): weights can differ, as llama.cpp's
+Q4_K_M keeps some tensors at more bits.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import onnx_ir as ir
 
@@ -40,6 +46,33 @@ def block_size_for(group_size: int, k: int) -> int:
     return size
 
 
+@dataclass(frozen=True)
+class Layout:
+    """How one weight is stored as MatMulNBits."""
+
+    bits: int  # 8 or 4
+    group_size: int  # weights per scale along K; -1: per output channel
+    zero_points: str = "none"  # none (symmetric) | uint8 | float
+
+    @property
+    def sym(self) -> bool:
+        return self.zero_points == "none"
+
+    def describe(self) -> dict:
+        return {"bits": self.bits, "group_size": self.group_size, "zero_points": self.zero_points}
+
+
+def uniform(layout: Layout, quantize_lm_head: bool = False) -> Callable[[str, str], Layout | None]:
+    """Every projection in one layout; lm_head too if asked."""
+
+    def layout_for(node_name: str, weight_name: str) -> Layout | None:
+        if node_name.startswith("/lm_head/") and not quantize_lm_head:
+            return None
+        return layout
+
+    return layout_for
+
+
 def nbits_names(weight: str) -> tuple[str, str, str]:
     stem = weight.removesuffix(".weight")
     return f"{stem}.qweight", f"{stem}.scales", f"{stem}.zero_points"
@@ -48,20 +81,14 @@ def nbits_names(weight: str) -> tuple[str, str, str]:
 class QuantizeNBitsPass(ir.passes.InPlacePass):
     name = "quantize_nbits"
 
-    def __init__(
-        self,
-        bits: int,
-        group_size: int,
-        sym: bool,
-        quantize_lm_head: bool = False,
-        accuracy_level: int = 4,
-    ):
-        """accuracy_level: MatMulNBits' own attribute. 4 lets the runtime round activations to
-        int8 (AVX512_VNNI: 64 multiply-adds an instruction, ~0.3 % relative error per output, as
-        llama.cpp's Q8 activations and ONNX Runtime's int8 compute); 0 keeps them fp32."""
+    def __init__(self, layout_for: Callable[[str, str], Layout | None], accuracy_level: int = 4):
+        """layout_for(node name, weight name): how to store that MatMul's weight, None to leave
+        it as it is. accuracy_level: MatMulNBits' own attribute. 4 lets the runtime round
+        activations to int8 (AVX512_VNNI: 64 multiply-adds an instruction, ~0.3 % relative
+        error per output, as llama.cpp's Q8 activations and ONNX Runtime's int8 compute); 0
+        keeps them fp32."""
         super().__init__()
-        self.bits, self.group_size, self.sym = bits, group_size, sym
-        self.quantize_lm_head = quantize_lm_head
+        self.layout_for = layout_for
         self.accuracy_level = accuracy_level
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -71,23 +98,26 @@ class QuantizeNBitsPass(ir.passes.InPlacePass):
         for node in list(g):
             if node.op_type != "MatMul" or node.domain != "":
                 continue
-            if node.name.startswith("/lm_head/") and not self.quantize_lm_head:
-                continue
             found = weight_chain(node.inputs[1])
             if found is None:
                 continue
             weight, chain = found
+            layout = self.layout_for(node.name, weight.name)
+            if layout is None:
+                continue
+            bits = layout.bits
             n, k = (int(d) for d in weight.shape)
-            block = block_size_for(self.group_size, k)
+            block = block_size_for(layout.group_size, k)
             k_blocks = -(-k // block)
-            blob = block * self.bits // 8
+            blob = block * bits // 8
             qname, sname, zname = nbits_names(weight.name)
             if weight.name not in plan:
                 plan[weight.name] = {
-                    "bits": self.bits,
+                    "bits": bits,
                     "block_size": block,
-                    "sym": self.sym,
-                    "group_size": self.group_size,
+                    "sym": layout.sym,
+                    "group_size": layout.group_size,
+                    "zero_points": layout.zero_points,
                     "N": n,
                     "K": k,
                 }
@@ -95,8 +125,10 @@ class QuantizeNBitsPass(ir.passes.InPlacePass):
                     (qname, ir.DataType.UINT8, (n, k_blocks, blob)),
                     (sname, ir.DataType.FLOAT, (n, k_blocks)),
                 ]
-                if not self.sym:
-                    zcols = k_blocks if self.bits == 8 else -(-k_blocks // 2)
+                if layout.zero_points == "float":
+                    specs.append((zname, ir.DataType.FLOAT, (n, k_blocks)))
+                elif layout.zero_points == "uint8":
+                    zcols = k_blocks if bits == 8 else -(-k_blocks // 2)
                     specs.append((zname, ir.DataType.UINT8, (n, zcols)))
                 for name, dtype, shape in specs:
                     nbytes = int(dtype.itemsize)
@@ -120,7 +152,7 @@ class QuantizeNBitsPass(ir.passes.InPlacePass):
                         )
                     )
             inputs = [node.inputs[0], g.initializers[qname], g.initializers[sname]]
-            if not self.sym:
+            if not layout.sym:
                 inputs.append(g.initializers[zname])
             scope = node.name.rsplit("/", 1)[0]
             q = ir.node(
@@ -131,7 +163,7 @@ class QuantizeNBitsPass(ir.passes.InPlacePass):
                 attributes={
                     "K": k,
                     "N": n,
-                    "bits": self.bits,
+                    "bits": bits,
                     "block_size": block,
                     "accuracy_level": self.accuracy_level,
                 },

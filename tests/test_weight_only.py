@@ -78,9 +78,53 @@ def test_gptq_and_awq_flags_make_a_scheme(tmp_path):
         "bits": 8,
         "group_size": -1,
         "sym": False,
+        "zero_points": "uint8",
         "algo": "awq",
+        "search": False,
+        "plan": "uniform",
         "lm_head": False,
         "calib": "lines.txt",
         "accuracy_level": None,
     }
     assert "calib" not in scheme_from_flags(4, None, True, None, None, False).describe()
+
+
+def test_int4_defaults_to_the_measured_recipe():
+    """--int4 alone: groups of 32, float offsets, searched scales, the mixed plan; --int8
+    alone: per channel, symmetric, INC's RTN, uniform."""
+    from xcompile.passes.quantize_nbits import Layout
+    from xcompile.weight_only import scheme_from_flags
+
+    int4 = scheme_from_flags(4, None, None, None, None, False)
+    assert (int4.layout, int4.search, int4.mixed) == (Layout(4, 32, "float"), True, True)
+    int8 = scheme_from_flags(8, None, None, None, None, False)
+    assert (int8.layout, int8.search, int8.mixed) == (Layout(8, -1, "none"), False, False)
+    plain = scheme_from_flags(4, 128, True, None, None, False, search=False, plan="uniform")
+    assert (plain.layout, plain.search, plain.mixed) == (Layout(4, 128, "none"), False, False)
+
+
+@pytest.mark.parametrize(
+    "args,says",
+    [
+        ((8, None, None, None, None, False, "float"), "--zero-points float is for --int4"),
+        ((4, None, True, None, None, False, "float"), "--zero-points is for --asym"),
+        ((4, None, None, None, None, False, "int"), "choose uint8 or float"),
+        ((8, None, None, None, None, False, None, None, "mixed"), "it is for --int4"),
+        ((4, None, False, None, None, False, "uint8", True), "add --no-search"),
+        ((None, None, None, None, None, False, None, None, "mixed"), "add --int8 or --int4"),
+    ],
+)
+def test_recipe_flags_refused_with_the_fix(args, says):
+    from xcompile.errors import UserError
+    from xcompile.weight_only import scheme_from_flags
+
+    with pytest.raises(UserError, match=says):
+        scheme_from_flags(*args)
+
+
+def test_mixed_plan_is_q4_k_m_more_bits_layers():
+    """llama.cpp's use_more_bits over 30 layers: 0-2, 26-29 and every third from 5."""
+    from xcompile.weight_only import more_bits
+
+    more = [0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 26, 27, 28, 29]
+    assert [i for i in range(30) if more_bits(i, 30)] == more

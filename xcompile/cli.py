@@ -36,11 +36,18 @@ def _weight_format(fp32: bool, bf16: bool, int8: bool = False, int4: bool = Fals
     return chosen[0]
 
 
-def _scheme(fmt: str, algo, group_size, sym, calib, quantize_lm_head):
+def _scheme(fmt: str, algo, group_size, sym, calib, quantize_lm_head, zero_points, search, plan):
     from xcompile.weight_only import scheme_from_flags
 
     bits = {"int8": 8, "int4": 4}.get(fmt)
-    return scheme_from_flags(bits, group_size, sym, algo, calib, quantize_lm_head)
+    return scheme_from_flags(
+        bits, group_size, sym, algo, calib, quantize_lm_head, zero_points, search, plan
+    )
+
+
+ZERO_POINTS_HELP = "--asym offsets: float (default; as llama.cpp's Q4_1/Q4_K mins) or uint8."
+SEARCH_HELP = "Search each block's scale for the least error (default with --int4)."
+PLAN_HELP = "mixed (--int4 default: V, down and lm_head at 8 bits, as Q4_K_M) or uniform."
 
 
 @app.command()
@@ -50,14 +57,21 @@ def quantize(
     fp32: bool = typer.Option(False, "--fp32", help="Keep weights in FP32."),
     bf16: bool = typer.Option(False, "--bf16", help="Store matrices in BF16."),
     int8: bool = typer.Option(False, "--int8", help="Weight-only INT8 (per channel by default)."),
-    int4: bool = typer.Option(False, "--int4", help="Weight-only INT4 (groups of 128 by default)."),
+    int4: bool = typer.Option(
+        False, "--int4", help="Weight-only INT4 (groups of 32, float offsets, mixed plan)."
+    ),
     algo: str = typer.Option(None, "--algo", help="rtn (default), gptq or awq."),
     group_size: int = typer.Option(
         None,
         "--group-size",
         help="Weights per scale: a power of two >= 16, or -1 per output channel.",
     ),
-    sym: bool = typer.Option(True, "--sym/--asym", help="Symmetric (default) or with zero points."),
+    sym: bool = typer.Option(
+        None, "--sym/--asym", help="Symmetric (--int8 default) or with zero points (--int4)."
+    ),
+    zero_points: str = typer.Option(None, "--zero-points", help=ZERO_POINTS_HELP),
+    search: bool = typer.Option(None, "--search/--no-search", help=SEARCH_HELP),
+    plan: str = typer.Option(None, "--plan", help=PLAN_HELP),
     calib: Path = typer.Option(
         None, "--calib", help="Calibration text for gptq/awq, one sample a line."
     ),
@@ -69,7 +83,9 @@ def quantize(
 ) -> None:
     """Compile MODEL into artifacts (streamed tensor by tensor), fusing the graph by default."""
     chosen = [_weight_format(fp32, bf16, int8, int4)]
-    scheme = _scheme(chosen[0], algo, group_size, sym, calib, quantize_lm_head)
+    scheme = _scheme(
+        chosen[0], algo, group_size, sym, calib, quantize_lm_head, zero_points, search, plan
+    )
     from xcompile.artifacts import AtomicFolder
     from xcompile.frontend.checkpoint import Checkpoint
 
@@ -116,7 +132,10 @@ def build(
     int4: bool = typer.Option(False, "--int4", help="Weight-only INT4."),
     algo: str = typer.Option(None, "--algo", help="rtn (default), gptq or awq."),
     group_size: int = typer.Option(None, "--group-size", help="Weights per scale."),
-    sym: bool = typer.Option(True, "--sym/--asym", help="Symmetric or with zero points."),
+    sym: bool = typer.Option(None, "--sym/--asym", help="Symmetric or with zero points."),
+    zero_points: str = typer.Option(None, "--zero-points", help=ZERO_POINTS_HELP),
+    search: bool = typer.Option(None, "--search/--no-search", help=SEARCH_HELP),
+    plan: str = typer.Option(None, "--plan", help=PLAN_HELP),
     calib: Path = typer.Option(None, "--calib", help="Calibration text for gptq/awq."),
     quantize_lm_head: bool = typer.Option(False, "--quantize-lm-head", help="Quantize lm_head."),
     ranks: int = typer.Option(1, "--ranks", min=1, help="Tensor-parallel ranks."),
@@ -129,7 +148,9 @@ def build(
 
     AtomicFolder(out).check()
     chosen = _weight_format(fp32, bf16, int8, int4)
-    scheme = _scheme(chosen, algo, group_size, sym, calib, quantize_lm_head)
+    scheme = _scheme(
+        chosen, algo, group_size, sym, calib, quantize_lm_head, zero_points, search, plan
+    )
     from xcompile.frontend.checkpoint import Checkpoint
     from xcompile.quantize import quantize as compile_single
 

@@ -100,14 +100,10 @@ def build_graph(
 
         from xcompile.passes.quantize_nbits import QuantizeNBitsPass
 
+        meta = {p.key: p.value for p in model.metadata_props}
+        layout_for = scheme.plan(spec, json.loads(meta.get("xcompile.concat", "{}")))
         ir_model = ir.serde.deserialize_model(model)
-        QuantizeNBitsPass(
-            scheme.bits,
-            scheme.group_size,
-            scheme.sym,
-            scheme.quantize_lm_head,
-            scheme.accuracy_level,
-        )(ir_model)
+        QuantizeNBitsPass(layout_for, scheme.accuracy_level)(ir_model)
         model = ir.serde.serialize_model(ir_model)
     meta = {p.key: p.value for p in model.metadata_props}
     concat = json.loads(meta.get("xcompile.concat", "{}"))
@@ -243,7 +239,7 @@ def quantize(
                     del t
             else:  # a weight's blocks, scales and zero points are made together
                 from xcompile.passes.quantize_nbits import nbits_names
-                from xcompile.weight_only import pack
+                from xcompile.weight_only import layout_of, pack
 
                 made_from = {part: w for w in nbits for part in nbits_names(w)}
                 if scheme.algo != "rtn":  # the decoder layers' weights, calibrated layer by layer
@@ -257,7 +253,7 @@ def quantize(
                         writer.write_at(name, to_bytes(load(name)))
                         continue
                     w = made_from[name]
-                    outputs = pack(load(w, torch.float32), scheme)
+                    outputs = pack(load(w, torch.float32), layout_of(nbits[w]), scheme.search)
                     for part, t in zip(nbits_names(w), outputs):
                         if t is not None:
                             writer.write_at(part, to_bytes(t))
@@ -293,9 +289,10 @@ def write_calibrated(
     those floats (vectors: norms, biases) for `load`."""
     from xcompile.calibration import quantize_layers
     from xcompile.passes.quantize_nbits import nbits_names
-    from xcompile.weight_only import pack_quantized
+    from xcompile.weight_only import layout_of, pack_quantized
 
-    parts = {w: concat.get(w, [w]) for w in nbits}
+    # the weights in the scheme's main layout; others (the plan's 8-bit ones) are left to RTN
+    parts = {w: concat.get(w, [w]) for w in nbits if layout_of(nbits[w]) == scheme.layout}
     floats = {
         name: concat.get(name, [name])
         for name in writer.order()

@@ -1,12 +1,18 @@
 """Weight-only INT8 / INT4: neural-compressor's algorithms, repacked into MatMulNBits' layout.
 
     scheme = WeightOnly(bits=4, group_size=128, sym=True, algo="rtn")
-    blocks, scales, zero_points = pack(W, scheme)     # W (N, K) float
+    layout_for = scheme.plan(spec, concat)           # weight -> Layout (bits, group, zero points)
+    blocks, scales, zero_points = pack(W, layout)    # W (N, K) float
 
-RTN is INC's own `quant_tensor` (per tensor: the driver streams, one weight at a time); GPTQ and
-AWQ are INC's too, run layer by layer on calibration text (xcompile/calibration.py), and come
-back in RTN's integer form for `pack_quantized`. The layout is passes/quantize_nbits.py's (ONNX
-Runtime's MatMulNBits).
+RTN is INC's own `quant_tensor` (per tensor: the driver streams, one weight at a time), or with
+`search` our weighted search of each block's scale and offset (xcompile/rtn_search.py, llama.cpp's
+K-quant search); GPTQ and AWQ are INC's, run layer by layer on calibration text
+(xcompile/calibration.py), and come back in RTN's integer form for `pack_quantized`. The layout
+is passes/quantize_nbits.py's (ONNX Runtime's MatMulNBits).
+
+`mixed` is llama.cpp Q4_K_M's plan in this format: the tensors that hurt most when quantized
+(V and the MLP's down projection in the first and last eighth of the layers and every third one
+between) and the lm_head (with a tied embedding table, the table too) at 8 bits per channel.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from pathlib import Path
 import torch
 
 from xcompile.errors import UserError
-from xcompile.passes.quantize_nbits import block_size_for
+from xcompile.passes.quantize_nbits import Layout, block_size_for
 
 ALGORITHMS = ("rtn", "gptq", "awq")
 
@@ -32,6 +38,40 @@ class WeightOnly:
     quantize_lm_head: bool = False
     # MatMulNBits' accuracy_level: 4 lets the runtime round activations to int8 (VNNI), 0 not
     accuracy_level: int = 4
+    float_zero_points: bool = False  # asymmetric: offsets in float32 (Q4_1 / K-quant mins)
+    search: bool = False  # RTN: search each block's scale (and offset), xcompile/rtn_search.py
+    mixed: bool = False  # Q4_K_M's plan (module docstring); lm_head at 8 bits
+
+    @property
+    def layout(self) -> Layout:
+        """The main layout: every projection's unless the plan says otherwise."""
+        if self.sym:
+            zero_points = "none"
+        else:
+            zero_points = "float" if self.float_zero_points else "uint8"
+        return Layout(self.bits, self.group_size, zero_points)
+
+    def plan(self, spec, concat: dict[str, list[str]]):
+        """-> layout_for(node name, weight name) for passes/quantize_nbits.py. concat: a fused
+        weight's parts (the graph's `xcompile.concat`)."""
+        main, wide = self.layout, Layout(8, -1)
+        more = set()
+        if self.mixed:
+            for i in range(spec.layers):
+                if more_bits(i, spec.layers):
+                    prefix = spec.names.layer.format(i=i)
+                    more |= {f"{prefix}{spec.names.v}.weight", f"{prefix}{spec.names.down}.weight"}
+
+        def layout_for(node_name: str, weight_name: str) -> Layout | None:
+            if node_name.startswith("/lm_head/"):
+                if self.mixed:
+                    return wide if main.bits < 8 else main
+                return main if self.quantize_lm_head else None
+            if more & set(concat.get(weight_name, [weight_name])):
+                return wide
+            return main
+
+        return layout_for
 
     def describe(self) -> dict:
         """The manifest's `quant` entry."""
@@ -39,8 +79,11 @@ class WeightOnly:
             "bits": self.bits,
             "group_size": self.group_size,
             "sym": self.sym,
+            "zero_points": self.layout.zero_points,
             "algo": self.algo,
-            "lm_head": self.quantize_lm_head,
+            "search": self.search,
+            "plan": "mixed" if self.mixed else "uniform",
+            "lm_head": self.quantize_lm_head or self.mixed,
             "accuracy_level": self.accuracy_level,
         }
         if self.algo != "rtn":
@@ -48,18 +91,38 @@ class WeightOnly:
         return out
 
 
+def more_bits(i: int, layers: int) -> bool:
+    """llama.cpp's use_more_bits: the first and last eighth of the layers, every third between."""
+    return i < layers // 8 or i >= 7 * layers // 8 or (i - layers // 8) % 3 == 2
+
+
 def scheme_from_flags(
     bits: int | None,
     group_size: int | None,
-    sym: bool,
+    sym: bool | None,
     algo: str | None,
     calib: Path | None,
     quantize_lm_head: bool,
+    zero_points: str | None = None,
+    search: bool | None = None,
+    plan: str | None = None,
 ) -> WeightOnly | None:
-    """Validate the CLI's quantization flags (UserError naming the fix) -> scheme or None."""
+    """Validate the CLI's quantization flags (UserError naming the fix) -> scheme or None.
+    Defaults: --int8 per channel, symmetric, INC's RTN, every projection alike; --int4 the
+    best recipe measured (benchmarks/quality.py): groups of 32 with float offsets, searched
+    scales, the mixed plan."""
     if bits is None:
-        for flag, given in (("--algo", algo), ("--group-size", group_size), ("--calib", calib)):
-            if given is not None:
+        given = (
+            ("--algo", algo),
+            ("--group-size", group_size),
+            ("--calib", calib),
+            ("--sym/--asym", sym),
+            ("--zero-points", zero_points),
+            ("--search/--no-search", search),
+            ("--plan", plan),
+        )
+        for flag, value in given:
+            if value is not None:
                 raise UserError(f"{flag} applies to weight-only quantization; add --int8 or --int4")
         if quantize_lm_head:
             raise UserError("--quantize-lm-head applies to --int8 or --int4; add one")
@@ -68,12 +131,28 @@ def scheme_from_flags(
     if algo not in ALGORITHMS:
         raise UserError(f"--algo {algo!r}: choose one of {', '.join(ALGORITHMS)}")
     if group_size is None:
-        group_size = -1 if bits == 8 else 128
+        group_size = -1 if bits == 8 else 32
     if group_size != -1 and (group_size < 16 or group_size & (group_size - 1)):
         raise UserError(
             f"--group-size {group_size}: use a power of two >= 16 (e.g. 32, 128), "
             "or -1 for one group per output channel"
         )
+    if zero_points not in (None, "uint8", "float"):
+        raise UserError(f"--zero-points {zero_points}: choose uint8 or float")
+    if zero_points is not None and sym:
+        raise UserError("--zero-points is for --asym blocks; drop --sym or --zero-points")
+    if sym is None:
+        sym = bits == 8 and zero_points is None
+    if plan not in (None, "mixed", "uniform"):
+        raise UserError(f"--plan {plan}: choose mixed or uniform")
+    plan = plan or ("mixed" if bits == 4 else "uniform")
+    if plan == "mixed" and bits == 8:
+        raise UserError("--plan mixed keeps some tensors at 8 bits; it is for --int4")
+    if zero_points == "float" and bits == 8:
+        raise UserError("--zero-points float is for --int4 (8-bit blocks take uint8 offsets)")
+    search = bits == 4 if search is None else search
+    if search and not sym and (zero_points == "uint8" or bits == 8):
+        raise UserError("--search fits float offsets or symmetric blocks; add --no-search")
     if calib is not None:
         if algo == "rtn":
             raise UserError("--calib is for --algo gptq or awq (RTN needs no calibration)")
@@ -87,7 +166,20 @@ def scheme_from_flags(
             ) from None
         if not text.strip():
             raise UserError(f"--calib {calib} is empty; give at least one line of text")
-    return WeightOnly(bits, group_size, sym, algo, Path(calib) if calib else None, quantize_lm_head)
+    if zero_points is None and not sym:
+        zero_points = "float" if bits == 4 else "uint8"
+    return WeightOnly(
+        bits,
+        group_size,
+        sym,
+        algo,
+        Path(calib) if calib else None,
+        quantize_lm_head,
+        # float offsets where ONNX Runtime takes them (4 bits; its 8-bit kernel wants uint8)
+        float_zero_points=zero_points == "float",
+        search=search,
+        mixed=plan == "mixed",
+    )
 
 
 def _quiet_import_inc():
@@ -98,41 +190,63 @@ def _quiet_import_inc():
     return quant_tensor
 
 
-def quantize_rtn(
-    w: torch.Tensor, scheme: WeightOnly
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """INC's round-to-nearest: w (N, K) -> (q (N, K) int, scales (N, groups), zp or None)."""
-    quant_tensor = _quiet_import_inc()
+def layout_of(entry: dict) -> Layout:
+    """A weight's Layout from its `xcompile.nbits` entry (the quantize pass's plan)."""
+    zero_points = entry.get("zero_points", "none" if entry["sym"] else "uint8")
+    return Layout(entry["bits"], entry["group_size"], zero_points)
 
+
+def as_layout(layout) -> Layout:
+    """A Layout, or a WeightOnly scheme's main layout."""
+    return layout.layout if isinstance(layout, WeightOnly) else layout
+
+
+def quantize_rtn(
+    w: torch.Tensor, layout: Layout | WeightOnly, search: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Round-to-nearest: w (N, K) -> (q (N, K) int, scales (N, groups), zp or None).
+    search: our weighted search of each block's scale (rtn_search.py); else INC's RTN. INC has
+    no float offsets: those come from rtn_search.py (min/max, or searched)."""
+    layout = as_layout(layout)
+    if layout.zero_points == "float" or (search and layout.sym):
+        from xcompile.rtn_search import quantize_searched
+
+        return quantize_searched(w, layout.bits, layout.group_size, layout.zero_points, search)
+    quant_tensor = _quiet_import_inc()
     q, scales, zp = quant_tensor(
         w.float().clone(),
-        bits=scheme.bits,
-        group_size=scheme.group_size,
-        scheme="sym" if scheme.sym else "asym",
+        bits=layout.bits,
+        group_size=layout.group_size,
+        scheme="sym" if layout.sym else "asym",
         return_int=True,
     )
     return q, scales, zp
 
 
 def pack(
-    w: torch.Tensor, scheme: WeightOnly
+    w: torch.Tensor, layout: Layout | WeightOnly, search: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """w (N, K) -> MatMulNBits' (B uint8 (N, k_blocks, blob), scales f32 (N, k_blocks),
-    zero_points uint8 or None), by INC's RTN."""
-    return pack_quantized(*quantize_rtn(w, scheme), scheme)
+    zero_points uint8, f32 or None), by RTN (quantize_rtn)."""
+    return pack_quantized(*quantize_rtn(w, layout, search), layout)
 
 
 def pack_quantized(
-    q: torch.Tensor, scales: torch.Tensor, zp: torch.Tensor | None, scheme: WeightOnly
+    q: torch.Tensor,
+    scales: torch.Tensor,
+    zp: torch.Tensor | None,
+    layout: Layout | WeightOnly,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """quantize_rtn's form (q (N, K): signed when symmetric, else in [0, 2^bits); scales and
-    zp (N, groups)), whichever algorithm made it -> MatMulNBits' layout, as `pack`."""
+    zp (N, groups), zp uint8 levels or float offsets), whichever algorithm made it ->
+    MatMulNBits' layout, as `pack`."""
+    layout = as_layout(layout)
     n, k = q.shape
-    bits = scheme.bits
-    block = block_size_for(scheme.group_size, k)
+    bits = layout.bits
+    block = block_size_for(layout.group_size, k)
     k_blocks = -(-k // block)
     q = q.to(torch.int32)
-    if scheme.sym:  # INC's signed levels -> ORT's unsigned ones around the implicit 2^(bits-1)
+    if layout.sym:  # signed levels -> ORT's unsigned ones around the implicit 2^(bits-1)
         q = q + (1 << (bits - 1))
     q = q.clamp(0, (1 << bits) - 1).to(torch.uint8)
     padded = torch.zeros(n, k_blocks * block, dtype=torch.uint8)
@@ -142,15 +256,15 @@ def pack_quantized(
         padded = (pairs[..., 0] | (pairs[..., 1] << 4)).contiguous()
     blocks = padded.view(n, k_blocks, block * bits // 8)
     scales = scales.float().reshape(n, -1)
-    if scheme.group_size == -1 and scales.shape[1] == 1 and k_blocks > 1:
+    if layout.group_size == -1 and scales.shape[1] == 1 and k_blocks > 1:
         # per channel over blocks that divide K (block_size_for): the row's scale, repeated
         scales = scales.expand(n, k_blocks)
         zp = None if zp is None else zp.reshape(n, 1).expand(n, k_blocks)
     if scales.shape[1] != k_blocks:
-        raise RuntimeError(
-            f"neural-compressor returned {scales.shape[1]} groups, expected {k_blocks}"
-        )
-    if zp is not None:
+        raise RuntimeError(f"the quantizer returned {scales.shape[1]} groups, expected {k_blocks}")
+    if zp is not None and layout.zero_points == "float":
+        zp = zp.float().reshape(n, k_blocks).contiguous()
+    elif zp is not None:
         zp = zp.to(torch.int32).clamp(0, (1 << bits) - 1).to(torch.uint8).reshape(n, k_blocks)
         if bits == 4:
             if k_blocks % 2:
@@ -176,6 +290,8 @@ def unpack(
     q = b.reshape(n, k_blocks, block).float()
     if zp is None:
         z = torch.full((n, k_blocks, 1), float(1 << (bits - 1)))
+    elif zp.is_floating_point():  # float offsets: (N, k_blocks), not packed
+        z = zp.reshape(n, k_blocks, 1).float()
     else:
         z = zp
         if bits == 4:

@@ -86,6 +86,12 @@ void gemv_nbits_q8(const float* x, const uint8_t* B, const float* scales,
 // dequantize_nbits: out (N, K) fp32 = W, bit for bit the reference's (float(q) - zp) * scale.
 void dequantize_nbits(const uint8_t* B, const float* scales, ZeroPoints zero_points, float* out,
                       int64_t N, int64_t K, int bits, int64_t block_size);
+// gather_nbits (csrc/gather_nbits.cpp): out (count, K) fp32 = rows indices[i] of W, an embedding
+// lookup on a quantized table; indices (count) int64, negative ones counted from N, those outside
+// [-N, N) give zero rows.
+void gather_nbits(const uint8_t* B, const float* scales, ZeroPoints zero_points,
+                  const int64_t* indices, float* out, int64_t count, int64_t N, int64_t K,
+                  int bits, int64_t block_size);
 
 // Prefill matmuls on AMX tiles (csrc/gemm_tiles.cpp), meant for x of 16 rows and more; the same
 // operands and results as gemv_bf16 / gemv_nbits_q8 (BF16: x carried as two bf16, so within fp32

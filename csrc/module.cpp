@@ -355,5 +355,24 @@ NB_MODULE(_C, m) {
       "block_size"_a, nb::call_guard<nb::gil_scoped_release>(),
       "out (N, K) fp32 = W of MatMulNBits' B, scales, zero_points (0: 2^(bits-1); packed uint8, "
       "or fp32 (N, k_blocks) with float_zero_points).");
+
+  m.def(
+      "gather_nbits",
+      tape_def("gather_nbits", +[](uintptr_t B, uintptr_t scales, uintptr_t zero_points,
+         bool float_zero_points, uintptr_t indices, uintptr_t out, int64_t count, int64_t N,
+         int64_t K, int64_t bits, int64_t block_size) {
+        check_sizes("gather_nbits", {count, N, K});
+        check_nbits("gather_nbits", bits, block_size);
+        if (count == 0 || K == 0) return;
+        xcompile::gather_nbits(as_ptr<const uint8_t>(B, "B", N > 0),
+                               as_ptr<const float>(scales, "scales", N > 0),
+                               zero_points_at(zero_points, float_zero_points, N > 0),
+                               as_ptr<const int64_t>(indices, "indices", true),
+                               as_ptr<float>(out, "out", true), count, N, K, int(bits), block_size);
+      }),
+      "B"_a, "scales"_a, "zero_points"_a, "float_zero_points"_a, "indices"_a, "out"_a, "count"_a,
+      "N"_a, "K"_a, "bits"_a, "block_size"_a, nb::call_guard<nb::gil_scoped_release>(),
+      "out (count, K) fp32 = rows indices[i] (int64; negative from N, outside [-N, N): zeros) of "
+      "W, MatMulNBits' B, scales, zero_points as in dequantize_nbits.");
 }
 

@@ -7,7 +7,9 @@ Each family declares, in its frontend file, which weights are column-, row- and 
     row (o_proj, down_proj, fc_out)  W (N, K) -> columns r*K/R .. ;
                                      MatMul ─► AllReduce ─► [Add(bias), added once] ─► ...
     vocab embedding                  rows of token ids r*V/R ..: Gather(W_r, id - offset), rows
-                                     of ids outside the slice zeroed, then AllReduce
+                                     of ids outside the slice zeroed, then AllReduce (a lookup
+                                     on the lm_head's quantized blocks, GatherBlockQuantized or
+                                     GatherNBits, likewise: passes/quantized_embedding.py)
     vocab lm_head                    MatMul(h, W_rᵀ) [+ bias_r] ─► AllGather(axis=-1)
     attention                        GroupQueryAttention / RotaryEmbedding heads / R;
                                      the fused projections' Split sizes / R
@@ -287,6 +289,12 @@ def shard_graph(
             if w is None or w.kind != "vocab":
                 continue
             _vocab_parallel_gather(g, node, rank, ranks)
+        elif node.op_type in ("GatherBlockQuantized", "GatherNBits"):  # passes/quantized_embedding
+            scales = node.inputs[2]  # (N, k_blocks): its rows are the table's
+            w = slicing.get(scales.name)
+            if w is None or w.kind != "vocab":
+                continue
+            _vocab_parallel_gather(g, node, rank, ranks, int(scales.shape[0]))
     for name, value in list(g.initializers.items()):
         if name in slicing and value.const_value is not None:
             shape = slicing[name].shape(name, tuple(value.shape), ranks)
@@ -311,11 +319,15 @@ def shard_graph(
     return ir.serde.serialize_model(m)
 
 
-def _vocab_parallel_gather(g: ir.Graph, gather: ir.Node, rank: int, ranks: int) -> None:
+def _vocab_parallel_gather(
+    g: ir.Graph, gather: ir.Node, rank: int, ranks: int, vocab: int | None = None
+) -> None:
     """rows = Gather(W_r, ids - offset) with ids outside [offset, offset + V/R) reading row 0 and
-    then zeroed; the AllReduce after the (cast) rows sums the ranks' rows into the full lookup."""
-    table, ids = gather.inputs
-    rows = table.shape[0] // ranks
+    then zeroed; the AllReduce after the (cast) rows sums the ranks' rows into the full lookup.
+    A lookup on quantized blocks (GatherBlockQuantized, GatherNBits: ids their second input too)
+    gives V, its table's rows, as `vocab`."""
+    table, ids = gather.inputs[:2]
+    rows = (vocab or table.shape[0]) // ranks
     scope = gather.name.rsplit("/", 1)[0]
     offset = _const(g, f"{scope}/vocab_offset/rank{rank}", np.array(rank * rows, dtype=np.int64))
     limit = _const(g, f"{scope}/vocab_rows", np.array(rows, dtype=np.int64))

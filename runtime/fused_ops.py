@@ -117,6 +117,44 @@ def matmul_nbits_ref(
     return y if bias is None else y + bias
 
 
+def gather_nbits_ref(blocks, indices, scales, zero_points=None, *, K, bits, block_size):
+    """ai.xcompile GatherNBits: rows `indices` of W (N, K) held as MatMulNBits' B (N, k_blocks,
+    blob), scales and zero points (see passes/quantized_embedding.py) -> (*indices.shape, K)
+    fp32; zero rows for indices outside [-N, N)."""
+    from xcompile.runtime.kernels import gather_nbits_reference
+
+    return gather_nbits_reference(blocks, scales, zero_points, indices, bits, block_size, K)
+
+
+def gather_block_quantized_ref(
+    data,
+    indices,
+    scales,
+    zero_points=None,
+    *,
+    gather_axis=0,
+    quantize_axis=1,
+    block_size=128,
+    bits=4,
+):
+    """com.microsoft GatherBlockQuantized on uint8 data as passes/quantized_embedding.py emits
+    it: data (N, k_blocks * blob), rows gathered (axis 0), blocks along axis 1 -> (*indices.shape,
+    k_blocks * block_size) fp32 (the padded row, as ONNX Runtime gives it)."""
+    k = _gather_block_quantized_k(data, gather_axis, quantize_axis, bits)
+    return gather_nbits_ref(
+        data, indices, scales, zero_points, K=k, bits=bits, block_size=block_size
+    )
+
+
+def _gather_block_quantized_k(data, gather_axis: int, quantize_axis: int, bits: int) -> int:
+    """The (padded) row length of GatherBlockQuantized's uint8 data (N, k_blocks * blob)."""
+    if data.dim() != 2 or gather_axis not in (0, -2) or quantize_axis not in (1, -1):
+        raise NotImplementedError(
+            "GatherBlockQuantized runs here on 2-D uint8 data gathered along axis 0 only"
+        )
+    return data.shape[1] * 8 // bits
+
+
 REFERENCE = {
     ("", "SimplifiedLayerNormalization"): rmsnorm_ref,
     (MS, "SimplifiedLayerNormalization"): rmsnorm_ref,
@@ -128,6 +166,8 @@ REFERENCE = {
     (XC, "SiluMul"): silu_mul_ref,
     ("", "Split"): split,
     (MS, "MatMulNBits"): matmul_nbits_ref,
+    (MS, "GatherBlockQuantized"): gather_block_quantized_ref,
+    (XC, "GatherNBits"): gather_nbits_ref,
 }
 
 
@@ -508,6 +548,57 @@ def _fast_op(key: tuple[str, str], out: OutputBuffers):
             return y
 
         return matmul_nbits
+
+    if key in ((MS, "GatherBlockQuantized"), (XC, "GatherNBits")):
+        # the embedding lookup on a quantized table: one kernel call reading the token ids through
+        # their pointer, so a replayed step (runtime/replay.py) looks up that step's tokens
+        bound: list = [None, None]  # [the blocks tensor, its constant pointers]
+
+        def gather_nbits(
+            blocks,
+            indices,
+            scales,
+            zero_points=None,
+            *,
+            K=None,
+            bits=4,
+            block_size=128,
+            gather_axis=0,
+            quantize_axis=1,
+        ):
+            if bound[0] is not blocks:  # the weights are constants: resolve them once
+                if op == "GatherBlockQuantized":
+                    K = _gather_block_quantized_k(blocks, gather_axis, quantize_axis, bits)
+                bound[0] = blocks
+                bound[1] = (
+                    blocks.data_ptr(),
+                    scales.data_ptr(),
+                    0 if zero_points is None else zero_points.data_ptr(),
+                    zero_points is not None and zero_points.dtype == torch.float32,
+                    scales.shape[0],
+                    K,
+                )
+            b_ptr, s_ptr, zp_ptr, zp_float, n, K = bound[1]
+            if indices.dtype != torch.int64 or not indices.is_contiguous():
+                indices = indices.long().contiguous()  # torch work: such a step is re-run
+            y = out((*indices.shape, K))
+            emit(
+                _C.gather_nbits,
+                b_ptr,
+                s_ptr,
+                zp_ptr,
+                zp_float,
+                indices.data_ptr(),
+                y.data_ptr(),
+                indices.numel(),
+                n,
+                K,
+                bits,
+                block_size,
+            )
+            return y
+
+        return gather_nbits
 
     if key == (MS, "FastGelu"):
 

@@ -20,6 +20,8 @@ __all__ = [
     "attention_reference",
     "dequantize_nbits",
     "dequantize_nbits_reference",
+    "gather_nbits",
+    "gather_nbits_reference",
     "gelu_tanh",
     "gelu_tanh_reference",
     "isa",
@@ -333,6 +335,62 @@ def dequantize_nbits_reference(
         zp = zero_points
     w = (q.float() - zp.float()[..., None]) * scales[..., None]
     return w.reshape(n, k_blocks * block_size)[:, :K]
+
+
+def gather_nbits(
+    B: torch.Tensor,
+    scales: torch.Tensor,
+    zero_points: torch.Tensor | None,
+    indices: torch.Tensor,
+    bits: int,
+    block_size: int,
+    K: int,
+) -> torch.Tensor:
+    """Rows `indices` (int64, any shape) of W (N, K) held as MatMulNBits weights (layout in
+    linear_nbits) -> (*indices.shape, K) fp32, bit for bit the reference's: an embedding lookup
+    on a quantized table. Negative indices count from N; those outside [-N, N) give zero rows."""
+    n = _nbits_shapes(B, scales, zero_points, bits, block_size, K)
+    _check("indices", indices, (torch.int64,))
+    out = torch.empty(*indices.shape, K, dtype=torch.float32)
+    _C.gather_nbits(
+        B.data_ptr(),
+        scales.data_ptr(),
+        *_zero_points_args(zero_points),
+        indices.data_ptr(),
+        out.data_ptr(),
+        indices.numel(),
+        n,
+        K,
+        bits,
+        block_size,
+    )
+    return out
+
+
+def gather_nbits_reference(
+    B: torch.Tensor,
+    scales: torch.Tensor,
+    zero_points: torch.Tensor | None,
+    indices: torch.Tensor,
+    bits: int,
+    block_size: int,
+    K: int,
+) -> torch.Tensor:
+    """The rows dequantized by dequantize_nbits_reference, zeros outside [-N, N)."""
+    n = scales.shape[0]
+    flat = indices.reshape(-1).long()
+    flat = torch.where(flat < 0, flat + n, flat)
+    inside = (flat >= 0) & (flat < n)
+    rows = torch.where(inside, flat, 0)
+    w = dequantize_nbits_reference(
+        B.reshape(n, scales.shape[1], -1)[rows],
+        scales[rows],
+        None if zero_points is None else zero_points[rows],
+        bits,
+        block_size,
+        K,
+    )
+    return w.masked_fill(~inside[:, None], 0.0).reshape(*indices.shape, K)
 
 
 def linear_nbits_reference(

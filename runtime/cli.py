@@ -5,10 +5,12 @@
                    [--seed S] [--beams B [--length-penalty F] [--early-stopping]]
                    [--bind-cores/--no-bind-cores] [--core-list L]
                    [--backend shm|torch] [--json] [--verbose]
+    xrun ARTIFACTS --perplexity FILE [--ctx 512] [--chunks N] [--json]
 
 Text streams to stdout as it is made; --json prints one object at the end instead (one per
 reply with --chat). --messages and --chat render the tokenizer's chat template (runtime/chat.py).
 --beams B > 1 searches B beams (runtime/beam.py) and prints the best sequence at the end.
+--perplexity scores a text file as llama.cpp's llama-perplexity does (runtime/perplexity.py).
 Sharded artifacts run one process per rank (runtime/launch.py); with --backend torch each rank
 is a process that torchrun started. The runtime imports none of the compile-time packages.
 """
@@ -66,6 +68,39 @@ class _Inputs:
     def prompt_ids(self, tokenizer, text: str | None = None) -> list[int]:
         text = self.text if text is None else text
         return self.template.encode(tokenizer, text) if self.template else tokenizer.encode(text)
+
+
+@dataclass
+class _Perplexity:
+    """--perplexity: the file's tokens and how they are cut (runtime/perplexity.py)."""
+
+    tokens: list[int]
+    ctx: int
+    n_chunk: int
+    bos: int | None  # the tokenizer adds it: each chunk's first token becomes BOS
+
+
+def _perplexity_inputs(root: Path, manifest, path: Path, ctx, chunks, others) -> _Perplexity:
+    """Checks that need no model (before any rank starts): no other source of prompts, a ctx
+    the model holds, a readable text of at least 2 * ctx tokens."""
+    from xcompile.runtime import perplexity
+    from xcompile.runtime.tokenizer import TextTokenizer
+
+    if others:
+        raise UserError(
+            f"--perplexity scores a file on its own; drop {'/'.join(others)} "
+            "(or run them without --perplexity)"
+        )
+    ctx = 512 if ctx is None else ctx
+    context = (manifest.config or {}).get("max_positions")
+    text = perplexity.read_text(path)
+    perplexity.check_ctx(ctx, int(context) if context is not None else None)
+    tokens, bos = perplexity.tokenize(TextTokenizer(root), text)
+    try:
+        n_chunk = perplexity.chunk_count(len(tokens), ctx, chunks)
+    except UserError as e:
+        raise UserError(f"--perplexity {path}: {e}") from None
+    return _Perplexity(tokens, ctx, n_chunk, bos)
 
 
 @dataclass
@@ -215,6 +250,17 @@ def run(
         "--model-name",
         help="--serve: the model id clients ask for (default: the folder's name).",
     ),
+    perplexity: Path = typer.Option(
+        None,
+        "--perplexity",
+        help="Score this text file's perplexity (as llama.cpp's llama-perplexity scores it).",
+    ),
+    ctx: int = typer.Option(
+        None, "--ctx", help="--perplexity: tokens per chunk, each from an empty cache (512)."
+    ),
+    chunks: int = typer.Option(
+        None, "--chunks", min=1, help="--perplexity: score the first N chunks (default: all)."
+    ),
     verbose: bool = typer.Option(False, "--verbose", help="Tracebacks on errors."),
     rank: int = typer.Option(None, "--rank", hidden=True),
     comm: str = typer.Option(None, "--comm", hidden=True),
@@ -231,15 +277,28 @@ def run(
         raise UserError(f"--weights {weights!r}: choose copy or map")
     manifest = artifacts.read_manifest(artifacts_dir)  # cheap checks before torch loads
     ranks = manifest.ranks
-    if serve:
+    if perplexity is not None:
+        given = {
+            "--prompt": prompt is not None,
+            "--messages": messages_file is not None,
+            "--chat": chat,
+            "--serve": serve,
+            "--beams": beams != 1,
+        }
+        others = [flag for flag, on in given.items() if on]
+        inputs = _perplexity_inputs(artifacts_dir, manifest, perplexity, ctx, chunks, others)
+    elif ctx is not None or chunks is not None:
+        raise UserError("--ctx and --chunks go with --perplexity FILE; add it or drop them")
+    elif serve:
         if prompt is not None or messages_file is not None or chat:
             raise UserError("--serve takes its prompts over HTTP; drop --prompt/--messages/--chat")
         inputs = _Serve(host, port, slots, model_name or artifacts_dir.resolve().name)
     else:
         inputs = _read_inputs(artifacts_dir, prompt, messages_file, chat, stop)
-    beam = _beam(beams, length_penalty, early_stopping, temperature, top_k, top_p, serve, chat)
-    if beam is not None:
-        inputs.beam = beam
+    if perplexity is None:
+        beam = _beam(beams, length_penalty, early_stopping, temperature, top_k, top_p, serve, chat)
+        if beam is not None:
+            inputs.beam = beam
 
     if bind_cores is not False and comm is None and ranks == 1:
         from xcompile.runtime import launch
@@ -345,6 +404,8 @@ def _generate(
                 code = _serve(root, leader, inputs)
                 if code:
                     sys.exit(code)
+            elif isinstance(inputs, _Perplexity):
+                _perplexity(leader, inputs, as_json)
             else:
                 _lead(
                     root, leader, inputs, max_new_tokens, temperature, top_k, top_p, seed, as_json
@@ -362,6 +423,81 @@ def _generate(
         resident_weights.cancel_copy(shard)  # a load that failed leaves it behind
         if communicator is not None:
             communicator.close()
+
+
+def _perplexity(model, inputs: _Perplexity, as_json: bool) -> None:
+    """--perplexity on rank 0 (the others follow its forward passes): each chunk prefilled in one
+    forward into one cache, overwritten from position 0 (an empty cache for every chunk)."""
+    import time
+
+    from xcompile import _C
+    from xcompile.runtime.kv_cache import Segment
+    from xcompile.runtime.perplexity import evaluate
+
+    ctx = inputs.ctx
+    cache = model.new_cache(ctx)
+
+    def logits_of(ids: list[int], first: int):
+        """ids (ctx,) -> logits (ctx - 1 - first, vocab) at positions first .. ctx - 2."""
+        if model.batchable:  # only the scored rows go through the output projection
+            return model.forward_batch(
+                [Segment(0, 0, len(ids))], ids, cache, list(range(first, len(ids) - 1))
+            )
+        return model.forward(ids, 0, cache)[first:-1]  # the primitive graph: every row
+
+    figures: list[str] = []  # llama.cpp's running estimate after each chunk: [1]17.1234,
+    bar = _PerplexityBar(inputs.n_chunk) if sys.stderr.isatty() else None
+
+    def on_chunk(i, score) -> None:
+        figures.append(f"[{i + 1}]{score.ppl:.4f},")
+        if bar is not None:
+            bar.advance(score.ppl)
+        elif not as_json:
+            sys.stdout.write(figures[-1])
+            sys.stdout.flush()
+
+    t0 = time.perf_counter()
+    try:
+        score = evaluate(inputs.tokens, ctx, inputs.n_chunk, inputs.bos, logits_of, on_chunk)
+    finally:
+        if bar is not None:
+            bar.close()
+    seconds = time.perf_counter() - t0
+    if as_json:
+        report = {
+            "ppl": score.ppl,
+            "ppl_stderr": score.ppl_stderr,
+            "tokens": score.count,  # scored tokens: chunks * (ctx - 1 - ctx // 2)
+            "chunks": inputs.n_chunk,
+            "ctx": ctx,
+            "seconds": round(seconds, 3),  # the chunks' forwards and scoring, not loading
+            "ranks": model.manifest.ranks,
+            "isa": _C.isa(),
+        }
+        print(json.dumps(report))
+        return
+    if bar is not None:
+        sys.stdout.write("".join(figures))
+    sys.stdout.write("\n")
+    print(f"Final estimate: PPL = {score.ppl:.4f} +/- {score.ppl_stderr:.5f}")
+
+
+class _PerplexityBar:
+    """rich's progress bar on stderr (a terminal only), with the running estimate."""
+
+    def __init__(self, total: int):
+        from rich.console import Console
+        from rich.progress import Progress
+
+        self.progress = Progress(console=Console(stderr=True), transient=True)
+        self.progress.start()
+        self.task = self.progress.add_task("perplexity", total=total)
+
+    def advance(self, ppl: float) -> None:
+        self.progress.update(self.task, advance=1, description=f"perplexity {ppl:.4f}")
+
+    def close(self) -> None:
+        self.progress.stop()
 
 
 @dataclass(frozen=True)

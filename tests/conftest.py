@@ -122,6 +122,34 @@ def sharded(tmp_path_factory, compiled):
     return get
 
 
+@pytest.fixture(scope="session")
+def real_model():
+    """The FP32 SmolLM2-135M checkpoint (xcompile/real_model.py), built once into the
+    repository's build/real/ and kept there between sessions."""
+    from pathlib import Path
+
+    from xcompile.real_model import build
+
+    return build(Path(__file__).parents[1] / "build" / "real" / "smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def real_compiled(tmp_path_factory, real_model):
+    """real_compiled(dtype) -> artifacts of the real model made by `xcompile quantize`."""
+    from xcompile.quantize import quantize
+
+    made = {}
+
+    def get(dtype: str = "fp32"):
+        if dtype not in made:
+            out = tmp_path_factory.mktemp(f"real-{dtype}") / "artifacts"
+            quantize(real_model, out, dtype, progress=False)
+            made[dtype] = out
+        return made[dtype]
+
+    return get
+
+
 def process_group(pgid: int) -> list[int]:
     """Live (not zombie) processes of the process group: a server and any ranks it started."""
     found = []

@@ -218,10 +218,13 @@ def logit_errors(fp32, arts: dict) -> dict[str, float]:
     return out
 
 
-@pytest.mark.parametrize("algo", ["gptq", pytest.param("awq", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("algo", ["gptq", "awq"])
 def test_cli_quantize_then_xrun(algo, peaked, tmp_path):
-    """`xcompile quantize --int4 --algo ALGO` (gptq: the shipped text; awq: --calib FILE):
-    the manifest says what was done and the runtime's first 8 greedy tokens are FP32's."""
+    """`xcompile quantize --int4 --algo ALGO` (gptq: the shipped text; awq: --calib FILE), the
+    default recipe (float offsets, the mixed plan: V and down at 8 bits in some layers, by RTN
+    of the weights as the algorithm left them): the manifest says what was done and the
+    runtime's first 8 greedy tokens are FP32's. (AWQ's 8-bit weights taken from the checkpoint
+    instead, with their absorbers scaled, made garbage: PPL 3.3e6 on SmolLM2.)"""
     ckpt_dir, fp32 = peaked("llama", "fp32")
     flags = ["--int4", "--group-size", "32", "--algo", algo]
     if algo == "awq":
@@ -238,7 +241,8 @@ def test_cli_quantize_then_xrun(algo, peaked, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     quant = json.loads((out / "manifest.json").read_text())["quant"]
     assert quant["algo"] == algo and quant["bits"] == 4 and quant["group_size"] == 32
-    assert quant["sym"] is True and quant["calib"] == ("default" if algo == "gptq" else "lines.txt")
+    assert quant["sym"] is False and quant["calib"] == ("default" if algo == "gptq" else "lines.txt")
+    assert (quant["zero_points"], quant["plan"], quant["search"]) == ("float", "mixed", True)
     assert greedy(out) == greedy(fp32)
 
 

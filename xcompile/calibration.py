@@ -30,8 +30,12 @@ from xcompile.quiet import quiet_imports
 from xcompile.weight_only import WeightOnly
 
 DEFAULT_TEXT = Path(__file__).parent / "data" / "calib.txt"
-MAX_TOKENS = 128  # per line: longer lines are cut (the activations' statistics settle well before)
-MAX_LINES = 128  # GPTQ's and AWQ's papers calibrate on 128 samples
+MAX_TOKENS = 128  # per row of the batch (and per line: longer lines are cut)
+MAX_LINES = 1024
+MAX_ROWS = 64  # GPTQ: 8192 tokens at most, the Hessians settle well before
+# AWQ runs the layer 21 times per scale group and each linear 21 times (its grid of 20 scales):
+# 512 tokens hold its activation statistics and keep a 135M model under a minute
+AWQ_ROWS = 4
 GPTQ_PERCDAMP = 0.01  # INC's default (GPTQConfig)
 # columns per lazy batch (GPTQ's own 128, not GPTQConfig's 2048): the same result, but within a
 # batch every column updates all the batch's later ones, N x batch floats each; at 2048 that
@@ -47,33 +51,53 @@ class LayerResult:
 
     quantized  weight -> (q (N, K), scales (N, groups) f32, zero points (N, groups) or None)
                with quantize_rtn's levels: symmetric q int8 signed, asymmetric q uint8 in
-               [0, 2^bits) and zero points uint8
+               [0, 2^bits) and zero points uint8 (float offsets: float32)
     changed    float tensors the algorithm rewrote (AWQ: the norms' weights and biases, an
                absorbing linear's bias), to store instead of the checkpoint's
     folded     AWQ: weight -> (column multipliers (K,) or None, row divisors (N,) or None): the
                stored weight is diag(1/rows) · W · diag(cols), its input arriving divided by
                cols (what the absorbing norm or linear now does) and its output by rows
+    weights    every linear's float weight as the algorithm leaves it for a weight the plan
+               stores in another layout (AWQ: scaled like the quantized ones, its absorber having
+               changed; GPTQ: as in the checkpoint)
     """
 
     index: int
     quantized: dict[str, Quantized] = field(default_factory=dict)
     changed: dict[str, torch.Tensor] = field(default_factory=dict)
     folded: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = field(default_factory=dict)
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def calibration_lines(path: Path | None) -> list[str]:
-    """The non-blank lines of `path` (None: the shipped text), at most MAX_LINES."""
+    """The non-blank lines of `path` (None: the shipped text: prose and code), at most
+    MAX_LINES, indentation kept."""
     text = Path(path or DEFAULT_TEXT).read_text(encoding="utf-8", errors="replace")
-    return [line.strip() for line in text.splitlines() if line.strip()][:MAX_LINES]
+    return [line.rstrip() for line in text.splitlines() if line.strip()][:MAX_LINES]
 
 
 def tokenize(ckpt: Checkpoint, lines: list[str], max_tokens: int) -> list[torch.Tensor]:
-    """Each line by the checkpoint's own tokenizer.json (specials included) -> (1, S) int64."""
+    """Each line and its newline by the checkpoint's own tokenizer.json (specials included)
+    -> (1, S) int64."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(ckpt.path / "tokenizer.json"))
-    out = [torch.tensor([tok.encode(line).ids[:max_tokens]]) for line in lines]
+    out = [torch.tensor([tok.encode(line + "\n").ids[:max_tokens]]) for line in lines]
     return [ids for ids in out if ids.shape[1]]
+
+
+def batched(samples: list[torch.Tensor], length: int) -> list[torch.Tensor]:
+    """The samples' tokens run together and cut into rows of `length` -> [(rows, length)]: one
+    batch, so that each layer's calibration pass is a few large matmuls instead of a Python
+    loop of small ones (GPTQ's and AWQ's own drivers cut their text into windows likewise).
+    The tail that fills no row is dropped, unless no row fills: then it is the one row."""
+    ids = (
+        torch.cat([s.reshape(-1) for s in samples]) if samples else torch.empty(0, dtype=torch.long)
+    )
+    rows = min(ids.numel() // length, MAX_ROWS)
+    if rows == 0:
+        return [ids.view(1, -1)] if ids.numel() else []
+    return [ids[: rows * length].view(rows, length)]
 
 
 class LayerByLayer:
@@ -109,7 +133,7 @@ class LayerByLayer:
         return self._read(path, info, self._handles[path]).float()
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """(1, S) ids -> (1, S, H) float32, reading only the table's rows those ids name."""
+        """(B, S) ids -> (B, S, H) float32, reading only the table's rows those ids name."""
         from xcompile.artifacts import DTYPES, TensorInfo
 
         path, info = self.ckpt.tensors[self.spec.names.embed]
@@ -130,9 +154,10 @@ class LayerByLayer:
                 ),
                 self._handles[path],
             ).float()
-            for i in set(ids[0].tolist())
+            for i in set(ids.reshape(-1).tolist())
         }
-        return torch.stack([table[i] for i in ids[0].tolist()]).unsqueeze(0)
+        rows = torch.stack([table[i] for i in ids.reshape(-1).tolist()])
+        return rows.view(*ids.shape, hidden)
 
     def layer(self, i: int) -> nn.Module:
         """Decoder layer i in FP32 with its checkpoint tensors (and nothing else) loaded."""
@@ -188,7 +213,10 @@ def quantize_layers(
     lines = calibration_lines(scheme.calib) if lines is None else lines
     decoder = LayerByLayer(ckpt, spec)
     try:
-        samples = tokenize(ckpt, lines, min(max_tokens, spec.max_positions))
+        length = min(max_tokens, spec.max_positions)
+        samples = batched(tokenize(ckpt, lines, length), length)
+        if scheme.algo == "awq":
+            samples = [rows[:AWQ_ROWS] for rows in samples]
         if not samples:
             raise UserError("the calibration text has no tokens; give at least one line of text")
         with torch.no_grad():
@@ -256,6 +284,8 @@ def _gptq_layer(layer, inputs, scheme: WeightOnly, spec: DecoderSpec, i: int):
     for name, m in linears.items():
         cores[name] = gptq.GPTQ(m, m.weight.data, "cpu")
         cores[name].quantizer.configure(dict(config))
+        if scheme.search or scheme.float_zero_points:
+            _searched_grid(cores[name].quantizer, scheme)
     hooks = [
         m.register_forward_hook(lambda _, inp, out, core=cores[name]: core.add_batch(inp[0], out))
         for name, m in linears.items()
@@ -267,6 +297,7 @@ def _gptq_layer(layer, inputs, scheme: WeightOnly, spec: DecoderSpec, i: int):
             h.remove()
     result = LayerResult(i)
     for name, m in linears.items():
+        result.weights[f"{prefix}{name}.weight"] = m.weight.data.clone()
         scale, _, zero, dq = cores.pop(name).fasterquant(
             m.weight.data.clone(),
             blocksize=GPTQ_BLOCK,
@@ -281,10 +312,33 @@ def _gptq_layer(layer, inputs, scheme: WeightOnly, spec: DecoderSpec, i: int):
     return result, _forward(layer, inputs)
 
 
+def _searched_grid(quantizer, scheme: WeightOnly) -> None:
+    """GPTQ's quantizer with our blocks: each group's scale (and float offset) by
+    rtn_search.py's fit, taken as GPTQ reaches the group (as GPTQ takes its min/max), and the
+    rounding on that grid. INC's own grid has integer zero points and the extremes' scale."""
+    from xcompile.rtn_search import quantize_searched
+
+    layout = scheme.layout
+    half = float(1 << (layout.bits - 1))
+
+    def find_params(x, weight=False):  # x (N, group): this group's columns as GPTQ left them
+        _, scale, zero = quantize_searched(x, layout.bits, -1, layout.zero_points, scheme.search)
+        quantizer.scale = scale.reshape(-1, 1)
+        quantizer.zero = (torch.full_like(scale, half) if zero is None else zero).reshape(-1, 1)
+
+    def quantize(x, scale, zero, maxq):
+        return scale * (torch.clamp(torch.round(x / scale + zero), 0, maxq) - zero)
+
+    quantizer.find_params, quantizer.quantize = find_params, quantize
+
+
 def _narrow(q, scales, zp, scheme: WeightOnly) -> Quantized:
-    """INC's integers come as float32: a byte each instead (a quarter of the layer's size)."""
+    """INC's integers come as float32: a byte each instead (a quarter of the layer's size).
+    Float offsets stay float."""
     levels = torch.int8 if scheme.sym else torch.uint8
-    return q.round().to(levels), scales.float(), None if zp is None else zp.round().to(torch.uint8)
+    if zp is not None:
+        zp = zp.float() if scheme.float_zero_points else zp.round().to(torch.uint8)
+    return q.round().to(levels), scales.float(), zp
 
 
 def absorbers(spec: DecoderSpec) -> dict[str, tuple[str, ...]]:
@@ -332,7 +386,9 @@ def _searches_at_our_bits(utility):
 def _awq_layer(layer, inputs, scheme: WeightOnly, spec: DecoderSpec, i: int):
     """INC's ActAwareWeightQuant on a one-layer model: scale search, folding into the
     absorbers, clip search; then each weight by INC's RTN at its clip ratio (what INC's last
-    step does, here returning the integers instead of INC's packed module)."""
+    step does, here returning the integers instead of INC's packed module). With our blocks
+    (searched scales or float offsets) the last step is our RTN, whose fit replaces INC's clip
+    search."""
     awq, _, utility = _quiet_inc()
     prefix = spec.names.layer.format(i=i)
     holder = nn.Module()
@@ -360,8 +416,9 @@ def _awq_layer(layer, inputs, scheme: WeightOnly, spec: DecoderSpec, i: int):
 
     algo.apply_scale = record_and_fold
     algo.apply_quantize_with_clip = lambda return_int=False: None  # done below, per weight
+    ours = scheme.search or scheme.float_zero_points  # our blocks: they fit their own clip
     with _searches_at_our_bits(utility):
-        algo.quantize(use_auto_scale=True, use_mse_search=True, folding=True)
+        algo.quantize(use_auto_scale=True, use_mse_search=not ours, folding=True)
 
     result = LayerResult(i)
     block = "layers.0."
@@ -383,6 +440,13 @@ def _awq_layer(layer, inputs, scheme: WeightOnly, spec: DecoderSpec, i: int):
         for name in cols.keys() | rows.keys()
     }
     for name, m in _linears(layer).items():
+        result.weights[f"{prefix}{name}.weight"] = m.weight.data.clone()
+        if ours:
+            from xcompile.weight_only import quantize_rtn
+
+            q, scale, zp = quantize_rtn(m.weight.data, scheme.layout, scheme.search)
+            result.quantized[f"{prefix}{name}.weight"] = _narrow(q, scale, zp, scheme)
+            continue
         quantile = algo.weight_config.get(block + name, {}).get("quantile", 1.0)
         q, scale, zp = utility.quant_tensor(
             m.weight.data.clone(),

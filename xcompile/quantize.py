@@ -194,11 +194,11 @@ def quantize(
     """dtype: fp32 | bf16 | int8 | int4 (then `scheme`, a weight_only.WeightOnly, says how);
     passes: the graph passes to run (None: all of them; []: none, the primitive graph)."""
     if dtype in ("int8", "int4"):
-        from xcompile.weight_only import WeightOnly
+        from xcompile.weight_only import scheme_from_flags
 
-        scheme = scheme or WeightOnly(
-            8 if dtype == "int8" else 4, -1 if dtype == "int8" else 128, True
-        )
+        # the CLI's defaults: --int4 is the measured recipe (weight_only.scheme_from_flags)
+        bits = 8 if dtype == "int8" else 4
+        scheme = scheme or scheme_from_flags(bits, None, None, None, None, False)
     elif dtype not in ("fp32", "bf16"):
         raise UserError(f"--{dtype}: choose --fp32, --bf16, --int8 or --int4")
     floats = "bf16" if scheme is not None else dtype  # what is not quantized is stored so
@@ -291,10 +291,12 @@ def write_calibrated(
     those floats (vectors: norms, biases) for `load`."""
     from xcompile.calibration import quantize_layers
     from xcompile.passes.quantize_nbits import nbits_names
-    from xcompile.weight_only import layout_of, pack_quantized
+    from xcompile.weight_only import layout_of, pack, pack_quantized
 
-    # the weights in the scheme's main layout; others (the plan's 8-bit ones) are left to RTN
+    # the weights in the scheme's main layout take the algorithm's integers; others (the plan's
+    # 8-bit ones) RTN of the float weights the algorithm left (AWQ scaled their inputs' absorber)
     parts = {w: concat.get(w, [w]) for w in nbits if layout_of(nbits[w]) == scheme.layout}
+    others = {w: concat.get(w, [w]) for w in nbits if w not in parts}
     floats = {
         name: concat.get(name, [name])
         for name in writer.order()
@@ -311,6 +313,14 @@ def write_calibrated(
             packed = pack_quantized(
                 torch.cat(q), torch.cat(scales), None if zp[0] is None else torch.cat(zp), scheme
             )
+            for part, t in zip(nbits_names(w), packed):
+                if t is not None:
+                    writer.write_at(part, to_bytes(t))
+        for w, sources in others.items():
+            if not all(p in result.weights for p in sources):
+                continue
+            weight = torch.cat([result.weights[p] for p in sources])
+            packed = pack(weight, layout_of(nbits[w]), scheme.search)
             for part, t in zip(nbits_names(w), packed):
                 if t is not None:
                     writer.write_at(part, to_bytes(t))

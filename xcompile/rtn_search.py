@@ -76,6 +76,7 @@ def _search_offset(x, imp, nmax: int, steps: int):
     best_scale, best_offset = span / nmax, lo
     best_err = _error(x, imp, _levels(x, best_scale, best_offset, 0, nmax), best_scale, best_offset)
     sw, sx = imp.sum(1, keepdim=True), (imp * x).sum(1, keepdim=True)
+    sxx = (imp * x * x).sum(1, keepdim=True)
     for i in range(steps + 1):
         levels = ((x - lo) * ((nmax - 1.0 + 0.1 * i) / span)).round().clamp(0, nmax)
         sl = (imp * levels).sum(1, keepdim=True)
@@ -87,7 +88,11 @@ def _search_offset(x, imp, nmax: int, steps: int):
         scale = (sw * sxl - sx * sl) / det
         offset = (sl2 * sx - sl * sxl) / det
         ok &= scale > 0
-        err = _error(x, imp, levels, scale, offset)
+        # sum imp (scale L + offset - x)^2, from the sums already made (no pass over x)
+        err = (
+            scale * scale * sl2 + 2 * scale * offset * sl - 2 * scale * sxl
+            + offset * offset * sw - 2 * offset * sx + sxx
+        )  # fmt: skip
         better = ok & (err < best_err)
         best_err = err.where(better, best_err)
         best_scale = scale.where(better, best_scale)
@@ -107,6 +112,7 @@ def _search_symmetric(x, imp, half: int, steps: int):
     peak = peak.where(~flat, 1.0)
     best_scale = torch.zeros_like(peak)
     best_err = torch.full_like(peak, float("inf"))
+    sxx = (imp * x * x).sum(1, keepdim=True)
     for i in range(-9, 10) if steps >= 0 else [0]:
         levels = (x * (-(half + 0.1 * i) / peak)).round().clamp(-half, half - 1)
         sl2 = (imp * levels * levels).sum(1, keepdim=True)
@@ -115,7 +121,7 @@ def _search_symmetric(x, imp, half: int, steps: int):
         scale = sxl / sl2.where(ok, 1.0)
         if steps < 0:  # the plain scale: max |w| on the level -half
             scale = peak / -half
-        err = _error(x, imp, levels, scale, 0.0)
+        err = scale * scale * sl2 - 2 * scale * sxl + sxx  # sum imp (scale L - x)^2
         better = ok & (err < best_err)
         best_err = err.where(better, best_err)
         best_scale = scale.where(better, best_scale)

@@ -205,10 +205,11 @@ def quantize_rtn(
     w: torch.Tensor, layout: Layout | WeightOnly, search: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Round-to-nearest: w (N, K) -> (q (N, K) int, scales (N, groups), zp or None).
-    search: our weighted search of each block's scale (rtn_search.py); else INC's RTN. INC has
-    no float offsets: those come from rtn_search.py (min/max, or searched)."""
+    search: our weighted search of each 4-bit block's scale (rtn_search.py); else INC's RTN.
+    INC has no float offsets: those come from rtn_search.py (min/max, or searched)."""
     layout = as_layout(layout)
-    if layout.zero_points == "float" or (search and layout.sym):
+    # 8-bit blocks keep INC's RTN: a 4-bit block's step is 16x coarser, where the search pays
+    if layout.zero_points == "float" or (search and layout.sym and layout.bits < 8):
         from xcompile.rtn_search import quantize_searched
 
         return quantize_searched(w, layout.bits, layout.group_size, layout.zero_points, search)

@@ -298,7 +298,7 @@ def _gptq_layer(layer, inputs, scheme: WeightOnly, spec: DecoderSpec, i: int):
             h.remove()
     result = LayerResult(i)
     for name, m in linears.items():
-        result.weights[f"{prefix}{name}.weight"] = m.weight.data.clone()
+        result.weights[f"{prefix}{name}.weight"] = m.weight.data  # rebound to dq below
         scale, _, zero, dq = cores.pop(name).fasterquant(
             m.weight.data.clone(),
             blocksize=GPTQ_BLOCK,
@@ -441,7 +441,7 @@ def _awq_layer(layer, inputs, scheme: WeightOnly, spec: DecoderSpec, i: int):
         for name in cols.keys() | rows.keys()
     }
     for name, m in _linears(layer).items():
-        result.weights[f"{prefix}{name}.weight"] = m.weight.data.clone()
+        result.weights[f"{prefix}{name}.weight"] = m.weight.data  # quantized from copies
         if ours:
             from xcompile.weight_only import quantize_rtn
 

@@ -26,6 +26,7 @@ from xcompile.errors import UserError
 from xcompile.passes.quantize_nbits import Layout, block_size_for
 
 ALGORITHMS = ("rtn", "gptq", "awq")
+RTN_SLICE = 1 << 22  # weights quantized at once
 
 
 @dataclass(frozen=True)
@@ -208,6 +209,13 @@ def quantize_rtn(
     search: our weighted search of each 4-bit block's scale (rtn_search.py); else INC's RTN.
     INC has no float offsets: those come from rtn_search.py (min/max, or searched)."""
     layout = as_layout(layout)
+    n, k = w.shape
+    rows = max(1, RTN_SLICE // max(k, 1))
+    if n > rows:  # rows are independent: a slice at a time keeps INC's copies small (a 1.1B
+        # model's 65M-weight lm_head made a 0.6 GB spike at the end of a compile)
+        parts = [quantize_rtn(w[i : i + rows], layout, search) for i in range(0, n, rows)]
+        q, scales, zp = zip(*parts)
+        return torch.cat(q), torch.cat(scales), None if zp[0] is None else torch.cat(zp)
     # 8-bit blocks keep INC's RTN: a 4-bit block's step is 16x coarser, where the search pays
     if layout.zero_points == "float" or (search and layout.sym and layout.bits < 8):
         from xcompile.rtn_search import quantize_searched
@@ -228,8 +236,14 @@ def pack(
     w: torch.Tensor, layout: Layout | WeightOnly, search: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """w (N, K) -> MatMulNBits' (B uint8 (N, k_blocks, blob), scales f32 (N, k_blocks),
-    zero_points uint8, f32 or None), by RTN (quantize_rtn)."""
-    return pack_quantized(*quantize_rtn(w, layout, search), layout)
+    zero_points uint8, f32 or None), by RTN (quantize_rtn); a slice of rows at a time, so
+    that no whole-tensor int32 copy is made."""
+    rows = max(1, RTN_SLICE // max(w.shape[1], 1))
+    parts = [
+        pack_quantized(*quantize_rtn(w[i : i + rows], layout, search), layout)
+        for i in range(0, w.shape[0], rows)
+    ]
+    return tuple(None if p[0] is None else torch.cat(p) for p in zip(*parts))
 
 
 def pack_quantized(

@@ -23,6 +23,16 @@ STEPS = 20  # candidate scales: nmax + (-1 + 0.1 i), i = 0..20, as llama.cpp's Q
 CHUNK = 1 << 18  # weights searched at once (1 MB of fp32: the fastest here, ~2x the whole)
 
 
+def by_rows(w: torch.Tensor, weights: int, quantize, *args):
+    """quantize(w, *args) -> a tuple of (rows, ...) tensors or None, run on slices of about
+    `weights` weights of w's rows (rows quantize independently) and concatenated back."""
+    rows = max(1, weights // max(w.shape[1], 1))
+    parts = [quantize(w[i : i + rows], *args) for i in range(0, w.shape[0], rows)]
+    if len(parts) == 1:
+        return parts[0]
+    return tuple(None if p[0] is None else torch.cat(p) for p in zip(*parts))
+
+
 def _blocks(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """w (N, K) -> blocks (N * groups, g) f32, a mask (padding of a partial last block is 0),
     and g. group_size -1: one block per row."""
@@ -55,12 +65,8 @@ def quantize_searched(
     on the side of the largest magnitude), no fit."""
     steps = STEPS if search else -1
     n, k = w.shape
-    rows = max(1, CHUNK // max(k, 1))
-    if n > rows:  # a slice of rows at a time: the search's temporaries stay in cache, not GBs
-        parts = [quantize_searched(w[i : i + rows], bits, group_size, zero_points, search)
-                 for i in range(0, n, rows)]  # fmt: skip
-        q, scales, zp = zip(*parts)
-        return torch.cat(q), torch.cat(scales), None if zp[0] is None else torch.cat(zp)
+    if n * k > CHUNK:  # the search's temporaries stay in cache, not GBs
+        return by_rows(w, CHUNK, quantize_searched, bits, group_size, zero_points, search)
     x, mask, g = _blocks(w.float(), group_size)
     imp = importance(x, mask)
     if zero_points == "float":

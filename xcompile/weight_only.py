@@ -24,6 +24,7 @@ import torch
 
 from xcompile.errors import UserError
 from xcompile.passes.quantize_nbits import Layout, block_size_for
+from xcompile.rtn_search import by_rows
 
 ALGORITHMS = ("rtn", "gptq", "awq")
 RTN_SLICE = 1 << 22  # weights quantized at once
@@ -209,13 +210,9 @@ def quantize_rtn(
     search: our weighted search of each 4-bit block's scale (rtn_search.py); else INC's RTN.
     INC has no float offsets: those come from rtn_search.py (min/max, or searched)."""
     layout = as_layout(layout)
-    n, k = w.shape
-    rows = max(1, RTN_SLICE // max(k, 1))
-    if n > rows:  # rows are independent: a slice at a time keeps INC's copies small (a 1.1B
+    if w.numel() > RTN_SLICE:  # rows are independent: slices keep INC's copies small (a 1.1B
         # model's 65M-weight lm_head made a 0.6 GB spike at the end of a compile)
-        parts = [quantize_rtn(w[i : i + rows], layout, search) for i in range(0, n, rows)]
-        q, scales, zp = zip(*parts)
-        return torch.cat(q), torch.cat(scales), None if zp[0] is None else torch.cat(zp)
+        return by_rows(w, RTN_SLICE, quantize_rtn, layout, search)
     # 8-bit blocks keep INC's RTN: a 4-bit block's step is 16x coarser, where the search pays
     if layout.zero_points == "float" or (search and layout.sym and layout.bits < 8):
         from xcompile.rtn_search import quantize_searched
@@ -238,12 +235,11 @@ def pack(
     """w (N, K) -> MatMulNBits' (B uint8 (N, k_blocks, blob), scales f32 (N, k_blocks),
     zero_points uint8, f32 or None), by RTN (quantize_rtn); a slice of rows at a time, so
     that no whole-tensor int32 copy is made."""
-    rows = max(1, RTN_SLICE // max(w.shape[1], 1))
-    parts = [
-        pack_quantized(*quantize_rtn(w[i : i + rows], layout, search), layout)
-        for i in range(0, w.shape[0], rows)
-    ]
-    return tuple(None if p[0] is None else torch.cat(p) for p in zip(*parts))
+
+    def packed(rows: torch.Tensor):
+        return pack_quantized(*quantize_rtn(rows, layout, search), layout)
+
+    return by_rows(w, RTN_SLICE, packed)
 
 
 def pack_quantized(

@@ -104,9 +104,13 @@ class GroupQueryAttentionRule(pattern.RewriteRuleClassBase):
         _, window = causal_window(mask)
         one = op.Constant(value=ir.tensor(np.array([1], dtype=np.int64)))
         axis0 = op.Constant(value=ir.tensor(np.array([0], dtype=np.int64)))
-        total = op.Add(op.Shape(past_k, start=2, end=3), op.Shape(q3, start=1, end=2))  # [T]
+        # T and B from layer 0's cache and input_ids where the graph has them: every layer's
+        # lengths are the same, so after CSE one subgraph serves all layers (not 9 nodes each)
+        first_past, ids = _shared_inputs(past_k)
+        rows = ids if ids is not None else q3
+        total = op.Add(op.Shape(first_past, start=2, end=3), op.Shape(rows, start=1, end=2))  # [T]
         seqlens_k = op.Expand(
-            op.Cast(op.Sub(total, one), to=ir.DataType.INT32), op.Shape(q3, start=0, end=1)
+            op.Cast(op.Sub(total, one), to=ir.DataType.INT32), op.Shape(rows, start=0, end=1)
         )  # (B,) = T - 1
         total_len = op.Cast(op.Squeeze(total, axis0), to=ir.DataType.INT32)
         return op.GroupQueryAttention(
@@ -124,6 +128,15 @@ class GroupQueryAttentionRule(pattern.RewriteRuleClassBase):
             scale=float(scalar(scale)),
             local_window_size=window if window else -1,
         )
+
+
+def _shared_inputs(past_k: ir.Value) -> tuple[ir.Value, ir.Value | None]:
+    """(layer 0's past key, input_ids (B, S)) among the graph's inputs, else (past_k, None)."""
+    graph = past_k.graph
+    if graph is None:
+        return past_k, None
+    by_name = {v.name: v for v in graph.inputs}
+    return by_name.get("past_key_values.0.key", past_k), by_name.get("input_ids")
 
 
 class AttentionPass(RulePass):

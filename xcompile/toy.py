@@ -3,6 +3,7 @@ benchmarks (no weights come from a hub).
 
     python -m xcompile.toy llama /tmp/toy-llama            # tiny, 3 layers
     python -m xcompile.toy llama /tmp/llama-1b --size 1b   # 1.1B parameters, about 4.4 GB FP32
+    python -m xcompile.toy llama /tmp/llama-1b --size 1b --context 4096   # room for long prompts
 
 Weights are drawn wider than a trained model's (init_std) so that greedy choices are decisive:
 parity tests compare tokens, and a near-tie would make them flaky rather than wrong.
@@ -157,8 +158,12 @@ def main() -> None:
     parser.add_argument("out")
     parser.add_argument("--size", choices=["tiny", "1b"], default="tiny")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--context", type=int, default=None, help="max_position_embeddings (room for long prompts)"
+    )
     args = parser.parse_args()
-    print(make_checkpoint(args.family, args.out, args.size, args.seed))
+    extra = {} if args.context is None else {"max_position_embeddings": args.context}
+    print(make_checkpoint(args.family, args.out, args.size, args.seed, **extra))
 
 
 if __name__ == "__main__":

@@ -92,8 +92,14 @@ class LlamaCpp:
             out.parent.mkdir(parents=True, exist_ok=True)
             script = CONVERT.format(source=str(self.source))
             part = out.with_suffix(".part")
-            _run([sys.executable, "-c", script, str(checkpoint), "--outtype", outtype,
-                  "--outfile", str(part)])  # fmt: skip
+            try:
+                _run([sys.executable, "-c", script, str(checkpoint), "--outtype", outtype,
+                      "--outfile", str(part)])  # fmt: skip
+            except subprocess.CalledProcessError as e:  # e.g. No module named 'sentencepiece'
+                raise RuntimeError(
+                    f"convert_hf_to_gguf.py failed on {checkpoint} (its converter needs gguf and "
+                    f"sentencepiece: pip install sentencepiece):\n{e.stderr[-2000:]}"
+                ) from None
             part.rename(out)
         return out
 

@@ -184,7 +184,7 @@ void gemv(const float* x, const WT* w, const float* bias, float* out, int64_t M,
   const int threads = num_threads();
   const bool parallel = threads > 1 && N > R && N * K >= kParallelMinElems;
   const int64_t blocks = (N + R - 1) / R;
-  const int64_t chunk = chunk_tasks(R * K);
+  const int64_t chunk = chunk_tasks(R * K, blocks, threads);
 #pragma omp parallel for schedule(dynamic, chunk) num_threads(threads) if (parallel)
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t n0 = b * R;

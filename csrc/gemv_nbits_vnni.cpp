@@ -422,7 +422,7 @@ void gemv_nbits_q8(const float* x, const uint8_t* B, const float* scales,
   const int threads = num_threads();
   const int64_t tasks = (N + R - 1) / R;
   const bool pool = threads > 1 && N > R && N * K >= kParallelMinElems;
-  const int64_t chunk = chunk_tasks(R * w.k_blocks * w.block_size);
+  const int64_t chunk = chunk_tasks(R * w.k_blocks * w.block_size, tasks, threads);
 #pragma omp parallel for schedule(dynamic, chunk) num_threads(threads) if (pool)
   for (int64_t t = 0; t < tasks; ++t) {
     const int64_t n0 = t * R;

@@ -358,7 +358,8 @@ TaskFn task_for(int bits) {
 
 }  // namespace
 
-QuantizedX quantize_x(const float* x, int64_t M, const NBits& w, int bits) {
+QuantizedX quantize_x(const float* x, int64_t M, const NBits& w, int bits, bool natural) {
+  const bool permute = bits == 4 && !natural;
   QuantizedX qx;
   qx.k_blocks = w.k_blocks;
   qx.padded = w.k_blocks * w.block_size;
@@ -379,7 +380,7 @@ QuantizedX quantize_x(const float* x, int64_t M, const NBits& w, int bits) {
 #if XC_X86
       if (vector && k1 - k0 == qx.unit) {  // a whole unit: the same numbers, 16 at a time
         float& s = qx.scale[m * qx.units + u];
-        const int32_t sum = quantize_unit_avx512(xm + k0, qx.unit, qm + k0, bits == 4, &s);
+        const int32_t sum = quantize_unit_avx512(xm + k0, qx.unit, qm + k0, permute, &s);
         qx.c[m * qx.k_blocks + u / per_block] += s * float(sum);
         continue;
       }
@@ -396,7 +397,7 @@ QuantizedX quantize_x(const float* x, int64_t M, const NBits& w, int bits) {
         const int8_t q = int8_t(std::clamp(v, -127, 127));
         sum += q;
         // INT4: position of element k in its group of 128 -> evens first, then odds
-        const int64_t at = bits == 8 ? k : (k & ~int64_t(127)) + (k & 1) * 64 + (k & 127) / 2;
+        const int64_t at = !permute ? k : (k & ~int64_t(127)) + (k & 1) * 64 + (k & 127) / 2;
         qm[at] = q;
       }
       qx.scale[m * qx.units + u] = s;
@@ -416,6 +417,8 @@ void gemv_nbits_q8(const float* x, const uint8_t* B, const float* scales,
   if (current_isa() == Isa::amx && M >= 16 && N % 16 == 0)  // a prompt: AMX tiles
     return gemm_nbits_q8_tiles(x, B, scales, zero_points, bias, out, M, N, K, bits, block_size,
                                /*emulate=*/false);
+  if (M >= kGemmMinRows && gemm_nbits_vnni_supported(bits, block_size))  // a prompt
+    return gemm_nbits_vnni(x, B, scales, zero_points, bias, out, M, N, K, bits, block_size);
   const NBits w(B, scales, zero_points, K, bits, block_size);
   const QuantizedX qx = quantize_x(x, M, w, bits);
   const TaskFn task = task_for(bits);

@@ -83,6 +83,14 @@ bool gemv_nbits_q8_supported(int bits, int64_t block_size);
 void gemv_nbits_q8(const float* x, const uint8_t* B, const float* scales,
                    ZeroPoints zero_points, const float* bias, float* out, int64_t M, int64_t N,
                    int64_t K, int bits, int64_t block_size);
+// gemm_nbits_vnni (csrc/gemm_nbits_vnni.cpp): gemv_nbits_q8 for prompts (x of kGemmMinRows rows
+// and more) on AVX512_VNNI, weights repacked a panel of columns at a time; gemv_nbits_q8 takes
+// it by itself there. gemm_nbits_vnni_supported: this CPU's path has it, for these blocks.
+constexpr int64_t kGemmMinRows = 16;
+bool gemm_nbits_vnni_supported(int bits, int64_t block_size);
+void gemm_nbits_vnni(const float* x, const uint8_t* B, const float* scales,
+                     ZeroPoints zero_points, const float* bias, float* out, int64_t M, int64_t N,
+                     int64_t K, int bits, int64_t block_size);
 // dequantize_nbits: out (N, K) fp32 = W, bit for bit the reference's (float(q) - zp) * scale.
 void dequantize_nbits(const uint8_t* B, const float* scales, ZeroPoints zero_points, float* out,
                       int64_t N, int64_t K, int bits, int64_t block_size);

@@ -298,6 +298,8 @@ NB_MODULE(_C, m) {
       .def("__len__", &xcompile::Tape::size);
 
   m.def("gemv_nbits_q8_supported", &xcompile::gemv_nbits_q8_supported, "bits"_a, "block_size"_a);
+  m.def("gemm_nbits_vnni_supported", &xcompile::gemm_nbits_vnni_supported, "bits"_a,
+        "block_size"_a, "gemv_nbits_q8 takes the prompt GEMM (gemm_nbits_vnni.cpp) here.");
 
   // The AMX tile kernels called directly, on the unit or its C++ model (emulate): the tests hold
   // both to the references on any CPU. gemv_bf16 / gemv_nbits_q8 take them by themselves under

@@ -38,7 +38,8 @@ struct QuantizedX {
 
 constexpr int64_t unit_for(int bits) { return bits == 8 ? 64 : 128; }
 
-// x (M, w.K) fp32 -> QuantizedX in units of unit_for(bits) (or block_size when smaller)
-QuantizedX quantize_x(const float* x, int64_t M, const NBits& w, int bits);
+// x (M, w.K) fp32 -> QuantizedX in units of unit_for(bits) (or block_size when smaller);
+// natural: INT4's x in K's order too (the prompt GEMM's lanes are columns, gemm_nbits_vnni.cpp)
+QuantizedX quantize_x(const float* x, int64_t M, const NBits& w, int bits, bool natural = false);
 
 }  // namespace xcompile

@@ -212,3 +212,28 @@ def test_float_zero_points_are_neither_ignored_nor_read_as_bytes(isa, bits, int8
     for wrong in (None, as_bytes.contiguous()):
         misread = kernels.linear_nbits_reference(x, B, scales, wrong, bits, bs, k)
         assert (got - misread).abs().max() > 100 * (got - expected).abs().max() + 0.1
+
+
+@pytest.mark.parametrize("zp_kind", ZPS)
+@pytest.mark.parametrize("block", ["128", "256", "channel"])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_prompt_gemm_matches_reference(isa, bits, block, zp_kind):
+    """Prompts (16 rows and more) take the panel GEMM on AVX512_VNNI (gemm_nbits_vnni.cpp):
+    held to the same float64 reference as the decode kernels, across a partial last panel
+    (N = 67: 32 + 32 + 3 columns), row counts off the 4-row step, and K off the block."""
+    from xcompile import _C
+
+    for k, n, m in [(100, 67, 17), (2048 + 16, 33, 16), (576, 96, 128), (5632, 5, 18)]:
+        bs = _block_size(block, k)
+        B, scales, zp, w_q = _weights(n, k, bits, bs, zp_kind)
+        gen = torch.Generator().manual_seed(m)
+        x = torch.randn(m, k, generator=gen) * torch.rand(m, k, generator=gen) * 4
+        bias = torch.randn(n, generator=gen)
+        got = kernels.linear_nbits(x, B, scales, zp, bits, bs, k, bias=bias, int8_activations=True)
+        expected = kernels.linear_nbits_q8_reference(x, B, scales, zp, bits, bs, k, bias)
+        error = (got - expected).abs().max()
+        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4), (
+            f"K={k} N={n} M={m}: {error:.3g}"
+        )
+        # the panel path really ran where this ISA has it (else the decode kernels did)
+        assert _C.gemm_nbits_vnni_supported(bits, bs) == (isa not in ("scalar", "avx2", "avx512"))

@@ -54,72 +54,91 @@ XC_TARGET_VNNI __attribute__((always_inline)) inline __m512 zero_points16(const 
   return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(z));
 }
 
-// One weight row n times x rows m0 .. m0 + MB - 1, blocks of G to a chunk.
+// Accumulators of one weight row times MB rows of x
+template <int MB>
+struct RowSums {
+  static constexpr int NA = MB == 1 ? 2 : 1;  // per x row: MB rows hide the FMA latency
+  __m512 acc[MB][NA];
+  __m512 corrections[MB];  // s * zp * c, lane by lane
+};
+
+// Blocks b .. b + 15 of weight row `row` (TAIL: the row's last, fewer, `live` ones) times x rows
+// m0 .. m0 + MB - 1, blocks of G to a chunk.
 //   xq (MB, padded) int8 (INT4: permuted), sx / c (MB, k_blocks): x's unit is the block
-template <int BITS, int G, int MB>
-XC_TARGET_VNNI void row_small(const QuantizedX& qx, const NBits& w, int64_t m0, int64_t n,
-                              const float* bias, float* out, int64_t N) {
+template <int BITS, int G, int MB, bool TAIL>
+XC_TARGET_VNNI __attribute__((always_inline)) inline void group_small(
+    const QuantizedX& qx, const NBits& w, const Row& row, const int8_t* xq, const float* sx,
+    const float* cx, int64_t b, __mmask16 live, RowSums<MB>& sums) {
   constexpr int64_t xs = unit_for(BITS);  // x bytes per chunk: 64 (INT8), 128 (INT4)
   constexpr int chunks = 16 / G;          // per group of 16 blocks
   constexpr int lanes = 16 / G;           // per block
-  constexpr int NA = MB == 1 ? 2 : 1;     // accumulators per x row: MB rows hide FMA latency
-  const int64_t k_blocks = w.k_blocks, row_bytes = k_blocks * w.blob, ahead = kPrefetch / w.blob;
+  constexpr int NA = RowSums<MB>::NA;
+  const int64_t row_bytes = w.k_blocks * w.blob, ahead = kPrefetch / w.blob;
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  const __m512i lane_block = _mm512_srli_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), __builtin_ctz(lanes));
+  _mm_prefetch(reinterpret_cast<const char*>(row.s + b + ahead), _MM_HINT_T0);
+  if (row.zf) _mm_prefetch(reinterpret_cast<const char*>(row.zf + b + ahead), _MM_HINT_T0);
+  const __m512 s = _mm512_maskz_loadu_ps(live, row.s + b);
+  const __m512 zs = _mm512_mul_ps(s, zero_points16<BITS>(row, b, live));
+  __m512 p[MB];  // s * sx per block, x row m
+  for (int m = 0; m < MB; ++m) {
+    p[m] = _mm512_mul_ps(s, _mm512_maskz_loadu_ps(live, sx + m * qx.units + b));
+    sums.corrections[m] = _mm512_fmadd_ps(
+        zs, _mm512_maskz_loadu_ps(live, cx + m * qx.k_blocks + b), sums.corrections[m]);
+  }
+#pragma GCC unroll 8
+  for (int j = 0; j < chunks; ++j) {
+    const int64_t at = (b / G + j) * kChunk;  // the chunk's first byte in the row
+    if (TAIL && at >= row_bytes) break;
+    const uint8_t* wq = row.q + at;
+    __m512i packed;
+    if (TAIL && at + kChunk > row_bytes) {  // the row's last chunk, short of G blocks
+      packed = _mm512_maskz_loadu_epi8((uint64_t(1) << (row_bytes - at)) - 1, wq);
+    } else {
+      _mm_prefetch(reinterpret_cast<const char*>(wq + kPrefetch), _MM_HINT_T0);
+      packed = _mm512_loadu_si512(wq);
+    }
+    __m512i lo = packed, hi = packed;
+    if constexpr (BITS == 4) {
+      lo = _mm512_and_si512(packed, low4);
+      hi = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low4);
+    }
+    const __m512i spread = _mm512_add_epi32(lane_block, _mm512_set1_epi32(G * j));
+    for (int m = 0; m < MB; ++m) {
+      const int8_t* xm = xq + m * qx.padded + (b / G + j) * xs;
+      __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_load_si512(xm));
+      if constexpr (BITS == 4) dot = _mm512_dpbusd_epi32(dot, hi, _mm512_load_si512(xm + 64));
+      __m512& acc = sums.acc[m][j % NA];
+      acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(spread, p[m]), acc);
+    }
+  }
+}
+
+// One weight row n times x rows m0 .. m0 + MB - 1 into out (stride N)
+template <int BITS, int G, int MB>
+XC_TARGET_VNNI void row_small(const QuantizedX& qx, const NBits& w, int64_t m0, int64_t n,
+                              const float* bias, float* out, int64_t N) {
   const Row row = w.row(n);
   const int8_t* xq = qx.q.data() + m0 * qx.padded;
   const float* sx = qx.scale.data() + m0 * qx.units;
   const float* cx = qx.c.data() + m0 * qx.k_blocks;
-  const __m512i low4 = _mm512_set1_epi8(0x0F);
-  const __m512i lane_block = _mm512_srli_epi32(
-      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), __builtin_ctz(lanes));
-  __m512 acc[MB][NA], corrections[MB];
+  RowSums<MB> sums;
   for (int m = 0; m < MB; ++m) {
-    for (int a = 0; a < NA; ++a) acc[m][a] = _mm512_setzero_ps();
-    corrections[m] = _mm512_setzero_ps();
+    for (int a = 0; a < RowSums<MB>::NA; ++a) sums.acc[m][a] = _mm512_setzero_ps();
+    sums.corrections[m] = _mm512_setzero_ps();
   }
-  for (int64_t b = 0; b < k_blocks; b += 16) {
-    const bool tail = b + 16 > k_blocks;
-    const __mmask16 live = tail ? __mmask16((1u << (k_blocks - b)) - 1) : __mmask16(0xFFFF);
-    _mm_prefetch(reinterpret_cast<const char*>(row.s + b + ahead), _MM_HINT_T0);
-    if (row.zf) _mm_prefetch(reinterpret_cast<const char*>(row.zf + b + ahead), _MM_HINT_T0);
-    const __m512 s = _mm512_maskz_loadu_ps(live, row.s + b);
-    const __m512 zs = _mm512_mul_ps(s, zero_points16<BITS>(row, b, live));
-    __m512 p[MB];  // s * sx per block, x row m
-    for (int m = 0; m < MB; ++m) {
-      p[m] = _mm512_mul_ps(s, _mm512_maskz_loadu_ps(live, sx + m * qx.units + b));
-      corrections[m] = _mm512_fmadd_ps(zs, _mm512_maskz_loadu_ps(live, cx + m * qx.k_blocks + b),
-                                       corrections[m]);
-    }
-#pragma GCC unroll 8
-    for (int j = 0; j < chunks; ++j) {
-      const int64_t at = (b / G + j) * kChunk;  // the chunk's first byte in the row
-      if (tail && at >= row_bytes) break;
-      const uint8_t* wq = row.q + at;
-      _mm_prefetch(reinterpret_cast<const char*>(wq + kPrefetch), _MM_HINT_T0);
-      // the row's last chunk may hold fewer than G blocks: only its bytes are read
-      const __m512i packed =
-          tail && at + kChunk > row_bytes
-              ? _mm512_maskz_loadu_epi8((uint64_t(1) << (row_bytes - at)) - 1, wq)
-              : _mm512_loadu_si512(wq);
-      __m512i lo = packed, hi = packed;
-      if constexpr (BITS == 4) {
-        lo = _mm512_and_si512(packed, low4);
-        hi = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low4);
-      }
-      const __m512i spread = _mm512_add_epi32(lane_block, _mm512_set1_epi32(G * j));
-      for (int m = 0; m < MB; ++m) {
-        const int8_t* xm = xq + m * qx.padded + (b / G + j) * xs;
-        __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_load_si512(xm));
-        if constexpr (BITS == 4) dot = _mm512_dpbusd_epi32(dot, hi, _mm512_load_si512(xm + 64));
-        acc[m][j % NA] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot),
-                                         _mm512_permutexvar_ps(spread, p[m]), acc[m][j % NA]);
-      }
-    }
-  }
+  int64_t b = 0;
+  for (; b + 16 <= w.k_blocks; b += 16)
+    group_small<BITS, G, MB, false>(qx, w, row, xq, sx, cx, b, 0xFFFF, sums);
+  if (b < w.k_blocks)
+    group_small<BITS, G, MB, true>(qx, w, row, xq, sx, cx, b,
+                                   __mmask16((1u << (w.k_blocks - b)) - 1), sums);
   for (int m = 0; m < MB; ++m) {
-    __m512 sum = acc[m][0];
-    if constexpr (NA == 2) sum = _mm512_add_ps(sum, acc[m][1]);
+    __m512 sum = sums.acc[m][0];
+    if constexpr (RowSums<MB>::NA == 2) sum = _mm512_add_ps(sum, sums.acc[m][1]);
     out[(m0 + m) * N + n] =
-        _mm512_reduce_add_ps(_mm512_sub_ps(sum, corrections[m])) + (bias ? bias[n] : 0.0f);
+        _mm512_reduce_add_ps(_mm512_sub_ps(sum, sums.corrections[m])) + (bias ? bias[n] : 0.0f);
   }
 }
 

@@ -36,6 +36,7 @@ from collections.abc import Callable
 import torch
 from bandwidth import read_bandwidth  # benchmarks/bandwidth.py, beside this file
 
+from xcompile import _C
 from xcompile.passes.quantize_nbits import block_size_for
 from xcompile.runtime import kernels
 
@@ -85,12 +86,21 @@ def small_blocks(args: argparse.Namespace) -> None:
             )
             for m in (1, 4):
                 x, out = torch.randn(m, k, generator=gen), torch.empty(m, n)
-                for path, q8 in (("old", False), ("vnni", True)):
+                # the kernels called as a replayed decode step calls them: no Python checks
+                # (linear_nbits' cost ~7 us a call, a quarter of a 1536 x 576 INT4 GEMV)
+                for path, kernel in (("old", _C.gemv_nbits), ("vnni", _C.gemv_nbits_q8)):
                     name = f"{n}x{k} {kind} M={m} {path}"
                     rows[name] = (
                         ws,
-                        lambda w, x=x, out=out, q8=q8, bits=bits, k=k: kernels.linear_nbits(
-                            x, *w, bits, bs, k, out=out, int8_activations=q8
+                        lambda w, x=x, out=out, kernel=kernel, args=(m, n, k, bits, bs): kernel(
+                            x.data_ptr(),
+                            w[0].data_ptr(),
+                            w[1].data_ptr(),
+                            0 if w[2] is None else w[2].data_ptr(),
+                            w[2] is not None and w[2].dtype == torch.float32,
+                            0,
+                            out.data_ptr(),
+                            *args,
                         ),
                     )
                     nbytes[name] = weight_bytes(ws[0])

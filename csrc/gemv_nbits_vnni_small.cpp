@@ -115,45 +115,47 @@ XC_TARGET_VNNI __attribute__((always_inline)) inline void group_small(
   }
 }
 
-// One weight row n times x rows m0 .. m0 + MB - 1 into out (stride N)
+// Weight rows n0 .. n1 - 1, one after the other (one stream), times x rows m0 .. m0 + MB - 1
+// into out (stride N)
 template <int BITS, int G, int MB>
-XC_TARGET_VNNI void row_small(const QuantizedX& qx, const NBits& w, int64_t m0, int64_t n,
-                              const float* bias, float* out, int64_t N) {
-  const Row row = w.row(n);
+XC_TARGET_VNNI void rows_small(const QuantizedX& qx, const NBits& w, int64_t m0, int64_t n0,
+                               int64_t n1, const float* bias, float* out, int64_t N) {
   const int8_t* xq = qx.q.data() + m0 * qx.padded;
   const float* sx = qx.scale.data() + m0 * qx.units;
   const float* cx = qx.c.data() + m0 * qx.k_blocks;
-  RowSums<MB> sums;
-  for (int m = 0; m < MB; ++m) {
-    for (int a = 0; a < RowSums<MB>::NA; ++a) sums.acc[m][a] = _mm512_setzero_ps();
-    sums.corrections[m] = _mm512_setzero_ps();
-  }
-  int64_t b = 0;
-  for (; b + 16 <= w.k_blocks; b += 16)
-    group_small<BITS, G, MB, false>(qx, w, row, xq, sx, cx, b, 0xFFFF, sums);
-  if (b < w.k_blocks)
-    group_small<BITS, G, MB, true>(qx, w, row, xq, sx, cx, b,
-                                   __mmask16((1u << (w.k_blocks - b)) - 1), sums);
-  for (int m = 0; m < MB; ++m) {
-    __m512 sum = sums.acc[m][0];
-    if constexpr (RowSums<MB>::NA == 2) sum = _mm512_add_ps(sum, sums.acc[m][1]);
-    out[(m0 + m) * N + n] =
-        _mm512_reduce_add_ps(_mm512_sub_ps(sum, sums.corrections[m])) + (bias ? bias[n] : 0.0f);
+  const int64_t whole = w.k_blocks / 16 * 16;  // blocks in whole groups
+  const __mmask16 tail = __mmask16((1u << (w.k_blocks - whole)) - 1);
+  for (int64_t n = n0; n < n1; ++n) {
+    const Row row = w.row(n);
+    RowSums<MB> sums;
+    for (int m = 0; m < MB; ++m) {
+      for (int a = 0; a < RowSums<MB>::NA; ++a) sums.acc[m][a] = _mm512_setzero_ps();
+      sums.corrections[m] = _mm512_setzero_ps();
+    }
+    for (int64_t b = 0; b < whole; b += 16)
+      group_small<BITS, G, MB, false>(qx, w, row, xq, sx, cx, b, 0xFFFF, sums);
+    if (tail) group_small<BITS, G, MB, true>(qx, w, row, xq, sx, cx, whole, tail, sums);
+    for (int m = 0; m < MB; ++m) {
+      __m512 sum = sums.acc[m][0];
+      if constexpr (RowSums<MB>::NA == 2) sum = _mm512_add_ps(sum, sums.acc[m][1]);
+      out[(m0 + m) * N + n] = _mm512_reduce_add_ps(_mm512_sub_ps(sum, sums.corrections[m])) +
+                              (bias ? bias[n] : 0.0f);
+    }
   }
 }
 
 template <int BITS, int G>
-void rows_small(int64_t mb, const QuantizedX& qx, const NBits& w, int64_t m0, int64_t n,
-                const float* bias, float* out, int64_t N) {
+void rows_any(int64_t mb, const QuantizedX& qx, const NBits& w, int64_t m0, int64_t n0,
+              int64_t n1, const float* bias, float* out, int64_t N) {
   switch (mb) {
     case 1:
-      return row_small<BITS, G, 1>(qx, w, m0, n, bias, out, N);
+      return rows_small<BITS, G, 1>(qx, w, m0, n0, n1, bias, out, N);
     case 2:
-      return row_small<BITS, G, 2>(qx, w, m0, n, bias, out, N);
+      return rows_small<BITS, G, 2>(qx, w, m0, n0, n1, bias, out, N);
     case 3:
-      return row_small<BITS, G, 3>(qx, w, m0, n, bias, out, N);
+      return rows_small<BITS, G, 3>(qx, w, m0, n0, n1, bias, out, N);
     default:
-      return row_small<BITS, G, 4>(qx, w, m0, n, bias, out, N);
+      return rows_small<BITS, G, 4>(qx, w, m0, n0, n1, bias, out, N);
   }
 }
 
@@ -163,8 +165,7 @@ template <int BITS, int G>
 void task_small(const QuantizedX& qx, const NBits& w, int64_t M, int64_t n0, int64_t rows,
                 const float* bias, float* out, int64_t N) {
   for (int64_t m = 0; m < M; m += 4)
-    for (int64_t n = n0; n < n0 + rows; ++n)
-      rows_small<BITS, G>(std::min<int64_t>(4, M - m), qx, w, m, n, bias, out, N);
+    rows_any<BITS, G>(std::min<int64_t>(4, M - m), qx, w, m, n0, n0 + rows, bias, out, N);
 }
 
 }  // namespace

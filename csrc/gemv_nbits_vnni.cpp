@@ -14,8 +14,10 @@
 // x is zero-padded to whole blocks: padding weights (zeros) and padding activations add 0.
 // INT4 bytes hold element 2j in the low nibble and 2j + 1 in the high one: 64 bytes give the 64
 // even then the 64 odd elements of 128, so xq is stored permuted to match, in groups of 128.
-// Plain reference: gemv_nbits_q8_scalar, the same formula in double; the Python reference in
-// runtime/kernels.py computes it from torch ops.
+// Blocks smaller than one vpdpbusd's unit (several to a 64-byte chunk: INT8 16/32, INT4 16/32/64)
+// go to gemv_nbits_vnni_small.cpp; x's unit is then the block.
+// Plain reference: task_scalar / row_scalar, the same formula in double, for every block size;
+// the Python reference in runtime/kernels.py computes it from torch ops.
 #include <omp.h>
 
 #include <cmath>

@@ -75,8 +75,8 @@ XC_TARGET_VNNI __attribute__((always_inline)) inline void group_small(
   constexpr int NA = RowSums<MB>::NA;
   const int64_t row_bytes = w.k_blocks * w.blob, ahead = kPrefetch / w.blob;
   const __m512i low4 = _mm512_set1_epi8(0x0F);
-  const __m512i lane_block = _mm512_srli_epi32(
-      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), __builtin_ctz(lanes));
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i lane_block = _mm512_srli_epi32(lane, __builtin_ctz(lanes));  // chunk's block
   _mm_prefetch(reinterpret_cast<const char*>(row.s + b + ahead), _MM_HINT_T0);
   if (row.zf) _mm_prefetch(reinterpret_cast<const char*>(row.zf + b + ahead), _MM_HINT_T0);
   const __m512 s = _mm512_maskz_loadu_ps(live, row.s + b);

@@ -186,7 +186,7 @@ XC_TARGET_VNNI __attribute__((always_inline)) inline __m512 zero_points16(const 
 }
 
 // One row of x (decode) times weight rows n0 .. n0 + rows - 1, each row on its own (one linear
-// stream). The unit is a compile-time constant (gemv_nbits_q8_supported: blocks hold whole
+// stream). The unit is a compile-time constant (task_for: here blocks hold whole
 // units), so x's units sit at fixed offsets; the per-row work outside the unit loop is the
 // row's pointers and one horizontal sum.
 template <int BITS>

@@ -1,8 +1,11 @@
 """Beam search's cost per step beside greedy decoding, on the same artifacts, with the machine's
 read bandwidth measured in the same run (alternating, so the shared host's swings hit every row).
 
-    python benchmarks/beam.py /work/bench/llama-1b-int8 /work/bench/llama-1b-bf16 \\
-        [--beams 4] [--tokens 32] [--threads 2] [--repeats 2]
+    python benchmarks/beam.py [ARTIFACTS ...] [--beams 4] [--tokens 32] [--threads 2] [--repeats 2]
+    python benchmarks/beam.py --toy 1b --dtypes int8 bf16    # the 1.1B toy, compiled once
+
+Without ARTIFACTS it compiles the toy llama (--toy tiny or 1b) to each of --dtypes (default
+int8 bf16) into --work once (benchmarks/toy_artifacts.py).
 
 Each row runs `xrun --json` in a fresh process twice: greedy (--beams 1 --temperature 0) and
 --beams B, and reads per_token_ms (a decode step: one new token, for one sequence or for all B
@@ -21,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from bandwidth import read_bandwidth  # noqa: E402
 from decode import PROMPT, weight_bytes_per_token  # noqa: E402
+from toy_artifacts import add_arguments, artifacts_from  # noqa: E402
 
 
 def xrun_step_ms(artifacts: Path, beams: int, tokens: int, threads: int) -> dict:
@@ -48,12 +52,13 @@ def xrun_step_ms(artifacts: Path, beams: int, tokens: int, threads: int) -> dict
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("artifacts", type=Path, nargs="+")
+    add_arguments(parser, ["int8", "bf16"])
     parser.add_argument("--beams", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
+    args.artifacts = artifacts_from(args)
 
     greedy: dict[Path, list[float]] = {}
     beam: dict[Path, list[float]] = {}

@@ -16,6 +16,15 @@ from DRAM as a decode step does; each figure is the best of --rounds passes over
 Print only: nothing here is asserted.
 
     python benchmarks/gemv_nbits.py [--n 5632] [--k 2048] [--m 1] [--threads 2]
+
+With --blocks B (the --int4 default's groups: 32, float zero points), per shape of --shapes
+(default: TinyLlama's MLP up and attention, SmolLM2-135M's MLP up and down), the old path (fp32
+activations, gemv_nbits.cpp) beside the VNNI kernel on int8 activations
+(gemv_nbits_vnni_small.cpp below 64 / 128), each at M = 1 and M = 4 (batched decode: 4 clients
+as one forward), for INT4 with float zero points and INT8 without; the read bandwidth measured
+after them:
+
+    python benchmarks/gemv_nbits.py --blocks 32 [--shapes 5632x2048 2048x2048 1536x576 576x1536]
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from collections.abc import Callable
 import torch
 from bandwidth import read_bandwidth  # benchmarks/bandwidth.py, beside this file
 
+from xcompile import _C
 from xcompile.passes.quantize_nbits import block_size_for
 from xcompile.runtime import kernels
 
@@ -43,6 +53,76 @@ def weight_bytes(parts: tuple[torch.Tensor | None, ...]) -> int:
     return sum(t.nbytes for t in parts if t is not None)
 
 
+def best_rates(rows: dict[str, tuple[list[tuple], Callable[[tuple], object]]], rounds: int):
+    """name -> best GB/s of weight bytes over `rounds` passes over each row's weight copies.
+    Rounds interleave the kernels, so a noisy neighbour on a shared host hits them alike."""
+    best = dict.fromkeys(rows, 0.0)
+    for _ in range(rounds):
+        for name, (ws, call) in rows.items():
+            call(ws[-1])
+            start = time.perf_counter()
+            for w in ws:
+                call(w)
+            rate = weight_bytes(ws[0]) * len(ws) / (time.perf_counter() - start) / 1e9
+            best[name] = max(best[name], rate)
+    return best
+
+
+def small_blocks(args: argparse.Namespace) -> None:
+    """Old path (fp32 x) against the VNNI kernel (int8 x) on blocks of args.blocks, M = 1 and 4."""
+    gen = torch.Generator().manual_seed(0)
+    bs = args.blocks
+    kinds = {"int4 f32 zp": (4, False, True), "int8 no zp": (8, True, False)}
+    rows, nbytes = {}, {}
+    for shape in args.shapes:
+        n, k = (int(v) for v in shape.split("x"))
+        for kind, (bits, sym, floating) in kinds.items():
+            ws = copies(
+                lambda n=n, k=k, bits=bits, sym=sym, floating=floating: (
+                    kernels.quantize_nbits_reference(
+                        torch.randn(n, k, generator=gen), bits, bs, sym, floating
+                    )
+                )
+            )
+            for m in (1, 4):
+                x, out = torch.randn(m, k, generator=gen), torch.empty(m, n)
+                # the kernels called as a replayed decode step calls them: no Python checks
+                # (linear_nbits' cost ~7 us a call, a quarter of a 1536 x 576 INT4 GEMV)
+                for path, kernel in (("old", _C.gemv_nbits), ("vnni", _C.gemv_nbits_q8)):
+                    name = f"{n}x{k} {kind} M={m} {path}"
+                    rows[name] = (
+                        ws,
+                        lambda w, x=x, out=out, kernel=kernel, args=(m, n, k, bits, bs): kernel(
+                            x.data_ptr(),
+                            w[0].data_ptr(),
+                            w[1].data_ptr(),
+                            0 if w[2] is None else w[2].data_ptr(),
+                            w[2] is not None and w[2].dtype == torch.float32,
+                            0,
+                            out.data_ptr(),
+                            *args,
+                        ),
+                    )
+                    nbytes[name] = weight_bytes(ws[0])
+    best = best_rates(rows, args.rounds)
+    read_bw = read_bandwidth(args.threads)
+    print(f"isa={kernels.isa()} threads={args.threads} blocks of {bs}")
+    print(f"{'read bandwidth (torch.sum)':34s} {read_bw:6.1f} GB/s")
+    print(
+        f"{'N x K, weights, M, path':34s} {'GB/s':>6s} {'of read':>8s} {'us/call':>8s} "
+        f"{'MB read':>8s} {'vs old':>7s} {'M=4/M=1':>8s}"
+    )
+    us = {name: nbytes[name] / best[name] / 1e3 for name in rows}
+    for name in rows:
+        rate = best[name]
+        old = name.replace(" vnni", " old")
+        m1 = name.replace("M=4", "M=1")
+        print(
+            f"{name:34s} {rate:6.1f} {rate / read_bw:8.2f} {us[name]:8.1f} "
+            f"{nbytes[name] / 1e6:8.2f} {us[old] / us[name]:7.2f}x {us[name] / us[m1]:8.2f}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=5632)
@@ -50,9 +130,16 @@ def main() -> None:
     parser.add_argument("--m", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=7, help="passes per kernel; best is shown")
+    parser.add_argument("--blocks", type=int, default=None, help="old path vs VNNI on these blocks")
+    parser.add_argument(
+        "--shapes", nargs="+", default=["5632x2048", "2048x2048", "1536x576", "576x1536"]
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     kernels.set_num_threads(args.threads)
+    if args.blocks:
+        small_blocks(args)
+        return
     n, k, m = args.n, args.k, args.m
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(m, k, generator=gen)
@@ -105,16 +192,7 @@ def main() -> None:
         ),
     }
 
-    # Rounds interleave the kernels, so a noisy neighbour on a shared host hits them alike.
-    best = dict.fromkeys(rows, 0.0)
-    for _ in range(args.rounds):
-        for name, (ws, call) in rows.items():
-            call(ws[-1])
-            start = time.perf_counter()
-            for w in ws:
-                call(w)
-            rate = weight_bytes(ws[0]) * len(ws) / (time.perf_counter() - start) / 1e9
-            best[name] = max(best[name], rate)
+    best = best_rates(rows, args.rounds)
     read_bw = read_bandwidth(args.threads)
 
     print(f"isa={kernels.isa()} threads={args.threads} N={n} K={k} M={m}")

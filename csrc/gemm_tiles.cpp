@@ -142,7 +142,7 @@ void gemm_nbits_q8_tiles(const float* x, const uint8_t* B, const float* scales,
                          ZeroPoints zero_points, const float* bias, float* out, int64_t M,
                          int64_t N, int64_t K, int bits, int64_t block_size, bool emulate) {
   check_unit(emulate);
-  if (N <= 0 || N % kTileRows != 0 || !gemv_nbits_q8_supported(bits, block_size))
+  if (N <= 0 || N % kTileRows != 0 || block_size < unit_for(bits))
     throw std::invalid_argument(
         "gemm_nbits_q8_tiles takes N a multiple of 16 and blocks of whole int8 units");
   const NBits w(B, scales, zero_points, K, bits, block_size);

@@ -14,8 +14,10 @@
 // x is zero-padded to whole blocks: padding weights (zeros) and padding activations add 0.
 // INT4 bytes hold element 2j in the low nibble and 2j + 1 in the high one: 64 bytes give the 64
 // even then the 64 odd elements of 128, so xq is stored permuted to match, in groups of 128.
-// Plain reference: gemv_nbits_q8_scalar, the same formula in double; the Python reference in
-// runtime/kernels.py computes it from torch ops.
+// Blocks smaller than one vpdpbusd's unit (several to a 64-byte chunk: INT8 16/32, INT4 16/32/64)
+// go to gemv_nbits_vnni_small.cpp; x's unit is then the block.
+// Plain reference: task_scalar / row_scalar, the same formula in double, for every block size;
+// the Python reference in runtime/kernels.py computes it from torch ops.
 #include <omp.h>
 
 #include <cmath>
@@ -45,12 +47,14 @@ constexpr int64_t kPrefetch = 4096;
 
 
 #if XC_X86
-// One whole unit (n elements, a multiple of 16) of x quantized as quantize_x's loop does it, 16
-// at a time: the same amax (NaN ignored: max(|v|, amax) keeps amax), the same product rounded
-// half to even (vcvtps2dq under the default rounding mode), the same clamp. INT4 (permute): each
-// 16 go to their evens' and odds' places in the unit's group of 128. Returns sum(q); *scale.
-XC_TARGET_AVX512 int32_t quantize_unit_avx512(const float* x, int64_t n, int8_t* q, bool permute,
-                                              float* scale) {
+// One whole unit (x[k0 .. k0 + n), n a multiple of 16) of a row quantized as quantize_x's loop
+// does it, 16 at a time, into the row's q: the same amax (NaN ignored: max(|v|, amax) keeps
+// amax), the same product rounded half to even (vcvtps2dq under the default rounding mode), the
+// same clamp. INT4 (permute): each 16 go to their evens' and odds' places in their group of 128
+// (a unit smaller than 128 fills part of one). Returns sum(q); *scale.
+XC_TARGET_AVX512 int32_t quantize_unit_avx512(const float* xrow, int64_t k0, int64_t n, int8_t* q,
+                                              bool permute, float* scale) {
+  const float* x = xrow + k0;
   __m512 amax = _mm512_setzero_ps();
   for (int64_t i = 0; i < n; i += 16) amax = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(x + i)), amax);
   const float a = _mm512_reduce_max_ps(amax);
@@ -63,12 +67,13 @@ XC_TARGET_AVX512 int32_t quantize_unit_avx512(const float* x, int64_t n, int8_t*
     __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + i), inv));
     v = _mm512_max_epi32(_mm512_min_epi32(v, hi), lo);
     sum = _mm512_add_epi32(sum, v);
+    const int64_t k = k0 + i;
     if (!permute) {
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), _mm512_cvtepi32_epi8(v));
-    } else {  // i within its group of 128: evens to i/2.., odds to 64 + i/2..
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), _mm512_cvtepi32_epi8(v));
+    } else {  // k within its group of 128: evens to k/2.., odds to 64 + k/2..
       const __m128i b = _mm512_cvtepi32_epi8(_mm512_permutexvar_epi32(evens_first, v));
-      int8_t* group = q + (i & ~int64_t(127));
-      const int64_t at = (i & 127) / 2;
+      int8_t* group = q + (k & ~int64_t(127));
+      const int64_t at = (k & 127) / 2;
       _mm_storel_epi64(reinterpret_cast<__m128i*>(group + at), b);
       _mm_storel_epi64(reinterpret_cast<__m128i*>(group + 64 + at), _mm_unpackhi_epi64(b, b));
     }
@@ -91,12 +96,14 @@ void row_scalar(const QuantizedX& qx, const NBits& w, int64_t m, int64_t n, cons
     for (int64_t u0 = 0; u0 < w.block_size; u0 += qx.unit) {
       int64_t dot = 0;
       for (int64_t i = u0; i < u0 + qx.unit; ++i) {
-        int q, at = b * w.block_size + i;
+        const int64_t k = b * w.block_size + i;
+        int q;
+        int64_t at = k;
         if constexpr (BITS == 8) {
           q = blk[i];
         } else {  // element i of the block, and where its activation sits in the permuted xq
           q = (i & 1) ? blk[i / 2] >> 4 : blk[i / 2] & 0xF;
-          at = b * w.block_size + (i & ~int64_t(127)) + (i & 1) * 64 + (i & 127) / 2;
+          at = (k & ~int64_t(127)) + (k & 1) * 64 + (k & 127) / 2;
         }
         dot += int64_t(q) * xq[at];
       }
@@ -179,7 +186,7 @@ XC_TARGET_VNNI __attribute__((always_inline)) inline __m512 zero_points16(const 
 }
 
 // One row of x (decode) times weight rows n0 .. n0 + rows - 1, each row on its own (one linear
-// stream). The unit is a compile-time constant (gemv_nbits_q8_supported: blocks hold whole
+// stream). The unit is a compile-time constant (task_for: here blocks hold whole
 // units), so x's units sit at fixed offsets; the per-row work outside the unit loop is the
 // row's pointers and one horizontal sum.
 template <int BITS>
@@ -349,9 +356,12 @@ void task_vnni(const QuantizedX& qx, const NBits& w, int64_t M, int64_t n0, int6
 using TaskFn = void (*)(const QuantizedX&, const NBits&, int64_t, int64_t, int64_t, const float*,
                         float*, int64_t);
 
-TaskFn task_for(int bits) {
+TaskFn task_for(int bits, int64_t block_size) {
 #if XC_X86
-  if (current_isa() >= Isa::avx512_vnni) return bits == 8 ? task_vnni<8> : task_vnni<4>;
+  if (current_isa() >= Isa::avx512_vnni) {
+    if (block_size < unit_for(bits)) return bits == 8 ? task_vnni_small<8> : task_vnni_small<4>;
+    return bits == 8 ? task_vnni<8> : task_vnni<4>;
+  }
 #endif
   return bits == 8 ? task_scalar<8> : task_scalar<4>;
 }
@@ -362,9 +372,10 @@ QuantizedX quantize_x(const float* x, int64_t M, const NBits& w, int bits, bool 
   const bool permute = bits == 4 && !natural;
   QuantizedX qx;
   qx.k_blocks = w.k_blocks;
-  qx.padded = w.k_blocks * w.block_size;
-  qx.unit = std::min<int64_t>(w.block_size, unit_for(bits));
-  qx.units = qx.padded / qx.unit;
+  const int64_t chunk = unit_for(bits);
+  qx.padded = (w.k_blocks * w.block_size + chunk - 1) / chunk * chunk;
+  qx.unit = std::min<int64_t>(w.block_size, chunk);
+  qx.units = w.k_blocks * w.block_size / qx.unit;
   qx.q.assign(size_t(M * qx.padded), 0);
   qx.scale.assign(size_t(M * qx.units), 0.0f);
   qx.c.assign(size_t(M * qx.k_blocks), 0.0f);
@@ -380,7 +391,7 @@ QuantizedX quantize_x(const float* x, int64_t M, const NBits& w, int bits, bool 
 #if XC_X86
       if (vector && k1 - k0 == qx.unit) {  // a whole unit: the same numbers, 16 at a time
         float& s = qx.scale[m * qx.units + u];
-        const int32_t sum = quantize_unit_avx512(xm + k0, qx.unit, qm + k0, permute, &s);
+        const int32_t sum = quantize_unit_avx512(xm, k0, qx.unit, qm, permute, &s);
         qx.c[m * qx.k_blocks + u / per_block] += s * float(sum);
         continue;
       }
@@ -408,20 +419,20 @@ QuantizedX quantize_x(const float* x, int64_t M, const NBits& w, int bits, bool 
 }
 
 bool gemv_nbits_q8_supported(int bits, int64_t block_size) {
-  return block_size >= (bits == 8 ? 64 : 128);
+  return (bits == 8 || bits == 4) && block_size >= 16;
 }
 
 void gemv_nbits_q8(const float* x, const uint8_t* B, const float* scales,
                    ZeroPoints zero_points, const float* bias, float* out, int64_t M, int64_t N,
                    int64_t K, int bits, int64_t block_size) {
-  if (current_isa() == Isa::amx && M >= 16 && N % 16 == 0)  // a prompt: AMX tiles
+  if (current_isa() == Isa::amx && M >= 16 && N % 16 == 0 && block_size >= unit_for(bits))
     return gemm_nbits_q8_tiles(x, B, scales, zero_points, bias, out, M, N, K, bits, block_size,
-                               /*emulate=*/false);
-  if (M >= kGemmMinRows && gemm_nbits_vnni_supported(bits, block_size))  // a prompt
+                               /*emulate=*/false);  // a prompt: AMX tiles
+  if (M >= kGemmMinRows && gemm_nbits_vnni_supported(bits, block_size))  // a prompt, VNNI
     return gemm_nbits_vnni(x, B, scales, zero_points, bias, out, M, N, K, bits, block_size);
   const NBits w(B, scales, zero_points, K, bits, block_size);
   const QuantizedX qx = quantize_x(x, M, w, bits);
-  const TaskFn task = task_for(bits);
+  const TaskFn task = task_for(bits, block_size);
   const int threads = num_threads();
   const int64_t tasks = (N + R - 1) / R;
   const bool pool = threads > 1 && N > R && N * K >= kParallelMinElems;

@@ -78,7 +78,8 @@ void gemv_nbits(const float* x, const uint8_t* B, const float* scales, ZeroPoint
                 int64_t block_size);
 // gemv_nbits_q8: the same on int8-quantized activations (csrc/gemv_nbits_vnni.cpp; MatMulNBits'
 // accuracy_level 4): AVX512_VNNI where the CPU has it, else a plain scalar reference.
-// Needs block_size >= 64 (INT8) or >= 128 (INT4): gemv_nbits_q8_supported.
+// Every block size (>= 16) since the small blocks' kernel (gemv_nbits_vnni_small.cpp):
+// gemv_nbits_q8_supported says so.
 bool gemv_nbits_q8_supported(int bits, int64_t block_size);
 void gemv_nbits_q8(const float* x, const uint8_t* B, const float* scales,
                    ZeroPoints zero_points, const float* bias, float* out, int64_t M, int64_t N,

@@ -28,18 +28,27 @@ struct LineAligned {
 };
 
 // x (M, K) quantized: q (M, padded) int8 (INT4: permuted in groups of 128), scale (M, units),
-// c (M, k_blocks) as in gemv_nbits_vnni.cpp's header. Rows of q start on cache lines (padded is a
-// multiple of 64).
+// c (M, k_blocks) as in gemv_nbits_vnni.cpp's header. padded: k_blocks * block_size rounded up
+// to whole chunks of unit_for(bits) (zeros past K), so rows of q start on cache lines and a
+// kernel reads whole chunks; units = k_blocks * block_size / unit.
 struct QuantizedX {
   int64_t padded, unit, units, k_blocks;
   std::vector<int8_t, LineAligned<int8_t>> q;
   std::vector<float> scale, c;
 };
 
+// x elements per 64-byte chunk of weights (one vpdpbusd's, INT4 two)
 constexpr int64_t unit_for(int bits) { return bits == 8 ? 64 : 128; }
 
 // x (M, w.K) fp32 -> QuantizedX in units of unit_for(bits) (or block_size when smaller);
 // natural: INT4's x in K's order too (the prompt GEMM's lanes are columns, gemm_nbits_vnni.cpp)
 QuantizedX quantize_x(const float* x, int64_t M, const NBits& w, int bits, bool natural = false);
+
+// Blocks smaller than a chunk (block_size < unit_for(bits): several blocks to a chunk, x's unit
+// the block): gemv_nbits_vnni_small.cpp, AVX512_VNNI. The rest (whole units to a block) is
+// gemv_nbits_vnni.cpp's row_vnni / rows_vnni and the AMX tiles'.
+template <int BITS>
+void task_vnni_small(const QuantizedX& qx, const NBits& w, int64_t M, int64_t n0, int64_t rows,
+                     const float* bias, float* out, int64_t N);
 
 }  // namespace xcompile

@@ -265,10 +265,6 @@ def linear_nbits(
         _check_alias(_span(out), "x", _span(x), same_ok=False)
     if K == 0:  # an empty sum: only the bias remains
         return out.copy_(bias.expand(shape)) if bias is not None else out.zero_()
-    if int8_activations and not _C.gemv_nbits_q8_supported(bits, block_size):
-        raise ValueError(
-            f"int8 activations need block_size >= {64 if bits == 8 else 128}, not {block_size}"
-        )
     (_C.gemv_nbits_q8 if int8_activations else _C.gemv_nbits)(
         x.data_ptr(),
         B.data_ptr(),

@@ -94,21 +94,27 @@ def test_quantize_reference_round_trips(bits, zp_kind):
     )
 
 
+@pytest.mark.parametrize("bs", [32, 128])
 @pytest.mark.parametrize("zp_kind", ["uint8", "float"])
 @pytest.mark.parametrize("bits", [4, 8])
-def test_threads_agree(isa, threads, bits, zp_kind):
+def test_threads_agree(isa, threads, bits, zp_kind, bs):
     # N * K large enough for the pool; M = 8 spans several x-row chunks on every path.
-    k, n, bs = 2048 + 16, 257, 128
+    k, n = 2048 + 16, 257
     B, scales, zp, w_q = _weights(n, k, bits, bs, zp_kind)
     x, bias = torch.randn(8, k), torch.randn(n)
     outs, deqs = [], []
     for t in (1, 2):
         kernels.set_num_threads(t)
-        outs.append(kernels.linear_nbits(x, B, scales, zp, bits, bs, k, bias=bias))
+        outs.append(
+            [
+                kernels.linear_nbits(x, B, scales, zp, bits, bs, k, bias=bias, int8_activations=q8)
+                for q8 in (False, True)
+            ]
+        )
         deqs.append(kernels.dequantize_nbits(B, scales, zp, bits, bs, k))
     # Each output is one thread's sum in a fixed order, so the split does not change a bit.
-    assert torch.equal(outs[0], outs[1]) and torch.equal(deqs[0], deqs[1])
-    assert torch.equal(deqs[0], w_q)
+    assert all(torch.equal(a, b) for a, b in zip(outs[0], outs[1], strict=True))
+    assert torch.equal(deqs[0], deqs[1]) and torch.equal(deqs[0], w_q)
 
 
 def test_linear_nbits_leading_dims_out_and_empty_k():
@@ -157,19 +163,22 @@ def test_linear_nbits_rejects_bad_inputs(args, match):
         kernels.linear_nbits(**args)
 
 
-@pytest.mark.parametrize("k", [100, 2048 + 16, 5632])
+# K: a partial block (100, 577: odd), fewer blocks than one group of 16, 16 and a tail (2064)
+@pytest.mark.parametrize("k", [17, 100, 577, 2048 + 16, 5632])
 @pytest.mark.parametrize("zp_kind", ZPS)
-@pytest.mark.parametrize("block", ["128", "256", "channel"])
+# 16, 32 (INT8, INT4), 64 (INT4): several blocks to a 64-byte chunk (gemv_nbits_vnni_small.cpp)
+@pytest.mark.parametrize("block", ["16", "32", "64", "128", "256", "channel"])
 @pytest.mark.parametrize("bits", [4, 8])
 def test_linear_nbits_int8_activations_match_reference(isa, bits, block, zp_kind, k):
-    """accuracy_level 4: the VNNI kernel (or its scalar reference) against the activations as the
-    kernel rounds them times the exact weights, in float64."""
+    """accuracy_level 4: the VNNI kernels (or their scalar reference) against the activations as
+    the kernel rounds them times the exact weights, in float64."""
     bs = _block_size(block, k)
-    for n in [1, 5, 64]:
+    for n in [1, 5, 67]:  # 67: tasks of 4 weight rows, then 3
         B, scales, zp, w_q = _weights(n, k, bits, bs, zp_kind)
         gen = torch.Generator().manual_seed(n)
         bias = torch.randn(n, generator=gen)
-        for m in [1, 2, 3, 4, 7]:  # the one-row kernel, then blocks of 4, 3, 2, 1 rows
+        # the one-row kernels, batched decode (2..4), prompts (5, 17: groups of 4 x rows and less)
+        for m in [1, 2, 3, 4, 5, 17]:
             x = torch.randn(m, k, generator=gen) * torch.rand(m, k, generator=gen) * 4
             got = kernels.linear_nbits(
                 x, B, scales, zp, bits, bs, k, bias=bias, int8_activations=True
@@ -183,22 +192,15 @@ def test_linear_nbits_int8_activations_match_reference(isa, bits, block, zp_kind
             assert ((got - exact).abs() <= bound).all()
 
 
-@pytest.mark.parametrize("bits,block", [(8, 32), (4, 64)])
-def test_int8_activations_refuse_small_blocks(bits, block):
-    B, scales, zp, _ = _weights(4, 256, bits, block, "none")
-    with pytest.raises(ValueError, match="block_size >="):
-        kernels.linear_nbits(
-            torch.randn(1, 256), B, scales, zp, bits, block, 256, int8_activations=True
-        )
-
-
+@pytest.mark.parametrize("bs", [32, 128])
 @pytest.mark.parametrize("int8_activations", [False, True], ids=["fp32-x", "int8-x"])
 @pytest.mark.parametrize("bits", [4, 8])
-def test_float_zero_points_are_neither_ignored_nor_read_as_bytes(isa, bits, int8_activations):
+def test_float_zero_points_are_neither_ignored_nor_read_as_bytes(isa, bits, int8_activations, bs):
     """The other tests' float zero points are not a case the uint8 reading passes by chance: the
     kernels' result sits on the float reference, far from both misreadings (2^(bits-1) and the
     float's bytes as packed uint8 zero points)."""
-    k, n, bs = 2048 + 16, 64, 128  # 17 blocks: 16 for the VNNI kernel's lanes, then a tail
+    # 17 (65) blocks: 16 (64) for the VNNI kernels' lanes, then a tail
+    k, n = 2048 + 16, 64
     B, scales, zp, _ = _weights(n, k, bits, bs, "float")
     x = torch.randn(4, k, generator=torch.Generator().manual_seed(bits))
     got = kernels.linear_nbits(x, B, scales, zp, bits, bs, k, int8_activations=int8_activations)
@@ -215,7 +217,7 @@ def test_float_zero_points_are_neither_ignored_nor_read_as_bytes(isa, bits, int8
 
 
 @pytest.mark.parametrize("zp_kind", ZPS)
-@pytest.mark.parametrize("block", ["128", "256", "channel"])
+@pytest.mark.parametrize("block", ["16", "32", "64", "128", "channel"])
 @pytest.mark.parametrize("bits", [4, 8])
 def test_prompt_gemm_matches_reference(isa, bits, block, zp_kind):
     """Prompts (16 rows and more) take the panel GEMM on AVX512_VNNI (gemm_nbits_vnni.cpp):

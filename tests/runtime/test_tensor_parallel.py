@@ -40,11 +40,18 @@ def test_rank_files_hold_only_their_slices(compiled, sharded):
 
 @pytest.mark.parametrize(
     "dtype,scheme",
-    [("int8", None), ("int4", (4, 16, False))],
+    [
+        ("int8", {"bits": 8, "group_size": -1, "sym": True, "accuracy_level": 0}),
+        ("int4", {"bits": 4, "group_size": 16, "sym": False}),
+    ],
     ids=["int8-per-channel", "int4-asym-g16"],
 )
 def test_tp2_quantized_gives_tp1_tokens(dtype, scheme, checkpoint, tmp_path):
-    """Row-parallel MatMulNBits split by blocks (INT4 groups) or re-padded per channel (INT8)."""
+    """Row-parallel MatMulNBits split by blocks (INT4 groups) or re-padded per channel (INT8).
+    INT8 with fp32 activations (accuracy_level 0): re-padded, a shard's K of 32 is one block of
+    32, whose int8 activations are rounded per 32 where one rank rounds them per 64, so with
+    accuracy_level 4 the tokens may part (this random model's did at the 10th). INT4's shards
+    split at block boundaries: the same units either way, so its int8 activations agree."""
     from xcompile.quantize import quantize
     from xcompile.shard import shard
     from xcompile.weight_only import WeightOnly
@@ -55,7 +62,7 @@ def test_tp2_quantized_gives_tp1_tokens(dtype, scheme, checkpoint, tmp_path):
         single,
         dtype,
         progress=False,
-        scheme=WeightOnly(*scheme) if scheme else None,
+        scheme=WeightOnly(**scheme),
     )
     shard(single, 2, tmp_path / "tp2", progress=False)
     one = greedy(single)

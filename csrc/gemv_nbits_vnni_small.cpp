@@ -1,0 +1,192 @@
+// INT8 / INT4 on int8-quantized activations (gemv_nbits_vnni.cpp's scheme) where several blocks
+// share one 64-byte chunk of a weight row: INT8 blocks of 16 or 32, INT4 blocks of 16, 32 or 64
+// (the --int4 default is 32 with float zero points). x's unit is then the block, as llama.cpp's
+// Q8_0 and ONNX Runtime's accuracy_level 4 quantize it.
+//
+// A chunk is G = 64 / blob blocks back to back, and vpdpbusd's lane l sums bytes 4l .. 4l + 3,
+// all in one block: lanes 16/G * j .. 16/G * (j + 1) - 1 belong to the chunk's block j (INT4:
+// the two vpdpbusd of the low and high nibbles keep that mapping, since byte i of a chunk holds
+// its elements 2i and 2i + 1 whatever the block size, which is why x's permutation in groups of
+// 128 serves every INT4 block size). So no lane is summed across blocks: each chunk's int32 dots
+// are converted and multiplied lane by lane by its blocks' scale products s[b] * sx[b], spread
+// from a vector of 16 blocks' products by one vpermps:
+//   out[m, n] = sum_lanes sum_chunks cvt(dot) * spread(s * sx)  -  sum_b s[b] zp[b] c[m, b]
+// Weights go one row at a time, each thread's rows one linear stream (as in row_vnni); the rows
+// of x (batched decode: up to 4) share each chunk's load and unpacking, so M = 4 adds only its
+// vpdpbusd and scaling work. 16 blocks are a group: their scales, zero points and x scales are
+// one vector each; a row's last group is masked (its last chunk loaded with a byte mask, so
+// nothing past the row is read; x is zero-padded to whole chunks by quantize_x).
+// Plain reference: gemv_nbits_vnni.cpp's task_scalar (the same formula in double).
+#include <algorithm>
+#include <cstdint>
+
+#include "dispatch.h"
+#include "nbits.h"
+#include "quantize_x.h"
+
+#if XC_X86
+#include <immintrin.h>
+
+namespace xcompile {
+namespace {
+
+constexpr int64_t kChunk = 64;  // weight bytes per vpdpbusd (INT4: per two)
+// bytes ahead in the weight stream, as in row_vnni; the scales' and float zero points' streams
+// are prefetched as many blocks ahead
+constexpr int64_t kPrefetch = 4096;
+
+// Blocks b .. b + 15's zero points (lanes past `live` zero), as fp32
+template <int BITS>
+XC_TARGET_VNNI __attribute__((always_inline)) inline __m512 zero_points16(const Row& row, int64_t b,
+                                                                           __mmask16 live) {
+  if (row.zf) return _mm512_maskz_loadu_ps(live, row.zf + b);
+  if (!row.z) return _mm512_set1_ps(float(1 << (BITS - 1)));
+  __m128i z;
+  if constexpr (BITS == 8) {
+    z = _mm_maskz_loadu_epi8(live, row.z + b);
+  } else {  // two blocks a byte, the low nibble first: ceil(live blocks / 2) bytes
+    const __mmask16 bytes = __mmask16((1u << ((__builtin_popcount(live) + 1) / 2)) - 1);
+    const __m128i packed = _mm_maskz_loadu_epi8(bytes, row.z + b / 2);
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    z = _mm_unpacklo_epi8(_mm_and_si128(packed, low4),
+                          _mm_and_si128(_mm_srli_epi16(packed, 4), low4));
+  }
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(z));
+}
+
+// Accumulators of one weight row times MB rows of x
+template <int MB>
+struct RowSums {
+  static constexpr int NA = MB == 1 ? 2 : 1;  // per x row: MB rows hide the FMA latency
+  __m512 acc[MB][NA];
+  __m512 corrections[MB];  // s * zp * c, lane by lane
+};
+
+// Blocks b .. b + 15 of weight row `row` (TAIL: the row's last, fewer, `live` ones) times x rows
+// m0 .. m0 + MB - 1, blocks of G to a chunk.
+//   xq (MB, padded) int8 (INT4: permuted), sx / c (MB, k_blocks): x's unit is the block
+template <int BITS, int G, int MB, bool TAIL>
+XC_TARGET_VNNI __attribute__((always_inline)) inline void group_small(
+    const QuantizedX& qx, const NBits& w, const Row& row, const int8_t* xq, const float* sx,
+    const float* cx, int64_t b, __mmask16 live, RowSums<MB>& sums) {
+  constexpr int64_t xs = unit_for(BITS);  // x bytes per chunk: 64 (INT8), 128 (INT4)
+  constexpr int chunks = 16 / G;          // per group of 16 blocks
+  constexpr int lanes = 16 / G;           // per block
+  constexpr int NA = RowSums<MB>::NA;
+  const int64_t row_bytes = w.k_blocks * w.blob, ahead = kPrefetch / w.blob;
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i lane_block = _mm512_srli_epi32(lane, __builtin_ctz(lanes));  // chunk's block
+  _mm_prefetch(reinterpret_cast<const char*>(row.s + b + ahead), _MM_HINT_T0);
+  if (row.zf) _mm_prefetch(reinterpret_cast<const char*>(row.zf + b + ahead), _MM_HINT_T0);
+  const __m512 s = _mm512_maskz_loadu_ps(live, row.s + b);
+  const __m512 zs = _mm512_mul_ps(s, zero_points16<BITS>(row, b, live));
+  __m512 p[MB];  // s * sx per block, x row m
+  for (int m = 0; m < MB; ++m) {
+    p[m] = _mm512_mul_ps(s, _mm512_maskz_loadu_ps(live, sx + m * qx.units + b));
+    sums.corrections[m] = _mm512_fmadd_ps(
+        zs, _mm512_maskz_loadu_ps(live, cx + m * qx.k_blocks + b), sums.corrections[m]);
+  }
+#pragma GCC unroll 8
+  for (int j = 0; j < chunks; ++j) {
+    const int64_t at = (b / G + j) * kChunk;  // the chunk's first byte in the row
+    if (TAIL && at >= row_bytes) break;
+    const uint8_t* wq = row.q + at;
+    __m512i packed;
+    if (TAIL && at + kChunk > row_bytes) {  // the row's last chunk, short of G blocks
+      packed = _mm512_maskz_loadu_epi8((uint64_t(1) << (row_bytes - at)) - 1, wq);
+    } else {
+      _mm_prefetch(reinterpret_cast<const char*>(wq + kPrefetch), _MM_HINT_T0);
+      packed = _mm512_loadu_si512(wq);
+    }
+    __m512i lo = packed, hi = packed;
+    if constexpr (BITS == 4) {
+      lo = _mm512_and_si512(packed, low4);
+      hi = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low4);
+    }
+    const __m512i spread = _mm512_add_epi32(lane_block, _mm512_set1_epi32(G * j));
+    for (int m = 0; m < MB; ++m) {
+      const int8_t* xm = xq + m * qx.padded + (b / G + j) * xs;
+      __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_load_si512(xm));
+      if constexpr (BITS == 4) dot = _mm512_dpbusd_epi32(dot, hi, _mm512_load_si512(xm + 64));
+      __m512& acc = sums.acc[m][j % NA];
+      acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(spread, p[m]), acc);
+    }
+  }
+}
+
+// Weight rows n0 .. n1 - 1, one after the other (one stream), times x rows m0 .. m0 + MB - 1
+// into out (stride N)
+template <int BITS, int G, int MB>
+XC_TARGET_VNNI void rows_small(const QuantizedX& qx, const NBits& w, int64_t m0, int64_t n0,
+                               int64_t n1, const float* bias, float* out, int64_t N) {
+  const int8_t* xq = qx.q.data() + m0 * qx.padded;
+  const float* sx = qx.scale.data() + m0 * qx.units;
+  const float* cx = qx.c.data() + m0 * qx.k_blocks;
+  const int64_t whole = w.k_blocks / 16 * 16;  // blocks in whole groups
+  const __mmask16 tail = __mmask16((1u << (w.k_blocks - whole)) - 1);
+  for (int64_t n = n0; n < n1; ++n) {
+    const Row row = w.row(n);
+    RowSums<MB> sums;
+    for (int m = 0; m < MB; ++m) {
+      for (int a = 0; a < RowSums<MB>::NA; ++a) sums.acc[m][a] = _mm512_setzero_ps();
+      sums.corrections[m] = _mm512_setzero_ps();
+    }
+    for (int64_t b = 0; b < whole; b += 16)
+      group_small<BITS, G, MB, false>(qx, w, row, xq, sx, cx, b, 0xFFFF, sums);
+    if (tail) group_small<BITS, G, MB, true>(qx, w, row, xq, sx, cx, whole, tail, sums);
+    for (int m = 0; m < MB; ++m) {
+      __m512 sum = sums.acc[m][0];
+      if constexpr (RowSums<MB>::NA == 2) sum = _mm512_add_ps(sum, sums.acc[m][1]);
+      out[(m0 + m) * N + n] = _mm512_reduce_add_ps(_mm512_sub_ps(sum, sums.corrections[m])) +
+                              (bias ? bias[n] : 0.0f);
+    }
+  }
+}
+
+template <int BITS, int G>
+void rows_any(int64_t mb, const QuantizedX& qx, const NBits& w, int64_t m0, int64_t n0,
+              int64_t n1, const float* bias, float* out, int64_t N) {
+  switch (mb) {
+    case 1:
+      return rows_small<BITS, G, 1>(qx, w, m0, n0, n1, bias, out, N);
+    case 2:
+      return rows_small<BITS, G, 2>(qx, w, m0, n0, n1, bias, out, N);
+    case 3:
+      return rows_small<BITS, G, 3>(qx, w, m0, n0, n1, bias, out, N);
+    default:
+      return rows_small<BITS, G, 4>(qx, w, m0, n0, n1, bias, out, N);
+  }
+}
+
+// Decode and batched decode (M <= 4): every x row on each weight row as it streams by. A prompt:
+// 4 x rows outside, the task's weight rows inside (they stay in L1 meanwhile).
+template <int BITS, int G>
+void task_small(const QuantizedX& qx, const NBits& w, int64_t M, int64_t n0, int64_t rows,
+                const float* bias, float* out, int64_t N) {
+  for (int64_t m = 0; m < M; m += 4)
+    rows_any<BITS, G>(std::min<int64_t>(4, M - m), qx, w, m, n0, n0 + rows, bias, out, N);
+}
+
+}  // namespace
+
+template <int BITS>
+void task_vnni_small(const QuantizedX& qx, const NBits& w, int64_t M, int64_t n0, int64_t rows,
+                     const float* bias, float* out, int64_t N) {
+  switch (kChunk / w.blob) {
+    case 2:
+      return task_small<BITS, 2>(qx, w, M, n0, rows, bias, out, N);
+    case 4:
+      return task_small<BITS, 4>(qx, w, M, n0, rows, bias, out, N);
+    default:
+      return task_small<BITS, 8>(qx, w, M, n0, rows, bias, out, N);
+  }
+}
+
+template void task_vnni_small<8>(const QuantizedX&, const NBits&, int64_t, int64_t, int64_t,
+                                 const float*, float*, int64_t);
+template void task_vnni_small<4>(const QuantizedX&, const NBits&, int64_t, int64_t, int64_t,
+                                 const float*, float*, int64_t);
+
+}  // namespace xcompile
+#endif

@@ -54,8 +54,17 @@ def model_dir(name: str, work: Path) -> Path:
         out = work / "llama-1b"
         if not (out / "config.json").is_file():
             subprocess.run(
-                [sys.executable, "-m", "xcompile.toy", "llama", str(out), "--size", "1b",
-                 "--context", "4096"],  # fmt: skip
+                [
+                    sys.executable,
+                    "-m",
+                    "xcompile.toy",
+                    "llama",
+                    str(out),
+                    "--size",
+                    "1b",
+                    "--context",
+                    "4096",
+                ],  # fmt: skip
                 check=True,
             )
         return out
@@ -172,6 +181,9 @@ def main() -> None:
     parser.add_argument("--gen", type=int, default=64)
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--depth", type=int, default=0, help="also decode after this context")
+    parser.add_argument(
+        "--depth-only", action="store_true", help="with --depth: no decode from an empty cache"
+    )
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--kv-cache", default=None, help="xrun's --kv-cache for every run")
     parser.add_argument("--work", type=Path, default=DEFAULT_WORK)
@@ -195,8 +207,13 @@ def main() -> None:
         checkpoint = model_dir(name, args.work)
         for fmt, kind in pairs:
             cells.append(
-                (checkpoint.name, fmt, kind, compiled(checkpoint, fmt, args.work),
-                 gguf_for(tools, checkpoint, kind))  # fmt: skip
+                (
+                    checkpoint.name,
+                    fmt,
+                    kind,
+                    compiled(checkpoint, fmt, args.work),
+                    gguf_for(tools, checkpoint, kind),
+                )  # fmt: skip
             )
 
     figures: dict = {}
@@ -205,7 +222,9 @@ def main() -> None:
     for _ in range(args.rounds):
         for model, fmt, kind, art, gguf in cells:
             row = figures.setdefault(f"{model} {fmt}:{kind}", {})
-            tests = [("decode", 0, args.gen, 0), ("prefill", args.prompt, 0, 0)]
+            tests = [("decode", 0, args.gen, 0)] if args.gen and not args.depth_only else []
+            if args.prompt:
+                tests.append(("prefill", args.prompt, 0, 0))
             if args.depth:
                 tests.append(("decode@depth", 0, args.gen, args.depth))
             for test, prompt, gen, depth in tests:
@@ -227,22 +246,26 @@ def main() -> None:
     cpu = _cpu_name()
     print(f"CPU: {cpu}; xrun ISA: {isa}; {args.threads} threads; llama.cpp {tools.bin}")
     print(f"read bandwidth: {span(bws, '.1f')} GB/s over {len(bws)} passes; {args.rounds} rounds")
-    depth_head = f" | xrun ms @{args.depth} | llama.cpp ms @{args.depth} | ratio" if args.depth else ""
-    print(f"| model | pair | xrun ms/token | llama.cpp ms/token | ratio | xrun pp{args.prompt} tok/s "
-          f"| llama.cpp pp{args.prompt} tok/s | ratio{depth_head} |")  # fmt: skip
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" * 3 if args.depth else ""))
+    columns = []  # (test, header of xrun, header of llama.cpp, decode?)
+    if args.gen and not args.depth_only:
+        columns.append(("decode", "xrun ms/token", "llama.cpp ms/token", True))
+    if args.prompt:
+        pp = f"pp{args.prompt} tok/s"
+        columns.append(("prefill", f"xrun {pp}", f"llama.cpp {pp}", False))
+    if args.depth:
+        at = f"ms @{args.depth}"
+        columns.append(("decode@depth", f"xrun {at}", f"llama.cpp {at}", True))
+    head = " | ".join(f"{a} | {b} | ratio" for _, a, b, _ in columns)
+    print(f"| model | pair | {head} |")
+    print("| --- | --- |" + " ---: | ---: | ---: |" * len(columns))
     for key, row in figures.items():
         model, pair = key.split(" ")
-        d_ours, d_theirs = row["decode"]
-        p_ours, p_theirs = row["prefill"]
-        cells_text = [
-            span(d_ours, ".2f"), span(d_theirs, ".2f"), f"{min(d_theirs) / min(d_ours):.2f}x",
-            span(p_ours, ".0f"), span(p_theirs, ".0f"), f"{max(p_ours) / max(p_theirs):.2f}x",
-        ]  # fmt: skip
-        if args.depth:
-            l_ours, l_theirs = row["decode@depth"]
-            cells_text += [span(l_ours, ".2f"), span(l_theirs, ".2f"),
-                           f"{min(l_theirs) / min(l_ours):.2f}x"]  # fmt: skip
+        cells_text = []
+        for test, _, _, decode in columns:
+            ours, theirs = row[test]
+            fmt = ".2f" if decode else ".0f"
+            ratio = min(theirs) / min(ours) if decode else max(ours) / max(theirs)
+            cells_text += [span(ours, fmt), span(theirs, fmt), f"{ratio:.2f}x"]
         print(f"| {model} | {pair} | " + " | ".join(cells_text) + " |")
     print("ratio: llama.cpp's time over xrun's (decode), xrun's tokens/s over llama.cpp's "
           "(prefill): above 1x, xrun is faster")  # fmt: skip

@@ -9,7 +9,7 @@
 // so the pair costs what one fp32 FMA does, without widening the weights first.
 //   gemv (decode, a few rows): one weight row at a time, the weights streamed once
 //   (gemm_dpbf16_body.h's row), the layout gemv.cpp's row_avx512 found fastest.
-//   gemm (a prompt, 16 rows and more): panels of 64 weight rows rearranged per call into dp's
+//   gemm (a prompt, 8 rows and more): panels of 64 weight rows rearranged per call into dp's
 //   pair layout (no copy of the weights kept), 6 x 64 register tiles, x's pairs broadcast.
 // The kernels are written once (gemm_dpbf16_body.h) for the instruction and for its C++ model
 // (dpbf16.h), which the tests run on every CPU.
@@ -36,7 +36,7 @@ constexpr int64_t kDpPrefetchBytes = 4096;       // decode: software prefetch di
 constexpr int64_t kDpParallelMinElems = 1 << 16;  // below this, waking the pool costs more
 constexpr int kMR = 6;                           // prompt: rows of x per register tile
 constexpr int64_t kPanelCols = 64;               // prompt: output columns per panel and tile
-constexpr int64_t kDpPairsPerBlock = 1 << 30;    // prompt: pairs per pass over the rows of x
+constexpr int64_t kDpPairsPerBlock = 128;      // prompt: pairs per pass over the rows of x
 
 // x (M, K) fp32 as hi + lo bf16, each (M, Kp), Kp = K rounded up to 32, zeros past K
 struct XHiLo {

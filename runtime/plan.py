@@ -233,7 +233,7 @@ def linear_step(weight: torch.Tensor, use_kernels: bool) -> Callable[[torch.Tens
     Few rows (decode): the csrc GEMV, called directly on pointers resolved here, writing into a
     buffer kept per input shape (see fused_ops). Many rows (prefill): torch's GEMM, on BF16
     weights a panel at a time (fused_ops.paneled_linear); from avx512_bf16 on (vdpbf16ps, AMX),
-    BF16 weights stay on the kernel call, which takes its prompt GEMM from 16 rows on."""
+    BF16 weights stay on the kernel call, which takes its prompt GEMM from 8 (AMX: 16) rows on."""
     from xcompile import _C
 
     n, k = weight.shape

@@ -113,8 +113,8 @@ struct HardwareDp {
     _mm512_mask_storeu_ps(p, __mmask16((1u << n) - 1), v);
   }
   XC_DP_INLINE static float sum(F32 v) {  // lanes i + 8, then i + 4, i + 2, i + 1
-    const __m256 s8 = _mm256_add_ps(_mm512_castps512_ps256(v),
-                                    _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+    const __m256 high = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+    const __m256 s8 = _mm256_add_ps(_mm512_castps512_ps256(v), high);
     const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
     const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
     return _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));

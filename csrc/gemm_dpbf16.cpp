@@ -36,7 +36,6 @@ constexpr int64_t kDpPrefetchBytes = 4096;       // decode: software prefetch di
 constexpr int64_t kDpParallelMinElems = 1 << 16;  // below this, waking the pool costs more
 constexpr int kMR = 6;                           // prompt: rows of x per register tile
 constexpr int64_t kPanelCols = 64;               // prompt: output columns per panel and tile
-constexpr int64_t kDpPairsPerBlock = 128;      // prompt: pairs per pass over the rows of x
 
 // x (M, K) fp32 as hi + lo bf16, each (M, Kp), Kp = K rounded up to 32, zeros past K
 struct XHiLo {

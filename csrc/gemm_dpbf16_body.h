@@ -76,7 +76,7 @@ inline void gemv(const XHiLo& x, const uint16_t* w, const float* bias, float* ou
   }
 }
 
-// ---- prompt: many rows of x, a register-blocked GEMM ---------------------------------------------
+// ---- prompt: many rows of x, a register-blocked GEMM --------------------------------------------
 
 // The weights of kPanelCols output columns n0 .. n0 + cols - 1 rearranged for dp, pair by pair:
 //   panel[p][j] = the 32-bit word (w[n0 + j][2p], w[n0 + j][2p + 1]), p < pairs, j < kPanelCols;

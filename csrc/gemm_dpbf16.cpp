@@ -43,18 +43,11 @@ struct XHiLo {
   std::vector<uint16_t, LineAligned<uint16_t>> hi, lo;
 };
 
-XHiLo split_x(const float* x, int64_t M, int64_t K) {
+XHiLo zeros_for(int64_t M, int64_t K) {
   XHiLo s;
   s.Kp = (K + 31) / 32 * 32;
   s.hi.assign(size_t(M * s.Kp), 0);
   s.lo.assign(size_t(M * s.Kp), 0);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) {
-      const float v = x[m * K + k];
-      const uint16_t hi = bf16_round(v);
-      s.hi[m * s.Kp + k] = hi;
-      s.lo[m * s.Kp + k] = bf16_round(v - bf16_to_f32(hi));
-    }
   return s;
 }
 
@@ -78,6 +71,18 @@ namespace {
 using Dp = EmulatedDp;
 #include "gemm_dpbf16_body.h"
 
+XHiLo split_x(const float* x, int64_t M, int64_t K) {
+  XHiLo s = zeros_for(M, K);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) {
+      const float v = x[m * K + k];
+      const uint16_t hi = bf16_round(v);
+      s.hi[m * s.Kp + k] = hi;
+      s.lo[m * s.Kp + k] = bf16_round(v - bf16_to_f32(hi));
+    }
+  return s;
+}
+
 void pack_panel(const uint16_t* w, int64_t cols, int64_t K, int64_t pairs, uint32_t* panel) {
   for (int64_t p = 0; p < pairs; ++p)
     for (int64_t j = 0; j < kPanelCols; ++j)
@@ -93,6 +98,33 @@ namespace hardware {
 namespace {
 using Dp = HardwareDp;
 #include "gemm_dpbf16_body.h"
+
+// bf16_round (bf16.h) on 16 floats: to nearest even, a NaN stays a NaN
+__m256i round_bf16(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_or_epi32(r, nan, bits, _mm512_set1_epi32(0x400000));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+}
+
+// emulated::split_x's bits, 16 at a time (the scalar loop took ~2.5 ns an element: 1.3 ms of a
+// 128 x 5632 prompt)
+XHiLo split_x(const float* x, int64_t M, int64_t K) {
+  XHiLo s = zeros_for(M, K);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; k += 16) {  // Kp is a multiple of 32: whole stores stay inside
+      const __mmask16 valid = K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (K - k)) - 1);
+      const __m512 v = _mm512_maskz_loadu_ps(valid, x + m * K + k);
+      const __m256i hi = round_bf16(v);
+      const __m512 widened = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(&s.hi[m * s.Kp + k]), hi);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(&s.lo[m * s.Kp + k]),
+                          round_bf16(_mm512_sub_ps(v, widened)));
+    }
+  return s;
+}
 
 void dpbf16ps_once(const float* acc, const uint16_t* a, const uint16_t* b, float* out) {
   _mm512_storeu_ps(out, Dp::dp(_mm512_loadu_ps(acc), Dp::load(a), Dp::load(b)));
@@ -174,21 +206,19 @@ void dpbf16ps(const float* acc, const uint16_t* a, const uint16_t* b, float* out
 void gemv_bf16_dp(const float* x, const uint16_t* w, const float* bias, float* out, int64_t M,
                   int64_t N, int64_t K, bool emulate) {
   check_unit(emulate);
-  const XHiLo s = split_x(x, M, K);
 #if XC_X86
-  if (!emulate) return hardware::gemv(s, w, bias, out, M, N, K);
+  if (!emulate) return hardware::gemv(hardware::split_x(x, M, K), w, bias, out, M, N, K);
 #endif
-  emulated::gemv(s, w, bias, out, M, N, K);
+  emulated::gemv(emulated::split_x(x, M, K), w, bias, out, M, N, K);
 }
 
 void gemm_bf16_dp(const float* x, const uint16_t* w, const float* bias, float* out, int64_t M,
                   int64_t N, int64_t K, bool emulate) {
   check_unit(emulate);
-  const XHiLo s = split_x(x, M, K);
 #if XC_X86
-  if (!emulate) return hardware::gemm(s, w, bias, out, M, N, K);
+  if (!emulate) return hardware::gemm(hardware::split_x(x, M, K), w, bias, out, M, N, K);
 #endif
-  emulated::gemm(s, w, bias, out, M, N, K);
+  emulated::gemm(emulated::split_x(x, M, K), w, bias, out, M, N, K);
 }
 
 }  // namespace xcompile

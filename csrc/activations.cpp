@@ -117,6 +117,7 @@ SpanFn silu_mul_kernel() {
   switch (current_isa()) {
 #if XC_X86
     case Isa::amx:
+    case Isa::avx512_bf16:
     case Isa::avx512_vnni:
     case Isa::avx512: return silu_mul_avx512;
     case Isa::avx2: return silu_mul_avx2;
@@ -129,6 +130,7 @@ SpanFn gelu_tanh_kernel() {
   switch (current_isa()) {
 #if XC_X86
     case Isa::amx:
+    case Isa::avx512_bf16:
     case Isa::avx512_vnni:
     case Isa::avx512: return gelu_tanh_avx512;
     case Isa::avx2: return gelu_tanh_avx2;

@@ -329,6 +329,7 @@ Kernels kernels() {
   switch (current_isa()) {
 #if XC_X86
     case Isa::amx:
+    case Isa::avx512_bf16:
     case Isa::avx512_vnni:
     case Isa::avx512: return {scores_avx512, softmax_avx512, weighted_avx512, 32};
     case Isa::avx2: return {scores_avx2, softmax_avx2, weighted_avx2, 32};

@@ -43,9 +43,13 @@ Isa detect() {
   const bool avx2 = ebx & (1u << 5);
   const bool avx512f = ebx & (1u << 16), avx512bw = ebx & (1u << 30), avx512vl = ebx & (1u << 31);
   const bool avx512vnni = ecx & (1u << 11);
+  unsigned eax1 = 0, ebx1, ecx1, edx1;  // leaf 7, subleaf 1: EAX bit 5 is AVX512_BF16
+  if (eax >= 1) __cpuid_count(7, 1, eax1, ebx1, ecx1, edx1);
+  const bool avx512bf16 = eax1 & (1u << 5);
   if (os_zmm && avx512f && avx512bw && avx512vl && avx2 && fma) {
-    if (avx512vnni && amx_check()) return Isa::amx;
-    return avx512vnni ? Isa::avx512_vnni : Isa::avx512;
+    if (!avx512vnni) return Isa::avx512;
+    if (!avx512bf16) return Isa::avx512_vnni;
+    return amx_check() ? Isa::amx : Isa::avx512_bf16;
   }
   if (avx2 && fma) return Isa::avx2;
   return Isa::scalar;
@@ -95,6 +99,7 @@ const char* isa_name(Isa isa) {
     case Isa::avx2: return "avx2";
     case Isa::avx512: return "avx512";
     case Isa::avx512_vnni: return "avx512_vnni";
+    case Isa::avx512_bf16: return "avx512_bf16";
     case Isa::amx: return "amx";
   }
   return "unknown";
@@ -103,7 +108,7 @@ const char* isa_name(Isa isa) {
 Isa best_isa() { return cpu_best(); }
 
 // The tile kernels' hardware build also uses AVX-512 (their scaling and write-back), so AMX is
-// usable where the whole amx ISA is: AMX granted, and AVX-512 VNNI enabled by the OS.
+// usable where the whole amx ISA is: AMX granted, and AVX-512 VNNI and BF16 enabled by the OS.
 bool amx_usable() { return cpu_best() == Isa::amx; }
 
 std::vector<Isa> supported_isas() {

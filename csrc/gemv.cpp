@@ -29,6 +29,12 @@ constexpr int R = 4;  // weight rows per task: R independent FMA chains per x ro
 // Below this many weight elements a gemv takes a few microseconds; waking the pool costs more.
 constexpr int64_t kParallelMinElems = int64_t(1) << 16;
 
+// From this many rows of x on, gemv_bf16 hands a BF16 matmul to a prompt's GEMM rather than
+// streaming the weights once per 4 rows: AMX tiles from 16 rows (a tile's height), vdpbf16ps from
+// 8 (2048 x 2048, one thread: at 4 rows the GEMV did 58 GFLOP/s, the GEMM 49; at 8, 52 and 59;
+// at 16, 51 and 76).
+constexpr int64_t kTileRows = 16, kDpPromptRows = 8;
+
 inline float to_f32(float v) { return v; }
 inline float to_f32(uint16_t v) { return bf16_to_f32(v); }
 
@@ -162,6 +168,7 @@ BlockTable<WT> block_table() {
   switch (current_isa()) {
 #if XC_X86
     case Isa::amx:
+    case Isa::avx512_bf16:
     case Isa::avx512_vnni:
     case Isa::avx512:
       return {4,
@@ -216,8 +223,11 @@ void gemv_f32(const float* x, const float* w, const float* bias, float* out, int
 
 void gemv_bf16(const float* x, const uint16_t* w, const float* bias, float* out, int64_t M,
                int64_t N, int64_t K) {
-  if (current_isa() == Isa::amx && M >= 16 && gemm_bf16_tiles_supported(N, K))
+  const Isa isa = current_isa();
+  if (isa == Isa::amx && M >= kTileRows && gemm_bf16_tiles_supported(N, K))
     return gemm_bf16_tiles(x, w, bias, out, M, N, K, /*emulate=*/false);
+  if (isa >= Isa::avx512_bf16)  // vdpbf16ps, x as hi + lo bf16 (gemm_dpbf16.cpp)
+    return (M >= kDpPromptRows ? gemm_bf16_dp : gemv_bf16_dp)(x, w, bias, out, M, N, K, false);
   gemv<uint16_t>(x, w, bias, out, M, N, K);
 }
 

@@ -366,6 +366,7 @@ Table table_for() {
   switch (current_isa()) {
 #if XC_X86
     case Isa::amx:
+    case Isa::avx512_bf16:
     case Isa::avx512_vnni:
     case Isa::avx512:
       return {4,

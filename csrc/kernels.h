@@ -115,4 +115,17 @@ void gemm_nbits_q8_tiles(const float* x, const uint8_t* B, const float* scales,
                          ZeroPoints zero_points, const float* bias, float* out, int64_t M,
                          int64_t N, int64_t K, int bits, int64_t block_size, bool emulate);
 
+// BF16-weight matmuls on vdpbf16ps (csrc/gemm_dpbf16.cpp): the same operands and results as
+// gemv_bf16 (x carried as two bf16, so within fp32 tolerances, not bit for bit). gemv_bf16_dp
+// streams the weights once (decode, a few rows of x); gemm_bf16_dp is the prompt's GEMM (8 rows
+// of x and more), any N and K. emulate: run on the C++ model of the instruction (any CPU; the
+// tests), else on AVX512_BF16 (throws std::invalid_argument where this CPU has none). gemv_bf16
+// takes them itself when the current ISA is avx512_bf16 or amx.
+// dpbf16ps: one vdpbf16ps (dpbf16.h) on acc (16 fp32), a and b (32 bf16 each) into out (16 fp32).
+void dpbf16ps(const float* acc, const uint16_t* a, const uint16_t* b, float* out, bool emulate);
+void gemv_bf16_dp(const float* x, const uint16_t* w, const float* bias, float* out, int64_t M,
+                  int64_t N, int64_t K, bool emulate);
+void gemm_bf16_dp(const float* x, const uint16_t* w, const float* bias, float* out, int64_t M,
+                  int64_t N, int64_t K, bool emulate);
+
 }  // namespace xcompile

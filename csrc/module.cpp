@@ -16,6 +16,7 @@
 
 #include "dispatch.h"
 #include "kernels.h"
+#include "dpbf16.h"
 #include "tiles.h"
 #include "shm_allreduce.h"
 #include "tape.h"
@@ -55,6 +56,17 @@ xcompile::ZeroPoints zero_points_at(uintptr_t address, bool float_zero_points, b
   else
     zp.packed = reinterpret_cast<const uint8_t*>(address);
   return zp;
+}
+
+// gemv_bf16_dp (Prompt false) and gemm_bf16_dp take the same arguments: one binding serves both.
+template <bool Prompt>
+void bf16_dp(uintptr_t x, uintptr_t w, uintptr_t bias, uintptr_t out, int64_t M, int64_t N,
+             int64_t K, bool emulate) {
+  check_sizes(Prompt ? "gemm_bf16_dp" : "gemv_bf16_dp", {M, N, K});
+  if (M == 0 || N == 0) return;
+  (Prompt ? xcompile::gemm_bf16_dp : xcompile::gemv_bf16_dp)(
+      as_ptr<const float>(x, "x", K > 0), as_ptr<const uint16_t>(w, "w", K > 0),
+      as_ptr<const float>(bias, "bias", false), as_ptr<float>(out, "out", true), M, N, K, emulate);
 }
 
 // Registers a kernel binding for tapes (tape.h) and hands it on to m.def: a taped call runs
@@ -321,6 +333,26 @@ NB_MODULE(_C, m) {
       "x"_a, "w"_a, "bias"_a, "out"_a, "M"_a, "N"_a, "K"_a, "emulate"_a,
       nb::call_guard<nb::gil_scoped_release>(),
       "gemv_bf16 on AMX tiles (emulate: on their C++ model); N a multiple of 16, K of 32.");
+  // The vdpbf16ps kernels called directly, on the instruction or its C++ model (emulate);
+  // gemv_bf16 takes them by itself under avx512_bf16 and amx.
+  m.def("dpbf16_usable", &xcompile::dpbf16_usable,
+        "Whether this CPU has AVX512_BF16 (vdpbf16ps) and the OS enables AVX-512.");
+  m.def(
+      "dpbf16ps",
+      [](uintptr_t acc, uintptr_t a, uintptr_t b, uintptr_t out, bool emulate) {
+        xcompile::dpbf16ps(as_ptr<const float>(acc, "acc", true), as_ptr<const uint16_t>(a, "a", true),
+                           as_ptr<const uint16_t>(b, "b", true), as_ptr<float>(out, "out", true),
+                           emulate);
+      },
+      "acc"_a, "a"_a, "b"_a, "out"_a, "emulate"_a,
+      "One vdpbf16ps: out (16 fp32) = acc (16 fp32) + pairwise dots of a and b (32 bf16 each); "
+      "emulate: on its C++ model.");
+  for (bool prompt : {false, true})
+    m.def(prompt ? "gemm_bf16_dp" : "gemv_bf16_dp", prompt ? &bf16_dp<true> : &bf16_dp<false>,
+          "x"_a, "w"_a, "bias"_a, "out"_a, "M"_a, "N"_a, "K"_a, "emulate"_a,
+          nb::call_guard<nb::gil_scoped_release>(),
+          prompt ? "gemv_bf16 as a prompt's GEMM on vdpbf16ps (emulate: on its C++ model)."
+                 : "gemv_bf16 on vdpbf16ps, weights streamed once (emulate: on its C++ model).");
   m.def(
       "gemm_nbits_q8_tiles",
       [](uintptr_t x, uintptr_t B, uintptr_t scales, uintptr_t zero_points, bool float_zero_points,

@@ -188,6 +188,7 @@ RowFn row_kernel() {
   switch (current_isa()) {
 #if XC_X86
     case Isa::amx:
+    case Isa::avx512_bf16:
     case Isa::avx512_vnni:
     case Isa::avx512: return row_avx512;
     case Isa::avx2: return row_avx2;
@@ -200,6 +201,7 @@ SkipRowFn skip_row_kernel() {
   switch (current_isa()) {
 #if XC_X86
     case Isa::amx:
+    case Isa::avx512_bf16:
     case Isa::avx512_vnni:
     case Isa::avx512: return skip_row_avx512;
     case Isa::avx2: return skip_row_avx2;

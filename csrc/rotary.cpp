@@ -120,6 +120,7 @@ HeadFn head_kernel(bool interleaved) {
   switch (current_isa()) {
 #if XC_X86
     case Isa::amx:
+    case Isa::avx512_bf16:
     case Isa::avx512_vnni:
     case Isa::avx512: return interleaved ? interleaved_avx512 : half_split_avx512;
     case Isa::avx2: return interleaved ? interleaved_avx2 : half_split_avx2;

@@ -251,6 +251,7 @@ ReduceFn<float> pick_reduce<float>() {
   switch (current_isa()) {
 #if XC_X86
     case Isa::amx:
+    case Isa::avx512_bf16:
     case Isa::avx512_vnni:
     case Isa::avx512: return reduce_f32_avx512;
     case Isa::avx2: return reduce_f32_avx2;
@@ -264,6 +265,7 @@ ReduceFn<uint16_t> pick_reduce<uint16_t>() {
   switch (current_isa()) {
 #if XC_X86
     case Isa::amx:
+    case Isa::avx512_bf16:
     case Isa::avx512_vnni:
     case Isa::avx512: return reduce_bf16_avx512;
     case Isa::avx2: return reduce_bf16_avx2;

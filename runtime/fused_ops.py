@@ -490,7 +490,7 @@ def _fast_op(key: tuple[str, str], out: OutputBuffers):
 
     if key == (MS, "MatMulNBits") and hasattr(_C, "gemv_nbits"):
         # as dispatched when the plan is built (amx: VNNI for decode, tiles for prompts)
-        vnni = _C.isa() in ("avx512_vnni", "amx")
+        vnni = _C.isa() in ("avx512_vnni", "avx512_bf16", "amx")
         bound: list = [None, None]  # [the blocks tensor, its constant pointers and kernel]
 
         def matmul_nbits(

@@ -232,8 +232,8 @@ def linear_step(weight: torch.Tensor, use_kernels: bool) -> Callable[[torch.Tens
 
     Few rows (decode): the csrc GEMV, called directly on pointers resolved here, writing into a
     buffer kept per input shape (see fused_ops). Many rows (prefill): torch's GEMM, on BF16
-    weights a panel at a time (fused_ops.paneled_linear); on a CPU with AMX, BF16 weights stay on
-    the kernel call, which takes its tile path from 16 rows on."""
+    weights a panel at a time (fused_ops.paneled_linear); from avx512_bf16 on (vdpbf16ps, AMX),
+    BF16 weights stay on the kernel call, which takes its prompt GEMM from 8 (AMX: 16) rows on."""
     from xcompile import _C
 
     n, k = weight.shape
@@ -241,13 +241,12 @@ def linear_step(weight: torch.Tensor, use_kernels: bool) -> Callable[[torch.Tens
     w = weight.data_ptr()
     buffer = fused_ops.OutputBuffers()
     max_rows = GEMV_MAX_ROWS if weight.dtype == torch.float32 else NARROW_GEMV_MAX_ROWS
-    # prompts too go to the kernel call, which hands them to the AMX tiles
-    tiles = weight.dtype == torch.bfloat16 and _C.isa() == "amx"
-    tiles = tiles and _C.gemm_bf16_tiles_supported(n, k)
+    # prompts too go to the kernel call, which hands them to its GEMM (vdpbf16ps or AMX tiles)
+    prompts = weight.dtype == torch.bfloat16 and _C.isa() in ("avx512_bf16", "amx")
 
     def run(x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // k
-        if use_kernels and gemv is not None and (rows <= max_rows or tiles):
+        if use_kernels and gemv is not None and (rows <= max_rows or prompts):
             if x.dtype != torch.float32 or not x.is_contiguous():
                 x = x.float().contiguous()
             out = buffer((*x.shape[:-1], n))

@@ -112,7 +112,8 @@ def test_amx_unit_equals_its_model():
 @needs_amx
 def test_amx_isa_takes_tiles_for_prompts():
     """Under the amx ISA, gemv_bf16 and gemv_nbits_q8 hand 16 rows and more to the tiles (their
-    results equal the tile kernels' own) and leave fewer rows to the avx512_vnni kernels."""
+    results equal the tile kernels' own) and leave fewer rows to the avx512_bf16 kernels
+    (vdpbf16ps for BF16, VNNI for INT8)."""
     before = _C.isa()
     k, n = 256, 32
     gen = torch.Generator().manual_seed(1)
@@ -136,8 +137,8 @@ def test_amx_isa_takes_tiles_for_prompts():
             assert torch.equal(bf16, _bf16_tiles(x, w, None, False))
             assert torch.equal(q8, _q8_tiles(x, B, scales, zp, None, 8, 128, k, False))
         else:
-            vnni = both(x, "avx512_vnni")
-            assert torch.equal(bf16, vnni[0]) and torch.equal(q8, vnni[1])
+            below = both(x, "avx512_bf16")
+            assert torch.equal(bf16, below[0]) and torch.equal(q8, below[1])
 
 
 def test_tiles_say_which_shapes_they_take():

@@ -4,6 +4,7 @@ rows at a time, each multiplied by torch's GEMM, equals the matmul on the whole 
 import pytest
 import torch
 
+from xcompile import _C
 from xcompile.runtime import fused_ops, kernels
 from xcompile.runtime.plan import linear_step
 
@@ -15,8 +16,17 @@ def small_panels(monkeypatch):
     monkeypatch.setattr(fused_ops, "PANEL_ROWS", 64)  # several panels, and a partial last one
 
 
+@pytest.fixture
+def below_bf16():
+    """Panels are the BF16 prompt path below avx512_bf16 (from there on, the kernel's GEMM)."""
+    before = _C.isa()
+    _C.set_isa([i for i in _C.supported_isas() if i not in ("avx512_bf16", "amx")][-1])
+    yield
+    _C.set_isa(before)
+
+
 @pytest.mark.parametrize("n", [10, 64, 150])
-def test_bf16_prompt_matmul_equals_widened_weight(small_panels, n):
+def test_bf16_prompt_matmul_equals_widened_weight(small_panels, below_bf16, n):
     gen = torch.Generator().manual_seed(n)
     k = 96
     weight = torch.randn(n, k, generator=gen).to(torch.bfloat16)
@@ -27,6 +37,25 @@ def test_bf16_prompt_matmul_equals_widened_weight(small_panels, n):
         expected = torch.nn.functional.linear(x, weight.float())
         assert got.shape == expected.shape
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_prompts_take_the_dp_gemm_from_avx512_bf16_on():
+    """linear_step hands a prompt on BF16 weights to gemv_bf16, whose vdpbf16ps GEMM carries x
+    as hi + lo bf16 (tests/csrc/test_dpbf16.py holds it to the reference)."""
+    if "avx512_bf16" not in _C.supported_isas():
+        pytest.skip("this CPU has no AVX512_BF16")
+    before = _C.isa()
+    _C.set_isa("avx512_bf16")
+    try:
+        gen = torch.Generator().manual_seed(3)
+        weight = torch.randn(150, 96, generator=gen).to(torch.bfloat16)
+        x = torch.randn(2, 40, 96, generator=gen)
+        got = linear_step(weight, use_kernels=True)(x)
+        direct = torch.empty(80, 150)
+        _C.gemm_bf16_dp(x.data_ptr(), weight.data_ptr(), 0, direct.data_ptr(), 80, 150, 96, False)
+        assert torch.equal(got.reshape(80, 150), direct)
+    finally:
+        _C.set_isa(before)
 
 
 @pytest.mark.parametrize("zp_kind", ZPS)

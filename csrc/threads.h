@@ -19,7 +19,7 @@ inline long long chunk_tasks(long long task_weights) {
   return chunk > 0 ? chunk : 1;
 }
 
-// The same for a matrix of `tasks` tasks on `threads` threads, at least 4 chunks a thread: a
+// The same for a matrix of `tasks` tasks on `threads` threads, at least 2 chunks a thread: a
 // small model's matrices are a few chunks of 2^18 weights (SmolLM2-135M's 576 x 576 INT8 is 113 +
 // 31 tasks of 4 rows), so one thread took most of the work while the other waited.
 inline long long chunk_tasks(long long task_weights, long long tasks, int threads) {

@@ -76,7 +76,7 @@ def linear_inputs(hf, samples) -> dict[str, torch.Tensor]:
     return {n: torch.cat(xs) for n, xs in seen.items()}
 
 
-@pytest.mark.parametrize("family", ["llama", "gptj", "mistral"])
+@pytest.mark.parametrize("family", ["llama", "gptj", "mistral", "qwen3", "granite", "phi3"])
 def test_layer_by_layer_reproduces_transformers(family, checkpoint, hf_model):
     """Embedding rows, rotary tables and the causal (mistral: sliding-window) mask as the
     driver builds them give transformers' own hidden states, layer after layer."""

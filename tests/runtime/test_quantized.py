@@ -12,7 +12,7 @@ from xcompile.runtime.sampling import Sampler, SamplingParams
 from xcompile.runtime.tokenizer import TextTokenizer
 
 PROMPT = "The quick brown fox jumps over the lazy dog"
-FAMILIES = ["llama", "qwen2", "gptj"]
+FAMILIES = ["llama", "qwen2", "gptj", "qwen3", "granite", "phi3"]
 
 
 def greedy(art, n=16):

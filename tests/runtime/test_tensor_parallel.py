@@ -7,7 +7,9 @@ import pytest
 from tests.conftest import run_xrun, torchrun
 
 PROMPT = "The quick brown fox jumps over the lazy dog and then"
-TP_FAMILIES = ["llama", "qwen2", "gptj"]  # GQA; 2 KV heads and QKV biases; parallel residual
+# GQA; 2 KV heads and QKV biases; parallel residual; q/k norms; multipliers (a scaled
+# vocab-parallel embedding and gathered logits); the checkpoint's fused QKV and gate/up
+TP_FAMILIES = ["llama", "qwen2", "gptj", "qwen3", "granite", "phi3"]
 
 
 def greedy(art, launcher=None, extra=()):

@@ -45,7 +45,8 @@ def test_rank_files_hold_only_their_slices(compiled, sharded):
     [("int8", None), ("int4", (4, 16, False))],
     ids=["int8-per-channel", "int4-asym-g16"],
 )
-def test_tp2_quantized_gives_tp1_tokens(dtype, scheme, checkpoint, tmp_path):
+@pytest.mark.parametrize("family", ["llama", "phi3"])  # phi3: its checkpoint's fused QKV, gate/up
+def test_tp2_quantized_gives_tp1_tokens(family, dtype, scheme, checkpoint, tmp_path):
     """Row-parallel MatMulNBits split by blocks (INT4 groups) or re-padded per channel (INT8)."""
     from xcompile.quantize import quantize
     from xcompile.shard import shard
@@ -53,7 +54,7 @@ def test_tp2_quantized_gives_tp1_tokens(dtype, scheme, checkpoint, tmp_path):
 
     single = tmp_path / "single"
     quantize(
-        checkpoint("llama"),
+        checkpoint(family),
         single,
         dtype,
         progress=False,

@@ -47,19 +47,21 @@ def test_rank_files_hold_only_their_slices(compiled, sharded):
 )
 @pytest.mark.parametrize("family", ["llama", "phi3"])  # phi3: its checkpoint's fused QKV, gate/up
 def test_tp2_quantized_gives_tp1_tokens(family, dtype, scheme, checkpoint, tmp_path):
-    """Row-parallel MatMulNBits split by blocks (INT4 groups) or re-padded per channel (INT8)."""
+    """Row-parallel MatMulNBits split by blocks (INT4 groups) or re-padded per channel (INT8).
+    Phi-3 with FP32 activations (accuracy_level 0): its toy has a near tie at the 9th token that
+    TP=1's INT8-rounded activations flip and TP=2's (each rank rounding its half of K) do not
+    (measured at INT8; with FP32 activations both give the same 16 tokens)."""
     from xcompile.quantize import quantize
     from xcompile.shard import shard
     from xcompile.weight_only import WeightOnly
 
     single = tmp_path / "single"
-    quantize(
-        checkpoint(family),
-        single,
-        dtype,
-        progress=False,
-        scheme=WeightOnly(*scheme) if scheme else None,
-    )
+    if family == "phi3":
+        bits = 8 if dtype == "int8" else 4
+        scheme = WeightOnly(*(scheme or (bits, -1, True)), accuracy_level=0)
+    else:
+        scheme = WeightOnly(*scheme) if scheme else None
+    quantize(checkpoint(family), single, dtype, progress=False, scheme=scheme)
     shard(single, 2, tmp_path / "tp2", progress=False)
     one = greedy(single)
     two = greedy(tmp_path / "tp2", torchrun(2), ["--backend", "torch"])

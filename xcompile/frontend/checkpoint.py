@@ -72,7 +72,8 @@ class Checkpoint:
             from transformers import AutoConfig
 
         try:
-            return AutoConfig.from_pretrained(self.path)
+            with quiet_imports():  # its advice on how configs should spell rope settings
+                return AutoConfig.from_pretrained(self.path)
         except (ValueError, KeyError, TypeError, OSError) as e:
             raise UserError(
                 f"{self.path / 'config.json'}: transformers cannot read it "

@@ -87,6 +87,21 @@ TINY = {
         pad_token_id=0,
         tie_word_embeddings=False,
     ),
+    "gemma2": dict(  # soft-caps low enough to bite, windows shorter than the prompt every 2nd layer
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        query_pre_attn_scalar=24,
+        attn_logit_softcapping=0.5,
+        final_logit_softcapping=2.0,
+        sliding_window=6,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        pad_token_id=0,
+    ),
     "gptj": dict(
         n_embd=64,
         n_inner=128,
@@ -108,6 +123,9 @@ ONE_B = dict(
     vocab_size=32000,
     tie_word_embeddings=False,
 )
+# Gemma 2's embedding times sqrt(hidden) and (1 + weight) norms saturate at 0.3 (one token
+# repeated 16 times, which tests little); 0.05 gives varied greedy tokens
+INIT_STD = {"gemma2": 0.05}
 CONFIGS = {
     "llama": "LlamaConfig",
     "mistral": "MistralConfig",
@@ -116,6 +134,7 @@ CONFIGS = {
     "qwen3": "Qwen3Config",
     "granite": "GraniteConfig",
     "phi3": "Phi3Config",
+    "gemma2": "Gemma2Config",
 }
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
@@ -175,7 +194,7 @@ def make_checkpoint(
     fields.update(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        initializer_range=init_std or (0.3 if size == "tiny" else 0.02),
+        initializer_range=init_std or (INIT_STD.get(family, 0.3) if size == "tiny" else 0.02),
         **overrides,
     )
     config = getattr(transformers, CONFIGS[family])(**fields)

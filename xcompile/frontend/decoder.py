@@ -40,6 +40,8 @@ class WeightNames:
     down: str
     gate: str | None = None
     q_norm: str | None = None  # RMSNorm over each head's query / key before rotary (Qwen3)
+    post_attn_norm: str | None = None  # a norm on attention's output before its residual add
+    post_mlp_norm: str | None = None  # and on the MLP's (Gemma 2)
     k_norm: str | None = None
     # linears the checkpoint stores fused, each as the row views (parts) named above, in row
     # order (Phi-3: qkv_proj -> q/k/v, gate_up_proj -> gate/up); the checkpoint reads the parts
@@ -88,6 +90,9 @@ class DecoderSpec:
     # long_inv_freq instead of inv_freq (as transformers' longrope_frequency_update decides)
     long_inv_freq: tuple[float, ...] = ()
     rope_switch: int = 0
+    norm_offset: float = 0.0  # RMSNorm scales by (offset + weight): Gemma's (1 + weight)
+    attn_softcap: float = 0.0  # scores -> cap * tanh(scores / cap) before the mask; 0: none
+    final_softcap: float = 0.0  # logits likewise
 
     @property
     def parallel_residual(self) -> bool:
@@ -98,6 +103,14 @@ class DecoderSpec:
         found = []
         if self.names.q_norm:
             found.append("q/k RMSNorm per head")
+        if self.norm_offset:
+            found.append(f"RMSNorm x ({self.norm_offset:g} + weight)")
+        if self.names.post_attn_norm:
+            found.append("norms after attention and MLP")
+        if self.attn_softcap:
+            found.append(f"attention soft-cap {self.attn_softcap:g}")
+        if self.final_softcap:
+            found.append(f"final logit soft-cap {self.final_softcap:g}")
         if self.names.fused:
             found.append("fused " + ", ".join(f.rsplit(".", 1)[-1] for f, _ in self.names.fused))
         if self.long_inv_freq:
@@ -166,6 +179,8 @@ def build(spec: DecoderSpec, b: GraphBuilder) -> None:
     logits = linear(b, "/lm_head", lm_head, x)
     if spec.logits_divisor != 1.0:
         logits = b.op("Div", "/lm_head/logits_scaling", [logits, _scalar(b, spec.logits_divisor)])
+    if spec.final_softcap:
+        logits = softcap(b, "/lm_head/softcap", logits, spec.final_softcap)
     b.output(logits, "logits", TensorProto.FLOAT, ["batch", "seq", spec.vocab])
 
 
@@ -179,10 +194,24 @@ def decoder_layer(spec, b, i, x, past, cos, sin, mask):
         out = mlp(spec, b, scope + "/mlp", prefix, h)
         both = b.op("Add", scope + "/parallel", [attn, out])
         return b.op("Add", scope + "/residual", [x, both])
+    if n.post_attn_norm:
+        attn = norm(spec, b, f"{scope}/post_attn_norm", prefix + n.post_attn_norm, attn)
     x = b.op("Add", scope + "/attn_residual", [x, _residual_scaled(spec, b, scope + "/attn", attn)])
     h = norm(spec, b, f"{scope}/mlp_norm", prefix + n.mlp_norm, x)
-    out = _residual_scaled(spec, b, scope + "/mlp", mlp(spec, b, scope + "/mlp", prefix, h))
+    out = mlp(spec, b, scope + "/mlp", prefix, h)
+    if n.post_mlp_norm:
+        out = norm(spec, b, f"{scope}/post_mlp_norm", prefix + n.post_mlp_norm, out)
+    out = _residual_scaled(spec, b, scope + "/mlp", out)
     return b.op("Add", scope + "/mlp_residual", [x, out])
+
+
+def softcap(b, scope: str, x: str, cap: float) -> str:
+    """cap * tanh(x / cap): x kept within (-cap, cap), nearly unchanged where |x| << cap"""
+    return b.op(
+        "Mul",
+        scope,
+        [b.op("Tanh", scope, [b.op("Div", scope, [x, _scalar(b, cap)])]), _scalar(b, cap)],
+    )
 
 
 def _residual_scaled(spec, b, scope, x):
@@ -234,7 +263,10 @@ def norm(spec: DecoderSpec, b: GraphBuilder, scope: str, name: str, x: str) -> s
     eps = b.const(f"/scalar/eps={spec.norm_eps}", spec.norm_eps, np.float32)
     rms = b.op("Sqrt", scope, [b.op("Add", scope + "/eps", [var, eps])])
     normed = b.op("Mul", scope, [x, b.op("Reciprocal", scope, [rms])])
-    return b.op("Mul", scope + "/weight", [normed, b.weight(name + ".weight")])
+    weight = b.weight(name + ".weight")
+    if spec.norm_offset:  # Gemma: (1 + weight), a constant the plan folds once
+        weight = b.op("Add", scope + "/offset", [weight, _scalar(b, spec.norm_offset)])
+    return b.op("Mul", scope + "/weight", [normed, weight])
 
 
 def rotary_tables(spec: DecoderSpec, b: GraphBuilder, pos: str) -> tuple[str, str]:
@@ -399,6 +431,8 @@ def attention(spec, b, i, scope, prefix, h, past, cos, sin, mask) -> str:
         else _scalar(b, spec.attention_scale)
     )
     scores = b.op("Mul", scope + "/scale", [b.op("MatMul", scope + "/qk", [q, kt]), scale])
+    if spec.attn_softcap:
+        scores = softcap(b, scope + "/softcap", scores, spec.attn_softcap)
     probs = b.op("Softmax", scope, [b.op("Add", scope + "/mask", [scores, mask])], axis=-1)
     ctx = b.op("MatMul", scope + "/pv", [probs, v])  # (B,heads,S,d)
     ctx = b.op("Transpose", scope + "/ctx", [ctx], perm=[0, 2, 1, 3])

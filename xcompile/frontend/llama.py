@@ -71,10 +71,10 @@ def llama_like(
     rope_tables: (inv_freq, scale) when the family computes them itself. The rotary dims are
     twice inv_freq's length (partial rotary when fewer than head_dim)."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    if config.hidden_act not in ACTIVATIONS:
+    act = getattr(config, "hidden_activation", None) or config.hidden_act  # Gemma's name for it
+    if act not in ACTIVATIONS:
         raise UserError(
-            f"activation {config.hidden_act!r} is not supported "
-            f"(supported: {', '.join(sorted(ACTIVATIONS))})"
+            f"activation {act!r} is not supported (supported: {', '.join(sorted(ACTIVATIONS))})"
         )
     inv_freq, scale = rope_tables or rope(config, rotary_cls)
     return DecoderSpec(
@@ -92,7 +92,7 @@ def llama_like(
         rotary_dim=2 * len(inv_freq),
         inv_freq=inv_freq,
         rotary_scale=scale,
-        activation=ACTIVATIONS[config.hidden_act],
+        activation=ACTIVATIONS[act],
         names=names,
         sliding_window=windows,
         **variant,

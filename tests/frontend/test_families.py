@@ -38,6 +38,19 @@ FUSED_LAYER = {
         "Mul": 2,
     },
     "phi3": {"GroupQueryAttention": 1, "RotaryEmbedding": 2, "SkipSimplifiedLayerNormalization": 2},
+    # the soft-cap inside GroupQueryAttention; the norms after attention and the MLP fused too;
+    # (1 + weight) an Add per norm on constants (folded when the plan is built); GeGLU FastGelu
+    # on the gate and a Mul by up
+    "gemma2": {
+        "GroupQueryAttention": 1,
+        "RotaryEmbedding": 2,
+        "SkipSimplifiedLayerNormalization": 2,
+        "SimplifiedLayerNormalization": 2,
+        "Add": 4,
+        "FastGelu": 1,
+        "Mul": 1,
+        "Tanh": 0,
+    },
 }
 
 
@@ -55,7 +68,7 @@ def test_fused_layer_holds_the_fused_ops_and_no_primitive_norm_or_rotary(family,
         assert ops[op] == 0, (op, ops)
     assert ops["MatMul"] == 4  # QKV, o_proj, gate+up, down
     extra = sum(ops.values()) - sum(layer_ops(compiled("llama")).values())
-    assert extra == {"llama": 0, "qwen3": 6, "granite": 2, "phi3": 0}[family]
+    assert extra == {"llama": 0, "qwen3": 6, "granite": 2, "phi3": 0, "gemma2": 7}[family]
 
 
 @pytest.mark.parametrize(
@@ -64,6 +77,16 @@ def test_fused_layer_holds_the_fused_ops_and_no_primitive_norm_or_rotary(family,
         ("qwen3", ["q/k RMSNorm per head", "sliding window [6] on 2/3 layers"]),
         ("granite", ["embedding x3", "residual x0.5", "attention scale 0.0625", "logits /2"]),
         ("phi3", ["fused qkv_proj, gate_up_proj", "longrope (long factors past 8 tokens)"]),
+        (
+            "gemma2",
+            [
+                "RMSNorm x (1 + weight)",
+                "norms after attention and MLP",
+                "attention soft-cap 0.5",
+                "final logit soft-cap 2",
+                "sliding window [6] on 2/3 layers",
+            ],
+        ),
     ],
 )
 def test_inspect_names_the_family_and_its_features(family, says, compiled, tmp_path):

@@ -4,10 +4,11 @@
     present_k = Concat(past_k, k, axis=2)          present_v likewise          (B, kv, T, d)
     [GQA: Reshape(Expand(Unsqueeze(present, 2), (1,1,heads/kv,1,1)))]
     ctx = Softmax(q @ Kᵀ * scale + mask) @ V ─► Transpose ─► Reshape          (B, S, heads*d)
+    [soft-capped: q @ Kᵀ * scale -> cap * Tanh(· / cap) before the mask (Gemma 2)]
   ==>
     ctx, present_k, present_v = GroupQueryAttention(q3, k3, v3, past_k, past_v, seqlens_k,
                                     total_sequence_length, num_heads, kv_num_heads, scale,
-                                    local_window_size)
+                                    local_window_size, softcap)
 
 The mask must be the frontend's causal mask, optionally with a sliding window of W keys (a query
 sees itself and the W - 1 keys before it), which is ORT's local_window_size = W (checked against
@@ -49,9 +50,10 @@ def causal_window(mask: ir.Value) -> tuple[bool, int]:
 
 
 class GroupQueryAttentionRule(pattern.RewriteRuleClassBase):
-    def __init__(self, grouped: bool):
-        super().__init__(f"gqa_{'grouped' if grouped else 'mha'}")
-        self.grouped = grouped
+    def __init__(self, grouped: bool, capped: bool = False):
+        name = f"gqa_{'grouped' if grouped else 'mha'}{'_softcap' if capped else ''}"
+        super().__init__(name)
+        self.grouped, self.capped = grouped, capped
 
     def pattern(
         self,
@@ -71,6 +73,8 @@ class GroupQueryAttentionRule(pattern.RewriteRuleClassBase):
         scale,
         mask,
         out_shape,
+        cap,
+        cap_again,
     ):
         q = op.Transpose(op.Reshape(q3, qs), perm=PERM)
         k = op.Transpose(op.Reshape(k3, ks), perm=PERM)
@@ -82,12 +86,18 @@ class GroupQueryAttentionRule(pattern.RewriteRuleClassBase):
             keys = op.Reshape(op.Expand(op.Unsqueeze(present_k, axis), rep), shape_k)
             values = op.Reshape(op.Expand(op.Unsqueeze(present_v, axis), rep), shape_v)
         scores = op.Mul(op.MatMul(q, op.Transpose(keys, perm=[0, 1, 3, 2])), scale)
+        if self.capped:
+            scores = op.Mul(op.Tanh(op.Div(scores, cap)), cap_again)
         probs = op.Softmax(op.Add(scores, mask), axis=-1)
         ctx = op.Reshape(op.Transpose(op.MatMul(probs, values), perm=PERM), out_shape)
         return ctx, present_k, present_v
 
-    def check(self, context, qs, ks, past_k, past_v, scale, mask, **_) -> pattern.MatchResult:
+    def check(
+        self, context, qs, ks, past_k, past_v, scale, mask, cap=None, cap_again=None, **_
+    ) -> pattern.MatchResult:
         result = pattern.MatchResult()
+        if self.capped and (scalar(cap) is None or scalar(cap) != scalar(cap_again)):
+            return result.fail("soft-cap is not cap * tanh(x / cap) with one constant cap")
         if not (past_k.is_graph_input() and past_v.is_graph_input()):
             return result.fail("past key/value are not graph inputs (no KV cache)")
         q_dims, k_dims = constant(qs), constant(ks)
@@ -100,7 +110,7 @@ class GroupQueryAttentionRule(pattern.RewriteRuleClassBase):
             return result.fail("mask is not the frontend's causal mask")
         return result
 
-    def rewrite(self, op, q3, k3, v3, qs, ks, past_k, past_v, scale, mask, **_):
+    def rewrite(self, op, q3, k3, v3, qs, ks, past_k, past_v, scale, mask, cap=None, **_):
         _, window = causal_window(mask)
         one = op.Constant(value=ir.tensor(np.array([1], dtype=np.int64)))
         axis0 = op.Constant(value=ir.tensor(np.array([0], dtype=np.int64)))
@@ -127,6 +137,7 @@ class GroupQueryAttentionRule(pattern.RewriteRuleClassBase):
             kv_num_heads=int(constant(ks)[2]),
             scale=float(scalar(scale)),
             local_window_size=window if window else -1,
+            **({"softcap": float(scalar(cap))} if self.capped else {}),
         )
 
 
@@ -143,7 +154,11 @@ class AttentionPass(RulePass):
     name = "attention"
 
     def rules(self, model: ir.Model):
-        return [GroupQueryAttentionRule.rule(grouped) for grouped in (True, False)]
+        return [
+            GroupQueryAttentionRule.rule(grouped, capped)
+            for grouped in (True, False)
+            for capped in (False, True)
+        ]
 
 
 PASS = AttentionPass

@@ -11,6 +11,11 @@
 
 cos_cache / sin_cache (max_positions, r/2) are made here from the frontend's inv_freq and scale
 (model metadata `xcompile.rotary`), replacing the cos/sin tables the graph computed per call.
+
+longrope (long_inv_freq and a switch length in the facts): the caches hold the short tables in
+rows 0..M-1 and the long ones in rows M..2M-1, and RotaryEmbedding reads them at
+    position_ids + M * (ReduceMax(position_ids) + 1 > switch)
+so a forward picks one set for all its tokens, as transformers' longrope_frequency_update does.
 """
 
 from __future__ import annotations
@@ -111,8 +116,12 @@ class RotaryPass(RulePass):
         graph = model.graph
         positions = next(v for v in graph.inputs if v.name == f["position_ids"])
         # cos/sin caches (max_positions, r/2), computed as the graph computed them per call
-        inv = np.asarray(f["inv_freq"], dtype=np.float32)
-        freqs = np.arange(f["max_positions"], dtype=np.float32)[:, None] * inv[None, :]
+        sets = [f["inv_freq"]] + ([f["long_inv_freq"]] if f.get("long_inv_freq") else [])
+        inv = np.stack([np.asarray(s, dtype=np.float32) for s in sets])  # (sets, r/2)
+        steps = np.arange(f["max_positions"], dtype=np.float32)[None, :, None]
+        freqs = (steps * inv[:, None, :]).reshape(-1, inv.shape[1])  # (sets * M, r/2)
+        if len(sets) > 1:
+            positions = _long_or_short(graph, positions, f["switch"], f["max_positions"])
         caches = []
         for name, fn in (("cos", np.cos), ("sin", np.sin)):
             table = (fn(freqs) * np.float32(f["scale"])).astype(np.float32)
@@ -124,6 +133,31 @@ class RotaryPass(RulePass):
             for interleaved in (False, True)
             for partial in (False, True)
         ]
+
+
+def _long_or_short(graph: ir.Graph, positions: ir.Value, switch: int, rows: int) -> ir.Value:
+    """position_ids (B,S) -> the rows of the stacked caches: + rows when the longest position
+    + 1 exceeds the switch (the long set), as they are otherwise."""
+    scope = "/model/rotary/longrope"
+
+    def const(name, value):
+        v = ir.Value(name=f"{scope}/{name}", const_value=ir.tensor(np.array(value, np.int64)))
+        graph.register_initializer(v)
+        return v
+
+    longest = ir.node(
+        "ReduceMax", [positions], attributes={"keepdims": 0}, name=f"{scope}/ReduceMax"
+    )
+    long = ir.node(
+        "Greater", [longest.outputs[0], const("switch", switch - 1)], name=f"{scope}/Greater"
+    )
+    as_int = ir.node(
+        "Cast", [long.outputs[0]], attributes={"to": ir.DataType.INT64}, name=f"{scope}/Cast"
+    )
+    offset = ir.node("Mul", [as_int.outputs[0], const("rows", rows)], name=f"{scope}/Mul")
+    shifted = ir.node("Add", [positions, offset.outputs[0]], name=f"{scope}/Add")
+    graph.insert_before(graph.node(0), [longest, long, as_int, offset, shifted])
+    return shifted.outputs[0]
 
 
 PASS = RotaryPass

@@ -695,6 +695,7 @@ def attention_step(k_cache: torch.Tensor, v_cache: torch.Tensor, use_kernels: bo
         kv_num_heads,
         scale=None,
         local_window_size=-1,
+        softcap=0.0,
         **__,
     ):
         segments = kv.segments if kv is not None else None
@@ -704,7 +705,15 @@ def attention_step(k_cache: torch.Tensor, v_cache: torch.Tensor, use_kernels: bo
         d = k_cache.shape[-1]
         scale = scale or d**-0.5
         window = local_window_size if local_window_size and local_window_size > 0 else 0
-        if fast and kv is not None and _direct(q3, k3, v3, num_heads, kv_num_heads, d):
+        # the kernels have no soft-cap yet (csrc/attention.cpp would apply cap * tanh(s / cap)
+        # to each scaled score before the mask and softmax): soft-capped attention runs on the
+        # reference
+        if (
+            fast
+            and not softcap
+            and kv is not None
+            and _direct(q3, k3, v3, num_heads, kv_num_heads, d)
+        ):
             return direct(q3, k3, v3, segments, num_heads, kv_num_heads, d, scale, window)
         q = q3.reshape(-1, num_heads, d)
         k = k3.reshape(-1, kv_num_heads, d).transpose(0, 1)  # (kv, T, d)
@@ -717,7 +726,7 @@ def attention_step(k_cache: torch.Tensor, v_cache: torch.Tensor, use_kernels: bo
             v_cache[seg.slot, :, p : p + s].copy_(v[:, row : row + s])
             q_seg = q[row : row + s]
             slot_of = kv.rows[seg.slot] if kv is not None else None
-            if use_kernels:
+            if use_kernels and not softcap:
                 from xcompile.runtime import kernels
 
                 q_seg = q_seg.contiguous()
@@ -735,7 +744,14 @@ def attention_step(k_cache: torch.Tensor, v_cache: torch.Tensor, use_kernels: bo
                     keys = gather_slots(k_cache, slot_of, p + s)
                     values = gather_slots(v_cache, slot_of, p + s)
                 out = attention_reference(
-                    q_seg.reshape(1, s, -1), keys[None], values[None], p, num_heads, scale, window
+                    q_seg.reshape(1, s, -1),
+                    keys[None],
+                    values[None],
+                    p,
+                    num_heads,
+                    scale,
+                    window,
+                    softcap,
                 )
             outs.append(out.reshape(s, -1))
             row += s
@@ -760,8 +776,11 @@ def _direct(q3, k3, v3, heads: int, kv_heads: int, d: int) -> bool:
     )
 
 
-def attention_reference(q3, keys, values, past: int, heads: int, scale: float, window: int):
-    """q3 (B,S,heads*d); keys/values (B,kv,T,d) -> (B,S,heads*d)"""
+def attention_reference(
+    q3, keys, values, past: int, heads: int, scale: float, window: int, softcap: float = 0.0
+):
+    """q3 (B,S,heads*d); keys/values (B,kv,T,d) -> (B,S,heads*d); softcap: scores ->
+    softcap * tanh(scores / softcap) before the mask (0: none)"""
     b, s, _ = q3.shape
     kv, t, d = keys.shape[1], keys.shape[2], keys.shape[3]
     q = q3.view(b, s, heads, d).transpose(1, 2)
@@ -773,6 +792,8 @@ def attention_reference(q3, keys, values, past: int, heads: int, scale: float, w
     if window:
         allowed &= kpos > qpos - window
     scores = (q @ k.transpose(-1, -2)) * scale
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
     scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
     out = torch.softmax(scores, dim=-1) @ v
     return out.transpose(1, 2).reshape(b, s, heads * d)

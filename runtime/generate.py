@@ -73,6 +73,7 @@ def generate(
     if budget <= 0:
         return out
 
+    switch = model.config.get("rope_switch")  # longrope: where the long factors begin
     t0 = time.perf_counter()
     logits = model.forward(prompt_ids, 0, cache, last_only=True)[-1]
     out.prefill_ms = (time.perf_counter() - t0) * 1e3
@@ -94,7 +95,11 @@ def generate(
         if len(out.tokens) >= budget:
             break
         t0 = time.perf_counter()
-        logits = model.forward([token], position, cache)[-1]
+        if position == switch:  # longrope: transformers re-runs the whole sequence once with
+            # the long factors when it first grows past the switch (Phi3's generation inputs)
+            logits = model.forward(prompt_ids + out.tokens, 0, cache, last_only=True)[-1]
+        else:
+            logits = model.forward([token], position, cache)[-1]
         out.decode_ms.append((time.perf_counter() - t0) * 1e3)
         position += 1
     if stop is not None:

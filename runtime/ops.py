@@ -78,6 +78,12 @@ def reduce_mean(x, axes_input=None, keepdims=1, axes=None, noop_with_empty_axes=
     return x.mean(dim=dims, keepdim=bool(keepdims))
 
 
+def reduce_max(x, axes_input=None, keepdims=1, noop_with_empty_axes=0):
+    """opset 18; no axes: over every dimension (longrope's longest position)"""
+    dims = _axes(axes_input) if axes_input is not None else list(range(x.dim()))
+    return x.amax(dim=dims, keepdim=bool(keepdims))
+
+
 def layer_norm(x, scale, bias=None, axis=-1, epsilon=1e-5):
     dims = x.shape[axis % x.dim() :]
     return F.layer_norm(x, dims, scale, bias, epsilon)
@@ -121,6 +127,7 @@ OPS = {
     "Sin": torch.sin,
     "Softmax": lambda x, axis=-1: torch.softmax(x, dim=axis),
     "ReduceMean": reduce_mean,
+    "ReduceMax": reduce_max,
     "LayerNormalization": layer_norm,
     "Reshape": reshape,
     "Unsqueeze": unsqueeze,

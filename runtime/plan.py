@@ -502,9 +502,9 @@ def share_buffers(steps: list[Step], fetch: int) -> fused_ops.BufferPool:
 
 def _head_step(steps: list[Step], producer: dict, fetch: str) -> Step | None:
     """The step of the output projection (lm_head): the first node before `fetch` that is not
-    an Identity, a gather of its shards or its bias (all row-wise)."""
+    an Identity, a gather of its shards, its bias or a scaling (all row-wise)."""
     node = producer.get(fetch)
-    while node is not None and node.op_type in ("Identity", "AllGather", "Add"):
+    while node is not None and node.op_type in ("Identity", "AllGather", "Add", "Div"):
         node = producer.get(node.input[0])
     if node is None or node.op_type not in ("MatMul", "MatMulNBits", "Gemm"):
         return None

@@ -11,7 +11,7 @@ os.environ["XCOMPILE_CACHE"] = __import__("tempfile").mkdtemp(prefix="xcompile-t
 
 import pytest  # noqa: E402
 
-FAMILIES = ("llama", "mistral", "qwen2", "gptj")
+FAMILIES = ("llama", "mistral", "qwen2", "gptj", "qwen3", "granite", "phi3", "gemma2")
 
 
 @pytest.fixture(scope="session")
@@ -202,6 +202,10 @@ def torchrun(ranks: int) -> list[str]:
     ]
 
 
+# the toy Gemma 2's final soft-cap of 2 would flatten the peaked logits (all near 2: ties)
+PEAKED = {"gemma2": dict(final_logit_softcapping=30.0)}
+
+
 @pytest.fixture(scope="session")
 def peaked(tmp_path_factory):
     """peaked(family, dtype) -> (checkpoint, artifacts) of a model whose next-token logit stands
@@ -218,7 +222,12 @@ def peaked(tmp_path_factory):
             folder = tmp_path_factory.mktemp(f"peaked-{family}")
             made[family] = (
                 make_checkpoint(
-                    family, folder / "ckpt", init_std=0.06, peaked=True, tie_word_embeddings=False
+                    family,
+                    folder / "ckpt",
+                    init_std=0.06,
+                    peaked=True,
+                    tie_word_embeddings=False,
+                    **PEAKED.get(family, {}),
                 ),
                 {},
             )

@@ -159,7 +159,7 @@ class LayerByLayer:
             for i in set(ids.reshape(-1).tolist())
         }
         rows = torch.stack([table[i] for i in ids.reshape(-1).tolist()])
-        return rows.view(*ids.shape, hidden)
+        return rows.view(*ids.shape, hidden) * self.spec.embed_scale  # Granite's multiplier
 
     def layer(self, i: int) -> nn.Module:
         """Decoder layer i in FP32 with its checkpoint tensors (and nothing else) loaded."""
@@ -228,6 +228,7 @@ def quantize_layers(
             layer = decoder.layer(i)
             inputs = [(x, decoder.layer_kwargs(ids, i, x)) for ids, x in zip(samples, hidden)]
             result, hidden = run(layer, inputs, scheme, spec, i)
+            as_parts(result, spec, i, ckpt)
             del layer, inputs
             _return_freed_memory()
             yield result
@@ -346,22 +347,51 @@ def _narrow(q, scales, zp, scheme: WeightOnly) -> Quantized:
     return q.round().to(levels), scales.float(), zp
 
 
+def as_parts(result: LayerResult, spec: DecoderSpec, i: int, ckpt: Checkpoint) -> None:
+    """A linear the checkpoint stores fused (Phi-3's qkv_proj, gate_up_proj) comes back from the
+    layer under its own name; the graph quantizes its row views (q/k/v, gate/up): split the
+    integers, scales, zero points and weights by those rows (exact: groups run along rows).
+    AWQ's column multipliers are the fused input's, the same for every part."""
+    prefix = spec.names.layer.format(i=i)
+    for fused, parts in spec.names.fused:
+        name = f"{prefix}{fused}.weight"
+        names = [f"{prefix}{p}.weight" for p in parts]
+        rows = [ckpt.tensors[p][1].shape[0] for p in names]
+        if name in result.quantized:
+            pieces = [
+                t.split(rows) if t is not None else [None] * len(rows)
+                for t in result.quantized.pop(name)
+            ]
+            result.quantized.update(zip(names, zip(*pieces)))
+        if name in result.weights:
+            result.weights.update(zip(names, result.weights.pop(name).split(rows)))
+        if name in result.folded:
+            cols, divisors = result.folded.pop(name)
+            assert divisors is None, f"{fused} absorbed a scale: its parts cannot"
+            result.folded.update((p, (cols, None)) for p in names)
+
+
 def absorbers(spec: DecoderSpec) -> dict[str, tuple[str, ...]]:
     """Where AWQ may fold a linear's input-channel scale, in the layer's own module names:
     into the norm before it (INC's own finding for these layers), and (as AWQ's authors do)
     into v_proj's rows for o_proj when no query heads share a KV head, and into up_proj's rows
-    for down_proj behind a gated MLP (act(gate) · up is linear in up)."""
+    for down_proj behind a gated MLP (act(gate) · up is linear in up). A linear the checkpoint
+    fuses (Phi-3's qkv_proj, gate_up_proj) is the module; its parts absorb nothing."""
     n = spec.names
-    mlp_in = tuple(p for p in (n.gate, n.up) if p)
+    module = {part: fused for fused, parts in n.fused for part in parts}
+
+    def modules(*names: str | None) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(module.get(p, p) for p in names if p))
+
     found = {}
     if n.mlp_norm is None:  # parallel residual: one norm feeds attention and MLP
-        found[n.attn_norm] = (n.q, n.k, n.v, *mlp_in)
+        found[n.attn_norm] = modules(n.q, n.k, n.v, n.gate, n.up)
     else:
-        found[n.attn_norm] = (n.q, n.k, n.v)
-        found[n.mlp_norm] = mlp_in
-    if spec.heads == spec.kv_heads:
+        found[n.attn_norm] = modules(n.q, n.k, n.v)
+        found[n.mlp_norm] = modules(n.gate, n.up)
+    if spec.heads == spec.kv_heads and n.v not in module:
         found[n.v] = (n.o,)
-    if n.gate:
+    if n.gate and n.up not in module:
         found[n.up] = (n.down,)
     return found
 

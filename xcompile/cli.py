@@ -192,6 +192,9 @@ def inspect(
     weights = sorted(n for n in m.files if n.endswith(".safetensors"))
     params = sum(parameter_count(artifacts_dir / n) for n in weights) if m.ranks == 1 else None
     typer.echo(f"family      {m.family}")
+    features = (m.config or {}).get("features")
+    if features:
+        typer.echo(f"features    {'; '.join(features)}")
     typer.echo(f"dtype       {m.dtype}" + (f"  {m.quant}" if m.quant else ""))
     if params is not None:
         typer.echo(f"parameters  {params:,}")

@@ -43,6 +43,66 @@ TINY = {
         max_position_embeddings=256,
         tie_word_embeddings=True,
     ),
+    "qwen3": dict(  # q/k norms; a sliding window on the last two layers, shorter than the prompt
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        use_sliding_window=True,
+        sliding_window=6,
+        layer_types=["full_attention", "sliding_attention", "sliding_attention"],
+        tie_word_embeddings=False,
+    ),
+    "granite": dict(  # every multiplier away from 1 (Granite 3's are 12, 0.22, 1/128, 8)
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        embedding_multiplier=3.0,
+        residual_multiplier=0.5,
+        attention_multiplier=0.0625,
+        logits_scaling=2.0,
+        tie_word_embeddings=False,
+    ),
+    "phi3": dict(  # fused qkv / gate_up, partial rotary (12 of 16), longrope switching at 8 tokens
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        original_max_position_embeddings=8,
+        rope_parameters={
+            "rope_type": "longrope",
+            "rope_theta": 10000.0,
+            "partial_rotary_factor": 0.75,
+            "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
+            "long_factor": [1.0, 1.5, 2.5, 4.0, 6.0, 9.0],
+            "original_max_position_embeddings": 8,
+        },
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    ),
+    "gemma2": dict(  # soft-caps low enough to bite, windows shorter than the prompt every 2nd layer
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        query_pre_attn_scalar=24,
+        attn_logit_softcapping=0.5,
+        final_logit_softcapping=2.0,
+        sliding_window=6,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        pad_token_id=0,
+    ),
     "gptj": dict(
         n_embd=64,
         n_inner=128,
@@ -64,11 +124,18 @@ ONE_B = dict(
     vocab_size=32000,
     tie_word_embeddings=False,
 )
+# Gemma 2's embedding times sqrt(hidden) and (1 + weight) norms saturate at 0.3 (one token
+# repeated 16 times, which tests little); 0.05 gives varied greedy tokens
+INIT_STD = {"gemma2": 0.05}
 CONFIGS = {
     "llama": "LlamaConfig",
     "mistral": "MistralConfig",
     "qwen2": "Qwen2Config",
     "gptj": "GPTJConfig",
+    "qwen3": "Qwen3Config",
+    "granite": "GraniteConfig",
+    "phi3": "Phi3Config",
+    "gemma2": "Gemma2Config",
 }
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
@@ -128,7 +195,7 @@ def make_checkpoint(
     fields.update(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        initializer_range=init_std or (0.3 if size == "tiny" else 0.02),
+        initializer_range=init_std or (INIT_STD.get(family, 0.3) if size == "tiny" else 0.02),
         **overrides,
     )
     config = getattr(transformers, CONFIGS[family])(**fields)

@@ -59,10 +59,12 @@ def around(compiled):
 
 
 def assert_same_outputs(before, after, atol=1e-5):
-    """Every output of every call agrees. Logits are compared relative to their scale: fused
-    kernels reassociate sums, which moves a logit of magnitude 10 by about 1e-5 too."""
+    """Every output of every call agrees, relative to its scale where that exceeds 1: fused
+    kernels reassociate sums, which moves a logit of magnitude 10 by about 1e-5 too, and the
+    rotary caches' cos/sin (numpy's) differ from onnxruntime's Cos/Sin by an ulp or two, which
+    moves a key of magnitude 5 (Phi-3's toy) by 2e-5."""
     for a, b in zip(run_ort(before), run_ort(after)):
         assert a.keys() == b.keys()
         for name in a:
-            scale = max(1.0, float(np.abs(a[name]).max())) if name == "logits" else 1.0
+            scale = max(1.0, float(np.abs(a[name]).max()))
             assert np.abs(a[name] - b[name]).max() <= atol * scale, name

@@ -19,3 +19,14 @@ def test_rmsnorm_fuses_the_norm_of_a_cast_embedding(compiled):
     fused = op_counts(compiled("llama", "bf16", passes=["rmsnorm"]))
     assert fused["SimplifiedLayerNormalization"] == 2 * 3 + 1
     assert fused.get("ReduceMean", 0) == fused.get("Pow", 0) == 0
+
+
+def test_rmsnorm_fuses_qwen3_head_norms(around):
+    """Qwen3's q_norm / k_norm (over head_dim, between two reshapes) fuse like the layer norms:
+    4 per layer, plus the final norm."""
+    before, after = around("qwen3", "rmsnorm")
+    b, a = op_counts(before), op_counts(after)
+    assert b["ReduceMean"] == 4 * 3 + 1
+    assert a["SimplifiedLayerNormalization"] == 4 * 3 + 1
+    assert a.get("ReduceMean", 0) == a.get("Pow", 0) == 0
+    assert_same_outputs(before, after)

@@ -1,12 +1,28 @@
 import pytest
 
-from tests.passes.conftest import assert_same_outputs, op_counts
+from tests.passes.conftest import IDS, assert_same_outputs, op_counts
 
 
-@pytest.mark.parametrize("family", ["llama", "gptj"])  # half-split full; interleaved partial
+# half-split full; interleaved partial; half-split partial with longrope
+@pytest.mark.parametrize("family", ["llama", "gptj", "phi3"])
 def test_rotary_fuses_q_and_k(family, around):
     before, after = around(family, "rotary")
     b, a = op_counts(before), op_counts(after)
     assert b["RotaryEmbedding"] == 0 and a["RotaryEmbedding"] == 2 * 3
     assert a["Neg"] == 0 and a["Cos"] == a["Sin"] == 0 and a["Slice"] == 0
     assert_same_outputs(before, after)
+
+
+def test_longrope_picks_short_then_long_caches_as_the_primitive_graph(around):
+    """Phi-3's longrope (switch at 8 tokens): a 6-token prefill and decode steps at positions
+    6 and 7 read the short rows of the stacked caches, the step at position 8 (longest + 1 = 9
+    > 8) the long ones; every output agrees with the primitive graph's Where on inv_freq."""
+    import numpy as np
+
+    from tests.passes.conftest import run_ort
+
+    before, after = around("phi3", "rotary")
+    assert op_counts(after)["ReduceMax"] == 1  # one choice per forward, shared by every layer
+    for a, b in zip(run_ort(before, IDS[:6], steps=3), run_ort(after, IDS[:6], steps=3)):
+        for name in a:
+            assert np.abs(a[name] - b[name]).max() <= 1e-5 * max(1.0, np.abs(a[name]).max())

@@ -43,7 +43,7 @@ def test_gptj_parallel_residual_has_one_allreduce_per_layer(compiled):
     }
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "granite", "phi3"])
 def test_sequential_residual_has_two_allreduces_per_layer(family, compiled):
     after = sharded(compiled(family), family).graph
     assert layer_collectives(after)["AllReduce"] == 2 * 3

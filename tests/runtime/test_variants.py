@@ -44,6 +44,45 @@ VARIANTS = {
         ),
     ),
     "gptj-full-rotary-gelu": ("gptj", dict(rotary_dim=16, activation_function="gelu")),
+    "qwen3-biases-full-attention-tied": (
+        "qwen3",
+        dict(
+            attention_bias=True,
+            use_sliding_window=False,
+            layer_types=["full_attention"] * 3,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "granite-tied-multipliers-below-one": (
+        "granite",
+        dict(
+            embedding_multiplier=0.5,
+            residual_multiplier=0.25,
+            attention_multiplier=0.2,
+            logits_scaling=0.5,
+            tie_word_embeddings=True,
+        ),
+    ),
+    # the prompt stays within the switch; the decode step at position 30 crosses it, where
+    # transformers re-runs the whole sequence with the long factors (and so must we)
+    "phi3-longrope-switch-during-decode": (
+        "phi3",
+        dict(
+            original_max_position_embeddings=30,
+            rope_parameters={
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "partial_rotary_factor": 0.75,
+                "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
+                "long_factor": [1.0, 1.5, 2.5, 4.0, 6.0, 9.0],
+                "original_max_position_embeddings": 30,
+            },
+        ),
+    ),
+    "phi3-default-rope-sliding-window-mha": (
+        "phi3",
+        dict(rope_parameters=None, sliding_window=6, num_key_value_heads=4),
+    ),
 }
 
 

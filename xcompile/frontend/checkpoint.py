@@ -51,7 +51,12 @@ class Checkpoint:
                 f"{cfg}: architectures {archs} not supported; supported families: "
                 f"{', '.join(sorted(known))}"
             )
-        return cls(path, config, hashlib.sha256(raw).hexdigest(), family, _tensors(path))
+        tensors = _tensors(path)
+        views = getattr(family, "tensor_views", None)  # linears the checkpoint stores fused
+        if views is not None:
+            made = views(config, {name: info for name, (_, info) in tensors.items()})
+            tensors.update({name: (tensors[src][0], info) for name, (src, info) in made.items()})
+        return cls(path, config, hashlib.sha256(raw).hexdigest(), family, tensors)
 
     def require_tokenizer(self) -> None:
         if not (self.path / "tokenizer.json").is_file():
@@ -67,12 +72,33 @@ class Checkpoint:
             from transformers import AutoConfig
 
         try:
-            return AutoConfig.from_pretrained(self.path)
+            with quiet_imports():  # its advice on how configs should spell rope settings
+                return AutoConfig.from_pretrained(self.path)
         except (ValueError, KeyError, TypeError, OSError) as e:
             raise UserError(
                 f"{self.path / 'config.json'}: transformers cannot read it "
                 f"({str(e).splitlines()[0][:200]}); fix the config"
             ) from None
+
+
+def row_views(
+    info: TensorInfo, names: list[str], rows: tuple[int, ...]
+) -> dict[str, tuple[str, TensorInfo]]:
+    """Consecutive row ranges of a row-major (N, K) tensor as tensors of their own: each a byte
+    range of the same file, read like any other tensor (no copy, nothing loaded).
+    -> view name -> (the tensor it lies in, where)."""
+    if sum(rows) != info.shape[0] or len(info.shape) != 2:
+        raise UserError(
+            f"{info.name}: {tuple(info.shape)} does not split into rows {rows}; "
+            "the config's head counts do not match the checkpoint"
+        )
+    row_bytes = info.nbytes // info.shape[0]
+    views, begin = {}, info.begin
+    for name, n in zip(names, rows):
+        end = begin + n * row_bytes
+        views[name] = (info.name, TensorInfo(name, info.dtype, (n, info.shape[1]), begin, end))
+        begin += n * row_bytes
+    return views
 
 
 def _tensors(path: Path) -> dict[str, tuple[Path, TensorInfo]]:

@@ -39,6 +39,14 @@ class WeightNames:
     up: str  # gated MLP: up_proj; plain MLP: fc_in
     down: str
     gate: str | None = None
+    q_norm: str | None = None  # RMSNorm over each head's query / key before rotary (Qwen3)
+    post_attn_norm: str | None = None  # a norm on attention's output before its residual add
+    post_mlp_norm: str | None = None  # and on the MLP's (Gemma 2)
+    k_norm: str | None = None
+    # linears the checkpoint stores fused, each as the row views (parts) named above, in row
+    # order (Phi-3: qkv_proj -> q/k/v, gate_up_proj -> gate/up); the checkpoint reads the parts
+    # as byte ranges of the fused tensor (checkpoint.row_views), so the graph sees Llama's linears
+    fused: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -74,10 +82,56 @@ class DecoderSpec:
     activation: str  # silu | gelu | gelu_tanh | relu
     names: WeightNames
     sliding_window: tuple[int | None, ...] = field(default=())  # per layer
+    embed_scale: float = 1.0  # multiplies the embedding rows (Granite's embedding_multiplier)
+    residual_scale: float = 1.0  # multiplies attention's and the MLP's outputs before each residual
+    attention_scale: float | None = None  # on q·k; None: head_dim^-0.5
+    logits_divisor: float = 1.0  # divides the logits (Granite's logits_scaling)
+    # longrope: a forward whose longest position + 1 exceeds rope_switch rotates with
+    # long_inv_freq instead of inv_freq (as transformers' longrope_frequency_update decides)
+    long_inv_freq: tuple[float, ...] = ()
+    rope_switch: int = 0
+    norm_offset: float = 0.0  # RMSNorm scales by (offset + weight): Gemma's (1 + weight)
+    attn_softcap: float = 0.0  # scores -> cap * tanh(scores / cap) before the mask; 0: none
+    final_softcap: float = 0.0  # logits likewise
 
     @property
     def parallel_residual(self) -> bool:
         return self.names.mlp_norm is None
+
+    def features(self) -> list[str]:
+        """What this model has beyond the plain decoder, for `xcompile inspect`."""
+        found = []
+        if self.names.q_norm:
+            found.append("q/k RMSNorm per head")
+        if self.norm_offset:
+            found.append(f"RMSNorm x ({self.norm_offset:g} + weight)")
+        if self.names.post_attn_norm:
+            found.append("norms after attention and MLP")
+        if self.attn_softcap:
+            found.append(f"attention soft-cap {self.attn_softcap:g}")
+        if self.final_softcap:
+            found.append(f"final logit soft-cap {self.final_softcap:g}")
+        if self.names.fused:
+            found.append("fused " + ", ".join(f.rsplit(".", 1)[-1] for f, _ in self.names.fused))
+        if self.long_inv_freq:
+            found.append(f"longrope (long factors past {self.rope_switch} tokens)")
+        elif self.rotary_scale != 1.0:
+            found.append(f"rope scaled x{self.rotary_scale:g}")
+        if self.rotary_dim < self.head_dim:
+            found.append(f"partial rotary {self.rotary_dim}/{self.head_dim}")
+        for what, value, plain in (
+            ("embedding x", self.embed_scale, 1.0),
+            ("residual x", self.residual_scale, 1.0),
+            ("attention scale ", self.attention_scale, None),
+            ("logits /", self.logits_divisor, 1.0),
+        ):
+            if value != plain:
+                found.append(f"{what}{value:g}")
+        windows = sorted({w for w in self.sliding_window if w})
+        if windows:
+            used = sum(1 for w in self.sliding_window if w)
+            found.append(f"sliding window {windows} on {used}/{self.layers} layers")
+        return found
 
     def runtime_config(self) -> dict:
         """What the runtime needs to size its KV cache and check prompts (goes in the manifest)."""
@@ -89,6 +143,8 @@ class DecoderSpec:
             "head_dim": self.head_dim,
             "vocab": self.vocab,
             "max_positions": self.max_positions,
+            **({"rope_switch": self.rope_switch} if self.long_inv_freq else {}),
+            "features": self.features(),
         }
 
 
@@ -107,6 +163,8 @@ def build(spec: DecoderSpec, b: GraphBuilder) -> None:
         )
 
     x = embedding(b, spec.names.embed, ids)  # (B,S,H)
+    if spec.embed_scale != 1.0:
+        x = b.op("Mul", "/model/embed_scale", [x, _scalar(b, spec.embed_scale)])
     cos, sin = rotary_tables(spec, b, pos)  # (B,1,S,rot)
     masks = {}
     for i in range(spec.layers):
@@ -119,6 +177,10 @@ def build(spec: DecoderSpec, b: GraphBuilder) -> None:
     if not b.has_weight(lm_head + ".weight"):  # tied to the embedding table
         lm_head = spec.names.embed.removesuffix(".weight")
     logits = linear(b, "/lm_head", lm_head, x)
+    if spec.logits_divisor != 1.0:
+        logits = b.op("Div", "/lm_head/logits_scaling", [logits, _scalar(b, spec.logits_divisor)])
+    if spec.final_softcap:
+        logits = softcap(b, "/lm_head/softcap", logits, spec.final_softcap)
     b.output(logits, "logits", TensorProto.FLOAT, ["batch", "seq", spec.vocab])
 
 
@@ -132,9 +194,34 @@ def decoder_layer(spec, b, i, x, past, cos, sin, mask):
         out = mlp(spec, b, scope + "/mlp", prefix, h)
         both = b.op("Add", scope + "/parallel", [attn, out])
         return b.op("Add", scope + "/residual", [x, both])
-    x = b.op("Add", scope + "/attn_residual", [x, attn])
+    if n.post_attn_norm:
+        attn = norm(spec, b, f"{scope}/post_attn_norm", prefix + n.post_attn_norm, attn)
+    x = b.op("Add", scope + "/attn_residual", [x, _residual_scaled(spec, b, scope + "/attn", attn)])
     h = norm(spec, b, f"{scope}/mlp_norm", prefix + n.mlp_norm, x)
-    return b.op("Add", scope + "/mlp_residual", [x, mlp(spec, b, scope + "/mlp", prefix, h)])
+    out = mlp(spec, b, scope + "/mlp", prefix, h)
+    if n.post_mlp_norm:
+        out = norm(spec, b, f"{scope}/post_mlp_norm", prefix + n.post_mlp_norm, out)
+    out = _residual_scaled(spec, b, scope + "/mlp", out)
+    return b.op("Add", scope + "/mlp_residual", [x, out])
+
+
+def softcap(b, scope: str, x: str, cap: float) -> str:
+    """cap * tanh(x / cap): x kept within (-cap, cap), nearly unchanged where |x| << cap"""
+    return b.op(
+        "Mul",
+        scope,
+        [b.op("Tanh", scope, [b.op("Div", scope, [x, _scalar(b, cap)])]), _scalar(b, cap)],
+    )
+
+
+def _residual_scaled(spec, b, scope, x):
+    if spec.residual_scale == 1.0:
+        return x
+    return b.op("Mul", scope + "/residual_scale", [x, _scalar(b, spec.residual_scale)])
+
+
+def _scalar(b, value: float) -> str:
+    return b.const(f"/scalar/{value!r}", value, np.float32)
 
 
 # -- pieces ---------------------------------------------------------------------------------------
@@ -176,13 +263,28 @@ def norm(spec: DecoderSpec, b: GraphBuilder, scope: str, name: str, x: str) -> s
     eps = b.const(f"/scalar/eps={spec.norm_eps}", spec.norm_eps, np.float32)
     rms = b.op("Sqrt", scope, [b.op("Add", scope + "/eps", [var, eps])])
     normed = b.op("Mul", scope, [x, b.op("Reciprocal", scope, [rms])])
-    return b.op("Mul", scope + "/weight", [normed, b.weight(name + ".weight")])
+    weight = b.weight(name + ".weight")
+    if spec.norm_offset:  # Gemma: (1 + weight), a constant the plan folds once
+        weight = b.op("Add", scope + "/offset", [weight, _scalar(b, spec.norm_offset)])
+    return b.op("Mul", scope + "/weight", [normed, weight])
 
 
 def rotary_tables(spec: DecoderSpec, b: GraphBuilder, pos: str) -> tuple[str, str]:
     """cos, sin (B,1,S,rotary_dim), laid out for the family's rotation (half-split or pairs)."""
     scope = "/model/rotary"
     inv = b.const(scope + "/inv_freq", spec.inv_freq, np.float32)  # (rot/2)
+    if spec.long_inv_freq:  # longrope: the long factors when max(position) + 1 > switch
+        longest = b.op("ReduceMax", scope + "/longest", [pos], keepdims=0)  # scalar
+        switch = b.const(scope + "/switch", spec.rope_switch - 1)  # max + 1 > s <=> max > s - 1
+        inv = b.op(
+            "Where",
+            scope + "/long_or_short",
+            [
+                b.op("Greater", scope + "/long", [longest, switch]),
+                b.const(scope + "/long_inv_freq", spec.long_inv_freq, np.float32),
+                inv,
+            ],
+        )
     p = b.op(
         "Cast",
         scope,
@@ -212,6 +314,8 @@ def rotary_tables(spec: DecoderSpec, b: GraphBuilder, pos: str) -> tuple[str, st
             "cos": tables[0],
             "sin": tables[1],
             "inv_freq": list(spec.inv_freq),
+            "long_inv_freq": list(spec.long_inv_freq),
+            "switch": spec.rope_switch,
             "scale": spec.rotary_scale,
             "max_positions": spec.max_positions,
             "interleaved": spec.rotary == "interleaved",
@@ -284,8 +388,13 @@ def attention_mask(b: GraphBuilder, pos: str, past_key: str, window: int | None)
 
 def attention(spec, b, i, scope, prefix, h, past, cos, sin, mask) -> str:
     n, d = spec.names, spec.head_dim
-    q = _heads(b, scope + "/q", linear(b, scope + "/q_proj", prefix + n.q, h), spec.heads, d)
-    k = _heads(b, scope + "/k", linear(b, scope + "/k_proj", prefix + n.k, h), spec.kv_heads, d)
+    q3 = linear(b, scope + "/q_proj", prefix + n.q, h)  # (B,S,heads*d)
+    k3 = linear(b, scope + "/k_proj", prefix + n.k, h)
+    if n.q_norm:
+        q3 = _head_norm(spec, b, scope + "/q_norm", prefix + n.q_norm, q3)
+        k3 = _head_norm(spec, b, scope + "/k_norm", prefix + n.k_norm, k3)
+    q = _heads(b, scope + "/q", q3, spec.heads, d)
+    k = _heads(b, scope + "/k", k3, spec.kv_heads, d)
     v = _heads(b, scope + "/v", linear(b, scope + "/v_proj", prefix + n.v, h), spec.kv_heads, d)
     q = rotate(spec, b, scope + "/q", q, cos, sin)
     k = rotate(spec, b, scope + "/k", k, cos, sin)
@@ -316,11 +425,14 @@ def attention(spec, b, i, scope, prefix, h, past, cos, sin, mask) -> str:
             for w, t in (("k", k), ("v", v))
         )
     kt = b.op("Transpose", scope + "/k", [k], perm=[0, 1, 3, 2])
-    scores = b.op(
-        "Mul",
-        scope + "/scale",
-        [b.op("MatMul", scope + "/qk", [q, kt]), b.const(f"/scalar/{d}^-0.5", d**-0.5, np.float32)],
+    scale = (
+        b.const(f"/scalar/{d}^-0.5", d**-0.5, np.float32)
+        if spec.attention_scale is None
+        else _scalar(b, spec.attention_scale)
     )
+    scores = b.op("Mul", scope + "/scale", [b.op("MatMul", scope + "/qk", [q, kt]), scale])
+    if spec.attn_softcap:
+        scores = softcap(b, scope + "/softcap", scores, spec.attn_softcap)
     probs = b.op("Softmax", scope, [b.op("Add", scope + "/mask", [scores, mask])], axis=-1)
     ctx = b.op("MatMul", scope + "/pv", [probs, v])  # (B,heads,S,d)
     ctx = b.op("Transpose", scope + "/ctx", [ctx], perm=[0, 2, 1, 3])
@@ -379,6 +491,15 @@ ACTIVATIONS = {
     "gelu_fast": "gelu_tanh",
     "relu": "relu",
 }
+
+
+def _head_norm(spec, b, scope, name, x3):
+    """RMSNorm over each head's d values: (B,S,n*d) -> (B,S,n,d) -> norm -> (B,S,n*d). The head
+    count is left to the reshape (-1), so a rank's share of the heads reshapes alike."""
+    d = spec.head_dim
+    x = b.op("Reshape", scope, [x3, b.const(f"/shape/0,0,-1,{d}", [0, 0, -1, d])])
+    x = norm(spec, b, scope, name, x)
+    return b.op("Reshape", scope, [x, b.const("/shape/0,0,-1", [0, 0, -1])])
 
 
 def _heads(b, scope, x, n, d):

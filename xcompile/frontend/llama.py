@@ -40,11 +40,15 @@ TENSOR_PARALLEL = TensorParallel(
 )
 
 
+def rope_type(config) -> str:
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    return params.get("rope_type", params.get("type", "default"))
+
+
 def rope(config, rotary_cls) -> tuple[tuple[float, ...], float]:
     """inv_freq and the cos/sin scale, computed by transformers' own rotary module for this
     config (so every static rope type it knows: default, linear, llama3, yarn, ...)."""
-    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    kind = params.get("rope_type", params.get("type", "default"))
+    kind = rope_type(config)
     if kind in ("dynamic", "longrope"):
         raise UserError(
             f"rope_type {kind!r} changes with sequence length and is not supported; "
@@ -55,15 +59,24 @@ def rope(config, rotary_cls) -> tuple[tuple[float, ...], float]:
 
 
 def llama_like(
-    config, family: str, rotary_cls, windows: tuple[int | None, ...] = ()
+    config,
+    family: str,
+    rotary_cls,
+    windows: tuple[int | None, ...] = (),
+    names: WeightNames = NAMES,
+    rope_tables: tuple[tuple[float, ...], float] | None = None,
+    **variant,
 ) -> DecoderSpec:
+    """variant: DecoderSpec fields the family sets beyond Llama's (multipliers, longrope, ...);
+    rope_tables: (inv_freq, scale) when the family computes them itself. The rotary dims are
+    twice inv_freq's length (partial rotary when fewer than head_dim)."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    if config.hidden_act not in ACTIVATIONS:
+    act = getattr(config, "hidden_activation", None) or config.hidden_act  # Gemma's name for it
+    if act not in ACTIVATIONS:
         raise UserError(
-            f"activation {config.hidden_act!r} is not supported "
-            f"(supported: {', '.join(sorted(ACTIVATIONS))})"
+            f"activation {act!r} is not supported (supported: {', '.join(sorted(ACTIVATIONS))})"
         )
-    inv_freq, scale = rope(config, rotary_cls)
+    inv_freq, scale = rope_tables or rope(config, rotary_cls)
     return DecoderSpec(
         family=family,
         layers=config.num_hidden_layers,
@@ -76,12 +89,13 @@ def llama_like(
         norm="rms",
         norm_eps=config.rms_norm_eps,
         rotary="half",
-        rotary_dim=head_dim,
+        rotary_dim=2 * len(inv_freq),
         inv_freq=inv_freq,
         rotary_scale=scale,
-        activation=ACTIVATIONS[config.hidden_act],
-        names=NAMES,
+        activation=ACTIVATIONS[act],
+        names=names,
         sliding_window=windows,
+        **variant,
     )
 
 

@@ -14,12 +14,12 @@ def spec(config) -> DecoderSpec:
     with quiet_imports():
         from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
 
+    return llama_like(config, "qwen2", Qwen2RotaryEmbedding, windows(config))
+
+
+def windows(config) -> tuple[int | None, ...]:
+    """The sliding window of each layer its config marks (layer_types), or () for none."""
     kinds = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
     window = config.sliding_window if getattr(config, "use_sliding_window", False) else None
-    windows = tuple(window if kind == "sliding_attention" else None for kind in kinds)
-    return llama_like(
-        config,
-        "qwen2",
-        Qwen2RotaryEmbedding,
-        windows if any(w is not None for w in windows) else (),
-    )
+    found = tuple(window if kind == "sliding_attention" else None for kind in kinds)
+    return found if any(w is not None for w in found) else ()

@@ -31,6 +31,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -80,6 +81,7 @@ constexpr int64_t kSplitTokens = 8;  // decode (and a few tokens at once) splits
 // Keys per chunk, a multiple of the key block: 256 rows of d = 64 are 64 KB of K and V in fp32,
 // 32 KB in bf16; a long context gives every thread several chunks.
 constexpr int64_t kChunkKeys = 256;
+std::atomic<bool> split_keys{true};  // set_attention_split: off only to measure or test without
 
 // One (token, head)'s chunks combined into out (d): o (chunks, d), m, l (chunks), `used` of them.
 void combine(const float* o, const float* m, const float* l, int64_t used, int64_t d, float* out) {
@@ -105,7 +107,7 @@ void attend(const float* q, const T* k_cache, const T* v_cache, float* out, int6
     return window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
   };
   const int64_t most = total - first_key(total - 1);  // the last token's keys: no token sees more
-  const int64_t chunk_keys = S <= kSplitTokens ? kChunkKeys : most;
+  const int64_t chunk_keys = S <= kSplitTokens && split_keys.load() ? kChunkKeys : most;
   const int64_t chunks = (most + chunk_keys - 1) / chunk_keys;
   const int threads = num_threads();
   // A decode head over a short context is a microsecond or two: below ~32K multiply-adds in all
@@ -196,6 +198,8 @@ void attend(const float* q, const T* k_cache, const T* v_cache, float* out, int6
 }
 
 }  // namespace
+
+void set_attention_split(bool enabled) { split_keys.store(enabled); }
 
 void attention(const float* q, const float* k_cache, const float* v_cache, float* out, int64_t S,
                int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t capacity, int64_t past,

@@ -57,6 +57,9 @@ void attention(const float* q, const float* k_cache, const float* v_cache, float
                int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t capacity, int64_t past,
                int64_t window, float scale, const int32_t* slot_of = nullptr,
                int64_t slot_stride = 0);
+// Decode's split over keys (csrc/attention.cpp) on (the default) or off: off only for benchmarks
+// and tests that hold the split to the one-pass path.
+void set_attention_split(bool enabled);
 // The same over a bf16 cache (raw uint16 bits; slot_stride in elements), widened to fp32 as read.
 void attention_bf16(const float* q, const uint16_t* k_cache, const uint16_t* v_cache, float* out,
                     int64_t S, int64_t heads, int64_t kv_heads, int64_t head_dim,

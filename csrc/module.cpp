@@ -263,6 +263,10 @@ NB_MODULE(_C, m) {
         nb::call_guard<nb::gil_scoped_release>(),
         "attention over bf16 caches (raw uint16 bits, slot_stride in elements); q, out fp32.");
 
+  m.def("set_attention_split", &xcompile::set_attention_split, "enabled"_a,
+        "Decode attention split over keys (flash-decoding): on by default; off only to measure "
+        "or test the one-pass path.");
+
   m.def("kv_write", tape_def("kv_write", &bind_kv_write<float>), KV_WRITE_ARGS,
         nb::call_guard<nb::gil_scoped_release>(),
         "src (S, kv_heads, d; token stride src_stride) -> cache (slots, kv_heads, capacity, d) "

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from xcompile import _C
 from xcompile.runtime import kernels
 
 # (heads, kv_heads): multi-query, grouped, and plain multi-head.
@@ -122,8 +123,6 @@ def test_attention_reads_through_slot_indices(isa, window):
 
 
 def test_kv_write_places_rows_at_slot_and_positions():
-    from xcompile import _C
-
     slots, kv_heads, capacity, d, tokens = 3, 2, 10, 8, 4
     cache = torch.zeros(slots, kv_heads, capacity, d)
     wide = torch.randn(tokens, kv_heads * d + 5)  # token stride wider than kv_heads * d
@@ -218,6 +217,12 @@ def test_split_decode_matches_unsplit_at_any_thread_count(isa, threads, dtype, w
     unsplit = kernels.attention(q, k, v, past, 0.125, window)[11:]
     expected = kernels.attention_reference(q[11:], k, v, last, 0.125, window)
     torch.testing.assert_close(results[0], unsplit, rtol=1e-5, atol=1e-5)
+    _C.set_attention_split(False)  # the same S = 1 call in one pass over the keys
+    try:
+        one_pass = kernels.attention(q[11:].contiguous(), k, v, last, 0.125, window)
+    finally:
+        _C.set_attention_split(True)
+    assert torch.equal(one_pass, unsplit)  # one pass is the S = 12 path, bit for bit
     torch.testing.assert_close(results[0], expected, rtol=1e-5, atol=1e-5)
     assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
 
@@ -261,8 +266,6 @@ def test_split_decode_in_place(threads):
 def test_kv_write_bf16_rounds_to_nearest_even():
     # torch's fp32 -> bf16 conversion rounds to nearest even: ties both ways, the largest finite
     # values, infinities and NaN, at a slot and positions inside a larger cache.
-    from xcompile import _C
-
     slots, kv_heads, capacity, d, tokens = 2, 2, 6, 8, 3
     ties = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 3.3895314e38, 1e-40])
     special = torch.tensor([float("inf"), float("-inf"), 0.0, -0.0])

@@ -242,8 +242,8 @@ XC_TARGET_AVX512 inline __m128 hsum4_avx512(__m512 a, __m512 b, __m512 c, __m512
 }
 
 template <typename T>
-XC_TARGET_AVX512 void scores_avx512(const float* q, const T* k, int64_t n, int64_t d,
-                                    float scale, float* s) {
+XC_TARGET_AVX512 void scores_avx512_widen(const float* q, const T* k, int64_t n, int64_t d,
+                                          float scale, float* s) {
   const int64_t full = d / 16 * 16;
   const __mmask16 tail = lanes_below_avx512(d - full);
   int64_t j = 0;
@@ -274,6 +274,12 @@ XC_TARGET_AVX512 void scores_avx512(const float* q, const T* k, int64_t n, int64
                             load_avx512<true>(kj + full, tail), acc);
     s[j] = _mm512_reduce_add_ps(acc) * scale;
   }
+}
+
+template <typename T>
+XC_TARGET_AVX512 void scores_avx512(const float* q, const T* k, int64_t n, int64_t d,
+                                    float scale, float* s) {
+  scores_avx512_widen(q, k, n, d, scale, s);
 }
 
 XC_TARGET_AVX512 inline float softmax_avx512(float* s, int64_t n, float* max_out) {
@@ -322,18 +328,115 @@ XC_TARGET_AVX512 void weighted_block_avx512(const float* p, const T* v, int64_t 
 }
 
 // Column blocks of 64 (one cache line of each fp32 V row per vector), then 16, then the rest.
+// `width` columns of rows of d (the whole row but where a bf16 block path took the first ones).
+template <typename T>
+XC_TARGET_AVX512 void weighted_avx512_widen(const float* p, const T* v, int64_t n, int64_t d,
+                                            bool accumulate, float scale, float* out,
+                                            int64_t width) {
+  int64_t c = 0;
+  for (; c + 64 <= width; c += 64)
+    weighted_block_avx512<4, false>(p, v + c, n, d, accumulate, scale, out + c, 0);
+  for (; c + 16 <= width; c += 16)
+    weighted_block_avx512<1, false>(p, v + c, n, d, accumulate, scale, out + c, 0);
+  if (c < width)
+    weighted_block_avx512<1, true>(p, v + c, n, d, accumulate, scale, out + c,
+                                   lanes_below_avx512(width - c));
+}
+
 template <typename T>
 XC_TARGET_AVX512 void weighted_avx512(const float* p, const T* v, int64_t n, int64_t d,
                                       bool accumulate, float scale, float* out) {
-  int64_t c = 0;
-  for (; c + 64 <= d; c += 64)
-    weighted_block_avx512<4, false>(p, v + c, n, d, accumulate, scale, out + c, 0);
-  for (; c + 16 <= d; c += 16)
-    weighted_block_avx512<1, false>(p, v + c, n, d, accumulate, scale, out + c, 0);
-  if (c < d)
-    weighted_block_avx512<1, true>(p, v + c, n, d, accumulate, scale, out + c,
-                                   lanes_below_avx512(d - c));
+  weighted_avx512_widen(p, v, n, d, accumulate, scale, out, d);
 }
+
+// bf16 rows 32 values at a time: a 16-bit value at an even position is the low half of its 32-bit
+// lane, so (lane << 16) is that value in fp32 and (lane & 0xffff0000) the odd one beside it: two
+// plain ALU ops widen 32 values, where vpmovzxwd + shift take two ops per 16. The values come out
+// split even / odd, so q (scores) and the output columns (weighted) are taken apart the same way.
+XC_TARGET_AVX512 inline void split_bf16_avx512(const bf16* at, __m512& even, __m512& odd) {
+  const __m512i raw = _mm512_loadu_si512(at);
+  even = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
+  odd = _mm512_castsi512_ps(_mm512_and_si512(raw, _mm512_set1_epi32(int(0xffff0000u))));
+}
+
+// 32 fp32 at `at` -> their even positions, their odd ones; and back.
+XC_TARGET_AVX512 inline void deinterleave_avx512(const float* at, __m512& even, __m512& odd) {
+  const __m512 a = _mm512_loadu_ps(at), b = _mm512_loadu_ps(at + 16);
+  const __m512i evens =
+      _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  even = _mm512_permutex2var_ps(a, evens, b);
+  odd = _mm512_permutex2var_ps(a, _mm512_add_epi32(evens, _mm512_set1_epi32(1)), b);
+}
+
+XC_TARGET_AVX512 inline void interleave_avx512(__m512 even, __m512 odd, float* at) {
+  const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  _mm512_storeu_ps(at, _mm512_permutex2var_ps(even, lo, odd));
+  const __m512i hi = _mm512_add_epi32(lo, _mm512_set1_epi32(8));
+  _mm512_storeu_ps(at + 16, _mm512_permutex2var_ps(even, hi, odd));
+}
+
+// scores over a bf16 cache, d a multiple of 32 and <= 256 (else the general path): q split once.
+template <>
+XC_TARGET_AVX512 inline void scores_avx512<bf16>(const float* q, const bf16* k, int64_t n,
+                                                 int64_t d, float scale, float* s) {
+  if (d % 32 || d > 256) return scores_avx512_widen(q, k, n, d, scale, s);
+  __m512 qe[8], qo[8];
+  for (int64_t c = 0; c < d; c += 32) deinterleave_avx512(q + c, qe[c / 32], qo[c / 32]);
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                     _mm512_setzero_ps()};
+    for (int64_t c = 0; c < d; c += 32)
+      for (int r = 0; r < 4; ++r) {
+        __m512 even, odd;
+        split_bf16_avx512(k + (j + r) * d + c, even, odd);
+        acc[r] = _mm512_fmadd_ps(qo[c / 32], odd, _mm512_fmadd_ps(qe[c / 32], even, acc[r]));
+      }
+    _mm_storeu_ps(s + j, _mm_mul_ps(hsum4_avx512(acc[0], acc[1], acc[2], acc[3]),
+                                    _mm_set1_ps(scale)));
+  }
+  for (; j < n; ++j) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t c = 0; c < d; c += 32) {
+      __m512 even, odd;
+      split_bf16_avx512(k + j * d + c, even, odd);
+      acc = _mm512_fmadd_ps(qo[c / 32], odd, _mm512_fmadd_ps(qe[c / 32], even, acc));
+    }
+    s[j] = _mm512_reduce_add_ps(acc) * scale;
+  }
+}
+
+// weighted over a bf16 cache: 64 columns a block (two split vectors of 32), accumulated even /
+// odd and put back in order at the end; the rest of the columns on the general path.
+template <>
+XC_TARGET_AVX512 inline void weighted_avx512<bf16>(const float* p, const bf16* v, int64_t n,
+                                                   int64_t d, bool accumulate, float scale,
+                                                   float* out) {
+  int64_t c = 0;
+  for (; c + 64 <= d; c += 64) {
+    __m512 acc[4];  // even, odd of columns c .. c + 31, then of c + 32 .. c + 63
+    for (int h = 0; h < 2; ++h) {
+      if (accumulate) deinterleave_avx512(out + c + 32 * h, acc[2 * h], acc[2 * h + 1]);
+      else
+        acc[2 * h] = acc[2 * h + 1] = _mm512_setzero_ps();
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      const __m512 pj = _mm512_set1_ps(p[j]);
+      for (int h = 0; h < 2; ++h) {
+        __m512 even, odd;
+        split_bf16_avx512(v + j * d + c + 32 * h, even, odd);
+        acc[2 * h] = _mm512_fmadd_ps(pj, even, acc[2 * h]);
+        acc[2 * h + 1] = _mm512_fmadd_ps(pj, odd, acc[2 * h + 1]);
+      }
+    }
+    const __m512 vscale = _mm512_set1_ps(scale);
+    for (int h = 0; h < 2; ++h)
+      interleave_avx512(_mm512_mul_ps(acc[2 * h], vscale), _mm512_mul_ps(acc[2 * h + 1], vscale),
+                        out + c + 32 * h);
+  }
+  if (c < d) weighted_avx512_widen(p, v + c, n, d, accumulate, scale, out + c, d - c);
+}
+
 #endif
 
 }  // namespace attention_rows

@@ -174,7 +174,7 @@ def test_attention_step_direct_path_matches_reference():
 
 
 # -- a bf16 cache, and decode split over keys (flash-decoding) ----------------------------------
-# (S, past): decode within one chunk of keys (256), across 3 and 9 chunks, a few tokens at once
+# (S, past): decode within one chunk of keys (512), across 2 and 5 chunks, a few tokens at once
 # (still split), and a prefill (not split).
 LONG_STEPS = [(1, 37), (1, 600), (1, 2100), (5, 700), (40, 300)]
 
@@ -203,7 +203,7 @@ def test_attention_bf16_cache_matches_reference(isa, d, window):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("window", [0, 700], ids=["causal", "window700"])
 def test_split_decode_matches_unsplit_at_any_thread_count(isa, threads, dtype, window):
-    """A token decoded alone (S = 1: its keys split into chunks of 256, combined after) against
+    """A token decoded alone (S = 1: its keys split into chunks of 512, combined after) against
     the same token as the last row of a 12-token step (S > 8: one pass over all its keys):
     the same within rounding; and bit for bit the same at 1, 2 and 3 threads."""
     heads, kv_heads, d, past = 9, 3, 64, 1500  # SmolLM2's heads: 3 KV heads on 2 threads
@@ -235,7 +235,7 @@ def test_split_decode_reads_through_slot_indices(isa, threads, dtype):
     k = torch.randn(slots, kv_heads, capacity, d, generator=gen).to(dtype)
     v = torch.randn(slots, kv_heads, capacity, d, generator=gen).to(dtype)
     k[3], v[3] = 1e4, float("nan")  # slot 3 is never named
-    for tokens, past, window in [(1, 1100, 0), (1, 1100, 500), (3, 900, 0)]:
+    for tokens, past, window in [(1, 1100, 0), (1, 1100, 700), (3, 900, 0)]:
         total = past + tokens
         slot_of = torch.randint(0, 3, (capacity,), generator=gen, dtype=torch.int32)
         slot_of[: total - 300] = 0  # a long shared prefix, then short runs across two chunks

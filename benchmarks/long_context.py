@@ -22,15 +22,22 @@ Figures are the median over rounds.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
+# as the runtime does (runtime/__init__.py): passive OpenMP waiting, set before torch loads
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# this folder's kernels.py would shadow the `kernels` package transformers imports (the toy)
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from xcompile import _C
-from xcompile.runtime import kernels
+import torch  # noqa: E402
+
+from xcompile import _C  # noqa: E402
+from xcompile.runtime import kernels  # noqa: E402
 
 HEAD_SHAPES = {"TinyLlama 32/4 x 64": (32, 4, 64), "SmolLM2 9/3 x 64": (9, 3, 64)}
 

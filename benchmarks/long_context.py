@@ -11,7 +11,8 @@ shared host's swings hit every row alike.
    2 threads split 2 + 1 without the split over keys): us per call, fp32 / bf16 cache x split /
    one pass (_C.set_attention_split).
 2. A model: decode steps at positions context .. context + steps - 1 after a prefill of
-   `context` tokens, the same model loaded with `--kv-cache float32` and `bfloat16`: ms per token.
+   `context` tokens, the same model loaded with `--kv-cache float32` and `bfloat16`, attention
+   split or in one pass: ms per token.
    MODEL is an artifacts folder (used as it is) or a checkpoint (compiled as --dtype into
    --work); without it, a toy Llama with TinyLlama's attention (hidden 2048, 32 heads, 4 KV heads)
    and 4 layers of intermediate 2048 is made (xcompile.toy), max_position_embeddings context +
@@ -99,18 +100,24 @@ def model_rows(art: Path, context: int, steps: int, rounds: int) -> None:
     for choice, model in models.items():
         caches[choice] = model.new_cache(context + steps)
         model.forward(ids, 0, caches[choice], last_only=True)
-    times = {c: [] for c in models}
+    times = {(c, split): [] for c in models for split in (True, False)}
     for r in range(rounds + 1):  # round 0 records the replayed steps: not counted
-        for choice, model in models.items():
+        for choice, split in times:
+            _C.set_attention_split(split)
             t0 = time.perf_counter()
             for i in range(steps):
-                model.forward([ids[i]], context + i, caches[choice], last_only=True)
+                models[choice].forward([ids[i]], context + i, caches[choice], last_only=True)
             if r:
-                times[choice].append((time.perf_counter() - t0) / steps * 1e3)
+                times[choice, split].append((time.perf_counter() - t0) / steps * 1e3)
+    _C.set_attention_split(True)
     manifest = models["float32"].manifest
     print(f"\n{art} ({manifest.dtype}), decode at {context}..{context + steps - 1} of context")
-    fp32, bf16 = (statistics.median(times[c]) for c in ("float32", "bfloat16"))
-    print(f"  ms/token: fp32 cache {fp32:.2f}, bf16 cache {bf16:.2f} ({fp32 / bf16:.3f}x)")
+    for split in (True, False):
+        fp32, bf16 = (statistics.median(times[c, split]) for c in ("float32", "bfloat16"))
+        print(
+            f"  ms/token, attention {'split' if split else 'one pass'}: fp32 cache {fp32:.2f}, "
+            f"bf16 cache {bf16:.2f} ({fp32 / bf16:.3f}x)"
+        )
     nbytes = {c: caches[c].nbytes * context / (context + steps) for c in caches}
     print(f"  cache read per token: fp32 {nbytes['float32'] / 2**20:.1f} MiB, "
           f"bf16 {nbytes['bfloat16'] / 2**20:.1f} MiB")  # fmt: skip

@@ -158,3 +158,14 @@ def test_real_model_bf16_cache_perplexity_within_a_thousandth(real_compiled, tmp
 def test_bad_kv_cache_value_is_one_line(compiled, tmp_path, value):
     res = run(tmp_path, "xrun", compiled("llama"), "--prompt", "hi", "--kv-cache", value)
     user_error(res, "--kv-cache", "auto", "float32", "bfloat16")
+
+
+def test_primitive_graph_reads_the_bf16_cache_widened(compiled):
+    """--no-fuse artifacts: the graph's own Concat/MatMul read the cache, widened to fp32 (a copy
+    per step); the same logits as the fused graph with the same cache, to 1e-4."""
+    fused = Model.load(compiled("llama", "bf16"))
+    primitive = Model.load(compiled("llama", "bf16", passes=[]))
+    assert primitive.kv_dtype == torch.bfloat16
+    tokens, want = greedy_logits(fused)
+    _, got = greedy_logits(primitive, forced=tokens)
+    assert (got - want).abs().max().item() <= 1e-4 * max(1.0, want.abs().max().item())

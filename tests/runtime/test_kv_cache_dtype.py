@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from tests.conftest import run_xrun
+from tests.conftest import bf16_matmul_atol, run_xrun
 from tests.test_cli_errors import run, user_error
 from xcompile.errors import UserError
 from xcompile.runtime import cli
@@ -92,7 +92,8 @@ def test_bf16_cache_kernels_equal_reference_in_batched_slots_and_beams(peaked):
             out.append(model.forward_batch(segs, [6 + step, 9 + step], cache))
             model.reorder(cache, [0, 3, 2, 1], at + 1)
         results.append(torch.cat(out))
-    torch.testing.assert_close(results[0], results[1], rtol=1e-4, atol=1e-4)
+    atol = bf16_matmul_atol()  # the kernels' BF16 matmuls against torch's, besides the cache
+    torch.testing.assert_close(results[0], results[1], rtol=1e-4, atol=atol)
 
 
 def test_beam_search_on_the_bf16_cache_matches_the_reference_path(peaked):
@@ -162,10 +163,12 @@ def test_bad_kv_cache_value_is_one_line(compiled, tmp_path, value):
 
 def test_primitive_graph_reads_the_bf16_cache_widened(compiled):
     """--no-fuse artifacts: the graph's own Concat/MatMul read the cache, widened to fp32 (a copy
-    per step); the same logits as the fused graph with the same cache, to 1e-4."""
+    per step); the same logits as the fused graph with the same cache, each within the BF16
+    matmuls' tolerance of the exact products (1e-4; hi + lo's 4e-4 from avx512_bf16 on)."""
     fused = Model.load(compiled("llama", "bf16"))
     primitive = Model.load(compiled("llama", "bf16", passes=[]))
     assert primitive.kv_dtype == torch.bfloat16
     tokens, want = greedy_logits(fused)
     _, got = greedy_logits(primitive, forced=tokens)
-    assert (got - want).abs().max().item() <= 1e-4 * max(1.0, want.abs().max().item())
+    bound = 2 * bf16_matmul_atol() * max(1.0, want.abs().max().item())
+    assert (got - want).abs().max().item() <= bound

@@ -11,7 +11,7 @@ os.environ["XCOMPILE_CACHE"] = __import__("tempfile").mkdtemp(prefix="xcompile-t
 
 import pytest  # noqa: E402
 
-FAMILIES = ("llama", "mistral", "qwen2", "gptj", "qwen3", "granite", "phi3", "gemma2")
+FAMILIES = ("llama", "mistral", "qwen2", "gptj", "qwen3", "granite", "phi3", "gemma2", "gemma3")
 
 
 @pytest.fixture(scope="session")

@@ -77,7 +77,7 @@ def linear_inputs(hf, samples) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize(
-    "family", ["llama", "gptj", "mistral", "qwen3", "granite", "phi3", "gemma2"]
+    "family", ["llama", "gptj", "mistral", "qwen3", "granite", "phi3", "gemma2", "gemma3"]
 )
 def test_layer_by_layer_reproduces_transformers(family, checkpoint, hf_model):
     """Embedding rows, rotary tables and the causal (mistral: sliding-window) mask as the
@@ -275,7 +275,7 @@ def test_calibrated_logits_closer_to_fp32_than_rtn(peaked, tmp_path):
     assert err["gptq"] < err["rtn"] and err["awq"] < err["rtn"], err
 
 
-@pytest.mark.parametrize("family", ["qwen3", "granite", "phi3", "gemma2"])
+@pytest.mark.parametrize("family", ["qwen3", "granite", "phi3", "gemma2", "gemma3"])
 def test_calibrated_families_run_and_gptq_beats_rtn(family, peaked, tmp_path, one_thread):
     """GPTQ and AWQ through each family's own transformers layer (Qwen3's q/k norms, Granite's
     multipliers, Phi-3's fused qkv_proj / gate_up_proj split into the graph's q/k/v and gate/up

@@ -58,7 +58,9 @@ def test_fp32_prefill_logits_within_1e4(family, graph, kernels, compiled, hf_mod
     assert (step[-1] - full).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("family", ["llama", "gptj", "qwen3", "granite", "phi3", "gemma2"])
+@pytest.mark.parametrize(
+    "family", ["llama", "gptj", "qwen3", "granite", "phi3", "gemma2", "gemma3"]
+)
 def test_bf16_logits_close_to_transformers_bf16(family, compiled, hf_model):
     """BF16 artifacts keep activations in FP32 with BF16 matrices. Against transformers on the
     same BF16-rounded weights in FP32 they agree to 1e-4; against transformers run fully in

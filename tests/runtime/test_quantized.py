@@ -12,7 +12,7 @@ from xcompile.runtime.sampling import Sampler, SamplingParams
 from xcompile.runtime.tokenizer import TextTokenizer
 
 PROMPT = "The quick brown fox jumps over the lazy dog"
-FAMILIES = ["llama", "qwen2", "gptj", "qwen3", "granite", "phi3", "gemma2"]
+FAMILIES = ["llama", "qwen2", "gptj", "qwen3", "granite", "phi3", "gemma2", "gemma3"]
 
 
 def greedy(art, n=16):
@@ -43,7 +43,7 @@ def test_int4_rtn_agrees_for_the_first_8_tokens(family, peaked):
 
 @pytest.mark.parametrize("dtype", ["int8-exact", "int4-exact"])
 @pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "reference"])
-@pytest.mark.parametrize("family", ["llama", "qwen3", "granite", "phi3", "gemma2"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "granite", "phi3", "gemma2", "gemma3"])
 def test_logits_equal_transformers_on_the_dequantized_weights(family, dtype, kernels, peaked):
     """The runtime adds no error of its own: transformers, given neural-compressor's
     quantize-dequantize of each matrix (and BF16 embedding and lm_head, as stored), gives the

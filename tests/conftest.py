@@ -202,8 +202,11 @@ def torchrun(ranks: int) -> list[str]:
     ]
 
 
-# the toy Gemma 2's final soft-cap of 2 would flatten the peaked logits (all near 2: ties)
-PEAKED = {"gemma2": dict(final_logit_softcapping=30.0)}
+# the toy Gemma 2's final soft-cap of 2 would flatten the peaked logits (all near 2: ties);
+# Gemma 3's seed 0 holds a top-2 margin of 0.17 at token 12 of its 16 greedy tokens (INT8's
+# logit error reaches ~1 there: its q/k norms sharpen attention, as Qwen3's); seed 3's smallest
+# FP32 margin is 1.22, INT8's largest change of a margin 0.63 (measured)
+PEAKED = {"gemma2": dict(final_logit_softcapping=30.0), "gemma3": dict(seed=3)}
 
 
 @pytest.fixture(scope="session")

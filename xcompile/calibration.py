@@ -452,6 +452,11 @@ def _awq_layer(layer, inputs, scheme: WeightOnly, spec: DecoderSpec, i: int):
     def record_and_fold(scale_info):
         scales.update(scale_info)
         fold(scale_info)
+        if spec.norm_offset:  # INC divides the norm's w by s; Gemma's scale is (offset + w)
+            for tup, s in scale_info.items():
+                norm = layer.get_submodule(algo.absorb_layer_dict[tup].removeprefix("layers.0."))
+                if norm.weight.dim() == 1:  # (offset + w') = (offset + w) / s
+                    norm.weight.data.add_(spec.norm_offset * (1.0 / s - 1.0))
 
     algo.apply_scale = record_and_fold
     algo.apply_quantize_with_clip = lambda return_int=False: None  # done below, per weight

@@ -105,15 +105,14 @@ def worker(artifacts: Path, threads: int, prompt: int, gen: int, depth: int, kv:
 
     torch.set_num_threads(threads)
     kernels.set_num_threads(threads)
-    model = Model.load(artifacts)
+    model = Model.load(artifacts, kv_cache=kv or "auto")
     vocab = int(model.config.get("vocab_size") or 32000)
     rng = random.Random(0)
     ids = [rng.randrange(vocab) for _ in range(max(prompt, depth) + gen + 8)]
-    cache_args = {} if kv is None else {"kv_cache": kv}
-    report: dict = {"isa": kernels.isa()}
+    report: dict = {"isa": kernels.isa(), "kv_cache": str(model.kv_dtype).removeprefix("torch.")}
 
     if prompt:
-        cache = model.new_cache(prompt + 1, **cache_args)
+        cache = model.new_cache(prompt + 1)
         model.forward(ids[:prompt], 0, cache, last_only=True)
         best = float("inf")
         for _ in range(3):
@@ -122,7 +121,7 @@ def worker(artifacts: Path, threads: int, prompt: int, gen: int, depth: int, kv:
             best = min(best, time.perf_counter() - t0)
         report["prefill_tps"] = prompt / best
     if gen:
-        cache = model.new_cache(depth + gen + 8, **cache_args)
+        cache = model.new_cache(depth + gen + 8)
         pos = 0
         if depth:
             for at in range(0, depth, 512):  # the context, prefilled in pieces as a long prompt
@@ -218,7 +217,7 @@ def main() -> None:
 
     figures: dict = {}
     bws: list[float] = []
-    isa = None
+    isa = kv = None
     for _ in range(args.rounds):
         for model, fmt, kind, art, gguf in cells:
             row = figures.setdefault(f"{model} {fmt}:{kind}", {})
@@ -230,7 +229,7 @@ def main() -> None:
             for test, prompt, gen, depth in tests:
                 bws.append(read_bandwidth(args.threads))
                 ours = xrun(art, args, prompt, gen, depth)
-                isa = ours["isa"]
+                isa, kv = ours["isa"], ours["kv_cache"]
                 theirs = llama(tools, gguf, args, prompt, gen, depth)["tps"]
                 if gen:
                     row.setdefault(test, ([], []))
@@ -244,7 +243,9 @@ def main() -> None:
                       f"llama.cpp {row[test][1][-1]:.2f}", file=sys.stderr, flush=True)  # fmt: skip
 
     cpu = _cpu_name()
-    print(f"CPU: {cpu}; xrun ISA: {isa}; {args.threads} threads; llama.cpp {tools.bin}")
+    print(
+        f"CPU: {cpu}; xrun ISA: {isa}, KV cache {kv}; {args.threads} threads; llama.cpp {tools.bin}"
+    )
     print(f"read bandwidth: {span(bws, '.1f')} GB/s over {len(bws)} passes; {args.rounds} rounds")
     columns = []  # (test, header of xrun, header of llama.cpp, decode?)
     if args.gen and not args.depth_only:

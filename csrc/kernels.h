@@ -38,22 +38,33 @@ void silu_mul_rows(const float* gate, const float* up, float* out, int64_t rows,
 // x, out (n) fp32: out = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))). out may alias x.
 void gelu_tanh(const float* x, float* out, int64_t n);
 
-// New K or V into the cache: src (S, kv_heads, d) fp32 with token stride src_stride (a column
-// slice of a fused QKV output, say) -> cache (slots, kv_heads, capacity, d) at slot `slot`,
-// positions start .. start + S - 1.
+// New K or V into the cache (csrc/kv_write.cpp): src (S, kv_heads, d) fp32 with token stride
+// src_stride (a column slice of a fused QKV output, say) -> cache (slots, kv_heads, capacity, d)
+// at slot `slot`, positions start .. start + S - 1. kv_write_bf16: the cache is bf16 (raw uint16
+// bits), each value rounded to nearest even.
 void kv_write(const float* src, int64_t src_stride, float* cache, int64_t slot, int64_t start,
               int64_t S, int64_t kv_heads, int64_t head_dim, int64_t capacity);
+void kv_write_bf16(const float* src, int64_t src_stride, uint16_t* cache, int64_t slot,
+                   int64_t start, int64_t S, int64_t kv_heads, int64_t head_dim, int64_t capacity);
 
 // q (S, heads, d), k_cache and v_cache (kv_heads, capacity, d) with rows 0 .. past + S - 1 valid,
-// out (S, heads, d) (may be q), all fp32. Causal GQA: query t (position past + t), head h attends
-// to keys max(0, past + t - window + 1) .. past + t of KV head h / (heads / kv_heads) (window <= 0:
-// from 0), softmax(scale * q . k) @ v.
+// out (S, heads, d) (may be q), all fp32 (csrc/attention.cpp). Causal GQA: query t (position
+// past + t), head h attends to keys max(0, past + t - window + 1) .. past + t of KV head
+// h / (heads / kv_heads) (window <= 0: from 0), softmax(scale * q . k) @ v.
 // slot_of (past + S int32) or null: key j is read from the cache slot slot_of[j], slot_stride
 // floats apart (k_cache, v_cache then point at slot 0): beam search's indirect access.
 void attention(const float* q, const float* k_cache, const float* v_cache, float* out, int64_t S,
                int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t capacity, int64_t past,
                int64_t window, float scale, const int32_t* slot_of = nullptr,
                int64_t slot_stride = 0);
+// Decode's split over keys (csrc/attention.cpp) on (the default) or off: off only for benchmarks
+// and tests that hold the split to the one-pass path.
+void set_attention_split(bool enabled);
+// The same over a bf16 cache (raw uint16 bits; slot_stride in elements), widened to fp32 as read.
+void attention_bf16(const float* q, const uint16_t* k_cache, const uint16_t* v_cache, float* out,
+                    int64_t S, int64_t heads, int64_t kv_heads, int64_t head_dim,
+                    int64_t capacity, int64_t past, int64_t window, float scale,
+                    const int32_t* slot_of = nullptr, int64_t slot_stride = 0);
 
 // x (M, K) fp32, w (N, K) fp32 (nn.Linear layout), bias (N) fp32 or null, out (M, N) fp32.
 // out[m, n] = sum_k x[m, k] * w[n, k] + bias[n]

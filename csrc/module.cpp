@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "dispatch.h"
@@ -95,6 +96,53 @@ void nbits_gemv(uintptr_t x, uintptr_t B, uintptr_t scales, uintptr_t zero_point
       as_ptr<const float>(bias, "bias", false), as_ptr<float>(out, "out", true), M, N, K,
       int(bits), block_size);
 }
+
+// attention / attention_bf16: the cache's element type is the only difference (float, or
+// uint16_t for bf16 bits).
+template <typename T>
+void bind_attention(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uintptr_t out, int64_t S,
+                    int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t capacity,
+                    int64_t past, int64_t window, double scale, uintptr_t slot_of,
+                    int64_t slot_stride) {
+  check_sizes("attention", {S, heads, kv_heads, head_dim, capacity, past, slot_stride});
+  if (kv_heads == 0 || heads % kv_heads)
+    throw std::invalid_argument("attention: heads must be a positive multiple of kv_heads");
+  if (past + S > capacity)
+    throw std::invalid_argument("attention: past + S exceeds the cache capacity");
+  if (S == 0 || heads == 0 || head_dim == 0) return;
+  const auto run = [](auto... a) {
+    if constexpr (std::is_same_v<T, float>) xcompile::attention(a...);
+    else xcompile::attention_bf16(a...);
+  };
+  run(as_ptr<const float>(q, "q", true), as_ptr<const T>(k_cache, "k_cache", true),
+      as_ptr<const T>(v_cache, "v_cache", true), as_ptr<float>(out, "out", true), S, heads,
+      kv_heads, head_dim, capacity, past, window, float(scale),
+      as_ptr<const int32_t>(slot_of, "slot_of", false), slot_stride);
+}
+#define ATTENTION_ARGS                                                                     \
+  "q"_a, "k_cache"_a, "v_cache"_a, "out"_a, "S"_a, "heads"_a, "kv_heads"_a, "head_dim"_a, \
+      "capacity"_a, "past"_a, "window"_a, "scale"_a, "slot_of"_a = 0, "slot_stride"_a = 0
+
+template <typename T>
+void bind_kv_write(uintptr_t src, int64_t src_stride, uintptr_t cache, int64_t slot,
+                   int64_t slots, int64_t start, int64_t S, int64_t kv_heads, int64_t head_dim,
+                   int64_t capacity) {
+  check_sizes("kv_write", {src_stride, slot, start, S, kv_heads, head_dim, capacity});
+  if (slot >= slots || start + S > capacity)
+    throw std::invalid_argument("kv_write: slot or positions outside the cache");
+  if (S > 1 && src_stride < kv_heads * head_dim)
+    throw std::invalid_argument("kv_write: src_stride must be >= kv_heads * head_dim");
+  if (S == 0 || kv_heads == 0 || head_dim == 0) return;
+  const float* from = as_ptr<const float>(src, "src", true);
+  T* to = as_ptr<T>(cache, "cache", true);
+  if constexpr (std::is_same_v<T, float>)
+    xcompile::kv_write(from, src_stride, to, slot, start, S, kv_heads, head_dim, capacity);
+  else
+    xcompile::kv_write_bf16(from, src_stride, to, slot, start, S, kv_heads, head_dim, capacity);
+}
+#define KV_WRITE_ARGS                                                                        \
+  "src"_a, "src_stride"_a, "cache"_a, "slot"_a, "slots"_a, "start"_a, "S"_a, "kv_heads"_a, \
+      "head_dim"_a, "capacity"_a
 
 // Tape.add(name, args, starts): args converted once by the kernel's parameter types (bools and
 // ints to int64, floats to double); starts: (argument index, start index) pairs.
@@ -218,47 +266,26 @@ NB_MODULE(_C, m) {
       "x"_a, "out"_a, "n"_a, nb::call_guard<nb::gil_scoped_release>(),
       "out (n) = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))); fp32, out may be x.");
 
-  m.def(
-      "attention",
-      tape_def("attention", +[](uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uintptr_t out, int64_t S, int64_t heads,
-         int64_t kv_heads, int64_t head_dim, int64_t capacity, int64_t past, int64_t window,
-         double scale, uintptr_t slot_of, int64_t slot_stride) {
-        check_sizes("attention", {S, heads, kv_heads, head_dim, capacity, past, slot_stride});
-        if (kv_heads == 0 || heads % kv_heads)
-          throw std::invalid_argument("attention: heads must be a positive multiple of kv_heads");
-        if (past + S > capacity)
-          throw std::invalid_argument("attention: past + S exceeds the cache capacity");
-        if (S == 0 || heads == 0 || head_dim == 0) return;
-        xcompile::attention(as_ptr<const float>(q, "q", true), as_ptr<const float>(k_cache, "k_cache", true),
-                            as_ptr<const float>(v_cache, "v_cache", true), as_ptr<float>(out, "out", true),
-                            S, heads, kv_heads, head_dim, capacity, past, window, float(scale),
-                            as_ptr<const int32_t>(slot_of, "slot_of", false), slot_stride);
-      }),
-      "q"_a, "k_cache"_a, "v_cache"_a, "out"_a, "S"_a, "heads"_a, "kv_heads"_a, "head_dim"_a,
-      "capacity"_a, "past"_a, "window"_a, "scale"_a, "slot_of"_a = 0, "slot_stride"_a = 0,
-      nb::call_guard<nb::gil_scoped_release>(),
-      "Causal GQA of q (S, heads, d) at positions past.. over k_cache, v_cache (kv_heads, "
-      "capacity, d) into out (S, heads, d; may be q); window <= 0: no sliding window; slot_of "
-      "(int32, past + S; 0: none): key j from cache slot slot_of[j], slot_stride floats apart.");
+  m.def("attention", tape_def("attention", &bind_attention<float>), ATTENTION_ARGS,
+        nb::call_guard<nb::gil_scoped_release>(),
+        "Causal GQA of q (S, heads, d) at positions past.. over k_cache, v_cache (kv_heads, "
+        "capacity, d) into out (S, heads, d; may be q); window <= 0: no sliding window; slot_of "
+        "(int32, past + S; 0: none): key j from cache slot slot_of[j], slot_stride floats apart.");
+  m.def("attention_bf16", tape_def("attention_bf16", &bind_attention<uint16_t>), ATTENTION_ARGS,
+        nb::call_guard<nb::gil_scoped_release>(),
+        "attention over bf16 caches (raw uint16 bits, slot_stride in elements); q, out fp32.");
 
-  m.def(
-      "kv_write",
-      tape_def("kv_write", +[](uintptr_t src, int64_t src_stride, uintptr_t cache, int64_t slot, int64_t slots,
-         int64_t start, int64_t S, int64_t kv_heads, int64_t head_dim, int64_t capacity) {
-        check_sizes("kv_write", {src_stride, slot, start, S, kv_heads, head_dim, capacity});
-        if (slot >= slots || start + S > capacity)
-          throw std::invalid_argument("kv_write: slot or positions outside the cache");
-        if (S > 1 && src_stride < kv_heads * head_dim)
-          throw std::invalid_argument("kv_write: src_stride must be >= kv_heads * head_dim");
-        if (S == 0 || kv_heads == 0 || head_dim == 0) return;
-        xcompile::kv_write(as_ptr<const float>(src, "src", true), src_stride,
-                           as_ptr<float>(cache, "cache", true), slot, start, S, kv_heads, head_dim,
-                           capacity);
-      }),
-      "src"_a, "src_stride"_a, "cache"_a, "slot"_a, "slots"_a, "start"_a, "S"_a, "kv_heads"_a,
-      "head_dim"_a, "capacity"_a, nb::call_guard<nb::gil_scoped_release>(),
-      "src (S, kv_heads, d; token stride src_stride) -> cache (slots, kv_heads, capacity, d) at "
-      "slot, positions start .. start + S - 1; all fp32.");
+  m.def("set_attention_split", &xcompile::set_attention_split, "enabled"_a,
+        "Decode attention split over keys (flash-decoding): on by default; off only to measure "
+        "or test the one-pass path.");
+
+  m.def("kv_write", tape_def("kv_write", &bind_kv_write<float>), KV_WRITE_ARGS,
+        nb::call_guard<nb::gil_scoped_release>(),
+        "src (S, kv_heads, d; token stride src_stride) -> cache (slots, kv_heads, capacity, d) "
+        "at slot, positions start .. start + S - 1; all fp32.");
+  m.def("kv_write_bf16", tape_def("kv_write_bf16", &bind_kv_write<uint16_t>), KV_WRITE_ARGS,
+        nb::call_guard<nb::gil_scoped_release>(),
+        "kv_write into a bf16 cache (raw uint16 bits): src fp32, rounded to nearest even.");
 
   m.def(
       "gemv_f32",

@@ -4,7 +4,7 @@
                    [--stop S]... [--temperature T] [--top-k K] [--top-p P]
                    [--seed S] [--beams B [--length-penalty F] [--early-stopping]]
                    [--bind-cores/--no-bind-cores] [--core-list L]
-                   [--backend shm|torch] [--json] [--verbose]
+                   [--backend shm|torch] [--kv-cache auto|float32|bfloat16] [--json] [--verbose]
     xrun ARTIFACTS --perplexity FILE [--ctx 512] [--chunks N] [--json]
 
 Text streams to stdout as it is made; --json prints one object at the end instead (one per
@@ -28,6 +28,9 @@ import typer
 from xcompile.errors import UserError, run_cli
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+# --kv-cache's values: kv_cache.KV_CACHE_CHOICES, spelled out here so that a bad one is refused
+# before torch is imported (tests/runtime/test_kv_cache_dtype.py holds the two equal)
+KV_CACHE_CHOICES = ("auto", "float32", "bfloat16")
 
 
 def _sampling_defaults(root: Path) -> dict:
@@ -261,6 +264,12 @@ def run(
     chunks: int = typer.Option(
         None, "--chunks", min=1, help="--perplexity: score the first N chunks (default: all)."
     ),
+    kv_cache: str = typer.Option(
+        "auto",
+        "--kv-cache",
+        help="The KV cache's dtype: auto (float32 for FP32 artifacts, else bfloat16), "
+        "float32 or bfloat16.",
+    ),
     verbose: bool = typer.Option(False, "--verbose", help="Tracebacks on errors."),
     rank: int = typer.Option(None, "--rank", hidden=True),
     comm: str = typer.Option(None, "--comm", hidden=True),
@@ -275,6 +284,8 @@ def run(
         raise UserError(f"--backend {backend!r}: choose shm or torch")
     if weights not in ("copy", "map"):
         raise UserError(f"--weights {weights!r}: choose copy or map")
+    if kv_cache not in KV_CACHE_CHOICES:
+        raise UserError(f"--kv-cache {kv_cache!r}: choose {', '.join(KV_CACHE_CHOICES)}")
     manifest = artifacts.read_manifest(artifacts_dir)  # cheap checks before torch loads
     ranks = manifest.ranks
     if perplexity is not None:
@@ -358,6 +369,7 @@ def run(
         threads,
         reference,
         weights,
+        kv_cache,
     )
 
 
@@ -374,6 +386,7 @@ def _generate(
     threads,
     reference,
     weights="copy",
+    kv_cache="auto",
 ) -> None:
     from xcompile.runtime import weights as resident_weights
 
@@ -393,7 +406,12 @@ def _generate(
     kernels.set_num_threads(n_threads)
     try:
         model = Model.load(
-            root, use_kernels=not reference, rank=rank, comm=communicator, weights=weights
+            root,
+            use_kernels=not reference,
+            rank=rank,
+            comm=communicator,
+            weights=weights,
+            kv_cache=kv_cache,
         )
         if rank != 0:
             follow(model, communicator)
@@ -473,6 +491,7 @@ def _perplexity(model, inputs: _Perplexity, as_json: bool) -> None:
             "seconds": round(seconds, 3),  # the chunks' forwards and scoring, not loading
             "ranks": model.manifest.ranks,
             "isa": _C.isa(),
+            "kv_cache": str(model.kv_dtype).removeprefix("torch."),
         }
         print(json.dumps(report))
         return
@@ -611,6 +630,7 @@ def _report(model, result) -> dict:
         "per_token_ms": round(result.per_token_ms, 3),
         "ranks": model.manifest.ranks,
         "isa": _C.isa(),  # the kernels' path on this CPU (XCOMPILE_ISA forces one)
+        "kv_cache": str(model.kv_dtype).removeprefix("torch."),  # float32 | bfloat16
         **(
             {
                 "profile_ms": {

@@ -626,11 +626,16 @@ def attention_step(k_cache: torch.Tensor, v_cache: torch.Tensor, use_kernels: bo
     (1,T,heads*d) and the caches as present_k/v.
     Without segments (the single-sequence path, B = 1): past_k (1,kv,P,d), a view of the cache,
     says where the new tokens go.
+    The cache is fp32 or bf16 (KVCache's dtype): new K/V are rounded to it as they are written
+    (kv_write_bf16, or torch's copy_, both to nearest even) and read back widened to fp32.
     """
     from xcompile import _C
     from xcompile.runtime.kv_cache import Segment, check_room
 
-    fast = use_kernels and k_cache.dtype == v_cache.dtype == torch.float32
+    bf16 = k_cache.dtype == torch.bfloat16
+    fast = use_kernels and k_cache.dtype == v_cache.dtype in (torch.float32, torch.bfloat16)
+    kv_write = _C.kv_write_bf16 if bf16 else _C.kv_write
+    attention = _C.attention_bf16 if bf16 else _C.attention
     slots, _, capacity, _ = k_cache.shape
     k_ptr, v_ptr = k_cache.data_ptr(), v_cache.data_ptr()
     slot_stride = k_cache[0].numel()
@@ -650,17 +655,17 @@ def attention_step(k_cache: torch.Tensor, v_cache: torch.Tensor, use_kernels: bo
             s, p = seg.length, Start(i)  # the start moves every step: replays resolve it
             k_row, v_row = k0 + 4 * row * k_stride, v0 + 4 * row * v_stride
             emit_at(
-                _C.kv_write,
+                kv_write,
                 (k_row, k_stride, k_ptr, seg.slot, slots, p, s, kv_heads, d, capacity),
                 starts,
             )
             emit_at(
-                _C.kv_write,
+                kv_write,
                 (v_row, v_stride, v_ptr, seg.slot, slots, p, s, kv_heads, d, capacity),
                 starts,
             )
             emit_at(
-                _C.attention,
+                attention,
                 (
                     q0 + 4 * row * q_stride,
                     k_ptr,
@@ -745,8 +750,8 @@ def attention_step(k_cache: torch.Tensor, v_cache: torch.Tensor, use_kernels: bo
                     values = gather_slots(v_cache, slot_of, p + s)
                 out = attention_reference(
                     q_seg.reshape(1, s, -1),
-                    keys[None],
-                    values[None],
+                    keys[None].float(),
+                    values[None].float(),
                     p,
                     num_heads,
                     scale,

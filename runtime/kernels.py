@@ -673,7 +673,8 @@ def attention(
     out: torch.Tensor | None = None,
     slot_of: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Causal grouped-query attention of S new tokens over a preallocated KV cache, fp32.
+    """Causal grouped-query attention of S new tokens over a preallocated KV cache: q and out
+    fp32, the caches both fp32 or both bf16 (widened to fp32 as they are read).
 
     slot_of (past + S,) int32, or None: indirect access (beam search). The caches are then
     (slots, kv_heads, capacity, d) and key position j is read from slot slot_of[j].
@@ -685,8 +686,8 @@ def attention(
     out may be q (in place).
     """
     _check("q", q, (torch.float32,))
-    _check("k_cache", k_cache, (torch.float32,))
-    _check("v_cache", v_cache, (torch.float32,))
+    _check("k_cache", k_cache, (torch.float32, torch.bfloat16))
+    _check("v_cache", v_cache, (k_cache.dtype,))
     slot_stride = 0
     if slot_of is not None:
         _check("slot_of", slot_of, (torch.int32,))
@@ -728,7 +729,8 @@ def attention(
         _check_alias(out_span, "q", _span(q), same_ok=True)
         _check_alias(out_span, "k_cache", _span(whole_k if slot_stride else k_cache), False)
         _check_alias(out_span, "v_cache", _span(whole_v if slot_stride else v_cache), False)
-    _C.attention(
+    kernel = _C.attention if k_cache.dtype == torch.float32 else _C.attention_bf16
+    kernel(
         q.data_ptr(),
         k_cache.data_ptr(),
         v_cache.data_ptr(),

@@ -1,7 +1,11 @@
 """The KV cache: one preallocated block per layer, sized once, with a slot per sequence.
 
-    keys[i], values[i]: (slots, kv_heads, capacity, head_dim) float32
+    keys[i], values[i]: (slots, kv_heads, capacity, head_dim) float32 or bfloat16
     rows: (slots, capacity) int32, sequence s reads position t from slot rows[s, t]
+
+The cache's dtype (`xrun --kv-cache`, `cache_dtype`): bfloat16 for BF16/INT8/INT4 artifacts (half
+the bytes a long-context decode step reads; new K/V rounded to nearest even as written, widened
+to fp32 as attention reads them), float32 for FP32 ones, whose parity with transformers holds.
 
 A slot is one sequence: a request of the server's running batch, or a beam. `rows` is the indirect
 access of beam search: beams that share a prefix point at the slot that holds it, and reordering
@@ -28,6 +32,19 @@ def check_room(total: int, capacity: int) -> None:
         )
 
 
+KV_CACHE_CHOICES = ("auto", "float32", "bfloat16")
+
+
+def cache_dtype(choice: str, artifacts_dtype: str) -> torch.dtype:
+    """--kv-cache `choice` for artifacts of manifest dtype fp32 | bf16 | int8 | int4: auto keeps
+    FP32 artifacts' cache FP32 and gives the others a BF16 one."""
+    if choice not in KV_CACHE_CHOICES:
+        raise UserError(f"--kv-cache {choice!r}: choose {', '.join(KV_CACHE_CHOICES)}")
+    if choice == "auto":
+        choice = "float32" if artifacts_dtype == "fp32" else "bfloat16"
+    return getattr(torch, choice)
+
+
 @dataclass(frozen=True)
 class Segment:
     """`length` new tokens of the sequence in `slot`, at positions start .. start + length - 1:
@@ -39,13 +56,21 @@ class Segment:
 
 
 class KVCache:
-    def __init__(self, layers: int, kv_heads: int, head_dim: int, capacity: int, slots: int = 1):
+    def __init__(
+        self,
+        layers: int,
+        kv_heads: int,
+        head_dim: int,
+        capacity: int,
+        slots: int = 1,
+        dtype: torch.dtype = torch.float32,
+    ):
         shape = (slots, kv_heads, capacity, head_dim)
-        self.capacity, self.slots = capacity, slots
+        self.capacity, self.slots, self.dtype = capacity, slots, dtype
         self.buffers = {}
         for i in range(layers):
             for kind in ("key", "value"):
-                self.buffers[f"past_key_values.{i}.{kind}"] = torch.zeros(shape)
+                self.buffers[f"past_key_values.{i}.{kind}"] = torch.zeros(shape, dtype=dtype)
         self.rows = torch.arange(slots, dtype=torch.int32)[:, None].repeat(1, capacity)
         self.segments: list[Segment] | None = None  # set by Model.forward_batch while it runs
 

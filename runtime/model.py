@@ -22,7 +22,7 @@ import torch
 from xcompile import artifacts
 from xcompile.errors import UserError
 from xcompile.runtime.comm import Communicator, SingleRank
-from xcompile.runtime.kv_cache import KVCache, Segment
+from xcompile.runtime.kv_cache import KVCache, Segment, cache_dtype
 from xcompile.runtime.plan import Plan, build_plan
 
 
@@ -34,6 +34,7 @@ class Model:
     weights: dict[str, torch.Tensor]
     use_kernels: bool = True
     comm: Communicator | None = None
+    kv_dtype: torch.dtype = torch.float32  # the KV cache's (kv_cache.cache_dtype)
 
     @classmethod
     def load(
@@ -43,10 +44,13 @@ class Model:
         rank: int = 0,
         comm: Communicator | None = None,
         weights: str = "copy",
+        kv_cache: str = "auto",
     ) -> Model:
-        """weights: "copy" into huge pages (faster decode) or "map" the file (no copy)."""
+        """weights: "copy" into huge pages (faster decode) or "map" the file (no copy);
+        kv_cache: the KV cache's dtype, auto | float32 | bfloat16 (kv_cache.cache_dtype)."""
         root = Path(root)
         manifest = artifacts.read_manifest(root)
+        kv_dtype = cache_dtype(kv_cache, manifest.dtype)
         artifacts.verify(root, manifest)
         graph_file = root / (
             "model.onnx" if (root / "model.onnx").is_file() else f"rank{rank}.onnx"
@@ -72,7 +76,7 @@ class Model:
                 f"{root} is sharded for {manifest.ranks} ranks, but {comm.ranks} "
                 "are running; launch as many ranks as the manifest says"
             )
-        return cls(root, manifest, graph, mapped, use_kernels, comm or SingleRank())
+        return cls(root, manifest, graph, mapped, use_kernels, comm or SingleRank(), kv_dtype)
 
     @property
     def config(self) -> dict:
@@ -85,7 +89,9 @@ class Model:
     def new_cache(self, capacity: int, slots: int = 1) -> KVCache:
         c = self.config
         kv_heads = c["kv_heads"] // self.manifest.ranks  # this rank's share
-        self._cache = KVCache(c["layers"], kv_heads, c["head_dim"], capacity, slots)
+        self._cache = KVCache(
+            c["layers"], kv_heads, c["head_dim"], capacity, slots, dtype=self.kv_dtype
+        )
         self._plan = build_plan(
             self.graph,
             self.weights,

@@ -267,11 +267,12 @@ def split_fixed(x: torch.Tensor, *, sizes: list[int], axis: int) -> tuple[torch.
 
 def kv_append(past: torch.Tensor, new: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
     """past (B,kv,P,d) is a view of cache (B,kv,capacity,d); write new (B,kv,S,d) at P..P+S and
-    return the view (B,kv,P+S,d)."""
+    return the view (B,kv,P+S,d): widened to fp32 (a copy) when the cache is bf16, since the
+    primitive graph's ops compute in fp32."""
     p, s = past.shape[2], new.shape[2]
     check_room(p + s, cache.shape[2])
     cache[:, :, p : p + s].copy_(new)
-    return cache[:, :, : p + s]
+    return cache[:, :, : p + s].to(new.dtype)
 
 
 def build_plan(

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from xcompile import _C
 from xcompile.runtime import kernels
 
 # (heads, kv_heads): multi-query, grouped, and plain multi-head.
@@ -122,8 +123,6 @@ def test_attention_reads_through_slot_indices(isa, window):
 
 
 def test_kv_write_places_rows_at_slot_and_positions():
-    from xcompile import _C
-
     slots, kv_heads, capacity, d, tokens = 3, 2, 10, 8, 4
     cache = torch.zeros(slots, kv_heads, capacity, d)
     wide = torch.randn(tokens, kv_heads * d + 5)  # token stride wider than kv_heads * d
@@ -172,3 +171,116 @@ def test_attention_step_direct_path_matches_reference():
         results.append((out.clone(), k_cache.clone(), v_cache.clone()))
     for got, expected in zip(results[0], results[1]):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+# -- a bf16 cache, and decode split over keys (flash-decoding) ----------------------------------
+# (S, past): decode within one chunk of keys (512), across 2 and 5 chunks, a few tokens at once
+# (still split), and a prefill (not split).
+LONG_STEPS = [(1, 37), (1, 600), (1, 2100), (5, 700), (40, 300)]
+
+
+def _bf16(*tensors):
+    return [t.to(torch.bfloat16) for t in tensors]
+
+
+@pytest.mark.parametrize("window", [0, 300], ids=["causal", "window300"])
+@pytest.mark.parametrize("d", [64, 100])
+def test_attention_bf16_cache_matches_reference(isa, d, window):
+    # The kernel widens bf16 exactly, so it is held to the reference on the same (widened)
+    # values as tightly as the fp32 cache is.
+    for heads, kv_heads in [(4, 1), (8, 2)]:
+        for tokens, past in LONG_STEPS:
+            q, k, v = _cache(heads, kv_heads, d, tokens, past, seed=d + past + heads)
+            k, v = _bf16(k, v)
+            got = kernels.attention(q, k, v, past, d**-0.5, window)
+            expected = kernels.attention_reference(q, k, v, past, d**-0.5, window)
+            assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5), (
+                f"heads={heads} kv={kv_heads} S={tokens} P={past}: max abs error "
+                f"{(got - expected).abs().max().item():.3g}"
+            )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [0, 700], ids=["causal", "window700"])
+def test_split_decode_matches_unsplit_at_any_thread_count(isa, threads, dtype, window):
+    """A token decoded alone (S = 1: its keys split into chunks of 512, combined after) against
+    the same token as the last row of a 12-token step (S > 8: one pass over all its keys):
+    the same within rounding; and bit for bit the same at 1, 2 and 3 threads."""
+    heads, kv_heads, d, past = 9, 3, 64, 1500  # SmolLM2's heads: 3 KV heads on 2 threads
+    q, k, v = _cache(heads, kv_heads, d, 12, past, seed=11)
+    k, v = k.to(dtype), v.to(dtype)
+    last = past + 11
+    results = []
+    for n in (1, 2, 3):
+        kernels.set_num_threads(n)
+        results.append(kernels.attention(q[11:].contiguous(), k, v, last, 0.125, window))
+    unsplit = kernels.attention(q, k, v, past, 0.125, window)[11:]
+    expected = kernels.attention_reference(q[11:], k, v, last, 0.125, window)
+    torch.testing.assert_close(results[0], unsplit, rtol=1e-5, atol=1e-5)
+    _C.set_attention_split(False)  # the same S = 1 call in one pass over the keys
+    try:
+        one_pass = kernels.attention(q[11:].contiguous(), k, v, last, 0.125, window)
+    finally:
+        _C.set_attention_split(True)
+    assert torch.equal(one_pass, unsplit)  # one pass is the S = 12 path, bit for bit
+    torch.testing.assert_close(results[0], expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_decode_reads_through_slot_indices(isa, threads, dtype):
+    """Beams over a long shared prefix: the split's chunks cut where the slot changes too."""
+    heads, kv_heads, d, slots, capacity = 8, 2, 64, 4, 1200
+    gen = torch.Generator().manual_seed(5)
+    k = torch.randn(slots, kv_heads, capacity, d, generator=gen).to(dtype)
+    v = torch.randn(slots, kv_heads, capacity, d, generator=gen).to(dtype)
+    k[3], v[3] = 1e4, float("nan")  # slot 3 is never named
+    for tokens, past, window in [(1, 1100, 0), (1, 1100, 700), (3, 900, 0)]:
+        total = past + tokens
+        slot_of = torch.randint(0, 3, (capacity,), generator=gen, dtype=torch.int32)
+        slot_of[: total - 300] = 0  # a long shared prefix, then short runs across two chunks
+        q = torch.randn(tokens, heads, d, generator=gen)
+        expected = kernels.attention_reference(
+            q,
+            kernels.gather_slots(k, slot_of, total),
+            kernels.gather_slots(v, slot_of, total),
+            past,
+            d**-0.5,
+            window,
+        )
+        for n in (1, 2):
+            kernels.set_num_threads(n)
+            got = kernels.attention(q, k, v, past, d**-0.5, window, slot_of=slot_of)
+            assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5), f"S={tokens} P={past}"
+
+
+def test_split_decode_in_place(threads):
+    q, k, v = _cache(8, 2, 64, 1, 999, seed=9)
+    kernels.set_num_threads(2)
+    expected = kernels.attention(q, k, v, 999, 0.125)
+    y = q.clone()
+    assert kernels.attention(y, k, v, 999, 0.125, out=y) is y
+    assert torch.equal(y, expected)
+
+
+def test_kv_write_bf16_rounds_to_nearest_even():
+    # torch's fp32 -> bf16 conversion rounds to nearest even: ties both ways, the largest finite
+    # values, infinities and NaN, at a slot and positions inside a larger cache.
+    slots, kv_heads, capacity, d, tokens = 2, 2, 6, 8, 3
+    ties = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 3.3895314e38, 1e-40])
+    special = torch.tensor([float("inf"), float("-inf"), 0.0, -0.0])
+    wide = torch.randn(tokens, kv_heads * d + 3)
+    wide.view(-1)[: ties.numel()] = ties
+    wide.view(-1)[ties.numel() : ties.numel() + special.numel()] = special
+    cache = torch.zeros(slots, kv_heads, capacity, d, dtype=torch.bfloat16)
+    _C.kv_write_bf16(
+        wide.data_ptr(), wide.stride(0), cache.data_ptr(), 1, slots, 2, tokens, kv_heads, d,
+        capacity,
+    )  # fmt: skip
+    expected = torch.zeros_like(cache)
+    rows = wide[:, : kv_heads * d].reshape(tokens, kv_heads, d).transpose(0, 1)
+    expected[1, :, 2:5] = rows.to(torch.bfloat16)
+    assert torch.equal(cache.view(torch.int16), expected.view(torch.int16))
+    nan = torch.full((1, 1), float("nan"))
+    _C.kv_write_bf16(nan.data_ptr(), 1, cache.data_ptr(), 0, slots, 0, 1, 1, 1, capacity * d)
+    assert cache.view(-1)[0].isnan()

@@ -184,6 +184,7 @@ def test_json_fields_and_plain_output(compiled, text_file):
     n_tokens = len(TextTokenizer(art).encode(text_file.read_text().removesuffix("\n")))
     report = xrun_ppl(art, text_file, "--ctx", str(CTX))  # no --chunks: every full chunk
     fields = {"ppl", "ppl_stderr", "tokens", "chunks", "ctx", "seconds", "ranks", "isa"}
+    fields.add("kv_cache")
     assert set(report) == fields
     assert report["chunks"] == n_tokens // CTX >= 3 and report["ctx"] == CTX
     assert report["tokens"] == report["chunks"] * (CTX - 1 - CTX // 2)

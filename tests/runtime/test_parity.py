@@ -120,3 +120,25 @@ def test_fused_artifacts_under_onnxruntime_agree_with_xrun(family, compiled):
     assert (ours - torch.from_numpy(prefill["logits"][0])).abs().max().item() <= 1e-4
     ours = model.forward([5], len(IDS), cache)
     assert (ours - torch.from_numpy(step["logits"][0])).abs().max().item() <= 1e-4
+
+
+def test_soft_capped_attention_runs_on_the_kernel(compiled, hf_model, monkeypatch):
+    """Gemma 2's soft-capped GroupQueryAttention goes to csrc/attention.cpp (its softcap), never
+    to the torch reference: with the reference made to fail, prefill and a decode step still
+    give transformers' logits."""
+    from xcompile.runtime import fused_ops
+
+    def refuse(*_, **__):
+        raise AssertionError("soft-capped attention ran on the reference")
+
+    monkeypatch.setattr(fused_ops, "attention_reference", refuse)
+    art = compiled("gemma2")
+    model = Model.load(art)
+    ids = TextTokenizer(art).encode(PROMPT)
+    cache = model.new_cache(len(ids) + 1)
+    ours = model.forward(ids, 0, cache)
+    step = model.forward([int(ours[-1].argmax())], len(ids), cache)
+    with torch.no_grad():
+        full = hf_model("gemma2")(torch.tensor([ids + [int(ours[-1].argmax())]])).logits[0]
+    assert (ours - full[:-1]).abs().max().item() <= 1e-4
+    assert (step[-1] - full[-1]).abs().max().item() <= 1e-4

@@ -248,3 +248,45 @@ def peaked(tmp_path_factory):
         return ckpt, arts[dtype]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def phi3_switch(tmp_path_factory):
+    """(checkpoint, FP32 artifacts) of a Phi-3 whose longrope switches at 12 tokens: prompts
+    on either side of it, and 16 new tokens that carry a short one past it."""
+    from xcompile.quantize import quantize
+    from xcompile.toy import TINY, make_checkpoint
+
+    folder = tmp_path_factory.mktemp("phi3-switch")
+    rope = {**TINY["phi3"]["rope_parameters"], "original_max_position_embeddings": 12}
+    ckpt = make_checkpoint(
+        "phi3", folder / "ckpt", seed=3, original_max_position_embeddings=12, rope_parameters=rope
+    )
+    quantize(ckpt, folder / "art", "fp32", progress=False)
+    return ckpt, folder / "art"
+
+
+@pytest.fixture(scope="session")
+def hf_greedy_of():
+    """hf_greedy_of(checkpoint, ids, n) -> transformers' n greedy tokens after ids."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    models = {}
+
+    def run(ckpt, ids: list[int], n: int) -> list[int]:
+        if ckpt not in models:
+            models[ckpt] = AutoModelForCausalLM.from_pretrained(
+                ckpt, dtype=torch.float32, attn_implementation="eager"
+            ).eval()
+        with torch.no_grad():
+            out = models[ckpt].generate(
+                torch.tensor([ids]),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=0,
+            )
+        return out[0, len(ids) :].tolist()
+
+    return run

@@ -32,9 +32,17 @@ def spec(config) -> DecoderSpec:
 
 
 def gemma_like(
-    config, family: str, kinds: list[str], names: WeightNames, rotary_cls=None, **variant
+    config,
+    family: str,
+    kinds: list[str],
+    names: WeightNames,
+    rotary_cls=None,
+    attention_softcap: bool = True,
+    **variant,
 ) -> DecoderSpec:
-    """What Gemma 2 and 3 share; kinds: each layer's type (sliding_attention: the window)."""
+    """What Gemma 2 and 3 share; kinds: each layer's type (sliding_attention: the window);
+    attention_softcap: whether the family applies attn_logit_softcapping at all."""
+    cap = config.attn_logit_softcapping if attention_softcap else None
     windows = tuple(config.sliding_window if k == "sliding_attention" else None for k in kinds)
     return llama_like(
         config,
@@ -45,7 +53,7 @@ def gemma_like(
         embed_scale=float(config.hidden_size**0.5),
         attention_scale=float(config.query_pre_attn_scalar**-0.5),
         norm_offset=1.0,
-        attn_softcap=float(config.attn_logit_softcapping or 0.0),
+        attn_softcap=float(cap or 0.0),
         final_softcap=float(config.final_logit_softcapping or 0.0),
         **variant,
     )

@@ -4,7 +4,10 @@ config sets them) with Qwen3's RMSNorm on each head's query and key (here (1 + w
 local layers that rotate with their own tables: layer_types (transformers derives it from
 sliding_window_pattern, 5 sliding layers then 1 full) says which layers have the sliding window,
 and rope_parameters["sliding_attention"] (rope_local_base_freq, unscaled) their rotary, while the
-full layers take rope_parameters["full_attention"] (rope_theta, and the checkpoint's scaling)."""
+full layers take rope_parameters["full_attention"] (rope_theta, and the checkpoint's scaling).
+attn_logit_softcapping is read from the config but never applied by transformers' Gemma 3
+attention (it does not hand it to the attention function), so it is not applied here either;
+final_logit_softcapping is."""
 
 from __future__ import annotations
 
@@ -59,5 +62,6 @@ def spec(config) -> DecoderSpec:
         kinds,
         replace(GEMMA2_NAMES, q_norm="self_attn.q_norm", k_norm="self_attn.k_norm"),
         rope_tables=full,
+        attention_softcap=False,
         **({} if local == full else dict(local_inv_freq=local[0], local_rotary_scale=local[1])),
     )

@@ -10,6 +10,8 @@
 // onnxruntime 1.32's GroupQueryAttention local_window_size = window, checked on its CPU provider
 // for decode and prefill), lo = 0 when window <= 0.
 //   out[t, h] = softmax(scale * q[t, h] . k[lo..p]) @ v[lo..p], softmax shifted by its max
+// With softcap > 0 (Gemma 2's attn_logit_softcapping; ORT's GroupQueryAttention softcap) each
+// score s = scale * q . k becomes softcap * tanh(s / softcap) before the softmax.
 // A task is one token and the query heads of one KV head (its GQA group, or a part of it when
 // there are fewer tasks than threads). It walks the keys in blocks small enough to stay in L1 and
 // runs every head of the task over a block before the next: K and V come from L2/L3 once per
@@ -51,6 +53,7 @@ using namespace attention_rows;
 template <typename T>
 using ScoresFn = void (*)(const float* q, const T* k, int64_t n, int64_t d, float scale, float* s);
 using SoftmaxFn = float (*)(float* s, int64_t n, float* max_out);
+using SoftcapFn = void (*)(float* s, int64_t n, float cap);
 template <typename T>
 using WeightedFn = void (*)(const float* p, const T* v, int64_t n, int64_t d, bool accumulate,
                             float scale, float* out);
@@ -60,6 +63,7 @@ struct Kernels {
   ScoresFn<T> scores;
   SoftmaxFn softmax;
   WeightedFn<T> weighted;
+  SoftcapFn softcap;
   int64_t key_block;  // keys per block: 32 rows of K (or V) of d <= 128 are <= 16 KB, L1-sized
 };
 
@@ -70,11 +74,12 @@ Kernels<T> kernels() {
     case Isa::amx:
     case Isa::avx512_bf16:
     case Isa::avx512_vnni:
-    case Isa::avx512: return {scores_avx512<T>, softmax_avx512, weighted_avx512<T>, 32};
-    case Isa::avx2: return {scores_avx2<T>, softmax_avx2, weighted_avx2<T>, 32};
+    case Isa::avx512:
+      return {scores_avx512<T>, softmax_avx512, weighted_avx512<T>, softcap_avx512, 32};
+    case Isa::avx2: return {scores_avx2<T>, softmax_avx2, weighted_avx2<T>, softcap_avx2, 32};
 #endif
     default:  // one block of a chunk's keys: each sum in one double accumulator, as plain as can be
-      return {scores_scalar<T>, softmax_scalar, weighted_scalar<T>,
+      return {scores_scalar<T>, softmax_scalar, weighted_scalar<T>, softcap_scalar,
               std::numeric_limits<int64_t>::max()};
   }
 }
@@ -104,7 +109,8 @@ void combine(const float* __restrict__ o, const float* m, const float* l, int64_
 template <typename T>
 void attend(const float* q, const T* k_cache, const T* v_cache, float* out, int64_t S,
             int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t capacity, int64_t past,
-            int64_t window, float scale, const int32_t* slot_of, int64_t slot_stride) {
+            int64_t window, float scale, const int32_t* slot_of, int64_t slot_stride,
+            float softcap) {
   const Kernels<T> f = kernels<T>();
   const int64_t group = heads / kv_heads, total = past + S;
   const auto first_key = [&](int64_t pos) -> int64_t {
@@ -178,8 +184,10 @@ void attend(const float* q, const T* k_cache, const T* v_cache, float* out, int6
           f.scores(q + (t * heads + h) * head_dim, k, len, head_dim, scale,
                    scores.data() + (h - h0) * keys + (j - j0));
       }
-      for (int64_t h = h0; h < h1; ++h)
+      for (int64_t h = h0; h < h1; ++h) {
+        if (softcap > 0.0f) f.softcap(scores.data() + (h - h0) * keys, keys, softcap);
         sums[h - h0] = f.softmax(scores.data() + (h - h0) * keys, keys, &maxes[h - h0]);
+      }
       for (int64_t j = j0, len; j < j1; j += len) {
         const T* v = v_cache + block(j, len) + row0 + j * head_dim;
         const bool last = j + len == j1;
@@ -216,17 +224,18 @@ void set_attention_split(bool enabled) { split_keys.store(enabled); }
 
 void attention(const float* q, const float* k_cache, const float* v_cache, float* out, int64_t S,
                int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t capacity, int64_t past,
-               int64_t window, float scale, const int32_t* slot_of, int64_t slot_stride) {
+               int64_t window, float scale, const int32_t* slot_of, int64_t slot_stride,
+               float softcap) {
   attend(q, k_cache, v_cache, out, S, heads, kv_heads, head_dim, capacity, past, window, scale,
-         slot_of, slot_stride);
+         slot_of, slot_stride, softcap);
 }
 
 void attention_bf16(const float* q, const uint16_t* k_cache, const uint16_t* v_cache, float* out,
                     int64_t S, int64_t heads, int64_t kv_heads, int64_t head_dim,
                     int64_t capacity, int64_t past, int64_t window, float scale,
-                    const int32_t* slot_of, int64_t slot_stride) {
+                    const int32_t* slot_of, int64_t slot_stride, float softcap) {
   attend(q, k_cache, v_cache, out, S, heads, kv_heads, head_dim, capacity, past, window, scale,
-         slot_of, slot_stride);
+         slot_of, slot_stride, softcap);
 }
 
 }  // namespace xcompile

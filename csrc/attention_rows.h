@@ -3,6 +3,7 @@
 //   scores:   s[j] = scale * q . k[j] for n keys (k: rows of d, contiguous; q fp32)
 //   softmax:  s[j] = exp(s[j] - max(s)) in place; returns the sum, *max_out = max(s)
 //   weighted: out[c] = (out[c] if accumulate else 0) + sum_j p[j] v[j, c], then times scale
+//   softcap:  s[j] = cap * tanh(s[j] / cap) in place (Gemma 2's attention logit soft-cap)
 // Included by attention.cpp only (the vector paths carry function target attributes).
 #pragma once
 
@@ -44,6 +45,10 @@ inline float softmax_scalar(float* s, int64_t n, float* max_out) {
   for (int64_t j = 0; j < n; ++j) sum += (s[j] = std::exp(s[j] - max));
   *max_out = max;
   return float(sum);
+}
+
+inline void softcap_scalar(float* s, int64_t n, float cap) {
+  for (int64_t j = 0; j < n; ++j) s[j] = cap * std::tanh(s[j] / cap);
 }
 
 // Called once per head over all its keys (key_block is unbounded for this path).
@@ -157,6 +162,19 @@ XC_TARGET_AVX2 inline float softmax_avx2(float* s, int64_t n, float* max_out) {
   }
   const __m256 zero = _mm256_setzero_ps();
   return _mm_cvtss_f32(hsum4_avx2(sum, zero, zero, zero));
+}
+
+XC_TARGET_AVX2 inline void softcap_avx2(float* s, int64_t n, float cap) {
+  const __m256 c = _mm256_set1_ps(cap);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    _mm256_storeu_ps(
+        s + j, _mm256_mul_ps(c, vec_math::tanh_avx2(_mm256_div_ps(_mm256_loadu_ps(s + j), c))));
+  if (j < n) {
+    const __m256i tail = lanes_below_avx2(n - j);
+    const __m256 x = _mm256_div_ps(_mm256_maskload_ps(s + j, tail), c);
+    _mm256_maskstore_ps(s + j, tail, _mm256_mul_ps(c, vec_math::tanh_avx2(x)));
+  }
 }
 
 // NV vectors of out (starting at column c0) accumulated over all n keys in registers, two keys per
@@ -297,6 +315,15 @@ XC_TARGET_AVX512 inline float softmax_avx512(float* s, int64_t n, float* max_out
     sum = _mm512_mask_add_ps(sum, lanes, sum, e);
   }
   return _mm512_reduce_add_ps(sum);
+}
+
+XC_TARGET_AVX512 inline void softcap_avx512(float* s, int64_t n, float cap) {
+  const __m512 c = _mm512_set1_ps(cap);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 lanes = lanes_below_avx512(n - j);
+    const __m512 x = _mm512_div_ps(_mm512_maskz_loadu_ps(lanes, s + j), c);
+    _mm512_mask_storeu_ps(s + j, lanes, _mm512_mul_ps(c, vec_math::tanh_avx512(x)));
+  }
 }
 
 template <int NV, bool Masked, typename T>

@@ -50,13 +50,14 @@ void kv_write_bf16(const float* src, int64_t src_stride, uint16_t* cache, int64_
 // q (S, heads, d), k_cache and v_cache (kv_heads, capacity, d) with rows 0 .. past + S - 1 valid,
 // out (S, heads, d) (may be q), all fp32 (csrc/attention.cpp). Causal GQA: query t (position
 // past + t), head h attends to keys max(0, past + t - window + 1) .. past + t of KV head
-// h / (heads / kv_heads) (window <= 0: from 0), softmax(scale * q . k) @ v.
+// h / (heads / kv_heads) (window <= 0: from 0), softmax(scale * q . k) @ v; softcap > 0: each
+// score s becomes softcap * tanh(s / softcap) before the softmax.
 // slot_of (past + S int32) or null: key j is read from the cache slot slot_of[j], slot_stride
 // floats apart (k_cache, v_cache then point at slot 0): beam search's indirect access.
 void attention(const float* q, const float* k_cache, const float* v_cache, float* out, int64_t S,
                int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t capacity, int64_t past,
                int64_t window, float scale, const int32_t* slot_of = nullptr,
-               int64_t slot_stride = 0);
+               int64_t slot_stride = 0, float softcap = 0.0f);
 // Decode's split over keys (csrc/attention.cpp) on (the default) or off: off only for benchmarks
 // and tests that hold the split to the one-pass path.
 void set_attention_split(bool enabled);
@@ -64,7 +65,8 @@ void set_attention_split(bool enabled);
 void attention_bf16(const float* q, const uint16_t* k_cache, const uint16_t* v_cache, float* out,
                     int64_t S, int64_t heads, int64_t kv_heads, int64_t head_dim,
                     int64_t capacity, int64_t past, int64_t window, float scale,
-                    const int32_t* slot_of = nullptr, int64_t slot_stride = 0);
+                    const int32_t* slot_of = nullptr, int64_t slot_stride = 0,
+                    float softcap = 0.0f);
 
 // x (M, K) fp32, w (N, K) fp32 (nn.Linear layout), bias (N) fp32 or null, out (M, N) fp32.
 // out[m, n] = sum_k x[m, k] * w[n, k] + bias[n]

@@ -103,12 +103,14 @@ template <typename T>
 void bind_attention(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uintptr_t out, int64_t S,
                     int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t capacity,
                     int64_t past, int64_t window, double scale, uintptr_t slot_of,
-                    int64_t slot_stride) {
+                    int64_t slot_stride, double softcap) {
   check_sizes("attention", {S, heads, kv_heads, head_dim, capacity, past, slot_stride});
   if (kv_heads == 0 || heads % kv_heads)
     throw std::invalid_argument("attention: heads must be a positive multiple of kv_heads");
   if (past + S > capacity)
     throw std::invalid_argument("attention: past + S exceeds the cache capacity");
+  if (!(softcap >= 0.0))
+    throw std::invalid_argument("attention: softcap must be >= 0 (0: none)");
   if (S == 0 || heads == 0 || head_dim == 0) return;
   const auto run = [](auto... a) {
     if constexpr (std::is_same_v<T, float>) xcompile::attention(a...);
@@ -117,11 +119,12 @@ void bind_attention(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uintptr_t
   run(as_ptr<const float>(q, "q", true), as_ptr<const T>(k_cache, "k_cache", true),
       as_ptr<const T>(v_cache, "v_cache", true), as_ptr<float>(out, "out", true), S, heads,
       kv_heads, head_dim, capacity, past, window, float(scale),
-      as_ptr<const int32_t>(slot_of, "slot_of", false), slot_stride);
+      as_ptr<const int32_t>(slot_of, "slot_of", false), slot_stride, float(softcap));
 }
 #define ATTENTION_ARGS                                                                     \
   "q"_a, "k_cache"_a, "v_cache"_a, "out"_a, "S"_a, "heads"_a, "kv_heads"_a, "head_dim"_a, \
-      "capacity"_a, "past"_a, "window"_a, "scale"_a, "slot_of"_a = 0, "slot_stride"_a = 0
+      "capacity"_a, "past"_a, "window"_a, "scale"_a, "slot_of"_a = 0, "slot_stride"_a = 0, \
+      "softcap"_a = 0.0
 
 template <typename T>
 void bind_kv_write(uintptr_t src, int64_t src_stride, uintptr_t cache, int64_t slot,
@@ -270,7 +273,8 @@ NB_MODULE(_C, m) {
         nb::call_guard<nb::gil_scoped_release>(),
         "Causal GQA of q (S, heads, d) at positions past.. over k_cache, v_cache (kv_heads, "
         "capacity, d) into out (S, heads, d; may be q); window <= 0: no sliding window; slot_of "
-        "(int32, past + S; 0: none): key j from cache slot slot_of[j], slot_stride floats apart.");
+        "(int32, past + S; 0: none): key j from cache slot slot_of[j], slot_stride floats apart; "
+        "softcap > 0: each scaled score s -> softcap * tanh(s / softcap) before the softmax.");
   m.def("attention_bf16", tape_def("attention_bf16", &bind_attention<uint16_t>), ATTENTION_ARGS,
         nb::call_guard<nb::gil_scoped_release>(),
         "attention over bf16 caches (raw uint16 bits, slot_stride in elements); q, out fp32.");

@@ -1,5 +1,5 @@
 // Vector exp for the fp32 kernels that need one (softmax in attention.cpp, SiLU and GELU in
-// activations.cpp): Cephes' expf, i.e. exp(x) = 2^n * exp(r) with n = round(x / ln 2) and
+// activations.cpp), and tanh built on it (attention's soft-cap): Cephes' expf, i.e. exp(x) = 2^n * exp(r) with n = round(x / ln 2) and
 // r = x - n ln 2 (ln 2 split in two so r is exact), exp(r) a degree-7 polynomial on |r| <= ln2/2.
 // A couple of ulp: SiLU built on it (one exp, one division) measures within 3 ulp of float64
 // over |x| < 20 on both vector paths.
@@ -60,6 +60,42 @@ XC_TARGET_AVX512 inline __m512 exp_avx512(__m512 x) {
   const __m512 y = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
   // scalef computes y * 2^n directly (AVX-512 F), no integer exponent arithmetic needed.
   return _mm512_scalef_ps(y, n);
+}
+
+// tanh(x) = sign(x) (1 - e) / (1 + e), e = exp(-2|x|), for |x| >= 1/8 (there 1 - e >= 0.22, so
+// exp's couple of ulp cost a few ulp of tanh at most); below 1/8, where 1 - e would cancel, the
+// odd series x - x^3/3 + 2x^5/15 - 17x^7/315 (the next term is < 2e-9 x). Large |x|: e clamps to
+// 2^-126 and tanh is +-1. NaN propagates (through exp, and the < 1/8 test is false for it).
+constexpr float kTanhSeries = 0.125f;
+constexpr float kT3 = -1.0f / 3.0f, kT5 = 2.0f / 15.0f, kT7 = -17.0f / 315.0f;
+
+XC_TARGET_AVX2 inline __m256 tanh_avx2(__m256 x) {
+  const __m256 sign = _mm256_set1_ps(-0.0f), one = _mm256_set1_ps(1.0f);
+  const __m256 ax = _mm256_andnot_ps(sign, x);
+  const __m256 e = exp_avx2(_mm256_mul_ps(ax, _mm256_set1_ps(-2.0f)));
+  const __m256 far = _mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e));
+  const __m256 x2 = _mm256_mul_ps(ax, ax);
+  __m256 p = _mm256_fmadd_ps(x2, _mm256_set1_ps(kT7), _mm256_set1_ps(kT5));
+  p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(kT3));
+  const __m256 near = _mm256_fmadd_ps(_mm256_mul_ps(p, x2), ax, ax);
+  const __m256 small = _mm256_cmp_ps(ax, _mm256_set1_ps(kTanhSeries), _CMP_LT_OQ);
+  return _mm256_or_ps(_mm256_blendv_ps(far, near, small), _mm256_and_ps(sign, x));
+}
+
+XC_TARGET_AVX512 inline __m512 tanh_avx512(__m512 x) {
+  const __m512i sign = _mm512_set1_epi32(int(0x80000000u));
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const __m512 ax = _mm512_abs_ps(x);
+  const __m512 e = exp_avx512(_mm512_mul_ps(ax, _mm512_set1_ps(-2.0f)));
+  const __m512 far = _mm512_div_ps(_mm512_sub_ps(one, e), _mm512_add_ps(one, e));
+  const __m512 x2 = _mm512_mul_ps(ax, ax);
+  __m512 p = _mm512_fmadd_ps(x2, _mm512_set1_ps(kT7), _mm512_set1_ps(kT5));
+  p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(kT3));
+  const __m512 near = _mm512_fmadd_ps(_mm512_mul_ps(p, x2), ax, ax);
+  const __mmask16 small = _mm512_cmp_ps_mask(ax, _mm512_set1_ps(kTanhSeries), _CMP_LT_OQ);
+  const __m512i r = _mm512_castps_si512(_mm512_mask_blend_ps(small, far, near));
+  return _mm512_castsi512_ps(
+      _mm512_or_si512(r, _mm512_and_si512(_mm512_castps_si512(x), sign)));
 }
 
 }  // namespace vec_math

@@ -16,6 +16,10 @@ longrope (long_inv_freq and a switch length in the facts): the caches hold the s
 rows 0..M-1 and the long ones in rows M..2M-1, and RotaryEmbedding reads them at
     position_ids + M * (ReduceMax(position_ids) + 1 > switch)
 so a forward picks one set for all its tokens, as transformers' longrope_frequency_update does.
+
+Local tables (facts["local"]: the sliding-window layers' own inv_freq and scale, Gemma 3's
+rope_local_base_freq): their cos/sin tables get caches of their own (/model/rotary_local/...),
+and the rules matching rotations by those tables point RotaryEmbedding at them.
 """
 
 from __future__ import annotations
@@ -41,9 +45,10 @@ class RotaryRule(pattern.RewriteRuleClassBase):
         positions: ir.Value,
         cos_cache: ir.Value,
         sin_cache: ir.Value,
+        tag: str = "",
     ):
         kind = ("interleaved" if interleaved else "half") + ("_partial" if partial else "")
-        super().__init__(f"rotary_{kind}")
+        super().__init__(f"rotary_{kind}{tag}")
         self.interleaved, self.partial, self.facts = interleaved, partial, facts
         self.positions, self.cos_cache, self.sin_cache = positions, cos_cache, sin_cache
 
@@ -115,24 +120,38 @@ class RotaryPass(RulePass):
         f = self.facts
         graph = model.graph
         positions = next(v for v in graph.inputs if v.name == f["position_ids"])
-        # cos/sin caches (max_positions, r/2), computed as the graph computed them per call
         sets = [f["inv_freq"]] + ([f["long_inv_freq"]] if f.get("long_inv_freq") else [])
-        inv = np.stack([np.asarray(s, dtype=np.float32) for s in sets])  # (sets, r/2)
-        steps = np.arange(f["max_positions"], dtype=np.float32)[None, :, None]
-        freqs = (steps * inv[:, None, :]).reshape(-1, inv.shape[1])  # (sets * M, r/2)
+        rows = positions
         if len(sets) > 1:
-            positions = _long_or_short(graph, positions, f["switch"], f["max_positions"])
-        caches = []
-        for name, fn in (("cos", np.cos), ("sin", np.sin)):
-            table = (fn(freqs) * np.float32(f["scale"])).astype(np.float32)
-            value = ir.Value(name=f"/model/rotary/{name}_cache", const_value=ir.tensor(table))
-            graph.register_initializer(value)
-            caches.append(value)
-        return [
-            RotaryRule.rule(interleaved, partial, f, positions, *caches)
-            for interleaved in (False, True)
-            for partial in (False, True)
-        ]
+            rows = _long_or_short(graph, positions, f["switch"], f["max_positions"])
+        rules = _rules(f, rows, _caches(graph, "/model/rotary", sets, f["scale"], f))
+        if f.get("local"):  # the sliding-window layers' tables: one set, read at the positions
+            local = {**f, **f["local"]}
+            caches = _caches(graph, "/model/rotary_local", [local["inv_freq"]], local["scale"], f)
+            rules += _rules(local, positions, caches, "_local")
+        return rules
+
+
+def _caches(graph: ir.Graph, scope: str, sets: list, scale: float, f: dict) -> list[ir.Value]:
+    """cos/sin caches (sets * max_positions, r/2), computed as the graph computed them per call"""
+    inv = np.stack([np.asarray(s, dtype=np.float32) for s in sets])  # (sets, r/2)
+    steps = np.arange(f["max_positions"], dtype=np.float32)[None, :, None]
+    freqs = (steps * inv[:, None, :]).reshape(-1, inv.shape[1])  # (sets * M, r/2)
+    caches = []
+    for name, fn in (("cos", np.cos), ("sin", np.sin)):
+        table = (fn(freqs) * np.float32(scale)).astype(np.float32)
+        value = ir.Value(name=f"{scope}/{name}_cache", const_value=ir.tensor(table))
+        graph.register_initializer(value)
+        caches.append(value)
+    return caches
+
+
+def _rules(facts: dict, positions: ir.Value, caches: list[ir.Value], tag: str = "") -> list:
+    return [
+        RotaryRule.rule(interleaved, partial, facts, positions, *caches, tag)
+        for interleaved in (False, True)
+        for partial in (False, True)
+    ]
 
 
 def _long_or_short(graph: ir.Graph, positions: ir.Value, switch: int, rows: int) -> ir.Value:

@@ -58,12 +58,15 @@ class BeamResult:
         return sum(self.step_ms) / len(self.step_ms) if self.step_ms else 0.0
 
 
-def forward(model, cache, segments: list[Segment], ids: list[int]) -> torch.Tensor:
-    """-> logits (len(ids), vocab). One beam goes through model.forward, which also runs the
-    primitive graph (no slots); several through one forward_batch."""
+def forward(
+    model, cache, segments: list[Segment], ids: list[int], rows: list[int] | None = None
+) -> torch.Tensor:
+    """-> logits (len(ids), vocab), or those of `rows`. One beam goes through model.forward,
+    which also runs the primitive graph (no slots); several through one forward_batch."""
     if len(segments) == 1 and segments[0].slot == 0:
-        return model.forward(ids, segments[0].start, cache)
-    return model.forward_batch(segments, ids, cache)
+        logits = model.forward(ids, segments[0].start, cache)
+        return logits if rows is None else logits[rows]
+    return model.forward_batch(segments, ids, cache, rows)
 
 
 def beam_search(
@@ -96,6 +99,7 @@ def beam_search(
     # among them (each beam can contribute at most len(eos) of them)
     keep = max(2, 1 + len(eos)) * beams
     cache = model.new_cache(n + budget, slots=beams)
+    switch = model.config.get("rope_switch") or 0  # longrope: where the long factors begin
 
     t0 = time.perf_counter()
     logits = forward(model, cache, [Segment(0, 0, n)], prompt_ids)[-1:]  # (1, V)
@@ -113,7 +117,16 @@ def beam_search(
 
     for step in range(budget):
         t0 = time.perf_counter()
-        if step > 0:
+        if step > 0 and switch and n + step - 1 == switch:
+            # longrope: as transformers (and generate) do when the sequences first grow past
+            # the switch, every beam re-runs its whole sequence with the long factors (into its
+            # own slot: the shared prefix rows are claimed back)
+            length = n + step
+            segments = [Segment(s, 0, length) for s in range(beams)]
+            ids = [t for seq in running for t in prompt_ids + seq]
+            rows = [(s + 1) * length - 1 for s in range(beams)]
+            logits = forward(model, cache, segments, ids, rows)
+        elif step > 0:
             segments = [Segment(s, n + step - 1, 1) for s in range(beams)]
             logits = forward(model, cache, segments, [seq[-1] for seq in running])
         logprobs = torch.log_softmax(logits.float(), dim=-1).expand(beams, -1)  # (B, V)

@@ -169,36 +169,57 @@ class Engine:
                 self._finish(r, "cancelled")
 
     def _step(self, batch: list[Request]) -> None:
-        """One forward: a row per decoding request, then prompt chunks within step_tokens."""
-        segments, ids, last_row = [], [], {}
+        """One forward: a row per decoding request, then prompt chunks within step_tokens.
+        longrope (Phi-3): the graph picks the long factors for a whole forward when its longest
+        position + 1 passes the switch, so the rows on either side of it run in forwards of
+        their own; a prompt past the switch is prefilled whole (a chunk within it would pick the
+        short ones), and a request whose next position is the switch re-runs its whole sequence
+        (prompt and tokens) with the long factors, as transformers (and generate) do."""
+        switch = self.model.config.get("rope_switch") or 0
+        parts: list[tuple[Request, Segment, list[int], bool]] = []  # bool: its last row samples
         for r in batch:
-            if r.tokens:
-                last_row[r.id] = len(ids)
-                segments.append(Segment(r.slot, r.position, 1))
-                ids.append(r.tokens[-1])
-        room = max(self.step_tokens - len(ids), 0)
+            if not r.tokens:
+                continue
+            if switch and r.position == switch:
+                sequence = r.prompt_ids + r.tokens
+                parts.append((r, Segment(r.slot, 0, len(sequence)), sequence, True))
+            else:
+                parts.append((r, Segment(r.slot, r.position, 1), [r.tokens[-1]], True))
+        room = max(self.step_tokens - sum(seg.length for _, seg, _, _ in parts), 0)
+
+        def chunk(r: Request, most: int) -> None:
+            left = len(r.prompt_ids) - r.prefilled
+            take = left if switch and len(r.prompt_ids) > switch else min(left, most)
+            ids = r.prompt_ids[r.prefilled : r.prefilled + take]
+            parts.append((r, Segment(r.slot, r.prefilled, take), ids, take == left))
+            r.prefilled += take
+
         for r in batch:
             if r.tokens or room == 0:
                 continue
-            take = min(len(r.prompt_ids) - r.prefilled, room)
-            segments.append(Segment(r.slot, r.prefilled, take))
-            ids.extend(r.prompt_ids[r.prefilled : r.prefilled + take])
-            r.prefilled += take
-            room -= take
-            if r.prefilled == len(r.prompt_ids):
+            chunk(r, room)
+            room = max(room - parts[-1][1].length, 0)
+        if not parts:  # every prompt is waiting on room that decode rows took: one each
+            chunk(next(r for r in batch if not r.tokens), 1)
+        sides = [parts]
+        if switch:  # short-factor rows, then long-factor rows
+            long = [p for p in parts if p[1].start + p[1].length > switch]
+            sides = [side for side in ([p for p in parts if p not in long], long) if side]
+        for side in sides:
+            self._forward(side)
+
+    def _forward(self, parts: list[tuple[Request, Segment, list[int], bool]]) -> None:
+        segments, ids, last_row = [], [], {}
+        for r, seg, tokens, samples in parts:
+            segments.append(seg)
+            ids.extend(tokens)
+            if samples:
                 last_row[r.id] = len(ids) - 1
-        if not segments:  # every prompt is waiting on room that decode rows took: one each
-            r = next(r for r in batch if not r.tokens)
-            segments.append(Segment(r.slot, r.prefilled, 1))
-            ids.append(r.prompt_ids[r.prefilled])
-            r.prefilled += 1
-            if r.prefilled == len(r.prompt_ids):
-                last_row[r.id] = 0
         wanted = sorted(last_row.values())  # logits only for the rows that make a token
         logits = self.model.forward_batch(segments, ids, self.cache, wanted)
         at = {row: i for i, row in enumerate(wanted)}
         self.steps += 1
-        for r in batch:
+        for r, *_ in parts:
             row = last_row.get(r.id)
             if row is None:
                 continue

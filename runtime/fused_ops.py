@@ -641,7 +641,7 @@ def attention_step(k_cache: torch.Tensor, v_cache: torch.Tensor, use_kernels: bo
     slot_stride = k_cache[0].numel()
     out_buffer = OutputBuffers()
 
-    def direct(q3, k3, v3, segments, heads, kv_heads, d, scale, window):
+    def direct(q3, k3, v3, segments, heads, kv_heads, d, scale, window, softcap):
         # Decode's path, straight to the kernels: the new K/V written into each segment's slot
         # from wherever they sit (columns of the fused QKV output), then attention read through
         # the cache's rows (KVCache keeps them inside 0..slots-1). No torch op per call.
@@ -681,6 +681,7 @@ def attention_step(k_cache: torch.Tensor, v_cache: torch.Tensor, use_kernels: bo
                     scale,
                     rows + 4 * seg.slot * row_stride,
                     slot_stride,
+                    softcap,
                 ),
                 starts,
             )
@@ -710,16 +711,9 @@ def attention_step(k_cache: torch.Tensor, v_cache: torch.Tensor, use_kernels: bo
         d = k_cache.shape[-1]
         scale = scale or d**-0.5
         window = local_window_size if local_window_size and local_window_size > 0 else 0
-        # the kernels have no soft-cap yet (csrc/attention.cpp would apply cap * tanh(s / cap)
-        # to each scaled score before the mask and softmax): soft-capped attention runs on the
-        # reference
-        if (
-            fast
-            and not softcap
-            and kv is not None
-            and _direct(q3, k3, v3, num_heads, kv_num_heads, d)
-        ):
-            return direct(q3, k3, v3, segments, num_heads, kv_num_heads, d, scale, window)
+        softcap = float(softcap or 0.0)  # cap * tanh(s / cap) on each scaled score, in the kernel
+        if fast and kv is not None and _direct(q3, k3, v3, num_heads, kv_num_heads, d):
+            return direct(q3, k3, v3, segments, num_heads, kv_num_heads, d, scale, window, softcap)
         q = q3.reshape(-1, num_heads, d)
         k = k3.reshape(-1, kv_num_heads, d).transpose(0, 1)  # (kv, T, d)
         v = v3.reshape(-1, kv_num_heads, d).transpose(0, 1)
@@ -731,15 +725,25 @@ def attention_step(k_cache: torch.Tensor, v_cache: torch.Tensor, use_kernels: bo
             v_cache[seg.slot, :, p : p + s].copy_(v[:, row : row + s])
             q_seg = q[row : row + s]
             slot_of = kv.rows[seg.slot] if kv is not None else None
-            if use_kernels and not softcap:
+            if use_kernels:
                 from xcompile.runtime import kernels
 
                 q_seg = q_seg.contiguous()
                 if slot_of is None:
-                    out = kernels.attention(q_seg, k_cache[0], v_cache[0], p, scale, window, q_seg)
+                    out = kernels.attention(
+                        q_seg, k_cache[0], v_cache[0], p, scale, window, q_seg, softcap=softcap
+                    )
                 else:
                     out = kernels.attention(
-                        q_seg, k_cache, v_cache, p, scale, window, q_seg, slot_of=slot_of
+                        q_seg,
+                        k_cache,
+                        v_cache,
+                        p,
+                        scale,
+                        window,
+                        q_seg,
+                        slot_of=slot_of,
+                        softcap=softcap,
                     )
             else:
                 keys, values = k_cache[0, :, : p + s], v_cache[0, :, : p + s]

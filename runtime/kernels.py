@@ -672,9 +672,11 @@ def attention(
     window: int = 0,
     out: torch.Tensor | None = None,
     slot_of: torch.Tensor | None = None,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Causal grouped-query attention of S new tokens over a preallocated KV cache: q and out
-    fp32, the caches both fp32 or both bf16 (widened to fp32 as they are read).
+    fp32, the caches both fp32 or both bf16 (widened to fp32 as they are read). softcap > 0:
+    each score s = scale * q . k becomes softcap * tanh(s / softcap) before the softmax.
 
     slot_of (past + S,) int32, or None: indirect access (beam search). The caches are then
     (slots, kv_heads, capacity, d) and key position j is read from slot slot_of[j].
@@ -745,6 +747,7 @@ def attention(
         scale,
         0 if slot_of is None else slot_of.data_ptr(),
         slot_stride,
+        softcap,
     )
     return out
 
@@ -763,13 +766,17 @@ def attention_reference(
     past: int,
     scale: float,
     window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
-    """The same with repeat_interleave of the KV heads, an explicit mask and torch's softmax."""
+    """The same with repeat_interleave of the KV heads, an explicit mask and torch's softmax
+    (and the soft-cap as transformers' Gemma 2 writes it)."""
     tokens, heads, _ = q.shape
     kv_heads, total = k_cache.shape[0], past + tokens
     k = k_cache[:, :total].float().repeat_interleave(heads // kv_heads, dim=0)  # (heads, T, d)
     v = v_cache[:, :total].float().repeat_interleave(heads // kv_heads, dim=0)
     scores = torch.einsum("shd,htd->hst", q.float(), k) * scale  # (heads, S, T)
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
     query_pos = torch.arange(past, total)[:, None]
     key_pos = torch.arange(total)[None, :]
     visible = key_pos <= query_pos

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -193,10 +194,13 @@ class LayerByLayer:
         if window is not None:
             allowed &= k > q - window
         mask = torch.zeros(s, s).masked_fill(~allowed, torch.finfo(torch.float32).min)
+        # Gemma 3's rotary keeps a set of tables per layer type and is asked for the layer's
+        per_type = "layer_type" in inspect.signature(self.rotary.forward).parameters
+        kind = {"layer_type": self.config.layer_types[i]} if per_type else {}
         return {
             "attention_mask": mask.view(1, 1, s, s),
             "position_ids": pos,
-            "position_embeddings": self.rotary(x, pos),
+            "position_embeddings": self.rotary(x, pos, **kind),
             "use_cache": False,
         }
 
@@ -448,6 +452,11 @@ def _awq_layer(layer, inputs, scheme: WeightOnly, spec: DecoderSpec, i: int):
     def record_and_fold(scale_info):
         scales.update(scale_info)
         fold(scale_info)
+        if spec.norm_offset:  # INC divides the norm's w by s; Gemma's scale is (offset + w)
+            for tup, s in scale_info.items():
+                norm = layer.get_submodule(algo.absorb_layer_dict[tup].removeprefix("layers.0."))
+                if norm.weight.dim() == 1:  # (offset + w') = (offset + w) / s
+                    norm.weight.data.add_(spec.norm_offset * (1.0 / s - 1.0))
 
     algo.apply_scale = record_and_fold
     algo.apply_quantize_with_clip = lambda return_int=False: None  # done below, per weight

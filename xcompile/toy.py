@@ -103,6 +103,20 @@ TINY = {
         layer_types=["sliding_attention", "full_attention", "sliding_attention"],
         pad_token_id=0,
     ),
+    "gemma3": dict(  # 6 layers: transformers' default pattern, 5 sliding (window 6) then 1 full;
+        # the full layers' rope scaled linearly x8 as the 4B..27B checkpoints' (local: base 10k)
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        query_pre_attn_scalar=24,
+        sliding_window=6,
+        rope_scaling={"rope_type": "linear", "factor": 8.0},
+        pad_token_id=0,
+    ),
     "gptj": dict(
         n_embd=64,
         n_inner=128,
@@ -126,7 +140,7 @@ ONE_B = dict(
 )
 # Gemma 2's embedding times sqrt(hidden) and (1 + weight) norms saturate at 0.3 (one token
 # repeated 16 times, which tests little); 0.05 gives varied greedy tokens
-INIT_STD = {"gemma2": 0.05}
+INIT_STD = {"gemma2": 0.05, "gemma3": 0.05}
 CONFIGS = {
     "llama": "LlamaConfig",
     "mistral": "MistralConfig",
@@ -136,6 +150,7 @@ CONFIGS = {
     "granite": "GraniteConfig",
     "phi3": "Phi3Config",
     "gemma2": "Gemma2Config",
+    "gemma3": "Gemma3TextConfig",
 }
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"

@@ -284,3 +284,49 @@ def test_kv_write_bf16_rounds_to_nearest_even():
     nan = torch.full((1, 1), float("nan"))
     _C.kv_write_bf16(nan.data_ptr(), 1, cache.data_ptr(), 0, slots, 0, 1, 1, 1, capacity * d)
     assert cache.view(-1)[0].isnan()
+
+
+# Soft-caps: Gemma 2's 50 over scores of ~1 (s / cap ~ 0.02: tanh's series near 0), and 0.5,
+# 2 over scores of ~N(0, 4) (s / cap up to ~15: exp's side, and saturation at +-cap).
+SOFTCAPS = [(50.0, 1.0), (2.0, 4.0), (0.5, 4.0)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [0, 8], ids=["causal", "window8"])
+@pytest.mark.parametrize("cap, spread", SOFTCAPS, ids=["cap50", "cap2", "cap0.5"])
+def test_attention_softcap_matches_reference(isa, dtype, window, cap, spread):
+    """softcap * tanh(s / softcap) on each scaled score before the softmax: prefill and decode,
+    split (decode) and one pass (prefill), every head layout, held to torch's tanh."""
+    d, capped = 64, 0.0
+    for heads, kv_heads in HEAD_LAYOUTS:
+        for tokens, past in STEPS + [(1, 700)]:
+            q, k, v = _cache(heads, kv_heads, d, tokens, past, seed=heads + past + int(cap))
+            q *= spread
+            k, v = k.to(dtype), v.to(dtype)
+            got = kernels.attention(q, k, v, past, d**-0.5, window, softcap=cap)
+            expected = kernels.attention_reference(q, k, v, past, d**-0.5, window, softcap=cap)
+            assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5), (
+                f"heads={heads} kv={kv_heads} S={tokens} P={past}: max abs error "
+                f"{(got - expected).abs().max().item():.3g}"
+            )
+            plain = kernels.attention_reference(q, k, v, past, d**-0.5, window)
+            capped = max(capped, (plain - expected).abs().max().item())
+    assert capped > (1e-4 if cap > 10 else 1e-1)  # the cap changes the result: this could fail
+
+
+def test_attention_softcap_through_slot_indices(isa):
+    heads, kv_heads, d, slots, capacity = 8, 2, 64, 3, 64
+    gen = torch.Generator().manual_seed(8)
+    k, v = torch.randn(2, slots, kv_heads, capacity, d, generator=gen)
+    slot_of = torch.randint(0, slots, (capacity,), generator=gen, dtype=torch.int32)
+    q = 4 * torch.randn(2, heads, d, generator=gen)
+    got = kernels.attention(q, k, v, 40, d**-0.5, slot_of=slot_of, softcap=1.5)
+    keys, values = (kernels.gather_slots(t, slot_of, 42) for t in (k, v))
+    expected = kernels.attention_reference(q, keys, values, 40, d**-0.5, softcap=1.5)
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_rejects_a_negative_softcap():
+    q, k, v = _cache(4, 2, 16, 1, 0, seed=1)
+    with pytest.raises(ValueError, match="softcap"):
+        kernels.attention(q, k, v, 0, 0.25, softcap=-1.0)

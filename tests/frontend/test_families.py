@@ -1,6 +1,6 @@
-"""The families beyond Llama's block (Qwen3, Granite, Phi-3): what their fused graphs hold per
-decoder layer, what `xcompile inspect` says of them, Phi-3's fused tensors read as row views, and
-a feature nobody implements refused with one line."""
+"""The families beyond Llama's block (Qwen3, Granite, Phi-3, Gemma 2 and 3): what their fused
+graphs hold per decoder layer, what `xcompile inspect` says of them, Phi-3's fused tensors read
+as row views, and a feature nobody implements refused with one line."""
 
 from __future__ import annotations
 
@@ -51,6 +51,20 @@ FUSED_LAYER = {
         "Mul": 1,
         "Tanh": 0,
     },
+    # Gemma 2's (no soft-caps here) with Qwen3's q/k norms (their Reshapes), each with its
+    # (1 + weight) Add;
+    # layer 1 is a sliding one, its RotaryEmbeddings on the local caches (tests/passes)
+    "gemma3": {
+        "GroupQueryAttention": 1,
+        "RotaryEmbedding": 2,
+        "SkipSimplifiedLayerNormalization": 2,
+        "SimplifiedLayerNormalization": 4,
+        "Reshape": 4,
+        "Add": 6,
+        "FastGelu": 1,
+        "Mul": 1,
+        "Tanh": 0,
+    },
 }
 
 
@@ -68,7 +82,10 @@ def test_fused_layer_holds_the_fused_ops_and_no_primitive_norm_or_rotary(family,
         assert ops[op] == 0, (op, ops)
     assert ops["MatMul"] == 4  # QKV, o_proj, gate+up, down
     extra = sum(ops.values()) - sum(layer_ops(compiled("llama")).values())
-    assert extra == {"llama": 0, "qwen3": 6, "granite": 2, "phi3": 0, "gemma2": 7}[family]
+    assert (
+        extra
+        == {"llama": 0, "qwen3": 6, "granite": 2, "phi3": 0, "gemma2": 7, "gemma3": 15}[family]
+    )
 
 
 @pytest.mark.parametrize(
@@ -85,6 +102,16 @@ def test_fused_layer_holds_the_fused_ops_and_no_primitive_norm_or_rotary(family,
                 "attention soft-cap 0.5",
                 "final logit soft-cap 2",
                 "sliding window [6] on 2/3 layers",
+            ],
+        ),
+        (
+            "gemma3",
+            [
+                "q/k RMSNorm per head",
+                "RMSNorm x (1 + weight)",
+                "norms after attention and MLP",
+                "sliding layers' rope base 10000 (others' 1e+06)",
+                "sliding window [6] on 5/6 layers",
             ],
         ),
     ],
@@ -150,4 +177,48 @@ def test_rope_type_nobody_implements_is_one_line_exit_2(family, rope, checkpoint
     res = run(tmp_path, "xcompile", "quantize", ckpt, "-o", tmp_path / "out", "--fp32")
     line = user_error(res, "rope_type", "not supported")
     assert re.search(r"dynamic|longrope", line)
+    no_output(tmp_path)
+
+
+def _edited(checkpoint, tmp_path, family, **changes):
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(checkpoint(family), ckpt)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg.update(changes)
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    return ckpt
+
+
+def test_gemma3_with_a_vision_tower_is_one_line_exit_2(checkpoint, tmp_path):
+    """Gemma3ForConditionalGeneration (text model, SigLIP tower, projector): named, with what
+    to use instead."""
+    ckpt = _edited(
+        checkpoint,
+        tmp_path,
+        "gemma3",
+        architectures=["Gemma3ForConditionalGeneration"],
+        model_type="gemma3",
+    )
+    res = run(tmp_path, "xcompile", "quantize", ckpt, "-o", tmp_path / "out", "--fp32")
+    user_error(res, "Gemma3ForConditionalGeneration", "vision tower", "Gemma3ForCausalLM")
+    no_output(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0},
+        {"rope_type": "made_up", "rope_theta": 10000.0},
+    ],
+    ids=["dynamic", "unknown"],
+)
+def test_gemma3_local_rope_nobody_implements_is_one_line_exit_2(rope, checkpoint, tmp_path):
+    """The sliding layers' rope settings are checked as the full layers' are."""
+    cfg = json.loads((checkpoint("gemma3") / "config.json").read_text())
+    params = {**cfg["rope_parameters"], "sliding_attention": rope}
+    ckpt = _edited(checkpoint, tmp_path, "gemma3", rope_parameters=params)
+    res = run(tmp_path, "xcompile", "quantize", ckpt, "-o", tmp_path / "out", "--fp32")
+    user_error(res, rope["rope_type"])
     no_output(tmp_path)

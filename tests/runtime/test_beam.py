@@ -258,3 +258,23 @@ def test_xrun_beams_bad_flags(compiled, tmp_path):
     user_error(res, "--beams", "sampling", "--temperature")
     user_error(run(tmp_path, "xrun", art, "--prompt", "hi", "--beams", "0"), "--beams")
     user_error(run(tmp_path, "xrun", art, "--chat", "--beams", "2"), "--beams", "--chat")
+
+
+@pytest.mark.parametrize("prompt", ["Once upon a time", PROMPT], ids=["crosses", "past"])
+def test_phi3_longrope_beams_equal_transformers(phi3_switch, prompt):
+    """Phi-3 with longrope switching at 12 tokens: a short prompt whose beams cross the switch
+    (each beam's whole sequence re-run with the long factors, as transformers re-runs its
+    batch of beams), and a prompt past it: transformers' best sequence and score."""
+    from transformers import AutoModelForCausalLM
+
+    ckpt, art = phi3_switch
+    ids = TextTokenizer(art).encode(prompt)
+    assert (len(ids) <= 12) == (prompt != PROMPT)
+    hf = AutoModelForCausalLM.from_pretrained(
+        ckpt, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    eos = TextTokenizer(art).eos_ids
+    ours = beam_search(Model.load(art), ids, 3, 16, eos_ids=eos)
+    tokens, score = _hf_beam(hf, ids, 3, eos, 1.0, False, 16)
+    assert ours.tokens == tokens
+    assert abs(ours.score - score) <= 1e-4

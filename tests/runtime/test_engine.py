@@ -241,3 +241,24 @@ def test_a_failed_step_ends_every_request_and_refuses_new_ones(art, tokenizer):
             engine.submit([1, 2, 3], 4, GREEDY, NO_EOS, Stream())
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("step_tokens", [256, 4])
+def test_phi3_longrope_served_gives_transformers_tokens(phi3_switch, hf_greedy_of, step_tokens):
+    """Phi-3 with longrope switching at 12 tokens, three requests in one batch: a short prompt
+    that crosses the switch while decoding (its whole sequence re-run with the long factors),
+    and two prompts past it (long from the prefill, even in chunks of 4) decoding beside it:
+    each gets transformers' 16 greedy tokens."""
+    ckpt, art = phi3_switch
+    tok = TextTokenizer(art)
+    prompts = [tok.encode(p) for p in PROMPTS]
+    assert len(prompts[1]) <= 12 < len(prompts[0]) < len(prompts[2])
+    engine = Engine(Model.load(art), slots=3, step_tokens=step_tokens)
+    try:
+        streams = [Stream() for _ in prompts]
+        for ids, stream in zip(prompts, streams):
+            engine.submit(ids, 16, GREEDY, NO_EOS, stream)
+        for ids, stream in zip(prompts, streams):
+            assert stream.wait().tokens == hf_greedy_of(ckpt, ids, 16)
+    finally:
+        engine.close()

@@ -57,7 +57,9 @@ def test_fp32_prefill_logits_within_1e4(family, graph, kernels, compiled, hf_mod
     assert (step[-1] - full).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("family", ["llama", "gptj", "qwen3", "granite", "phi3", "gemma2"])
+@pytest.mark.parametrize(
+    "family", ["llama", "gptj", "qwen3", "granite", "phi3", "gemma2", "gemma3"]
+)
 def test_bf16_logits_close_to_transformers_bf16(family, compiled, hf_model):
     """BF16 artifacts keep activations in FP32 with BF16 matrices. Against transformers on the
     same BF16-rounded weights in FP32 they agree to 1e-4; against transformers run fully in
@@ -114,3 +116,25 @@ def test_fused_artifacts_under_onnxruntime_agree_with_xrun(family, compiled):
     assert (ours - torch.from_numpy(prefill["logits"][0])).abs().max().item() <= 1e-4
     ours = model.forward([5], len(IDS), cache)
     assert (ours - torch.from_numpy(step["logits"][0])).abs().max().item() <= 1e-4
+
+
+def test_soft_capped_attention_runs_on_the_kernel(compiled, hf_model, monkeypatch):
+    """Gemma 2's soft-capped GroupQueryAttention goes to csrc/attention.cpp (its softcap), never
+    to the torch reference: with the reference made to fail, prefill and a decode step still
+    give transformers' logits."""
+    from xcompile.runtime import fused_ops
+
+    def refuse(*_, **__):
+        raise AssertionError("soft-capped attention ran on the reference")
+
+    monkeypatch.setattr(fused_ops, "attention_reference", refuse)
+    art = compiled("gemma2")
+    model = Model.load(art)
+    ids = TextTokenizer(art).encode(PROMPT)
+    cache = model.new_cache(len(ids) + 1)
+    ours = model.forward(ids, 0, cache)
+    step = model.forward([int(ours[-1].argmax())], len(ids), cache)
+    with torch.no_grad():
+        full = hf_model("gemma2")(torch.tensor([ids + [int(ours[-1].argmax())]])).logits[0]
+    assert (ours - full[:-1]).abs().max().item() <= 1e-4
+    assert (step[-1] - full[-1]).abs().max().item() <= 1e-4

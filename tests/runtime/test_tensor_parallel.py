@@ -9,8 +9,8 @@ from tests.conftest import run_xrun, torchrun
 PROMPT = "The quick brown fox jumps over the lazy dog and then"
 # GQA; 2 KV heads and QKV biases; parallel residual; q/k norms; multipliers (a scaled
 # vocab-parallel embedding and gathered logits); the checkpoint's fused QKV and gate/up;
-# soft-caps, post norms, GeGLU
-TP_FAMILIES = ["llama", "qwen2", "gptj", "qwen3", "granite", "phi3", "gemma2"]
+# soft-caps, post norms, GeGLU; (1 + weight) q/k norms and the local layers' own rotary
+TP_FAMILIES = ["llama", "qwen2", "gptj", "qwen3", "granite", "phi3", "gemma2", "gemma3"]
 
 
 def greedy(art, launcher=None, extra=()):

@@ -79,6 +79,21 @@ VARIANTS = {
             },
         ),
     ),
+    # the config fields a Gemma 3 may set that the toy leaves alone: soft-caps (the final one
+    # applied; the attention one stored but not applied by transformers' Gemma 3, so not by us),
+    # a 1:1 sliding_window_pattern that transformers turns into layer_types, unscaled global
+    # rope, tied embeddings
+    "gemma3-softcaps-pattern-2": (
+        "gemma3",
+        dict(
+            num_hidden_layers=4,
+            sliding_window_pattern=2,
+            attn_logit_softcapping=0.5,
+            final_logit_softcapping=2.0,
+            rope_scaling=None,
+            tie_word_embeddings=True,
+        ),
+    ),
     "phi3-default-rope-sliding-window-mha": (
         "phi3",
         dict(rope_parameters=None, sliding_window=6, num_key_value_heads=4),

@@ -1,7 +1,8 @@
 """Frontends: one file per model family, found by its place (no registry to edit).
 
 Each family module declares `ARCHITECTURES` (the `architectures` values of config.json it reads)
-and `spec(config) -> DecoderSpec`. Adding a family is adding a file here.
+and `spec(config) -> DecoderSpec`; optionally `REFUSED` (architecture -> why it is not compiled
+and what to use instead). Adding a family is adding a file here.
 """
 
 from __future__ import annotations

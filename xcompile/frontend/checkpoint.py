@@ -46,6 +46,12 @@ class Checkpoint:
         known = families()
         archs = config.get("architectures") or []
         family = next((known[a] for a in archs if isinstance(a, str) and a in known), None)
+        refused = {
+            a: why for m in set(known.values()) for a, why in getattr(m, "REFUSED", {}).items()
+        }
+        for arch in archs:  # a family's own word on its architectures it does not compile
+            if family is None and arch in refused:
+                raise UserError(f"{cfg}: {arch} has {refused[arch]}")
         if family is None:
             raise UserError(
                 f"{cfg}: architectures {archs} not supported; supported families: "

@@ -93,6 +93,10 @@ class DecoderSpec:
     norm_offset: float = 0.0  # RMSNorm scales by (offset + weight): Gemma's (1 + weight)
     attn_softcap: float = 0.0  # scores -> cap * tanh(scores / cap) before the mask; 0: none
     final_softcap: float = 0.0  # logits likewise
+    # the sliding-window layers' own rotary tables, where they differ from the others' (Gemma 3's
+    # local layers: rope_local_base_freq, unscaled); (): every layer rotates with inv_freq
+    local_inv_freq: tuple[float, ...] = ()
+    local_rotary_scale: float = 1.0
 
     @property
     def parallel_residual(self) -> bool:
@@ -119,6 +123,11 @@ class DecoderSpec:
             found.append(f"rope scaled x{self.rotary_scale:g}")
         if self.rotary_dim < self.head_dim:
             found.append(f"partial rotary {self.rotary_dim}/{self.head_dim}")
+        if self.local_inv_freq:
+            local, other = (
+                _rope_base(f, self.rotary_dim) for f in (self.local_inv_freq, self.inv_freq)
+            )
+            found.append(f"sliding layers' rope base {local:g} (others' {other:g})")
         for what, value, plain in (
             ("embedding x", self.embed_scale, 1.0),
             ("residual x", self.residual_scale, 1.0),
@@ -165,12 +174,13 @@ def build(spec: DecoderSpec, b: GraphBuilder) -> None:
     x = embedding(b, spec.names.embed, ids)  # (B,S,H)
     if spec.embed_scale != 1.0:
         x = b.op("Mul", "/model/embed_scale", [x, _scalar(b, spec.embed_scale)])
-    cos, sin = rotary_tables(spec, b, pos)  # (B,1,S,rot)
+    tables, local_tables = rotary_tables(spec, b, pos)  # cos, sin (B,1,S,rot) each
     masks = {}
     for i in range(spec.layers):
         window = spec.sliding_window[i] if spec.sliding_window else None
         if window not in masks:
             masks[window] = attention_mask(b, pos, past[0][0], window)
+        cos, sin = tables if window is None else local_tables
         x = decoder_layer(spec, b, i, x, past[i], cos, sin, masks[window])
     x = norm(spec, b, "/model/norm", spec.names.final_norm, x)
     lm_head = spec.names.lm_head
@@ -218,6 +228,12 @@ def _residual_scaled(spec, b, scope, x):
     if spec.residual_scale == 1.0:
         return x
     return b.op("Mul", scope + "/residual_scale", [x, _scalar(b, spec.residual_scale)])
+
+
+def _rope_base(inv_freq, rotary_dim: int) -> float:
+    """theta of inv_freq[i] = theta^(-2i/rotary_dim) / factor, read back from the ratio of the
+    first two frequencies (so a linear factor does not hide it)"""
+    return (inv_freq[0] / inv_freq[1]) ** (rotary_dim / 2) if len(inv_freq) > 1 else 0.0
 
 
 def _scalar(b, value: float) -> str:
@@ -269,11 +285,43 @@ def norm(spec: DecoderSpec, b: GraphBuilder, scope: str, name: str, x: str) -> s
     return b.op("Mul", scope + "/weight", [normed, weight])
 
 
-def rotary_tables(spec: DecoderSpec, b: GraphBuilder, pos: str) -> tuple[str, str]:
-    """cos, sin (B,1,S,rotary_dim), laid out for the family's rotation (half-split or pairs)."""
+def rotary_tables(spec: DecoderSpec, b: GraphBuilder, pos: str):
+    """((cos, sin), (cos, sin) of the sliding-window layers), each (B,1,S,rotary_dim), laid out
+    for the family's rotation (half-split or pairs); the second pair is the first unless the
+    spec gives local layers their own tables."""
     scope = "/model/rotary"
-    inv = b.const(scope + "/inv_freq", spec.inv_freq, np.float32)  # (rot/2)
-    if spec.long_inv_freq:  # longrope: the long factors when max(position) + 1 > switch
+    tables = _tables(spec, b, pos, scope, spec.inv_freq, spec.rotary_scale, spec.long_inv_freq)
+    # what the rotary pass needs to replace these tables by cos/sin caches indexed by position
+    facts = {
+        "cos": tables[0],
+        "sin": tables[1],
+        "inv_freq": list(spec.inv_freq),
+        "long_inv_freq": list(spec.long_inv_freq),
+        "switch": spec.rope_switch,
+        "scale": spec.rotary_scale,
+        "max_positions": spec.max_positions,
+        "interleaved": spec.rotary == "interleaved",
+        "rotary_dim": spec.rotary_dim,
+        "position_ids": pos,
+    }
+    local = tables
+    if spec.local_inv_freq:
+        local = _tables(
+            spec, b, pos, "/model/rotary_local", spec.local_inv_freq, spec.local_rotary_scale, ()
+        )
+        facts["local"] = {
+            "cos": local[0],
+            "sin": local[1],
+            "inv_freq": list(spec.local_inv_freq),
+            "scale": spec.local_rotary_scale,
+        }
+    b.metadata["xcompile.rotary"] = json.dumps(facts)
+    return tables, local
+
+
+def _tables(spec, b, pos, scope, inv_freq, scale, long_inv_freq) -> tuple[str, str]:
+    inv = b.const(scope + "/inv_freq", inv_freq, np.float32)  # (rot/2)
+    if long_inv_freq:  # longrope: the long factors when max(position) + 1 > switch
         longest = b.op("ReduceMax", scope + "/longest", [pos], keepdims=0)  # scalar
         switch = b.const(scope + "/switch", spec.rope_switch - 1)  # max + 1 > s <=> max > s - 1
         inv = b.op(
@@ -281,7 +329,7 @@ def rotary_tables(spec: DecoderSpec, b: GraphBuilder, pos: str) -> tuple[str, st
             scope + "/long_or_short",
             [
                 b.op("Greater", scope + "/long", [longest, switch]),
-                b.const(scope + "/long_inv_freq", spec.long_inv_freq, np.float32),
+                b.const(scope + "/long_inv_freq", long_inv_freq, np.float32),
                 inv,
             ],
         )
@@ -295,12 +343,8 @@ def rotary_tables(spec: DecoderSpec, b: GraphBuilder, pos: str) -> tuple[str, st
     tables = []
     for fn in ("Cos", "Sin"):
         t = b.op(fn, scope, [freqs])
-        if spec.rotary_scale != 1.0:
-            t = b.op(
-                "Mul",
-                scope + "/scale",
-                [t, b.const(scope + "/scale", spec.rotary_scale, np.float32)],
-            )
+        if scale != 1.0:
+            t = b.op("Mul", scope + "/scale", [t, b.const(scope + "/scale", scale, np.float32)])
         if spec.rotary == "half":  # [f0..f(n-1), f0..f(n-1)]
             t = b.op("Concat", scope + "/" + fn, [t, t], axis=-1)
         else:  # [f0, f0, f1, f1, ...]
@@ -308,21 +352,6 @@ def rotary_tables(spec: DecoderSpec, b: GraphBuilder, pos: str) -> tuple[str, st
             t = b.op("Concat", scope + "/" + fn, [t2, t2], axis=-1)  # (B,S,rot/2,2)
             t = b.op("Reshape", scope + "/" + fn, [t, b.const("/shape/0,0,-1", [0, 0, -1])])
         tables.append(b.op("Unsqueeze", scope + "/" + fn, [t, b.const("/axes/1", [1])]))
-    # what the rotary pass needs to replace these tables by cos/sin caches indexed by position
-    b.metadata["xcompile.rotary"] = json.dumps(
-        {
-            "cos": tables[0],
-            "sin": tables[1],
-            "inv_freq": list(spec.inv_freq),
-            "long_inv_freq": list(spec.long_inv_freq),
-            "switch": spec.rope_switch,
-            "scale": spec.rotary_scale,
-            "max_positions": spec.max_positions,
-            "interleaved": spec.rotary == "interleaved",
-            "rotary_dim": spec.rotary_dim,
-            "position_ids": pos,
-        }
-    )
     return tables[0], tables[1]
 
 

@@ -48,14 +48,25 @@ def rope_type(config) -> str:
 def rope(config, rotary_cls) -> tuple[tuple[float, ...], float]:
     """inv_freq and the cos/sin scale, computed by transformers' own rotary module for this
     config (so every static rope type it knows: default, linear, llama3, yarn, ...)."""
-    kind = rope_type(config)
+    require_static_rope(rope_type(config))
+    rotary = rotary_cls(config=config)
+    return tuple(float(f) for f in rotary.inv_freq), float(rotary.attention_scaling)
+
+
+def require_static_rope(kind: str) -> None:
+    """Refuse a rope type whose tables change with sequence length, or one transformers lacks."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
     if kind in ("dynamic", "longrope"):
         raise UserError(
             f"rope_type {kind!r} changes with sequence length and is not supported; "
             "use a checkpoint with a static rope type (default, linear, llama3, yarn)"
         )
-    rotary = rotary_cls(config=config)
-    return tuple(float(f) for f in rotary.inv_freq), float(rotary.attention_scaling)
+    if kind != "default" and kind not in ROPE_INIT_FUNCTIONS:
+        raise UserError(
+            f"rope_type {kind!r} is not supported (known: default, "
+            f"{', '.join(sorted(ROPE_INIT_FUNCTIONS))}); fix config.json's rope settings"
+        )
 
 
 def llama_like(

@@ -14,68 +14,49 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+# what every tiny family shares unless it says otherwise: 3 layers, GQA 4/2
+BASE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
+
 TINY = {
     "llama": dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
+        BASE,
         tie_word_embeddings=False,
     ),
     "mistral": dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
+        BASE,
         num_key_value_heads=1,
-        max_position_embeddings=256,
         sliding_window=8,
         head_dim=16,
     ),
     "qwen2": dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
+        BASE,
         tie_word_embeddings=True,
     ),
-    "qwen3": dict(  # q/k norms; a sliding window on the last two layers, shorter than the prompt
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+    "qwen3": dict(
+        BASE,  # q/k norms; a sliding window on the last two layers, shorter than the prompt
         head_dim=16,
-        max_position_embeddings=256,
         use_sliding_window=True,
         sliding_window=6,
         layer_types=["full_attention", "sliding_attention", "sliding_attention"],
         tie_word_embeddings=False,
     ),
-    "granite": dict(  # every multiplier away from 1 (Granite 3's are 12, 0.22, 1/128, 8)
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
+    "granite": dict(
+        BASE,  # every multiplier away from 1 (Granite 3's are 12, 0.22, 1/128, 8)
         embedding_multiplier=3.0,
         residual_multiplier=0.5,
         attention_multiplier=0.0625,
         logits_scaling=2.0,
         tie_word_embeddings=False,
     ),
-    "phi3": dict(  # fused qkv / gate_up, partial rotary (12 of 16), longrope switching at 8 tokens
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
+    "phi3": dict(
+        BASE,  # fused qkv / gate_up, partial rotary (12 of 16), longrope switching at 8 tokens
         original_max_position_embeddings=8,
         rope_parameters={
             "rope_type": "longrope",
@@ -88,14 +69,9 @@ TINY = {
         pad_token_id=0,
         tie_word_embeddings=False,
     ),
-    "gemma2": dict(  # soft-caps low enough to bite, windows shorter than the prompt every 2nd layer
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+    "gemma2": dict(
+        BASE,  # soft-caps low enough to bite, windows shorter than the prompt every 2nd layer
         head_dim=16,
-        max_position_embeddings=256,
         query_pre_attn_scalar=24,
         attn_logit_softcapping=0.5,
         final_logit_softcapping=2.0,
@@ -103,15 +79,11 @@ TINY = {
         layer_types=["sliding_attention", "full_attention", "sliding_attention"],
         pad_token_id=0,
     ),
-    "gemma3": dict(  # 6 layers: transformers' default pattern, 5 sliding (window 6) then 1 full;
+    "gemma3": dict(
+        BASE,  # 6 layers: transformers' default pattern, 5 sliding (window 6) then 1 full;
         # the full layers' rope scaled linearly x8 as the 4B..27B checkpoints' (local: base 10k)
-        hidden_size=64,
-        intermediate_size=128,
         num_hidden_layers=6,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         head_dim=16,
-        max_position_embeddings=256,
         query_pre_attn_scalar=24,
         sliding_window=6,
         rope_scaling={"rope_type": "linear", "factor": 8.0},

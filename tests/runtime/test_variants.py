@@ -12,7 +12,7 @@ from xcompile.runtime.generate import generate
 from xcompile.runtime.model import Model
 from xcompile.runtime.sampling import Sampler, SamplingParams
 from xcompile.runtime.tokenizer import TextTokenizer
-from xcompile.toy import make_checkpoint
+from xcompile.toy import TINY, make_checkpoint
 
 VARIANTS = {
     "llama-biases-llama3-rope": (
@@ -69,14 +69,9 @@ VARIANTS = {
         "phi3",
         dict(
             original_max_position_embeddings=30,
-            rope_parameters={
-                "rope_type": "longrope",
-                "rope_theta": 10000.0,
-                "partial_rotary_factor": 0.75,
-                "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
-                "long_factor": [1.0, 1.5, 2.5, 4.0, 6.0, 9.0],
-                "original_max_position_embeddings": 30,
-            },
+            rope_parameters=dict(
+                TINY["phi3"]["rope_parameters"], original_max_position_embeddings=30
+            ),
         ),
     ),
     # the config fields a Gemma 3 may set that the toy leaves alone: soft-caps (the final one

@@ -1,6 +1,7 @@
 // Elementwise MLP activations, fp32, over n contiguous elements (any shape, flattened):
 //   silu_mul:  out = gate * sigmoid(gate) * up          (Llama's act_fn(gate_proj(x)) * up_proj(x))
 //   gelu_tanh: out = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))   (GPT-J's gelu_new)
+//   gelu_mul:  out = gelu_tanh(gate) * up                (Gemma's GeGLU)
 // out may alias any input (each element is read before it is written at the same index).
 //
 // The vector paths use the identities x * sigmoid(x) = x / (1 + exp(-x)) and
@@ -38,78 +39,89 @@ void silu_mul_scalar(const float* gate, const float* up, float* out, int64_t n) 
   for (int64_t i = 0; i < n; ++i) out[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
 }
 
+inline float gelu_tanh_of(float v) {
+  return 0.5f * v * (1.0f + std::tanh(kGeluC * (v + kGeluA * v * v * v)));
+}
+
 void gelu_tanh_scalar(const float* x, const float*, float* out, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    const float v = x[i];
-    out[i] = 0.5f * v * (1.0f + std::tanh(kGeluC * (v + kGeluA * v * v * v)));
-  }
+  for (int64_t i = 0; i < n; ++i) out[i] = gelu_tanh_of(x[i]);
+}
+
+void gelu_mul_scalar(const float* gate, const float* up, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = gelu_tanh_of(gate[i]) * up[i];
 }
 
 #if XC_X86
 // Gelu: out = a / (1 + exp(-2u)), -2u = a (c1 + c2 a^2) with c1 = -2 sqrt(2/pi), c2 = 0.044715 c1.
-// Silu: out = a / (1 + exp(-a)) * b.
+// Silu: out = a / (1 + exp(-a)) * b. Mul: times b (SiLU always, GELU for GeGLU).
 constexpr float kGeluC1 = -2.0f * kGeluC, kGeluC2 = -2.0f * kGeluC * kGeluA;
 
-template <bool Gelu>
+template <bool Gelu, bool Mul>
 XC_TARGET_AVX2 inline __m256 activation_avx2(__m256 a, __m256 b) {
   const __m256 z =
       Gelu ? _mm256_mul_ps(a, _mm256_fmadd_ps(_mm256_set1_ps(kGeluC2), _mm256_mul_ps(a, a),
                                               _mm256_set1_ps(kGeluC1)))
            : _mm256_sub_ps(_mm256_setzero_ps(), a);
   const __m256 y = _mm256_div_ps(a, _mm256_add_ps(_mm256_set1_ps(1.0f), vec_math::exp_avx2(z)));
-  return Gelu ? y : _mm256_mul_ps(y, b);
+  return Mul ? _mm256_mul_ps(y, b) : y;
 }
 
-template <bool Gelu>
+template <bool Gelu, bool Mul>
 XC_TARGET_AVX2 void span_avx2(const float* a, const float* b, float* out, int64_t n) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
-    const __m256 vb = Gelu ? _mm256_setzero_ps() : _mm256_loadu_ps(b + i);
-    _mm256_storeu_ps(out + i, activation_avx2<Gelu>(_mm256_loadu_ps(a + i), vb));
+    const __m256 vb = Mul ? _mm256_loadu_ps(b + i) : _mm256_setzero_ps();
+    _mm256_storeu_ps(out + i, activation_avx2<Gelu, Mul>(_mm256_loadu_ps(a + i), vb));
   }
   if (i < n) {  // tail through a zero-padded stack buffer: same arithmetic as the full vectors
     alignas(32) float ta[8] = {}, tb[8] = {}, to[8];
     for (int64_t t = i; t < n; ++t) {
       ta[t - i] = a[t];
-      if (!Gelu) tb[t - i] = b[t];
+      if (Mul) tb[t - i] = b[t];
     }
-    _mm256_store_ps(to, activation_avx2<Gelu>(_mm256_load_ps(ta), _mm256_load_ps(tb)));
+    _mm256_store_ps(to, activation_avx2<Gelu, Mul>(_mm256_load_ps(ta), _mm256_load_ps(tb)));
     for (int64_t t = i; t < n; ++t) out[t] = to[t - i];
   }
 }
 
 XC_TARGET_AVX2 void silu_mul_avx2(const float* gate, const float* up, float* out, int64_t n) {
-  span_avx2<false>(gate, up, out, n);
+  span_avx2<false, true>(gate, up, out, n);
 }
 XC_TARGET_AVX2 void gelu_tanh_avx2(const float* x, const float*, float* out, int64_t n) {
-  span_avx2<true>(x, nullptr, out, n);
+  span_avx2<true, false>(x, nullptr, out, n);
+}
+XC_TARGET_AVX2 void gelu_mul_avx2(const float* gate, const float* up, float* out, int64_t n) {
+  span_avx2<true, true>(gate, up, out, n);
 }
 
-template <bool Gelu>
+template <bool Gelu, bool Mul>
 XC_TARGET_AVX512 inline __m512 activation_avx512(__m512 a, __m512 b) {
   const __m512 z =
       Gelu ? _mm512_mul_ps(a, _mm512_fmadd_ps(_mm512_set1_ps(kGeluC2), _mm512_mul_ps(a, a),
                                               _mm512_set1_ps(kGeluC1)))
            : _mm512_sub_ps(_mm512_setzero_ps(), a);
   const __m512 y = _mm512_div_ps(a, _mm512_add_ps(_mm512_set1_ps(1.0f), vec_math::exp_avx512(z)));
-  return Gelu ? y : _mm512_mul_ps(y, b);
+  return Mul ? _mm512_mul_ps(y, b) : y;
 }
 
-template <bool Gelu>
+template <bool Gelu, bool Mul>
 XC_TARGET_AVX512 void span_avx512(const float* a, const float* b, float* out, int64_t n) {
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 lanes = n - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - i)) - 1);
-    const __m512 vb = Gelu ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(lanes, b + i);
+    const __m512 vb = Mul ? _mm512_maskz_loadu_ps(lanes, b + i) : _mm512_setzero_ps();
     const __m512 va = _mm512_maskz_loadu_ps(lanes, a + i);
-    _mm512_mask_storeu_ps(out + i, lanes, activation_avx512<Gelu>(va, vb));
+    _mm512_mask_storeu_ps(out + i, lanes, activation_avx512<Gelu, Mul>(va, vb));
   }
 }
 
 XC_TARGET_AVX512 void silu_mul_avx512(const float* gate, const float* up, float* out, int64_t n) {
-  span_avx512<false>(gate, up, out, n);
+  span_avx512<false, true>(gate, up, out, n);
 }
 XC_TARGET_AVX512 void gelu_tanh_avx512(const float* x, const float*, float* out, int64_t n) {
-  span_avx512<true>(x, nullptr, out, n);
+  span_avx512<true, false>(x, nullptr, out, n);
+}
+XC_TARGET_AVX512 void gelu_mul_avx512(const float* gate, const float* up, float* out, int64_t n) {
+  span_avx512<true, true>(gate, up, out, n);
 }
 #endif
 
@@ -123,6 +135,19 @@ SpanFn silu_mul_kernel() {
     case Isa::avx2: return silu_mul_avx2;
 #endif
     default: return silu_mul_scalar;
+  }
+}
+
+SpanFn gelu_mul_kernel() {
+  switch (current_isa()) {
+#if XC_X86
+    case Isa::amx:
+    case Isa::avx512_bf16:
+    case Isa::avx512_vnni:
+    case Isa::avx512: return gelu_mul_avx512;
+    case Isa::avx2: return gelu_mul_avx2;
+#endif
+    default: return gelu_mul_scalar;
   }
 }
 
@@ -161,12 +186,23 @@ void silu_mul(const float* gate, const float* up, float* out, int64_t n) {
   run_span(silu_mul_kernel(), gate, up, out, n);
 }
 
-void silu_mul_rows(const float* gate, const float* up, float* out, int64_t rows, int64_t cols,
-                   int64_t gate_stride, int64_t up_stride) {
-  if (gate_stride == cols && up_stride == cols) return silu_mul(gate, up, out, rows * cols);
-  const SpanFn span = silu_mul_kernel();
+// A gated activation on rows: gate and up row strides apart (column slices of a fused
+// gate/up projection's output), out contiguous.
+static void gated_rows(SpanFn span, const float* gate, const float* up, float* out, int64_t rows,
+                int64_t cols, int64_t gate_stride, int64_t up_stride) {
+  if (gate_stride == cols && up_stride == cols) return run_span(span, gate, up, out, rows * cols);
   for (int64_t r = 0; r < rows; ++r)
     run_span(span, gate + r * gate_stride, up + r * up_stride, out + r * cols, cols);
+}
+
+void silu_mul_rows(const float* gate, const float* up, float* out, int64_t rows, int64_t cols,
+                   int64_t gate_stride, int64_t up_stride) {
+  gated_rows(silu_mul_kernel(), gate, up, out, rows, cols, gate_stride, up_stride);
+}
+
+void gelu_mul_rows(const float* gate, const float* up, float* out, int64_t rows, int64_t cols,
+                   int64_t gate_stride, int64_t up_stride) {
+  gated_rows(gelu_mul_kernel(), gate, up, out, rows, cols, gate_stride, up_stride);
 }
 
 void gelu_tanh(const float* x, float* out, int64_t n) {

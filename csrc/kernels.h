@@ -35,6 +35,10 @@ void silu_mul(const float* gate, const float* up, float* out, int64_t n);
 void silu_mul_rows(const float* gate, const float* up, float* out, int64_t rows, int64_t cols,
                    int64_t gate_stride, int64_t up_stride);
 
+// The same with GELU (tanh form) for the gate: out = gelu_tanh(gate) * up (GeGLU).
+void gelu_mul_rows(const float* gate, const float* up, float* out, int64_t rows, int64_t cols,
+                   int64_t gate_stride, int64_t up_stride);
+
 // x, out (n) fp32: out = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))). out may alias x.
 void gelu_tanh(const float* x, float* out, int64_t n);
 

@@ -260,6 +260,23 @@ NB_MODULE(_C, m) {
       "floats apart (rows > 1), out contiguous and may alias an input.");
 
   m.def(
+      "gelu_mul",
+      tape_def("gelu_mul", +[](uintptr_t gate, uintptr_t up, uintptr_t out, int64_t n, int64_t rows, int64_t gate_stride,
+         int64_t up_stride) {
+        check_sizes("gelu_mul", {n, rows, gate_stride, up_stride});
+        if (n == 0 || rows == 0) return;
+        if (rows > 1 && (gate_stride < n || up_stride < n))
+          throw std::invalid_argument("gelu_mul: row strides must be >= n");
+        xcompile::gelu_mul_rows(as_ptr<const float>(gate, "gate", true),
+                                as_ptr<const float>(up, "up", true), as_ptr<float>(out, "out", true),
+                                rows, n, rows > 1 ? gate_stride : n, rows > 1 ? up_stride : n);
+      }),
+      "gate"_a, "up"_a, "out"_a, "n"_a, "rows"_a = 1, "gate_stride"_a = 0, "up_stride"_a = 0,
+      nb::call_guard<nb::gil_scoped_release>(),
+      "out (rows, n) = gelu_tanh(gate) * up (GeGLU); fp32; gate and up rows gate_stride, up_stride "
+      "floats apart (rows > 1), out contiguous and may alias an input.");
+
+  m.def(
       "gelu_tanh",
       tape_def("gelu_tanh", +[](uintptr_t x, uintptr_t out, int64_t n) {
         check_sizes("gelu_tanh", {n});

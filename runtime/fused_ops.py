@@ -83,6 +83,10 @@ def silu_mul_ref(g, up):
     return g * torch.sigmoid(g) * up
 
 
+def gelu_mul_ref(g, up):
+    return gelu_tanh_ref(g) * up
+
+
 def split(x, sizes=None, axis=0, num_outputs=None):
     if sizes is None:
         return torch.tensor_split(x, num_outputs, dim=axis)
@@ -164,6 +168,7 @@ REFERENCE = {
     (MS, "FastGelu"): gelu_tanh_ref,
     (MS, "Gelu"): gelu_ref,
     (XC, "SiluMul"): silu_mul_ref,
+    (XC, "GeluMul"): gelu_mul_ref,
     ("", "Split"): split,
     (MS, "MatMulNBits"): matmul_nbits_ref,
     (MS, "GatherBlockQuantized"): gather_block_quantized_ref,
@@ -455,9 +460,10 @@ def _fast_op(key: tuple[str, str], out: OutputBuffers):
 
         return rotary
 
-    if key == (XC, "SiluMul"):
+    if key in ((XC, "SiluMul"), (XC, "GeluMul")):
+        kernel = _C.silu_mul if key[1] == "SiluMul" else _C.gelu_mul
 
-        def silu_mul(g, up):
+        def gated(g, up):
             shape = tuple(g.shape)
             cols = shape[-1] if shape else 1
             if (  # rows of gate and up as column slices of the fused projection's output: read
@@ -475,7 +481,7 @@ def _fast_op(key: tuple[str, str], out: OutputBuffers):
                 rows, g_stride, up_stride = g.numel() // max(cols, 1), cols, cols
             y = out(shape)
             emit(
-                _C.silu_mul,
+                kernel,
                 g.data_ptr(),
                 up.data_ptr(),
                 y.data_ptr(),
@@ -486,7 +492,7 @@ def _fast_op(key: tuple[str, str], out: OutputBuffers):
             )
             return y
 
-        return silu_mul
+        return gated
 
     if key == (MS, "MatMulNBits") and hasattr(_C, "gemv_nbits"):
         # as dispatched when the plan is built (amx: VNNI for decode, tiles for prompts)

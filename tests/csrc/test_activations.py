@@ -104,3 +104,26 @@ def test_silu_mul_reads_rows_where_they_lie(isa):
     torch.testing.assert_close(out, kernels.silu_mul_reference(gate, up), **TOL)
     with pytest.raises(ValueError, match="row strides"):
         _C.silu_mul(gate.data_ptr(), up.data_ptr(), out.data_ptr(), cols, rows, cols - 1, stride)
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_gelu_mul_matches_reference(isa, n):
+    """GeGLU (Gemma): gelu_tanh(gate) * up, contiguous and as column slices of a fused
+    projection's rows; short row strides refused."""
+    from xcompile import _C
+
+    gate, up = _inputs(n, seed=n), torch.randn(n, generator=torch.Generator().manual_seed(-n))
+    out = torch.full((n,), float("nan"))
+    _C.gelu_mul(gate.data_ptr(), up.data_ptr(), out.data_ptr(), n)
+    expected = kernels.gelu_tanh_reference(gate) * up
+    torch.testing.assert_close(out, expected, **TOL)
+    rows = 3
+    fused = torch.randn(rows, 2 * n + 3) * 4
+    up2, gate2 = fused[:, :n], fused[:, n : 2 * n]
+    out2 = torch.full((rows, n), float("nan"))
+    stride = fused.stride(0)
+    _C.gelu_mul(gate2.data_ptr(), up2.data_ptr(), out2.data_ptr(), n, rows, stride, stride)
+    torch.testing.assert_close(out2, kernels.gelu_tanh_reference(gate2) * up2, **TOL)
+    if n > 1:
+        with pytest.raises(ValueError, match="row strides"):
+            _C.gelu_mul(gate2.data_ptr(), up2.data_ptr(), out2.data_ptr(), n, rows, n - 1, stride)

@@ -339,6 +339,7 @@ def fast_op(key: tuple[str, str]):
 
 def _fast_op(key: tuple[str, str], out: OutputBuffers):
     from xcompile import _C
+    from xcompile.runtime import kernels
 
     domain, op = key
 
@@ -444,8 +445,6 @@ def _fast_op(key: tuple[str, str], out: OutputBuffers):
                     cos_cache.shape[0],
                 )
                 return y.view(x.shape)
-            from xcompile.runtime import kernels
-
             y.copy_(x.view(y.shape))
             pos = position_ids[0]
             kernels.rotary(
@@ -496,7 +495,7 @@ def _fast_op(key: tuple[str, str], out: OutputBuffers):
 
     if key == (MS, "MatMulNBits") and hasattr(_C, "gemv_nbits"):
         # as dispatched when the plan is built (amx: VNNI for decode, tiles for prompts)
-        vnni = _C.isa() in ("avx512_vnni", "avx512_bf16", "amx")
+        vnni = kernels.isa_at_least("avx512_vnni")
         bound: list = [None, None]  # [the blocks tensor, its constant pointers and kernel]
 
         def matmul_nbits(

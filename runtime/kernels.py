@@ -25,6 +25,7 @@ __all__ = [
     "gelu_tanh",
     "gelu_tanh_reference",
     "isa",
+    "isa_at_least",
     "linear",
     "linear_nbits",
     "linear_nbits_reference",
@@ -45,6 +46,15 @@ __all__ = [
     "skip_rmsnorm_reference",
     "supported_isas",
 ]
+
+# csrc/dispatch.h's Isa levels, slowest first: each level runs every path of the ones before it
+ISA_LEVELS = ("scalar", "avx2", "avx512", "avx512_vnni", "avx512_bf16", "amx")
+
+
+def isa_at_least(level: str) -> bool:
+    """Whether the kernels' current path (`isa()`) is `level` or a later one."""
+    return ISA_LEVELS.index(_C.isa()) >= ISA_LEVELS.index(level)
+
 
 _LINEAR_WEIGHT_KERNELS = {torch.float32: _C.gemv_f32, torch.bfloat16: _C.gemv_bf16}
 

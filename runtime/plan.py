@@ -235,6 +235,7 @@ def linear_step(weight: torch.Tensor, use_kernels: bool) -> Callable[[torch.Tens
     weights a panel at a time (fused_ops.paneled_linear); from avx512_bf16 on (vdpbf16ps, AMX),
     BF16 weights stay on the kernel call, which takes its prompt GEMM from 8 (AMX: 16) rows on."""
     from xcompile import _C
+    from xcompile.runtime import kernels
 
     n, k = weight.shape
     gemv = {torch.float32: _C.gemv_f32, torch.bfloat16: _C.gemv_bf16}.get(weight.dtype)
@@ -242,7 +243,7 @@ def linear_step(weight: torch.Tensor, use_kernels: bool) -> Callable[[torch.Tens
     buffer = fused_ops.OutputBuffers()
     max_rows = GEMV_MAX_ROWS if weight.dtype == torch.float32 else NARROW_GEMV_MAX_ROWS
     # prompts too go to the kernel call, which hands them to its GEMM (vdpbf16ps or AMX tiles)
-    prompts = weight.dtype == torch.bfloat16 and _C.isa() in ("avx512_bf16", "amx")
+    prompts = weight.dtype == torch.bfloat16 and kernels.isa_at_least("avx512_bf16")
 
     def run(x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // k

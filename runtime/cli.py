@@ -29,7 +29,7 @@ from xcompile.errors import UserError, run_cli
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 # --kv-cache's values: kv_cache.KV_CACHE_CHOICES, spelled out here so that a bad one is refused
-# before torch is imported (tests/runtime/test_kv_cache_dtype.py holds the two equal)
+# before the runtime loads (tests/runtime/test_kv_cache_dtype.py holds the two equal)
 KV_CACHE_CHOICES = ("auto", "float32", "bfloat16")
 
 
@@ -392,17 +392,14 @@ def _generate(
 
     rank = communicator.rank if communicator else 0
     shard = Path(root) / f"rank{rank}.safetensors"
-    if weights == "copy":  # read the shard into memory while torch imports (runtime/weights.py)
+    if weights == "copy":  # read the shard into memory while the runtime loads (runtime/weights.py)
         resident_weights.start_copy(shard)
-    import torch
-
     from xcompile.runtime import kernels, launch
     from xcompile.runtime.comm import PeerLost, ShmComm
     from xcompile.runtime.model import Model
     from xcompile.runtime.tensor_parallel import Leader, follow
 
     n_threads = threads or launch.cores()
-    torch.set_num_threads(n_threads)
     kernels.set_num_threads(n_threads)
     try:
         model = Model.load(
@@ -491,7 +488,7 @@ def _perplexity(model, inputs: _Perplexity, as_json: bool) -> None:
             "seconds": round(seconds, 3),  # the chunks' forwards and scoring, not loading
             "ranks": model.manifest.ranks,
             "isa": _C.isa(),
-            "kv_cache": str(model.kv_dtype).removeprefix("torch."),
+            "kv_cache": model.kv_dtype.name,
         }
         print(json.dumps(report))
         return
@@ -630,7 +627,7 @@ def _report(model, result) -> dict:
         "per_token_ms": round(result.per_token_ms, 3),
         "ranks": model.manifest.ranks,
         "isa": _C.isa(),  # the kernels' path on this CPU (XCOMPILE_ISA forces one)
-        "kv_cache": str(model.kv_dtype).removeprefix("torch."),  # float32 | bfloat16
+        "kv_cache": model.kv_dtype.name,  # float32 | bfloat16
         **(
             {
                 "profile_ms": {

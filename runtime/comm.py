@@ -10,9 +10,10 @@ A peer that dies makes a collective raise PeerLost within seconds instead of han
 
 from __future__ import annotations
 
-import torch
+import numpy as np
 
 from xcompile.errors import UserError
+from xcompile.runtime.arrays import F32, ptr
 
 
 class PeerLost(UserError):
@@ -23,18 +24,18 @@ class Communicator:
     rank = 0
     ranks = 1
 
-    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+    def all_reduce(self, x: np.ndarray) -> np.ndarray:
         """Sum over ranks; returns the (fp32, contiguous) sum, maybe x itself."""
         return x
 
-    def all_gather(self, x: torch.Tensor, axis: int) -> torch.Tensor:
+    def all_gather(self, x: np.ndarray, axis: int) -> np.ndarray:
         return x
 
     def broadcast_ints(self, values: list[int] | None, length: int) -> list[int]:
         """Rank 0's `values` (exactly `length` ints < 2**24) on every rank."""
-        buf = torch.zeros(length)
+        buf = np.zeros(length, F32)
         if self.rank == 0:
-            buf[:] = torch.tensor(values, dtype=torch.float32)
+            buf[:] = values
         return [int(v) for v in self.all_reduce(buf).tolist()]
 
     def close(self) -> None:
@@ -47,12 +48,19 @@ class SingleRank(Communicator):
 
 class TorchComm(Communicator):
     """torch.distributed: the cross-machine engine. Launch with torchrun (it sets RANK,
-    WORLD_SIZE, MASTER_ADDR/PORT)."""
+    WORLD_SIZE, MASTER_ADDR/PORT). The one Communicator that needs torch (imported here); the
+    arrays cross as torch views of the same memory."""
 
     def __init__(self, backend: str | None = None):
         import datetime
 
+        from xcompile.runtime.optional import require_torch
+
+        require_torch("--backend torch")
+        import torch
         import torch.distributed as dist
+
+        self.torch = torch
 
         self.dist = dist
         if not dist.is_initialized():
@@ -67,9 +75,9 @@ class TorchComm(Communicator):
         self.rank, self.ranks = dist.get_rank(), dist.get_world_size()
 
     def all_reduce(self, x):
-        x = x.contiguous()
+        x = np.ascontiguousarray(x, dtype=F32)
         try:
-            self.dist.all_reduce(x)
+            self.dist.all_reduce(self.torch.from_numpy(x))
         except RuntimeError as e:
             raise PeerLost(
                 f"rank {self.rank}: a peer was lost during all_reduce "
@@ -78,8 +86,8 @@ class TorchComm(Communicator):
         return x
 
     def all_gather(self, x, axis):
-        x = x.contiguous()
-        parts = [torch.empty_like(x) for _ in range(self.ranks)]
+        x = self.torch.from_numpy(np.ascontiguousarray(x, dtype=F32))
+        parts = [self.torch.empty_like(x) for _ in range(self.ranks)]
         try:
             self.dist.all_gather(parts, x)
         except RuntimeError as e:
@@ -87,7 +95,7 @@ class TorchComm(Communicator):
                 f"rank {self.rank}: a peer was lost during all_gather "
                 f"({str(e).splitlines()[0][:120]})"
             ) from None
-        return torch.cat(parts, dim=axis)
+        return self.torch.cat(parts, dim=axis).numpy()
 
     def close(self):
         if self.dist.is_initialized():
@@ -114,24 +122,23 @@ class ShmComm(Communicator):
         return f"/xcompile-{secrets.token_hex(16)}"
 
     def all_reduce(self, x):
-        x = x.contiguous()
-        if x.dtype != torch.float32:
-            x = x.float()
+        x = np.ascontiguousarray(x, dtype=F32)
         try:
-            self.shm.all_reduce(x.data_ptr(), x.numel())
+            self.shm.all_reduce(ptr(x), x.size)
         except RuntimeError as e:
             raise PeerLost(f"rank {self.rank}: {e}") from None
         return x
 
     def all_gather(self, x, axis):
         # gather = place my slice in a zero tensor of the full size, then sum over ranks
-        x = x.contiguous().float()
-        axis %= x.dim()
+        axis %= x.ndim
         shape = list(x.shape)
         n = shape[axis]
         shape[axis] = n * self.ranks
-        full = torch.zeros(shape)
-        full.narrow(axis, self.rank * n, n).copy_(x)
+        full = np.zeros(shape, F32)
+        index = [slice(None)] * x.ndim
+        index[axis] = slice(self.rank * n, (self.rank + 1) * n)
+        full[tuple(index)] = x
         return self.all_reduce(full)
 
     def abort(self) -> None:

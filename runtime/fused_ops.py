@@ -1,179 +1,22 @@
-"""The fused ops the passes emit (ONNX Runtime's com.microsoft vocabulary, and ai.xcompile), each
-as a plain torch reference and, where a csrc kernel exists, a fast version beside it.
+"""The fused ops the passes emit (ONNX Runtime's com.microsoft vocabulary, and ai.xcompile) run
+on csrc kernels over numpy arrays, each falling back to its numpy version (fallback_ops.FALLBACK)
+for shapes the kernel does not take; the torch references are in reference_ops (--reference).
 
-    REFERENCE[(domain, op)] / FAST[(domain, op)]: fn(*inputs, **attributes) -> output(s)
+    fast_op((domain, op)) -> fn(*inputs, **attributes) -> output(s), or None (no kernel)
 GroupQueryAttention is not here: it is bound to the KV cache by the plan (see `attention_step`).
 Shapes: x (B, S, hidden); the fast versions take B == 1 (one sequence) and fall back otherwise.
 """
 
 from __future__ import annotations
 
-import math
+import numpy as np
 
-import torch
-import torch.nn.functional as F
-
-from xcompile.runtime.replay import Start, emit, emit_at
+from xcompile.runtime.arrays import BF16, F32, f32, ptr, stride
+from xcompile.runtime.fallback_ops import FALLBACK
+from xcompile.runtime.replay import Start, emit, emit_at, work
 
 MS = "com.microsoft"
 XC = "ai.xcompile"
-
-
-# -- references ----------------------------------------------------------------------------------
-
-
-def rmsnorm_ref(x, scale, axis=-1, epsilon=1e-5, stash_type=1):
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + epsilon) * scale
-
-
-def skip_rmsnorm_ref(x, skip, gamma, bias=None, epsilon=1e-5):
-    total = x + skip if bias is None else x + skip + bias
-    return rmsnorm_ref(total, gamma, epsilon=epsilon), None, None, total
-
-
-def skip_layernorm_ref(x, skip, gamma, beta=None, bias=None, epsilon=1e-5):
-    total = x + skip if bias is None else x + skip + bias
-    return F.layer_norm(total, total.shape[-1:], gamma, beta, epsilon), None, None, total
-
-
-def rotate(x, cos, sin, interleaved: bool):
-    """x (..., r) with cos, sin (..., r/2)"""
-    if interleaved:
-        even, odd = x[..., 0::2], x[..., 1::2]
-        return torch.stack((even * cos - odd * sin, odd * cos + even * sin), -1).flatten(-2)
-    half = x.shape[-1] // 2
-    a, b = x[..., :half], x[..., half:]
-    return torch.cat((a * cos - b * sin, b * cos + a * sin), -1)
-
-
-def rotary_ref(
-    x,
-    position_ids,
-    cos_cache,
-    sin_cache,
-    interleaved=0,
-    num_heads=0,
-    rotary_embedding_dim=0,
-    scale=1.0,
-    is_packed_batching=0,
-):
-    """x (B, S, heads*d) or (B, heads, S, d); position_ids (B, S)"""
-    four_d = x.dim() == 4
-    b, s = x.shape[0], x.shape[2] if four_d else x.shape[1]
-    heads = x.shape[1] if four_d else num_heads
-    y = x.transpose(1, 2) if four_d else x.reshape(b, s, heads, -1)  # (B,S,heads,d)
-    r = rotary_embedding_dim or 2 * cos_cache.shape[-1]
-    cos = cos_cache[position_ids][:, :, None, : r // 2]  # (B,S,1,r/2)
-    sin = sin_cache[position_ids][:, :, None, : r // 2]
-    out = torch.cat((rotate(y[..., :r], cos, sin, bool(interleaved)), y[..., r:]), -1)
-    return out.transpose(1, 2) if four_d else out.reshape(x.shape)
-
-
-def gelu_tanh_ref(x, bias=None):
-    x = x if bias is None else x + bias
-    return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x * x * x)))
-
-
-def gelu_ref(x, bias=None):
-    x = x if bias is None else x + bias
-    return F.gelu(x)
-
-
-def silu_mul_ref(g, up):
-    return g * torch.sigmoid(g) * up
-
-
-def gelu_mul_ref(g, up):
-    return gelu_tanh_ref(g) * up
-
-
-def split(x, sizes=None, axis=0, num_outputs=None):
-    if sizes is None:
-        return torch.tensor_split(x, num_outputs, dim=axis)
-    return torch.split(x, [int(s) for s in sizes.tolist()], dim=axis)
-
-
-def matmul_nbits_ref(
-    x,
-    blocks,
-    scales,
-    zero_points=None,
-    g_idx=None,
-    bias=None,
-    *,
-    K,
-    N,
-    bits,
-    block_size,
-    accuracy_level=0,
-):
-    """x (..., K) @ W(N, K)ᵀ with W in MatMulNBits' layout (see passes/quantize_nbits.py; zero
-    points packed uint8, float32 (N, k_blocks) or none)."""
-    from xcompile.runtime.kernels import dequantize_nbits_reference
-
-    scales = scales.reshape(N, -1)
-    if zero_points is not None and zero_points.is_floating_point():
-        zero_points = zero_points.reshape(N, -1)
-    w = dequantize_nbits_reference(
-        blocks.reshape(N, scales.shape[1], -1), scales, zero_points, bits, block_size, K
-    )
-    y = x @ w.T
-    return y if bias is None else y + bias
-
-
-def gather_nbits_ref(blocks, indices, scales, zero_points=None, *, K, bits, block_size):
-    """ai.xcompile GatherNBits: rows `indices` of W (N, K) held as MatMulNBits' B (N, k_blocks,
-    blob), scales and zero points (see passes/quantized_embedding.py) -> (*indices.shape, K)
-    fp32; zero rows for indices outside [-N, N)."""
-    from xcompile.runtime.kernels import gather_nbits_reference
-
-    return gather_nbits_reference(blocks, scales, zero_points, indices, bits, block_size, K)
-
-
-def gather_block_quantized_ref(
-    data,
-    indices,
-    scales,
-    zero_points=None,
-    *,
-    gather_axis=0,
-    quantize_axis=1,
-    block_size=128,
-    bits=4,
-):
-    """com.microsoft GatherBlockQuantized on uint8 data as passes/quantized_embedding.py emits
-    it: data (N, k_blocks * blob), rows gathered (axis 0), blocks along axis 1 -> (*indices.shape,
-    k_blocks * block_size) fp32 (the padded row, as ONNX Runtime gives it)."""
-    k = _gather_block_quantized_k(data, gather_axis, quantize_axis, bits)
-    return gather_nbits_ref(
-        data, indices, scales, zero_points, K=k, bits=bits, block_size=block_size
-    )
-
-
-def _gather_block_quantized_k(data, gather_axis: int, quantize_axis: int, bits: int) -> int:
-    """The (padded) row length of GatherBlockQuantized's uint8 data (N, k_blocks * blob)."""
-    if data.dim() != 2 or gather_axis not in (0, -2) or quantize_axis not in (1, -1):
-        raise NotImplementedError(
-            "GatherBlockQuantized runs here on 2-D uint8 data gathered along axis 0 only"
-        )
-    return data.shape[1] * 8 // bits
-
-
-REFERENCE = {
-    ("", "SimplifiedLayerNormalization"): rmsnorm_ref,
-    (MS, "SimplifiedLayerNormalization"): rmsnorm_ref,
-    (MS, "SkipSimplifiedLayerNormalization"): skip_rmsnorm_ref,
-    (MS, "SkipLayerNormalization"): skip_layernorm_ref,
-    (MS, "RotaryEmbedding"): rotary_ref,
-    (MS, "FastGelu"): gelu_tanh_ref,
-    (MS, "Gelu"): gelu_ref,
-    (XC, "SiluMul"): silu_mul_ref,
-    (XC, "GeluMul"): gelu_mul_ref,
-    ("", "Split"): split,
-    (MS, "MatMulNBits"): matmul_nbits_ref,
-    (MS, "GatherBlockQuantized"): gather_block_quantized_ref,
-    (XC, "GatherNBits"): gather_nbits_ref,
-}
 
 
 # -- fast versions (csrc kernels) ----------------------------------------------------------------
@@ -214,7 +57,7 @@ class OutputBuffers:
     def share(self, pool: BufferPool | None, color: int = 0) -> None:
         """Use block `color` of `pool` from now on (None: a pool of its own)."""
         self.pool, self.color = pool or BufferPool(), color
-        self.views: dict[tuple, torch.Tensor] = {}  # (tag, shape) -> its view of the block
+        self.views: dict[tuple, np.ndarray] = {}  # (tag, shape) -> its view of the block
         self.epoch = -1  # pool.epoch the views were made in
 
     def _drop_stale_views(self) -> None:
@@ -222,7 +65,7 @@ class OutputBuffers:
             self.views.clear()
             self.epoch = self.pool.epoch
 
-    def __call__(self, shape: tuple[int, ...], tag: int = 0) -> torch.Tensor:
+    def __call__(self, shape: tuple[int, ...], tag: int = 0) -> np.ndarray:
         self._drop_stale_views()
         view = self.views.get((tag, shape))
         if view is not None:
@@ -234,7 +77,7 @@ class OutputBuffers:
         self._drop_stale_views()
         if len(self.views) >= 32:  # row counts change under batching: keep this bounded
             self.views.clear()
-        view = self.views[(tag, shape)] = block.narrow(0, 0, numel).view(shape)
+        view = self.views[(tag, shape)] = block[:numel].reshape(shape)
         return view
 
 
@@ -244,19 +87,19 @@ class BufferPool:
     drop their views, and the buffers generation tells replays their addresses moved."""
 
     def __init__(self) -> None:
-        self.blocks: dict[tuple[int, int], torch.Tensor] = {}
+        self.blocks: dict[tuple[int, int], np.ndarray] = {}
         self.epoch = 0
 
-    def block(self, key: tuple[int, int], numel: int) -> torch.Tensor:
+    def block(self, key: tuple[int, int], numel: int) -> np.ndarray:
         block = self.blocks.get(key)
-        if block is None or block.numel() < numel:
-            block = self.blocks[key] = torch.empty(max(numel, 1))
+        if block is None or block.size < numel:
+            block = self.blocks[key] = np.empty(max(numel, 1), F32)
             self.epoch += 1
             _generation[0] += 1
         return block
 
     def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.blocks.values())
+        return sum(b.nbytes for b in self.blocks.values())
 
 
 def owns_outputs(fn, buffers: OutputBuffers):
@@ -271,11 +114,11 @@ def owns_outputs(fn, buffers: OutputBuffers):
 PANEL_ROWS = 256  # weight rows widened at a time for a prompt's matmul (see paneled_linear)
 
 
-def paneled_linear(x: torch.Tensor, n: int, widen, out: OutputBuffers) -> torch.Tensor:
+def paneled_linear(x: np.ndarray, n: int, widen, out: OutputBuffers) -> np.ndarray:
     """x (..., K) fp32 @ W (N, K).T -> (..., N) fp32 for many rows of x (a prompt), W held
     narrower than fp32 (BF16, INT8, INT4): widen(n0, n1, panel) writes rows n0 .. n1 - 1 of W as
-    fp32 into panel (n1 - n0, K). PANEL_ROWS rows at a time, each panel multiplied by torch's GEMM
-    while it is still in cache. Widening the whole weight first wrote and read back N x K fp32
+    fp32 into panel (n1 - n0, K). PANEL_ROWS rows at a time, each panel multiplied by numpy's GEMM
+    (its BLAS) while it is still in cache. Widening the whole weight first wrote and read back N x K fp32
     through memory, into a fresh allocation each call: 128 rows of x times 11264 x 2048 (a fused
     gate/up) went from 85 to 138 GFLOP/s, 2048 x 5632 (down) from 84 to 157.
 
@@ -286,14 +129,15 @@ def paneled_linear(x: torch.Tensor, n: int, widen, out: OutputBuffers) -> torch.
     m = x2.shape[0]
     panel = out((min(n, PANEL_ROWS), k), 1)
     y = out((*x.shape[:-1], n))
-    y2 = y.view(m, n)
+    y2 = y.reshape(m, n)
+    work()  # the GEMMs below are numpy's: a replay re-runs this step
     for n0 in range(0, n, PANEL_ROWS):
         n1 = min(n, n0 + PANEL_ROWS)
         rows = panel[: n1 - n0]
         widen(n0, n1, rows)
         columns = out((m, n1 - n0), 2)
-        torch.mm(x2, rows.T, out=columns)
-        y2[:, n0:n1].copy_(columns)
+        np.matmul(x2, rows.T, out=columns)
+        y2[:, n0:n1] = columns
     return y
 
 
@@ -303,20 +147,20 @@ def dequantize_panels(blocks, scales, zero_points, n: int, k: int, bits: int, bl
     fp32)."""
     from xcompile import _C
 
-    b_ptr, s_ptr = blocks.data_ptr(), scales.data_ptr()
-    zp_ptr = 0 if zero_points is None else zero_points.data_ptr()
-    zp_float = zero_points is not None and zero_points.dtype == torch.float32
-    b_row, s_row = blocks.numel() // n, scales.numel() // n * 4
-    zp_row = 0 if zero_points is None else zero_points.numel() // n * zero_points.element_size()
+    b_ptr, s_ptr = ptr(blocks), ptr(scales)
+    zp_ptr = 0 if zero_points is None else ptr(zero_points)
+    zp_float = zero_points is not None and zero_points.dtype == F32
+    b_row, s_row = blocks.size // n, scales.size // n * 4
+    zp_row = 0 if zero_points is None else zero_points.nbytes // n
 
-    def widen(n0: int, n1: int, panel: torch.Tensor) -> None:
+    def widen(n0: int, n1: int, panel: np.ndarray) -> None:
         emit(
             _C.dequantize_nbits,
             b_ptr + n0 * b_row,
             s_ptr + n0 * s_row,
             zp_ptr and zp_ptr + n0 * zp_row,
             zp_float,
-            panel.data_ptr(),
+            ptr(panel),
             n1 - n0,
             k,
             bits,
@@ -324,10 +168,6 @@ def dequantize_panels(blocks, scales, zero_points, n: int, k: int, bits: int, bl
         )
 
     return widen
-
-
-def _f32(x: torch.Tensor) -> torch.Tensor:
-    return x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
 
 
 def fast_op(key: tuple[str, str]):
@@ -342,21 +182,22 @@ def _fast_op(key: tuple[str, str], out: OutputBuffers):
     from xcompile.runtime import kernels
 
     domain, op = key
+    fallback = FALLBACK.get(key)  # numpy, for what the kernel does not take
 
     if op == "SimplifiedLayerNormalization":
 
         def rmsnorm(x, scale, axis=-1, epsilon=1e-5, stash_type=1):
-            if scale.dtype != torch.float32 or x.dtype != torch.float32:
-                return rmsnorm_ref(x, scale, epsilon=epsilon)
-            x = _f32(x)
+            if scale.dtype != F32 or x.dtype != F32:
+                return fallback(x, scale, axis, epsilon, stash_type)
+            x = f32(x)
             y = out(tuple(x.shape))
             cols = x.shape[-1]
             emit(
                 _C.rmsnorm,
-                x.data_ptr(),
-                scale.data_ptr(),
-                y.data_ptr(),
-                x.numel() // cols,
+                ptr(x),
+                ptr(scale),
+                ptr(y),
+                x.size // cols,
                 cols,
                 epsilon,
             )
@@ -367,19 +208,19 @@ def _fast_op(key: tuple[str, str], out: OutputBuffers):
     if key == (MS, "SkipSimplifiedLayerNormalization"):
 
         def skip_rmsnorm(x, skip, gamma, bias=None, epsilon=1e-5):
-            if bias is not None or gamma.dtype != torch.float32:
-                return skip_rmsnorm_ref(x, skip, gamma, bias, epsilon)
-            x, skip = _f32(x), _f32(skip)
+            if bias is not None or gamma.dtype != F32:
+                return fallback(x, skip, gamma, bias, epsilon)
+            x, skip = f32(x), f32(skip)
             y, total = out(tuple(x.shape), 0), out(tuple(x.shape), 1)
             cols = x.shape[-1]
             emit(
                 _C.skip_rmsnorm,
-                x.data_ptr(),
-                skip.data_ptr(),
-                gamma.data_ptr(),
-                y.data_ptr(),
-                total.data_ptr(),
-                x.numel() // cols,
+                ptr(x),
+                ptr(skip),
+                ptr(gamma),
+                ptr(y),
+                ptr(total),
+                x.size // cols,
                 cols,
                 epsilon,
             )
@@ -400,8 +241,8 @@ def _fast_op(key: tuple[str, str], out: OutputBuffers):
             scale=1.0,
             is_packed_batching=0,
         ):
-            if x.dim() != 3 or x.shape[0] != 1 or not num_heads:
-                return rotary_ref(
+            if x.ndim != 3 or x.shape[0] != 1 or not num_heads:
+                return fallback(
                     x,
                     position_ids,
                     cos_cache,
@@ -416,36 +257,37 @@ def _fast_op(key: tuple[str, str], out: OutputBuffers):
             r = rotary_embedding_dim or 2 * cos_cache.shape[-1]
             y = out((s, num_heads, d))
             if (
-                x.dtype == torch.float32
-                and x.stride(2) == 1
-                and cos_cache.dtype == sin_cache.dtype == torch.float32
-                and cos_cache.is_contiguous()
-                and sin_cache.is_contiguous()
+                x.dtype == F32
+                and stride(x, 2) == 1
+                and cos_cache.dtype == sin_cache.dtype == F32
+                and cos_cache.flags.c_contiguous
+                and sin_cache.flags.c_contiguous
                 and cos_cache.shape == sin_cache.shape
                 and cos_cache.shape[-1] * 2 == r
-                and position_ids.dtype == torch.int64
-                and position_ids.is_contiguous()
-                and position_ids.numel() == s
+                and position_ids.dtype == np.int64
+                and position_ids.flags.c_contiguous
+                and position_ids.size == s
             ):  # one call: x read in place (often a column slice of the fused QKV output), the
                 # tables read at each token's position
                 emit(
                     _C.rotary,
-                    x.data_ptr(),
-                    cos_cache.data_ptr(),
-                    sin_cache.data_ptr(),
-                    y.data_ptr(),
+                    ptr(x),
+                    ptr(cos_cache),
+                    ptr(sin_cache),
+                    ptr(y),
                     s,
                     num_heads,
                     d,
                     r,
                     bool(interleaved),
-                    x.stride(1),
+                    stride(x, 1),
                     hidden,
-                    position_ids.data_ptr(),
+                    ptr(position_ids),
                     cos_cache.shape[0],
                 )
-                return y.view(x.shape)
-            y.copy_(x.view(y.shape))
+                return y.reshape(x.shape)
+            work()
+            y[...] = x.reshape(y.shape)
             pos = position_ids[0]
             kernels.rotary(
                 y,
@@ -455,7 +297,7 @@ def _fast_op(key: tuple[str, str], out: OutputBuffers):
                 rotary_embedding_dim or None,
                 out=y,
             )
-            return y.view(x.shape)
+            return y.reshape(x.shape)
 
         return rotary
 
@@ -467,23 +309,23 @@ def _fast_op(key: tuple[str, str], out: OutputBuffers):
             cols = shape[-1] if shape else 1
             if (  # rows of gate and up as column slices of the fused projection's output: read
                 # where they lie
-                g.dtype == up.dtype == torch.float32
-                and g.dim() == 3
+                g.dtype == up.dtype == F32
+                and g.ndim == 3
                 and shape == tuple(up.shape)
                 and shape[0] == 1
-                and g.stride(-1) == up.stride(-1) == 1
-                and min(g.stride(1), up.stride(1)) >= cols
+                and stride(g, -1) == stride(up, -1) == 1
+                and min(stride(g, 1), stride(up, 1)) >= cols
             ):
-                rows, g_stride, up_stride = shape[1], g.stride(1), up.stride(1)
+                rows, g_stride, up_stride = shape[1], stride(g, 1), stride(up, 1)
             else:
-                g, up = _f32(g), _f32(up)
-                rows, g_stride, up_stride = g.numel() // max(cols, 1), cols, cols
+                g, up = f32(g), f32(up)
+                rows, g_stride, up_stride = g.size // max(cols, 1), cols, cols
             y = out(shape)
             emit(
                 kernel,
-                g.data_ptr(),
-                up.data_ptr(),
-                y.data_ptr(),
+                ptr(g),
+                ptr(up),
+                ptr(y),
                 cols,
                 rows,
                 g_stride,
@@ -515,35 +357,35 @@ def _fast_op(key: tuple[str, str], out: OutputBuffers):
             if bound[0] is not blocks:  # the weights are constants: resolve them once
                 # accuracy_level 4 allows int8 activations: taken where VNNI makes them pay, for
                 # any number of rows (prefill too: 64 multiply-adds an instruction beat
-                # dequantizing the weight for torch's fp32 GEMM)
+                # dequantizing the weight for an fp32 GEMM)
                 q8 = accuracy_level == 4 and vnni and _C.gemv_nbits_q8_supported(bits, block_size)
                 bound[0] = blocks
                 bound[1] = (
                     _C.gemv_nbits_q8 if q8 else _C.gemv_nbits,
                     q8,
-                    blocks.data_ptr(),
-                    scales.data_ptr(),
-                    0 if zero_points is None else zero_points.data_ptr(),
-                    zero_points is not None and zero_points.dtype == torch.float32,
-                    0 if bias is None else bias.data_ptr(),
+                    ptr(blocks),
+                    ptr(scales),
+                    0 if zero_points is None else ptr(zero_points),
+                    zero_points is not None and zero_points.dtype == F32,
+                    0 if bias is None else ptr(bias),
                 )
             kernel, q8, b_ptr, s_ptr, zp_ptr, zp_float, bias_ptr = bound[1]
-            rows = x.numel() // K
-            if g_idx is not None or (rows > 64 and not q8):  # dequantize, then torch's GEMM
+            rows = x.size // K
+            if g_idx is not None or (rows > 64 and not q8):  # dequantize, then numpy's GEMM
                 widen = dequantize_panels(blocks, scales, zero_points, N, K, bits, block_size)
-                y = paneled_linear(_f32(x), N, widen, out)
-                return y if bias is None else y.add_(bias)
-            x = _f32(x)
+                y = paneled_linear(f32(x), N, widen, out)
+                return y if bias is None else np.add(y, bias, out=y)
+            x = f32(x)
             y = out((*x.shape[:-1], N))
             emit(
                 kernel,
-                x.data_ptr(),
+                ptr(x),
                 b_ptr,
                 s_ptr,
                 zp_ptr,
                 zp_float,
                 bias_ptr,
-                y.data_ptr(),
+                ptr(y),
                 rows,
                 N,
                 K,
@@ -576,16 +418,17 @@ def _fast_op(key: tuple[str, str], out: OutputBuffers):
                     K = _gather_block_quantized_k(blocks, gather_axis, quantize_axis, bits)
                 bound[0] = blocks
                 bound[1] = (
-                    blocks.data_ptr(),
-                    scales.data_ptr(),
-                    0 if zero_points is None else zero_points.data_ptr(),
-                    zero_points is not None and zero_points.dtype == torch.float32,
+                    ptr(blocks),
+                    ptr(scales),
+                    0 if zero_points is None else ptr(zero_points),
+                    zero_points is not None and zero_points.dtype == F32,
                     scales.shape[0],
                     K,
                 )
             b_ptr, s_ptr, zp_ptr, zp_float, n, K = bound[1]
-            if indices.dtype != torch.int64 or not indices.is_contiguous():
-                indices = indices.long().contiguous()  # torch work: such a step is re-run
+            if indices.dtype != np.int64 or not indices.flags.c_contiguous:
+                work()  # a conversion of its own: such a step is re-run at each replay
+                indices = np.ascontiguousarray(indices, dtype=np.int64)
             y = out((*indices.shape, K))
             emit(
                 _C.gather_nbits,
@@ -593,9 +436,9 @@ def _fast_op(key: tuple[str, str], out: OutputBuffers):
                 s_ptr,
                 zp_ptr,
                 zp_float,
-                indices.data_ptr(),
-                y.data_ptr(),
-                indices.numel(),
+                ptr(indices),
+                ptr(y),
+                indices.size,
                 n,
                 K,
                 bits,
@@ -608,9 +451,12 @@ def _fast_op(key: tuple[str, str], out: OutputBuffers):
     if key == (MS, "FastGelu"):
 
         def gelu_tanh(x, bias=None):
-            x = _f32(x if bias is None else x + bias)
+            if bias is not None:
+                work()
+                x = x + bias
+            x = f32(x)
             y = out(tuple(x.shape))
-            emit(_C.gelu_tanh, x.data_ptr(), y.data_ptr(), x.numel())
+            emit(_C.gelu_tanh, ptr(x), ptr(y), x.size)
             return y
 
         return gelu_tanh
@@ -618,10 +464,19 @@ def _fast_op(key: tuple[str, str], out: OutputBuffers):
     return None
 
 
+def _gather_block_quantized_k(data, gather_axis: int, quantize_axis: int, bits: int) -> int:
+    """The (padded) row length of GatherBlockQuantized's uint8 data (N, k_blocks * blob)."""
+    if data.ndim != 2 or gather_axis not in (0, -2) or quantize_axis not in (1, -1):
+        raise NotImplementedError(
+            "GatherBlockQuantized runs here on 2-D uint8 data gathered along axis 0 only"
+        )
+    return data.shape[1] * 8 // bits
+
+
 # -- attention over the KV cache -----------------------------------------------------------------
 
 
-def attention_step(k_cache: torch.Tensor, v_cache: torch.Tensor, use_kernels: bool, kv=None):
+def attention_step(k_cache: np.ndarray, v_cache: np.ndarray, use_kernels: bool, kv=None):
     """GroupQueryAttention bound to this layer's cache buffers (slots, kv, capacity, d).
 
     q3 (1,T,heads*d), k3/v3 (1,T,kv*d): the T new tokens of the segments `kv.segments` (a
@@ -632,28 +487,33 @@ def attention_step(k_cache: torch.Tensor, v_cache: torch.Tensor, use_kernels: bo
     Without segments (the single-sequence path, B = 1): past_k (1,kv,P,d), a view of the cache,
     says where the new tokens go.
     The cache is fp32 or bf16 (KVCache's dtype): new K/V are rounded to it as they are written
-    (kv_write_bf16, or torch's copy_, both to nearest even) and read back widened to fp32.
+    (kv_write_bf16, or numpy's cast, both to nearest even) and read back widened to fp32.
     """
     from xcompile import _C
+    from xcompile.runtime import kernels
     from xcompile.runtime.kv_cache import Segment, check_room
 
-    bf16 = k_cache.dtype == torch.bfloat16
-    fast = use_kernels and k_cache.dtype == v_cache.dtype in (torch.float32, torch.bfloat16)
+    if not use_kernels:
+        from xcompile.runtime.reference_attention import attention_step as reference
+
+        return reference(k_cache, v_cache, kv)
+    bf16 = k_cache.dtype == BF16
+    fast = k_cache.dtype == v_cache.dtype in (F32, BF16)
     kv_write = _C.kv_write_bf16 if bf16 else _C.kv_write
     attention = _C.attention_bf16 if bf16 else _C.attention
     slots, _, capacity, _ = k_cache.shape
-    k_ptr, v_ptr = k_cache.data_ptr(), v_cache.data_ptr()
-    slot_stride = k_cache[0].numel()
+    k_ptr, v_ptr = ptr(k_cache), ptr(v_cache)
+    slot_stride = k_cache[0].size
     out_buffer = OutputBuffers()
 
     def direct(q3, k3, v3, segments, heads, kv_heads, d, scale, window, softcap):
         # Decode's path, straight to the kernels: the new K/V written into each segment's slot
         # from wherever they sit (columns of the fused QKV output), then attention read through
-        # the cache's rows (KVCache keeps them inside 0..slots-1). No torch op per call.
+        # the cache's rows (KVCache keeps them inside 0..slots-1). No numpy op per call.
         out = out_buffer((1, q3.shape[1], heads * d))
-        q_stride, k_stride, v_stride = q3.stride(1), k3.stride(1), v3.stride(1)
-        q0, k0, v0, o0 = q3.data_ptr(), k3.data_ptr(), v3.data_ptr(), out.data_ptr()
-        rows, row_stride = kv.rows.data_ptr(), kv.rows.stride(0)
+        q_stride, k_stride, v_stride = stride(q3, 1), stride(k3, 1), stride(v3, 1)
+        q0, k0, v0, o0 = ptr(q3), ptr(k3), ptr(v3), ptr(out)
+        rows, row_stride = ptr(kv.rows), stride(kv.rows, 0)
         starts = [seg.start for seg in segments]
         row = 0
         for i, seg in enumerate(segments):
@@ -719,58 +579,37 @@ def attention_step(k_cache: torch.Tensor, v_cache: torch.Tensor, use_kernels: bo
         softcap = float(softcap or 0.0)  # cap * tanh(s / cap) on each scaled score, in the kernel
         if fast and kv is not None and _direct(q3, k3, v3, num_heads, kv_num_heads, d):
             return direct(q3, k3, v3, segments, num_heads, kv_num_heads, d, scale, window, softcap)
+        work()  # the general path: numpy copies into the cache, then the kernel
         q = q3.reshape(-1, num_heads, d)
-        k = k3.reshape(-1, kv_num_heads, d).transpose(0, 1)  # (kv, T, d)
-        v = v3.reshape(-1, kv_num_heads, d).transpose(0, 1)
+        k = k3.reshape(-1, kv_num_heads, d).transpose(1, 0, 2)  # (kv, T, d)
+        v = v3.reshape(-1, kv_num_heads, d).transpose(1, 0, 2)
         outs = []
         row = 0
         for seg in segments:
             p, s = seg.start, seg.length
-            k_cache[seg.slot, :, p : p + s].copy_(k[:, row : row + s])
-            v_cache[seg.slot, :, p : p + s].copy_(v[:, row : row + s])
-            q_seg = q[row : row + s]
-            slot_of = kv.rows[seg.slot] if kv is not None else None
-            if use_kernels:
-                from xcompile.runtime import kernels
-
-                q_seg = q_seg.contiguous()
-                if slot_of is None:
-                    out = kernels.attention(
-                        q_seg, k_cache[0], v_cache[0], p, scale, window, q_seg, softcap=softcap
-                    )
-                else:
-                    out = kernels.attention(
-                        q_seg,
-                        k_cache,
-                        v_cache,
-                        p,
-                        scale,
-                        window,
-                        q_seg,
-                        slot_of=slot_of,
-                        softcap=softcap,
-                    )
+            k_cache[seg.slot, :, p : p + s] = k[:, row : row + s]  # rounded to nearest even
+            v_cache[seg.slot, :, p : p + s] = v[:, row : row + s]
+            q_seg = np.ascontiguousarray(q[row : row + s], dtype=F32)
+            if kv is None:
+                out = kernels.attention(
+                    q_seg, k_cache[0], v_cache[0], p, scale, window, q_seg, softcap=softcap
+                )
             else:
-                keys, values = k_cache[0, :, : p + s], v_cache[0, :, : p + s]
-                if slot_of is not None:
-                    from xcompile.runtime.kernels import gather_slots
-
-                    keys = gather_slots(k_cache, slot_of, p + s)
-                    values = gather_slots(v_cache, slot_of, p + s)
-                out = attention_reference(
-                    q_seg.reshape(1, s, -1),
-                    keys[None].float(),
-                    values[None].float(),
+                out = kernels.attention(
+                    q_seg,
+                    k_cache,
+                    v_cache,
                     p,
-                    num_heads,
                     scale,
                     window,
-                    softcap,
+                    q_seg,
+                    slot_of=kv.rows[seg.slot],
+                    softcap=softcap,
                 )
             outs.append(out.reshape(s, -1))
             row += s
-        out = outs[0] if len(outs) == 1 else torch.cat(outs)
-        return out.view(1, row, -1), k_cache, v_cache
+        out = outs[0] if len(outs) == 1 else np.concatenate(outs)
+        return out.reshape(1, row, -1), k_cache, v_cache
 
     run.buffers = out_buffer  # fresh_outputs unset: its general path writes into q's memory
     return run
@@ -780,34 +619,11 @@ def _direct(q3, k3, v3, heads: int, kv_heads: int, d: int) -> bool:
     """q3 (1,T,heads*d) with whole rows, k3/v3 (1,T,kv*d) whose rows may be column slices:
     the shapes the kernels can read as they are."""
     return (
-        q3.dtype == k3.dtype == v3.dtype == torch.float32
-        and q3.dim() == k3.dim() == v3.dim() == 3
+        q3.dtype == k3.dtype == v3.dtype == F32
+        and q3.ndim == k3.ndim == v3.ndim == 3
         and q3.shape[0] == 1
         and q3.shape[2] == heads * d
         and k3.shape[2] == v3.shape[2] == kv_heads * d
-        and q3.stride(2) == k3.stride(2) == v3.stride(2) == 1
-        and q3.stride(1) == heads * d
+        and stride(q3, 2) == stride(k3, 2) == stride(v3, 2) == 1
+        and stride(q3, 1) == heads * d
     )
-
-
-def attention_reference(
-    q3, keys, values, past: int, heads: int, scale: float, window: int, softcap: float = 0.0
-):
-    """q3 (B,S,heads*d); keys/values (B,kv,T,d) -> (B,S,heads*d); softcap: scores ->
-    softcap * tanh(scores / softcap) before the mask (0: none)"""
-    b, s, _ = q3.shape
-    kv, t, d = keys.shape[1], keys.shape[2], keys.shape[3]
-    q = q3.view(b, s, heads, d).transpose(1, 2)
-    k = keys.repeat_interleave(heads // kv, dim=1)
-    v = values.repeat_interleave(heads // kv, dim=1)
-    qpos = torch.arange(past, past + s)[:, None]
-    kpos = torch.arange(t)[None, :]
-    allowed = kpos <= qpos
-    if window:
-        allowed &= kpos > qpos - window
-    scores = (q @ k.transpose(-1, -2)) * scale
-    if softcap:
-        scores = softcap * torch.tanh(scores / softcap)
-    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-    out = torch.softmax(scores, dim=-1) @ v
-    return out.transpose(1, 2).reshape(b, s, heads * d)

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
 from xcompile.errors import UserError
+from xcompile.runtime.arrays import BF16, F32
 
 
 def check_room(total: int, capacity: int) -> None:
@@ -35,14 +36,14 @@ def check_room(total: int, capacity: int) -> None:
 KV_CACHE_CHOICES = ("auto", "float32", "bfloat16")
 
 
-def cache_dtype(choice: str, artifacts_dtype: str) -> torch.dtype:
+def cache_dtype(choice: str, artifacts_dtype: str) -> np.dtype:
     """--kv-cache `choice` for artifacts of manifest dtype fp32 | bf16 | int8 | int4: auto keeps
     FP32 artifacts' cache FP32 and gives the others a BF16 one."""
     if choice not in KV_CACHE_CHOICES:
         raise UserError(f"--kv-cache {choice!r}: choose {', '.join(KV_CACHE_CHOICES)}")
     if choice == "auto":
         choice = "float32" if artifacts_dtype == "fp32" else "bfloat16"
-    return getattr(torch, choice)
+    return F32 if choice == "float32" else BF16
 
 
 @dataclass(frozen=True)
@@ -63,18 +64,18 @@ class KVCache:
         head_dim: int,
         capacity: int,
         slots: int = 1,
-        dtype: torch.dtype = torch.float32,
+        dtype: np.dtype = F32,
     ):
         shape = (slots, kv_heads, capacity, head_dim)
-        self.capacity, self.slots, self.dtype = capacity, slots, dtype
+        self.capacity, self.slots, self.dtype = capacity, slots, np.dtype(dtype)
         self.buffers = {}
         for i in range(layers):
             for kind in ("key", "value"):
-                self.buffers[f"past_key_values.{i}.{kind}"] = torch.zeros(shape, dtype=dtype)
-        self.rows = torch.arange(slots, dtype=torch.int32)[:, None].repeat(1, capacity)
+                self.buffers[f"past_key_values.{i}.{kind}"] = np.zeros(shape, self.dtype)
+        self.rows = np.repeat(np.arange(slots, dtype=np.int32)[:, None], capacity, axis=1)
         self.segments: list[Segment] | None = None  # set by Model.forward_batch while it runs
 
-    def past(self, length: int) -> dict[str, torch.Tensor]:
+    def past(self, length: int) -> dict[str, np.ndarray]:
         """Views of the first `length` positions, fed to the graph as past_key_values.*."""
         return {name: buf[:, :, :length] for name, buf in self.buffers.items()}
 
@@ -93,7 +94,7 @@ class KVCache:
     def reorder(self, parents: list[int], length: int) -> None:
         """Beam search after a step: slot s now continues the sequence that was in parents[s]
         (the first `length` positions). Indices only: K and V stay where they are."""
-        self.rows[: len(parents), :length] = self.rows[parents, :length].clone()
+        self.rows[: len(parents), :length] = self.rows[parents, :length]  # a gather: a copy
 
     def release(self, slot: int) -> None:
         """The slot's sequence is done: its rows point back at itself."""
@@ -101,4 +102,4 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers.values())
+        return sum(b.nbytes for b in self.buffers.values())

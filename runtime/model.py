@@ -16,8 +16,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
-import torch
 
 from xcompile import artifacts
 from xcompile.errors import UserError
@@ -31,10 +31,10 @@ class Model:
     root: Path
     manifest: artifacts.Manifest
     graph: onnx.ModelProto
-    weights: dict[str, torch.Tensor]
+    weights: dict[str, np.ndarray]
     use_kernels: bool = True
     comm: Communicator | None = None
-    kv_dtype: torch.dtype = torch.float32  # the KV cache's (kv_cache.cache_dtype)
+    kv_dtype: np.dtype = np.dtype(np.float32)  # the KV cache's (kv_cache.cache_dtype)
 
     @classmethod
     def load(
@@ -121,7 +121,7 @@ class Model:
 
     def forward(
         self, ids: list[int], start: int, cache: KVCache, last_only: bool = False
-    ) -> torch.Tensor:
+    ) -> np.ndarray:
         """ids: the S new tokens at positions start..start+S-1 of slot 0 -> logits (S, vocab),
         or (1, vocab) for the last token only (last_only: what generating needs)."""
         rows = [len(ids) - 1] if last_only else None
@@ -129,8 +129,8 @@ class Model:
             self._check(cache)
             s = len(ids)
             feeds = cache.past(start)
-            feeds["input_ids"] = torch.tensor([ids], dtype=torch.int64)
-            feeds["position_ids"] = torch.arange(start, start + s, dtype=torch.int64)[None]
+            feeds["input_ids"] = np.array([ids], dtype=np.int64)
+            feeds["position_ids"] = np.arange(start, start + s, dtype=np.int64)[None]
             return self._run(feeds, rows)
         return self.forward_batch([Segment(0, start, len(ids))], ids, cache, rows)
 
@@ -140,7 +140,7 @@ class Model:
         ids: list[int],
         cache: KVCache,
         rows: list[int] | None = None,
-    ) -> torch.Tensor:
+    ) -> np.ndarray:
         """The new tokens of several sequences in one pass: ids holds each segment's tokens in
         turn -> logits (len(ids), vocab), rows in the same order; or only `rows` of them
         (len(rows), vocab): the output projection then runs on those rows alone."""
@@ -168,17 +168,16 @@ class Model:
         finally:
             cache.segments = None
 
-    def _id_feeds(self, ids: list[int], positions: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _id_feeds(self, ids: list[int], positions: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """input_ids, position_ids (1, n) int64 in blocks kept between forwards, so that their
         addresses stay put (a replayed step reads them where they were recorded)."""
         n = len(ids)
         block = getattr(self, "_ids_block", None)
         if block is None or block.shape[1] < n:
-            block = self._ids_block = torch.zeros(2, max(n, 64), dtype=torch.int64)
-        array = block.numpy()
-        array[0, :n] = ids
-        array[1, :n] = positions
-        return block[0, :n].view(1, n), block[1, :n].view(1, n)
+            block = self._ids_block = np.zeros((2, max(n, 64)), dtype=np.int64)
+        block[0, :n] = ids
+        block[1, :n] = positions
+        return block[0, :n].reshape(1, n), block[1, :n].reshape(1, n)
 
     def fork(self, cache: KVCache, source: int, targets: list[int], length: int) -> None:
         cache.fork(source, targets, length)
@@ -192,15 +191,14 @@ class Model:
 
     def _run(
         self,
-        feeds: dict[str, torch.Tensor],
+        feeds: dict[str, np.ndarray],
         rows: list[int] | None,
         key=None,
         starts: list[int] = (),
-    ) -> torch.Tensor:
-        self._plan.rows = None if rows is None else torch.tensor(rows, dtype=torch.int64)
+    ) -> np.ndarray:
+        self._plan.rows = None if rows is None else np.array(rows, dtype=np.int64)
         try:
-            with torch.inference_mode():
-                # a copy: the plan reuses its output buffers at the next call
-                return self._plan.run(feeds, key, starts)[0].clone()
+            # a copy: the plan reuses its output buffers at the next call
+            return self._plan.run(feeds, key, starts)[0].copy()
         finally:
             self._plan.rows = None

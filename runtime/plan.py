@@ -7,10 +7,12 @@ Building the plan does all the graph work a decode step should not: topological 
 folding (shapes, casts of small tensors), binding weights to the steps that use them, and these
 rewrites:
   - MatMul(x, Transpose(Cast?(W))) with W a weight (N, K) -> one Linear step on W as stored
-    (csrc GEMV for a few rows, torch for many; W is never transposed or copied);
+    (csrc GEMV for a few rows, a csrc or numpy GEMM for many; W is never transposed or copied);
   - Concat(past_key_values.i.*, new, axis=2) -> KV append: the new rows are written into the
     preallocated cache behind the past view and the step returns a view of the whole, no copy.
-Running is one loop over the steps; `use_kernels=False` runs every step on its torch reference.
+Running is one loop over the steps, on numpy arrays and the csrc kernels; `use_kernels=False`
+runs every step on its torch reference instead (torch imported then: `xrun --reference`), on
+torch views of the same weights and cache.
 """
 
 from __future__ import annotations
@@ -20,30 +22,33 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import onnx
-import torch
 from onnx import numpy_helper
 
 from xcompile._C import Tape
 from xcompile.errors import UserError
-from xcompile.runtime import fused_ops
+from xcompile.runtime import fused_ops, ops
+from xcompile.runtime.arrays import BF16, F32, f32, from_torch, ptr, to_torch
+from xcompile.runtime.fallback_ops import FALLBACK
 from xcompile.runtime.kv_cache import check_room
-from xcompile.runtime.ops import DTYPES, OPS
 from xcompile.runtime.replay import (
     DYNAMIC,
     NATIVE,
     PYTHON,
     Program,
     Start,
+    address,
     addresses,
     emit,
     recording_step,
+    work,
 )
 
 PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)$")
-GEMV_MAX_ROWS = 8  # rows up to which the csrc GEMV beats torch's GEMM (decode, small batches)
+GEMV_MAX_ROWS = 8  # rows up to which the csrc GEMV beats numpy's GEMM (decode, small batches)
 # Weights stored narrower than the activations (BF16, INT8, INT4) would be widened whole for
-# torch's GEMM at every call; the GEMV reads them once for all rows, so it wins for longer:
+# a GEMM at every call; the GEMV reads them once for all rows, so it wins for longer:
 # a 9-token BF16 prefill of the 1.1B model went from ~4 s to well under 1 s.
 NARROW_GEMV_MAX_ROWS = 64
 
@@ -67,27 +72,30 @@ class Plan:
         self._ready: dict[Any, Program] = {}  # key -> a program two recordings agreed on
         self._seen: dict[Any, Program] = {}  # key -> its latest recording, not yet confirmed
         self._tries: dict[Any, int] = {}  # key -> recordings that did not agree
-        self._kept: dict[tuple[int, int], torch.Tensor] = {}  # Python steps' outputs, kept put
+        self._kept: dict[tuple[int, int], np.ndarray] = {}  # Python steps' outputs, kept put
         self.pool: fused_ops.BufferPool | None = None  # the steps' shared output blocks
+        self.reference = False  # steps on torch (use_kernels=False): feeds and result converted
 
     profile: dict[str, float] | None = None  # op kind -> seconds, when profiling (XCOMPILE_PROFILE)
-    # the rows of the output projection's input to compute (LongTensor), None: all of them.
+    # the rows of the output projection's input to compute (int64), None: all of them.
     # Prefill needs the logits of its last row only: the others would cost S x vocab x hidden.
-    rows: torch.Tensor | None = None
+    rows: np.ndarray | None = None
     replay = True  # replay recorded forwards (see runtime/replay.py)
     replayed = 0  # forwards replayed so far
     # forwards of more rows are run plainly, never recorded: a prefill's shape seldom comes back,
-    # and recording costs (every torch call goes through a TorchFunctionMode)
+    # and recording costs
     MAX_REPLAY_ROWS = 16
     _MAX_PROGRAMS = 8  # keys kept ready (a server's batch changes composition often)
     _MAX_TRIES = 4  # recordings of one key that may disagree before it is given up
 
     def run(
-        self, feeds: dict[str, torch.Tensor], key: Any = None, starts: list[int] = ()
-    ) -> torch.Tensor:
+        self, feeds: dict[str, np.ndarray], key: Any = None, starts: list[int] = ()
+    ) -> np.ndarray:
         """key: what fixes every address and shape of this forward (the segments' slots and
         lengths, the rows projected), None: run plainly. The first forwards of a key are
         recorded; once two recordings agree, later forwards with that key are replayed."""
+        if self.reference:
+            return self._run_reference(feeds)
         env = self.slots
         for name, slot in self.feeds.items():
             env[slot] = feeds[name]
@@ -104,15 +112,28 @@ class Plan:
             return self._run_from(env, 0)
         return self._record(env, key)
 
-    def _run_from(self, env: list, first: int) -> torch.Tensor:
+    def _run_reference(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        import torch
+
+        env = self.slots
+        for name, slot in self.feeds.items():
+            env[slot] = to_torch(feeds[name])
+        rows, self.rows = self.rows, None if self.rows is None else torch.from_numpy(self.rows)
+        try:
+            with torch.inference_mode():
+                return from_torch(self._run_from(env, 0))
+        finally:
+            self.rows = rows
+
+    def _run_from(self, env: list, first: int) -> np.ndarray:
         for step in self.steps[first:] if first else self.steps:
             _store(
                 env, step, step.fn(*[env[i] if i >= 0 else None for i in step.ins], **step.attrs)
             )
         return env[self.fetch]
 
-    def _record(self, env: list, key: Any) -> torch.Tensor:
-        program = Program(feeds=tuple(env[slot].data_ptr() for slot in self.feeds.values()))
+    def _record(self, env: list, key: Any) -> np.ndarray:
+        program = Program(feeds=tuple(ptr(env[slot]) for slot in self.feeds.values()))
         for index, step in enumerate(self.steps):
             with recording_step() as record:
                 result = step.fn(*[env[i] if i >= 0 else None for i in step.ins], **step.attrs)
@@ -144,28 +165,26 @@ class Plan:
         return env[self.fetch]
 
     def _settle(self, env: list, index: int, step: Step, result: Any) -> Any:
-        """A Python step's outputs, copied into tensors kept for it (torch allocates afresh at
+        """A Python step's outputs, copied into arrays kept for it (numpy allocates afresh at
         every call; the recorded kernel calls read the recording's addresses), and set in env."""
         values = result if len(step.outs) > 1 else (result,)
         settled = []
         for k, (slot, value) in enumerate(zip(step.outs, values)):
-            if isinstance(value, torch.Tensor) and slot >= 0:
+            if type(value) is np.ndarray and slot >= 0:
                 kept = self._kept.get((index, k))
                 if kept is None or kept.shape != value.shape or kept.dtype != value.dtype:
-                    kept = self._kept[(index, k)] = torch.empty_like(
-                        value, memory_format=torch.contiguous_format
-                    )
+                    kept = self._kept[(index, k)] = np.empty(value.shape, value.dtype)
                     fused_ops.bump_generation()
-                if kept.data_ptr() != value.data_ptr():
-                    kept.copy_(value)
+                if address(kept) != address(value) or kept.strides != value.strides:
+                    np.copyto(kept, value)
                 value = kept
             if slot >= 0:
                 env[slot] = value
             settled.append(value)
         return tuple(settled) if len(step.outs) > 1 else settled[0]
 
-    def _replay(self, program: Program, env: list, key: Any, starts: list[int]) -> torch.Tensor:
-        if tuple(env[slot].data_ptr() for slot in self.feeds.values()) != program.feeds:
+    def _replay(self, program: Program, env: list, key: Any, starts: list[int]) -> np.ndarray:
+        if tuple(ptr(env[slot]) for slot in self.feeds.values()) != program.feeds:
             del self._ready[key]
             return self._record(env, key)
         self.replayed += 1
@@ -189,7 +208,7 @@ class Plan:
                 return self._run_from(env, a + 1)
         return env[self.fetch]
 
-    def _run_profiled(self, env: list) -> torch.Tensor:
+    def _run_profiled(self, env: list) -> np.ndarray:
         import time
 
         for step in self.steps:
@@ -227,59 +246,79 @@ def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
-def linear_step(weight: torch.Tensor, use_kernels: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+def linear_step(weight: np.ndarray, use_kernels: bool) -> Callable[[np.ndarray], np.ndarray]:
     """x (..., K) @ weight (N, K)ᵀ -> (..., N) fp32; weight fp32 or bf16 as stored.
 
     Few rows (decode): the csrc GEMV, called directly on pointers resolved here, writing into a
-    buffer kept per input shape (see fused_ops). Many rows (prefill): torch's GEMM, on BF16
-    weights a panel at a time (fused_ops.paneled_linear); from avx512_bf16 on (vdpbf16ps, AMX),
-    BF16 weights stay on the kernel call, which takes its prompt GEMM from 8 (AMX: 16) rows on."""
+    buffer kept per input shape (see fused_ops). Many rows (prefill): from avx512_bf16 on
+    (vdpbf16ps, AMX), BF16 weights stay on the kernel call, which takes its prompt GEMM from 8
+    (AMX: 16) rows on; below it, numpy's GEMM on BF16 weights widened a panel at a time
+    (fused_ops.paneled_linear), and on FP32 weights as they are. use_kernels=False: torch's
+    linear on a torch view of the weight (the reference)."""
+    if not use_kernels:
+
+        def reference(x):
+            import torch
+
+            return torch.nn.functional.linear(x, weight.to(x.dtype))
+
+        return reference
+
     from xcompile import _C
     from xcompile.runtime import kernels
 
     n, k = weight.shape
-    gemv = {torch.float32: _C.gemv_f32, torch.bfloat16: _C.gemv_bf16}.get(weight.dtype)
-    w = weight.data_ptr()
+    gemv = {F32: _C.gemv_f32, BF16: _C.gemv_bf16}.get(weight.dtype)
+    w = ptr(weight)
     buffer = fused_ops.OutputBuffers()
-    max_rows = GEMV_MAX_ROWS if weight.dtype == torch.float32 else NARROW_GEMV_MAX_ROWS
+    max_rows = GEMV_MAX_ROWS if weight.dtype == F32 else NARROW_GEMV_MAX_ROWS
     # prompts too go to the kernel call, which hands them to its GEMM (vdpbf16ps or AMX tiles)
-    prompts = weight.dtype == torch.bfloat16 and kernels.isa_at_least("avx512_bf16")
+    prompts = weight.dtype == BF16 and kernels.isa_at_least("avx512_bf16")
 
-    def run(x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // k
-        if use_kernels and gemv is not None and (rows <= max_rows or prompts):
-            if x.dtype != torch.float32 or not x.is_contiguous():
-                x = x.float().contiguous()
+    def widen(n0: int, n1: int, panel: np.ndarray) -> None:
+        panel[...] = weight[n0:n1]
+
+    def run(x: np.ndarray) -> np.ndarray:
+        rows = x.size // k
+        if gemv is not None and (rows <= max_rows or prompts):
+            x = f32(x)
             out = buffer((*x.shape[:-1], n))
-            emit(gemv, x.data_ptr(), w, 0, out.data_ptr(), rows, n, k)
+            emit(gemv, ptr(x), w, 0, ptr(out), rows, n, k)
             return out
-        if use_kernels and weight.dtype == torch.bfloat16 and x.dtype == torch.float32:
-            return fused_ops.paneled_linear(
-                x, n, lambda n0, n1, panel: panel.copy_(weight[n0:n1]), buffer
-            )
-        return torch.nn.functional.linear(x, weight.to(x.dtype))
+        if weight.dtype == BF16:
+            return fused_ops.paneled_linear(f32(x), n, widen, buffer)
+        work()
+        x = f32(x)
+        out = buffer((*x.shape[:-1], n))
+        np.matmul(x.reshape(rows, k), weight.T.astype(F32, copy=False), out=out.reshape(rows, n))
+        return out
 
     return fused_ops.owns_outputs(run, buffer)
 
 
-def split_fixed(x: torch.Tensor, *, sizes: list[int], axis: int) -> tuple[torch.Tensor, ...]:
-    return x.split(sizes, axis)
+def split_fixed(x, *, sizes: list[int], axis: int) -> tuple:
+    if isinstance(x, np.ndarray):
+        return tuple(np.split(x, np.cumsum(sizes)[:-1], axis))
+    return x.split(sizes, axis)  # torch (the reference plan)
 
 
-def kv_append(past: torch.Tensor, new: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+def kv_append(past, new, cache):
     """past (B,kv,P,d) is a view of cache (B,kv,capacity,d); write new (B,kv,S,d) at P..P+S and
     return the view (B,kv,P+S,d): widened to fp32 (a copy) when the cache is bf16, since the
-    primitive graph's ops compute in fp32."""
+    primitive graph's ops compute in fp32. numpy arrays, or torch tensors in the reference plan."""
     p, s = past.shape[2], new.shape[2]
     check_room(p + s, cache.shape[2])
-    cache[:, :, p : p + s].copy_(new)
+    cache[:, :, p : p + s] = new
+    if isinstance(cache, np.ndarray):
+        work()
+        return cache[:, :, : p + s].astype(new.dtype, copy=False)
     return cache[:, :, : p + s].to(new.dtype)
 
 
 def build_plan(
     model: onnx.ModelProto,
-    weights: dict[str, torch.Tensor],
-    cache: dict[str, torch.Tensor],
+    weights: dict[str, np.ndarray],
+    cache: dict[str, np.ndarray],
     use_kernels: bool = True,
     fetch: str = "logits",
     comm=None,
@@ -288,8 +327,14 @@ def build_plan(
     """cache: past input name (past_key_values.{i}.key|value) -> its preallocated buffer;
     comm: the Communicator the ai.xcompile collectives (AllReduce, AllGather) run on;
     kv: the KVCache those buffers belong to, whose `segments` say, at each run, which sequences
-    the rows of input_ids belong to (the GroupQueryAttention steps read them: batching, beams)."""
+    the rows of input_ids belong to (the GroupQueryAttention steps read them: batching, beams).
+    use_kernels=False: the reference plan, every step on torch (imported now) over torch views of
+    the weights and cache."""
     graph = model.graph
+    reference = not use_kernels
+    held = to_torch if reference else (lambda a: a)  # what the steps hold: numpy or torch views
+    if reference:
+        cache = {name: to_torch(buffer) for name, buffer in cache.items()}
     slot: dict[str, int] = {}
     slots: list[Any] = []
     const: set[str] = set()
@@ -309,14 +354,15 @@ def build_plan(
                 raise UserError(
                     f"weights lack tensor {init.name!r} that the graph uses; rebuild the artifacts"
                 )
-            if tuple(t.shape) != tuple(init.dims) or t.dtype != DTYPES[init.data_type]:
+            expected = ops.DTYPES.get(init.data_type)
+            if tuple(t.shape) != tuple(init.dims) or t.dtype != expected:
                 raise UserError(
                     f"weight {init.name!r} is {t.dtype} {tuple(t.shape)}, graph "
-                    f"expects {DTYPES[init.data_type]} {tuple(init.dims)}; rebuild"
+                    f"expects {expected} {tuple(init.dims)}; rebuild"
                 )
         else:
-            t = torch.from_numpy(numpy_helper.to_array(init).copy())
-        slots[index(init.name)] = t
+            t = numpy_helper.to_array(init).copy()
+        slots[index(init.name)] = held(t)
         const.add(init.name)
 
     producer = {out: node for node in graph.node for out in node.output}
@@ -353,13 +399,19 @@ def build_plan(
     def op_fn(node: onnx.NodeProto):
         domain = "" if node.domain in ("", "ai.onnx") else node.domain
         key = (domain, node.op_type)
-        fast = fused_ops.fast_op(key) if use_kernels else None
-        if fast is not None:
-            return fast
-        if key in fused_ops.REFERENCE:
-            return fused_ops.REFERENCE[key]
-        if domain == "" and node.op_type in OPS:
-            return OPS[node.op_type]
+        if reference:
+            from xcompile.runtime import reference_ops
+
+            fused, standard = reference_ops.REFERENCE, reference_ops.OPS
+        else:
+            fast = fused_ops.fast_op(key)
+            if fast is not None:
+                return fast
+            fused, standard = FALLBACK, ops.OPS
+        if key in fused:
+            return fused[key]
+        if domain == "" and node.op_type in standard:
+            return standard[node.op_type]
         raise UserError(
             f"the graph uses op {node.domain or 'ai.onnx'}.{node.op_type} "
             f"({node.name}), which this runtime does not run; rebuild the artifacts "
@@ -398,10 +450,12 @@ def build_plan(
             if comm is None:
                 raise UserError(f"{node.name} needs ranks to talk to; run the artifacts with xrun")
             fn = comm.all_reduce if node.op_type == "AllReduce" else comm.all_gather
+            if reference:
+                fn = _on_torch(fn)
             steps.append(Step(node.name, fn, ins, outs, attrs))
             continue
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-            slots[outs[0]] = torch.from_numpy(numpy_helper.to_array(attrs["value"]).copy())
+            slots[outs[0]] = held(numpy_helper.to_array(attrs["value"]).copy())
             const.add(node.output[0])
             continue
         if (
@@ -447,11 +501,13 @@ def build_plan(
     kept.reverse()
     feeds = {i.name: slot[i.name] for i in graph.input if i.name in slot and slot[i.name] in needed}
     plan = Plan(kept, slots, feeds, slot[fetch])
+    plan.reference = reference
     if head is not None:  # the output projection sees only the rows asked for (Plan.rows)
         inner = head.fn
 
         def project(x, *args, **kwargs):
             if plan.rows is not None:
+                work()  # a gather of rows: numpy's, redone at each replay
                 x = x[:, plan.rows]
             return inner(x, *args, **kwargs)
 
@@ -500,6 +556,16 @@ def share_buffers(steps: list[Step], fetch: int) -> fused_ops.BufferPool:
         free_after[color] = len(steps) if i in result else last.get(i, i)
         buffers.share(pool, color)
     return pool
+
+
+def _on_torch(collective):
+    """A collective of the Communicator (numpy in, numpy out) for the reference plan's torch
+    tensors: the same memory, viewed both ways."""
+
+    def run(x, **attrs):
+        return to_torch(collective(from_torch(x), **attrs))
+
+    return run
 
 
 def _head_step(steps: list[Step], producer: dict, fetch: str) -> Step | None:

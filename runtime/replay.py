@@ -9,10 +9,9 @@ that often takes less, ~7 ms a token in all. Replayed, the step is one loop over
     for fn, args in calls: fn(*args)  # the next forward with the same shapes
 
 Fast ops call kernels through `emit(fn, *args)` on paths that do nothing else to data (their
-outputs live in buffers that stay put, see fused_ops.OutputBuffers); a path that also runs a
-torch op calls its kernels directly. While recording, a TorchFunctionMode notes every torch
-function a step calls beyond reading metadata and making views: such a step (or one that emits
-nothing) is re-run as Python at each replay, with its outputs' addresses checked against the
+outputs live in buffers that stay put, see fused_ops.OutputBuffers). A path that also computes on
+data itself (a numpy op, a conversion) says so with `work()`: such a step, like one that emits
+nothing, is re-run as Python at each replay, with its outputs' addresses checked against the
 recording. A program becomes ready only after two recordings of the same key agree call for
 call, so an address that moves between forwards keeps it from ever replaying.
 """
@@ -24,10 +23,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-from torch.overrides import TorchFunctionMode
+import numpy as np
 
 _calls: list | None = None  # the current step's emitted calls, while recording
+_record = None  # the current step's _StepRecord, while recording
 
 
 @dataclass(frozen=True)
@@ -53,34 +52,11 @@ def emit_at(fn: Callable, args: tuple, starts: list[int]) -> None:
         _calls.append((fn, args))
 
 
-# Tensor functions that read metadata or make a view: what a pure step may call besides emit.
-_HARMLESS = {
-    "data_ptr",
-    "stride",
-    "is_contiguous",
-    "numel",
-    "dim",
-    "size",
-    "view",
-    "split",
-    "split_with_sizes",
-    "narrow",
-    "__get__",  # attribute reads: .shape, .dtype, ...
-}
-
-
-class _TorchWork(TorchFunctionMode):
-    """Notes whether any torch function that may do work on data ran."""
-
-    def __init__(self):
-        super().__init__()
-        self.work = False
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        name = getattr(func, "__name__", "")
-        if name not in _HARMLESS:
-            self.work = True
-        return func(*args, **(kwargs or {}))
+def work() -> None:
+    """The current step computes on data outside its emitted kernel calls: re-run it as Python
+    at each replay (a no-op when nothing is being recorded)."""
+    if _record is not None:
+        _record.work = True
 
 
 NATIVE, DYNAMIC, PYTHON = 0, 1, 2  # a kernel call; one with Start markers; a step to re-run
@@ -132,17 +108,14 @@ class Program:
 @contextmanager
 def recording_step():
     """Record one step: yields a record whose `.calls` are its emitted calls and `.work` says
-    whether it did torch work of its own."""
-    global _calls
-    mode = _TorchWork()
+    whether it computed anything itself (`work()`)."""
+    global _calls, _record
     record = _StepRecord()
-    _calls = record.calls
+    _calls, _record = record.calls, record
     try:
-        with mode:
-            yield record
+        yield record
     finally:
-        _calls = None
-        record.work = mode.work
+        _calls = _record = None
 
 
 class _StepRecord:
@@ -151,6 +124,13 @@ class _StepRecord:
         self.work = False
 
 
+def address(value: Any) -> int | None:
+    """The first byte of an ndarray's data, None for anything else."""
+    if type(value) is np.ndarray:
+        return value.__array_interface__["data"][0]
+    return None
+
+
 def addresses(values: Any) -> tuple:
     values = values if isinstance(values, tuple) else (values,)
-    return tuple(v.data_ptr() if isinstance(v, torch.Tensor) else None for v in values)
+    return tuple(address(v) for v in values)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -19,26 +19,30 @@ class SamplingParams:
 class Sampler:
     def __init__(self, params: SamplingParams):
         self.params = params
-        self.generator = torch.Generator()
-        if params.seed is not None:
-            self.generator.manual_seed(params.seed)
-        else:
-            self.generator.seed()
+        self.generator = np.random.default_rng(params.seed)  # None: fresh entropy
 
-    def __call__(self, logits: torch.Tensor) -> int:
+    def __call__(self, logits: np.ndarray) -> int:
         """logits (vocab,) fp32 -> token id"""
         p = self.params
+        logits = np.asarray(logits)
         if p.temperature <= 0:
-            return int(torch.argmax(logits))
-        logits = logits / p.temperature
-        if 0 < p.top_k < logits.numel():
-            kth = torch.topk(logits, p.top_k).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
+            return int(np.argmax(logits))
+        logits = logits.astype(np.float64) / p.temperature
+        if 0 < p.top_k < logits.size:
+            kth = np.partition(logits, -p.top_k)[-p.top_k]
+            logits = np.where(logits < kth, -np.inf, logits)
         if p.top_p < 1.0:
-            sorted_logits, order = torch.sort(logits, descending=True)
-            probs = torch.softmax(sorted_logits, dim=-1)
+            order = np.argsort(-logits, kind="stable")
+            probs = _softmax(logits[order])
             # drop a token when the tokens before it already cover top_p (the first always stays)
-            drop = (torch.cumsum(probs, dim=-1) - probs) >= p.top_p
-            logits = logits.scatter(0, order[drop], float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+            drop = (np.cumsum(probs) - probs) >= p.top_p
+            logits = logits.copy()
+            logits[order[drop]] = -np.inf
+        probs = _softmax(logits)
+        return int(self.generator.choice(probs.size, p=probs))
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    """float64 probabilities summing to 1 (what Generator.choice checks)."""
+    e = np.exp(x - x.max())
+    return e / e.sum()

@@ -8,9 +8,9 @@ into the block (never through a mapping, whose touched pages would count as this
 peak RSS 2.66 GB for the 1.23 GB INT8 shard when copied from the mapping), so the process holds
 the weights once; the page cache's copy stays reclaimable.
 
-The copy needs no torch: `start_copy` runs it on a thread while the process imports torch (about
-1.5 s here, most of it holding the GIL; the reads release it), and `resident` then waits for it
-and makes the tensors.
+`start_copy` runs the copy on a thread while the process imports the rest of the runtime and
+loads the tokenizer and graph (the reads release the GIL), and `resident` then waits for it and
+makes the arrays.
 """
 
 from __future__ import annotations
@@ -112,9 +112,9 @@ def resident(path: str | os.PathLike) -> dict:
     """Every tensor of a safetensors file (header validated by artifacts.read_safetensors_header)
     in one 2 MiB-aligned anonymous block advised for huge pages -> name -> view of the block.
     Takes the copy start_copy began for this file, else copies now."""
-    import torch
+    import numpy as np
 
-    from xcompile.artifacts import torch_dtypes
+    from xcompile.artifacts import numpy_dtypes
 
     copy = _pending.pop(_key(path), None)
     if copy is None:
@@ -124,14 +124,14 @@ def resident(path: str | os.PathLike) -> dict:
         copy.thread.join()
     if copy.error is not None:
         raise copy.error
-    dtypes = torch_dtypes()
-    raw = torch.frombuffer(copy.block, dtype=torch.uint8)
+    dtypes = numpy_dtypes()
+    raw = np.frombuffer(copy.block, dtype=np.uint8)
     out = {}
     for name, info in copy.header.items():
         dtype = dtypes[info.dtype]
         if info.nbytes == 0:
-            out[name] = torch.empty(info.shape, dtype=dtype)
+            out[name] = np.empty(info.shape, dtype=dtype)
             continue
         at = copy.start + copy.layout[name]
-        out[name] = raw[at : at + info.nbytes].view(dtype).view(info.shape)
+        out[name] = raw[at : at + info.nbytes].view(dtype).reshape(info.shape)
     return out

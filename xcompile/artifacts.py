@@ -1,7 +1,7 @@
 """The artifact format: manifest schema, safetensors header reading and streaming writing, verify.
 
 This is the one module of `xcompile/` the runtime imports, so it uses only the standard library
-and numpy-free code (torch is touched only in `map_tensors`, which the runtime calls).
+and numpy-free code (numpy is touched only in `map_tensors`, which the runtime calls).
 
     artifacts/
       manifest.json        written last; its presence marks a complete folder
@@ -644,34 +644,36 @@ def write_manifest(folder: Path, manifest: Manifest) -> None:
     os.rename(tmp, folder / MANIFEST)
 
 
-def torch_dtypes() -> dict[str, Any]:
-    """safetensors dtype name -> torch dtype (torch imported only when asked)."""
-    import torch
+def numpy_dtypes() -> dict[str, Any]:
+    """safetensors dtype name -> numpy dtype (BF16 as ml_dtypes.bfloat16; numpy imported only
+    when asked)."""
+    import ml_dtypes
+    import numpy as np
 
     return {
-        "F64": torch.float64,
-        "F32": torch.float32,
-        "F16": torch.float16,
-        "BF16": torch.bfloat16,
-        "I64": torch.int64,
-        "I32": torch.int32,
-        "I16": torch.int16,
-        "I8": torch.int8,
-        "U8": torch.uint8,
-        "BOOL": torch.bool,
+        "F64": np.dtype(np.float64),
+        "F32": np.dtype(np.float32),
+        "F16": np.dtype(np.float16),
+        "BF16": np.dtype(ml_dtypes.bfloat16),
+        "I64": np.dtype(np.int64),
+        "I32": np.dtype(np.int32),
+        "I16": np.dtype(np.int16),
+        "I8": np.dtype(np.int8),
+        "U8": np.dtype(np.uint8),
+        "BOOL": np.dtype(np.bool_),
     }
 
 
 def map_tensors(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
-    """Yield (name, torch tensor) views of a safetensors file's mmap: no copy, read-only pages.
+    """Yield (name, numpy array) views of a safetensors file's mmap: no copy, private pages.
 
     Uses our validated header so a corrupt file is refused before any byte is interpreted.
     """
     import mmap
 
-    import torch
+    import numpy as np
 
-    dtypes = torch_dtypes()
+    dtypes = numpy_dtypes()
     header = read_safetensors_header(path)
     with open(path, "rb") as f:
         # ACCESS_COPY: private copy-on-write pages, shared with the page cache until written
@@ -681,7 +683,7 @@ def map_tensors(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
         dtype = dtypes[info.dtype]
         count = info.nbytes // DTYPES[info.dtype][0]
         if count == 0:
-            yield info.name, torch.empty(info.shape, dtype=dtype)
+            yield info.name, np.empty(info.shape, dtype=dtype)
             continue
-        t = torch.frombuffer(mm, dtype=dtype, count=count, offset=info.begin)
-        yield info.name, t.view(info.shape)
+        t = np.frombuffer(mm, dtype=dtype, count=count, offset=info.begin)
+        yield info.name, t.reshape(info.shape)

@@ -151,9 +151,10 @@ def _check_alias(out: tuple[int, int], name: str, t: tuple[int, int], same_ok: b
 
 def _takes_torch(wrapper):
     """Lets a numpy wrapper be called with torch tensors: given any, it returns torch tensors
-    viewing the arrays it returns, and returns a torch `out` (or `sum_out`) given as itself."""
-    signature = inspect.signature(wrapper)
-    out_names = [name for name in ("out", "sum_out") if name in signature.parameters]
+    viewing the arrays it returns, and returns a torch `out` (or `sum_out`) given as itself.
+    The wrapper returns its out parameters in the order of its signature, allocated when None."""
+    params = list(inspect.signature(wrapper).parameters)
+    out_places = [(name, params.index(name)) for name in ("out", "sum_out") if name in params]
 
     @functools.wraps(wrapper)
     def call(*args, **kwargs):
@@ -162,11 +163,11 @@ def _takes_torch(wrapper):
             return result
         import torch
 
-        given = signature.bind(*args, **kwargs).arguments
+        given = [kwargs.get(name, args[i] if i < len(args) else None) for name, i in out_places]
         arrays = result if isinstance(result, tuple) else (result,)
         tensors = []
         for i, array in enumerate(arrays):
-            out = given.get(out_names[i]) if i < len(out_names) else None
+            out = given[i] if i < len(given) else None
             tensors.append(out if _is_torch(out) else torch.from_numpy(array))
         return tuple(tensors) if isinstance(result, tuple) else tensors[0]
 

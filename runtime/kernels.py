@@ -1,19 +1,31 @@
 """The Python face of the csrc kernels (xcompile._C), each beside its plain torch reference.
 
 The kernels take raw pointers, so everything that can go wrong with a pointer is checked here:
-dtype, device, contiguity and shape, each with a ValueError that says what to pass instead.
+dtype, contiguity, shape and overlap, each with a ValueError that says what to pass instead.
 Each fast path (`rmsnorm`, `linear`, ...) and its reference (`rmsnorm_reference`,
 `linear_reference`, ...) compute the same thing; tests/csrc holds every ISA path to the references.
+
+The fast paths take and return numpy arrays (bf16 as ml_dtypes.bfloat16): the runtime imports no
+torch. They take CPU torch tensors too (tests, the --reference path), viewed as numpy without a
+copy, and then return torch tensors viewing their results (an `out` given is returned itself).
+The references are torch, imported when one is called.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
+from typing import TYPE_CHECKING
 
-import torch
+import ml_dtypes
+import numpy as np
 
 from xcompile import _C
 from xcompile._C import isa, num_threads, set_isa, set_num_threads, supported_isas
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "attention",
@@ -56,35 +68,74 @@ def isa_at_least(level: str) -> bool:
     return ISA_LEVELS.index(_C.isa()) >= ISA_LEVELS.index(level)
 
 
-_LINEAR_WEIGHT_KERNELS = {torch.float32: _C.gemv_f32, torch.bfloat16: _C.gemv_bf16}
+F32 = np.dtype(np.float32)
+BF16 = np.dtype(ml_dtypes.bfloat16)
+U8 = np.dtype(np.uint8)
+I32 = np.dtype(np.int32)
+I64 = np.dtype(np.int64)
+
+_LINEAR_WEIGHT_KERNELS = {F32: _C.gemv_f32, BF16: _C.gemv_bf16}
 
 
-def _check(name: str, t: torch.Tensor, dtypes: tuple[torch.dtype, ...]) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.device.type != "cpu":
-        raise ValueError(f"{name} is on {t.device}; xcompile kernels run on CPU tensors only")
-    if t.dtype not in dtypes:
-        wanted = " or ".join(str(d) for d in dtypes)
-        raise ValueError(f"{name} has dtype {t.dtype}; pass {wanted}")
-    if not t.is_contiguous():
-        raise ValueError(f"{name} is not contiguous; call .contiguous() first")
+def _is_torch(a: object) -> bool:
+    # by the type's module, so that asking never imports torch
+    return type(a).__module__.startswith("torch")
 
 
-def _check_out(out: torch.Tensor, shape: tuple[int, ...]) -> None:
-    _check("out", out, (torch.float32,))
-    if tuple(out.shape) != shape:
-        raise ValueError(f"out has shape {tuple(out.shape)}; expected {shape}")
+def _from_torch(t: torch.Tensor) -> np.ndarray | None:
+    """A numpy view of a CPU tensor's memory (bf16 through int16), or None for a dtype numpy
+    lacks."""
+    import torch
+
+    t = t.detach()
+    try:
+        if t.dtype == torch.bfloat16:
+            return t.view(torch.int16).numpy().view(BF16)
+        return t.numpy()
+    except TypeError:
+        return None
 
 
-def _span(t: torch.Tensor) -> tuple[int, int]:
-    """The byte range [start, end) of a contiguous tensor."""
-    start = t.data_ptr()
-    return start, start + t.nbytes
+def _array(name: str, a: np.ndarray | torch.Tensor, dtypes: tuple[np.dtype, ...]) -> np.ndarray:
+    """a checked for a kernel's pointer: a numpy array (a CPU torch tensor is viewed as one) of
+    one of dtypes, C-contiguous."""
+    if _is_torch(a):
+        if a.device.type != "cpu":
+            raise ValueError(f"{name} is on {a.device}; xcompile kernels run on CPU arrays only")
+        array = _from_torch(a)
+    elif isinstance(a, np.ndarray):
+        array = a
+    else:
+        raise TypeError(f"{name} must be a numpy array, got {type(a).__name__}")
+    if array is None or array.dtype not in dtypes:
+        wanted = " or ".join(d.name for d in dtypes)
+        raise ValueError(f"{name} has dtype {a.dtype}; pass {wanted}")
+    if not array.flags.c_contiguous:
+        raise ValueError(f"{name} is not contiguous; pass np.ascontiguousarray({name}) instead")
+    return array
+
+
+def _out(out: np.ndarray | torch.Tensor, shape: tuple[int, ...], name: str = "out") -> np.ndarray:
+    out = _array(name, out, (F32,))
+    if out.shape != shape:
+        raise ValueError(f"{name} has shape {out.shape}; expected {shape}")
+    if not out.flags.writeable:
+        raise ValueError(f"{name} is read-only; pass a writable array")
+    return out
+
+
+def _ptr(a: np.ndarray) -> int:
+    return a.__array_interface__["data"][0]
+
+
+def _span(a: np.ndarray) -> tuple[int, int]:
+    """The byte range [start, end) of a contiguous array."""
+    start = _ptr(a)
+    return start, start + a.nbytes
 
 
 def _overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:
-    # Empty ranges overlap nothing; views side by side in one storage (the K and V halves of
+    # Empty ranges overlap nothing; views side by side in one buffer (the K and V halves of
     # one cache block) do not overlap either.
     return a[0] < a[1] and b[0] < b[1] and a[0] < b[1] and b[0] < a[1]
 
@@ -98,77 +149,102 @@ def _check_alias(out: tuple[int, int], name: str, t: tuple[int, int], same_ok: b
     raise ValueError(f"out overlaps {name}; out must {how}")
 
 
+def _takes_torch(wrapper):
+    """Lets a numpy wrapper be called with torch tensors: given any, it returns torch tensors
+    viewing the arrays it returns, and returns a torch `out` (or `sum_out`) given as itself.
+    The wrapper returns its out parameters in the order of its signature, allocated when None."""
+    params = list(inspect.signature(wrapper).parameters)
+    out_places = [(name, params.index(name)) for name in ("out", "sum_out") if name in params]
+
+    @functools.wraps(wrapper)
+    def call(*args, **kwargs):
+        result = wrapper(*args, **kwargs)
+        if not any(_is_torch(a) for a in (*args, *kwargs.values())):
+            return result
+        import torch
+
+        given = [kwargs.get(name, args[i] if i < len(args) else None) for name, i in out_places]
+        arrays = result if isinstance(result, tuple) else (result,)
+        tensors = []
+        for i, array in enumerate(arrays):
+            out = given[i] if i < len(given) else None
+            tensors.append(out if _is_torch(out) else torch.from_numpy(array))
+        return tuple(tensors) if isinstance(result, tuple) else tensors[0]
+
+    return call
+
+
+@_takes_torch
 def rmsnorm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None
-) -> torch.Tensor:
+    x: np.ndarray, weight: np.ndarray, eps: float, out: np.ndarray | None = None
+) -> np.ndarray:
     """x (..., C) fp32, weight (C) fp32 -> (..., C) fp32; out may be x itself (in place)."""
-    _check("x", x, (torch.float32,))
-    _check("weight", weight, (torch.float32,))
-    cols = x.shape[-1] if x.dim() else 0
-    if x.dim() == 0 or tuple(weight.shape) != (cols,):
+    x = _array("x", x, (F32,))
+    weight = _array("weight", weight, (F32,))
+    cols = x.shape[-1] if x.ndim else 0
+    if x.ndim == 0 or weight.shape != (cols,):
         raise ValueError(
-            f"rmsnorm: weight has shape {tuple(weight.shape)}, x {tuple(x.shape)}; "
+            f"rmsnorm: weight has shape {weight.shape}, x {x.shape}; "
             "weight must be (C,) for x of shape (..., C)"
         )
-    if out is None:
-        out = torch.empty_like(x)
-    else:
-        _check_out(out, tuple(x.shape))
-    _C.rmsnorm(
-        x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // max(cols, 1), cols, eps
-    )
+    out = np.empty_like(x) if out is None else _out(out, x.shape)
+    _C.rmsnorm(_ptr(x), _ptr(weight), _ptr(out), x.size // max(cols, 1), cols, eps)
     return out
 
 
 def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """transformers' LlamaRMSNorm, fp32."""
+    import torch
+
     x = x.float()
     variance = x.pow(2).mean(-1, keepdim=True)
     return weight.float() * (x * torch.rsqrt(variance + eps))
 
 
+def _bias(bias: np.ndarray | None, n: int) -> np.ndarray | None:
+    """A checked fp32 or bf16 bias (N,) as fp32 (a bf16 one upcast: N elements)."""
+    if bias is None:
+        return None
+    bias = _array("bias", bias, (F32, BF16))
+    if bias.shape != (n,):
+        raise ValueError(f"bias has shape {bias.shape}; expected ({n},)")
+    return bias.astype(F32, copy=False)
+
+
+@_takes_torch
 def linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
+    x: np.ndarray,
+    weight: np.ndarray,
+    bias: np.ndarray | None = None,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
     """x (..., K) fp32 @ weight (N, K).T + bias (N) -> (..., N) fp32.
 
     weight fp32 or bf16 (nn.Linear layout); a bf16 weight is widened to fp32 in registers and
     accumulated in fp32. bias fp32 (a bf16 bias is upcast, N elements). Meant for decode (few rows
     of x): the weight is streamed once for all of them.
     """
-    _check("x", x, (torch.float32,))
-    _check("weight", weight, tuple(_LINEAR_WEIGHT_KERNELS))
-    if weight.dim() != 2 or x.dim() == 0 or x.shape[-1] != weight.shape[1]:
+    x = _array("x", x, (F32,))
+    weight = _array("weight", weight, tuple(_LINEAR_WEIGHT_KERNELS))
+    if weight.ndim != 2 or x.ndim == 0 or x.shape[-1] != weight.shape[1]:
         raise ValueError(
-            f"linear: x {tuple(x.shape)} and weight {tuple(weight.shape)} do not match; "
+            f"linear: x {x.shape} and weight {weight.shape} do not match; "
             "expected x (..., K) and weight (N, K)"
         )
     n, k = weight.shape
-    if bias is not None:
-        _check("bias", bias, (torch.float32, torch.bfloat16))
-        if tuple(bias.shape) != (n,):
-            raise ValueError(f"bias has shape {tuple(bias.shape)}; expected ({n},)")
-        bias = bias.float()
+    bias = _bias(bias, n)
     shape = (*x.shape[:-1], n)
     if out is None:
-        out = torch.empty(shape, dtype=torch.float32)
+        out = np.empty(shape, F32)
     else:
-        _check_out(out, shape)
-        if out.numel() and out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+        out = _out(out, shape)
+        if _overlap(_span(out), _span(x)):
             raise ValueError("out shares memory with x; linear cannot run in place")
     if k == 0:  # an empty sum: only the bias remains
-        return out.copy_(bias.expand(shape)) if bias is not None else out.zero_()
+        out[...] = 0 if bias is None else bias
+        return out
     _LINEAR_WEIGHT_KERNELS[weight.dtype](
-        x.data_ptr(),
-        weight.data_ptr(),
-        0 if bias is None else bias.data_ptr(),
-        out.data_ptr(),
-        x.numel() // k,
-        n,
-        k,
+        _ptr(x), _ptr(weight), 0 if bias is None else _ptr(bias), _ptr(out), x.size // k, n, k
     )
     return out
 
@@ -177,71 +253,74 @@ def linear_reference(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """torch's linear in fp32, with the (possibly bf16) weight and bias upcast exactly."""
+    import torch
+
     return torch.nn.functional.linear(
         x.float(), weight.float(), None if bias is None else bias.float()
     )
 
 
-def _nbits_shapes(
-    B: torch.Tensor,
-    scales: torch.Tensor,
-    zero_points: torch.Tensor | None,
+def _nbits_weight(
+    B: np.ndarray,
+    scales: np.ndarray,
+    zero_points: np.ndarray | None,
     bits: int,
     block_size: int,
     K: int,
-) -> int:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
     """Checks a MatMulNBits weight (B, scales, zero_points) against bits, block_size and K;
-    returns N."""
+    returns it as numpy arrays, and N."""
     if bits not in (4, 8):
         raise ValueError(f"bits is {bits}; MatMulNBits weights here are 4 or 8 bits")
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"block_size is {block_size}; pass a power of two >= 16")
     if K < 0:
         raise ValueError(f"K is {K}; pass the number of input features, >= 0")
-    _check("B", B, (torch.uint8,))
-    _check("scales", scales, (torch.float32,))
-    n = B.shape[0] if B.dim() else 0
+    B = _array("B", B, (U8,))
+    scales = _array("scales", scales, (F32,))
+    n = B.shape[0] if B.ndim else 0
     k_blocks = -(-K // block_size)
     blob = block_size * bits // 8
-    if tuple(B.shape) != (n, k_blocks, blob):
+    if B.shape != (n, k_blocks, blob):
         raise ValueError(
-            f"B has shape {tuple(B.shape)}; for K={K}, bits={bits}, block_size={block_size} "
+            f"B has shape {B.shape}; for K={K}, bits={bits}, block_size={block_size} "
             f"expected (N, {k_blocks}, {blob})"
         )
-    if tuple(scales.shape) != (n, k_blocks):
-        raise ValueError(f"scales has shape {tuple(scales.shape)}; expected ({n}, {k_blocks})")
+    if scales.shape != (n, k_blocks):
+        raise ValueError(f"scales has shape {scales.shape}; expected ({n}, {k_blocks})")
     if zero_points is not None:
-        _check("zero_points", zero_points, (torch.uint8, torch.float32))
-        packed = zero_points.dtype == torch.uint8
+        zero_points = _array("zero_points", zero_points, (U8, F32))
+        packed = zero_points.dtype == U8
         cols = k_blocks if bits == 8 or not packed else -(-k_blocks // 2)
-        if tuple(zero_points.shape) != (n, cols):
+        if zero_points.shape != (n, cols):
             raise ValueError(
-                f"zero_points has shape {tuple(zero_points.shape)}; expected ({n}, {cols})"
+                f"zero_points has shape {zero_points.shape}; expected ({n}, {cols})"
                 + (" (two 4-bit zero points per byte)" if bits == 4 and packed else "")
                 + ("" if packed else " (float zero points: one per block, like scales)")
             )
-    return n
+    return B, scales, zero_points, n
 
 
-def _zero_points_args(zero_points: torch.Tensor | None) -> tuple[int, bool]:
+def _zero_points_args(zero_points: np.ndarray | None) -> tuple[int, bool]:
     """(address, float_zero_points) of checked zero points, as the nbits kernels take them."""
     if zero_points is None:
         return 0, False
-    return zero_points.data_ptr(), zero_points.dtype == torch.float32
+    return _ptr(zero_points), zero_points.dtype == F32
 
 
+@_takes_torch
 def linear_nbits(
-    x: torch.Tensor,
-    B: torch.Tensor,
-    scales: torch.Tensor,
-    zero_points: torch.Tensor | None,
+    x: np.ndarray,
+    B: np.ndarray,
+    scales: np.ndarray,
+    zero_points: np.ndarray | None,
     bits: int,
     block_size: int,
     K: int,
-    bias: torch.Tensor | None = None,
-    out: torch.Tensor | None = None,
+    bias: np.ndarray | None = None,
+    out: np.ndarray | None = None,
     int8_activations: bool = False,
-) -> torch.Tensor:
+) -> np.ndarray:
     """x (..., K) fp32 @ W.T + bias -> (..., N) fp32, W (N, K) held as com.microsoft MatMulNBits
     weights (ONNX Runtime's layout), dequantized in registers. For decode (few rows of x).
     int8_activations: x quantized to int8 first (MatMulNBits' accuracy_level 4; see
@@ -258,31 +337,28 @@ def linear_nbits(
     W[n, k] = (q[n, k] - zp[n, k // block_size]) * scales[n, k // block_size], in fp32:
               (float(q) - zp) * scale, the subtraction exact for integer zero points
     """
-    n = _nbits_shapes(B, scales, zero_points, bits, block_size, K)
-    _check("x", x, (torch.float32,))
-    if x.dim() == 0 or x.shape[-1] != K:
-        raise ValueError(f"linear_nbits: x has shape {tuple(x.shape)}; expected (..., {K})")
-    if bias is not None:
-        _check("bias", bias, (torch.float32, torch.bfloat16))
-        if tuple(bias.shape) != (n,):
-            raise ValueError(f"bias has shape {tuple(bias.shape)}; expected ({n},)")
-        bias = bias.float()
+    B, scales, zero_points, n = _nbits_weight(B, scales, zero_points, bits, block_size, K)
+    x = _array("x", x, (F32,))
+    if x.ndim == 0 or x.shape[-1] != K:
+        raise ValueError(f"linear_nbits: x has shape {x.shape}; expected (..., {K})")
+    bias = _bias(bias, n)
     shape = (*x.shape[:-1], n)
     if out is None:
-        out = torch.empty(shape, dtype=torch.float32)
+        out = np.empty(shape, F32)
     else:
-        _check_out(out, shape)
+        out = _out(out, shape)
         _check_alias(_span(out), "x", _span(x), same_ok=False)
     if K == 0:  # an empty sum: only the bias remains
-        return out.copy_(bias.expand(shape)) if bias is not None else out.zero_()
+        out[...] = 0 if bias is None else bias
+        return out
     (_C.gemv_nbits_q8 if int8_activations else _C.gemv_nbits)(
-        x.data_ptr(),
-        B.data_ptr(),
-        scales.data_ptr(),
+        _ptr(x),
+        _ptr(B),
+        _ptr(scales),
         *_zero_points_args(zero_points),
-        0 if bias is None else bias.data_ptr(),
-        out.data_ptr(),
-        x.numel() // K,
+        0 if bias is None else _ptr(bias),
+        _ptr(out),
+        x.size // K,
         n,
         K,
         bits,
@@ -291,27 +367,21 @@ def linear_nbits(
     return out
 
 
+@_takes_torch
 def dequantize_nbits(
-    B: torch.Tensor,
-    scales: torch.Tensor,
-    zero_points: torch.Tensor | None,
+    B: np.ndarray,
+    scales: np.ndarray,
+    zero_points: np.ndarray | None,
     bits: int,
     block_size: int,
     K: int,
-) -> torch.Tensor:
+) -> np.ndarray:
     """W (N, K) fp32 from MatMulNBits weights (layout in linear_nbits), bit for bit the
-    reference's; prefill multiplies by it with torch's matmul."""
-    n = _nbits_shapes(B, scales, zero_points, bits, block_size, K)
-    out = torch.empty(n, K, dtype=torch.float32)
+    reference's; prefill multiplies by it with a matmul."""
+    B, scales, zero_points, n = _nbits_weight(B, scales, zero_points, bits, block_size, K)
+    out = np.empty((n, K), F32)
     _C.dequantize_nbits(
-        B.data_ptr(),
-        scales.data_ptr(),
-        *_zero_points_args(zero_points),
-        out.data_ptr(),
-        n,
-        K,
-        bits,
-        block_size,
+        _ptr(B), _ptr(scales), *_zero_points_args(zero_points), _ptr(out), n, K, bits, block_size
     )
     return out
 
@@ -326,6 +396,8 @@ def dequantize_nbits_reference(
 ) -> torch.Tensor:
     """The MatMulNBits layout unpacked with torch ops: (N, K) fp32, (float(q) - zp) * scale
     with fp32 roundings (zero points packed uint8, float32 (N, k_blocks) or None)."""
+    import torch
+
     n, k_blocks = scales.shape
     if bits == 4:  # byte j of a block holds elements 2j (low nibble) and 2j + 1 (high)
         q = torch.stack((B & 0xF, B >> 4), dim=-1).reshape(n, k_blocks, block_size)
@@ -343,28 +415,29 @@ def dequantize_nbits_reference(
     return w.reshape(n, k_blocks * block_size)[:, :K]
 
 
+@_takes_torch
 def gather_nbits(
-    B: torch.Tensor,
-    scales: torch.Tensor,
-    zero_points: torch.Tensor | None,
-    indices: torch.Tensor,
+    B: np.ndarray,
+    scales: np.ndarray,
+    zero_points: np.ndarray | None,
+    indices: np.ndarray,
     bits: int,
     block_size: int,
     K: int,
-) -> torch.Tensor:
+) -> np.ndarray:
     """Rows `indices` (int64, any shape) of W (N, K) held as MatMulNBits weights (layout in
     linear_nbits) -> (*indices.shape, K) fp32, bit for bit the reference's: an embedding lookup
     on a quantized table. Negative indices count from N; those outside [-N, N) give zero rows."""
-    n = _nbits_shapes(B, scales, zero_points, bits, block_size, K)
-    _check("indices", indices, (torch.int64,))
-    out = torch.empty(*indices.shape, K, dtype=torch.float32)
+    B, scales, zero_points, n = _nbits_weight(B, scales, zero_points, bits, block_size, K)
+    indices = _array("indices", indices, (I64,))
+    out = np.empty((*indices.shape, K), F32)
     _C.gather_nbits(
-        B.data_ptr(),
-        scales.data_ptr(),
+        _ptr(B),
+        _ptr(scales),
         *_zero_points_args(zero_points),
-        indices.data_ptr(),
-        out.data_ptr(),
-        indices.numel(),
+        _ptr(indices),
+        _ptr(out),
+        indices.size,
         n,
         K,
         bits,
@@ -383,6 +456,8 @@ def gather_nbits_reference(
     K: int,
 ) -> torch.Tensor:
     """The rows dequantized by dequantize_nbits_reference, zeros outside [-N, N)."""
+    import torch
+
     n = scales.shape[0]
     flat = indices.reshape(-1).long()
     flat = torch.where(flat < 0, flat + n, flat)
@@ -410,6 +485,8 @@ def linear_nbits_reference(
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """torch's linear on the reference-dequantized weight, fp32."""
+    import torch
+
     w = dequantize_nbits_reference(B, scales, zero_points, bits, block_size, K)
     return torch.nn.functional.linear(x.float(), w, None if bias is None else bias.float())
 
@@ -420,6 +497,8 @@ def quantize_activations_reference(
     """x (M, K) fp32 -> x rounded to int8 levels as gemv_nbits_q8 rounds it, (M, K) fp32: per row,
     in units of min(block_size, 64 for INT8 / 128 for INT4) elements, scale = max|x| / 127 and
     q = rint(x * 127 / max|x|) (float32 arithmetic, ties to even), clamped to [-127, 127]."""
+    import torch
+
     unit = min(block_size, 64 if bits == 8 else 128)
     k_pad = -(-K // block_size) * block_size
     xp = torch.nn.functional.pad(x.float(), (0, k_pad - K)).view(x.shape[0], -1, unit)
@@ -458,6 +537,8 @@ def quantize_nbits_reference(
     float_zero_points (asym): the block's own min and max, zp = -min / scale unrounded, float32
     (N, k_blocks), q = round((w - min) / scale) (llama.cpp's Q4_1 / Q8_1 min and scale). The
     last block is zero-padded past K."""
+    import torch
+
     n, k = w.shape
     k_blocks = -(-k // block_size)
     padded = torch.nn.functional.pad(w.float(), (0, k_blocks * block_size - k))
@@ -494,39 +575,32 @@ def quantize_nbits_reference(
     return q.contiguous(), scales.contiguous(), zero_points
 
 
+@_takes_torch
 def skip_rmsnorm(
-    x: torch.Tensor,
-    skip: torch.Tensor,
-    weight: torch.Tensor,
+    x: np.ndarray,
+    skip: np.ndarray,
+    weight: np.ndarray,
     eps: float,
-    out: torch.Tensor | None = None,
-    sum_out: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    out: np.ndarray | None = None,
+    sum_out: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Residual add then RMSNorm: (rmsnorm(x + skip) * weight, x + skip), all fp32.
 
     x, skip (..., C), weight (C). ONNX Runtime's com.microsoft SkipSimplifiedLayerNormalization
     (outputs 0 and 3) without its optional bias. sum_out may be x or skip (the residual updated in
     place); out may be x or skip too, but not sum_out.
     """
-    _check("x", x, (torch.float32,))
-    _check("skip", skip, (torch.float32,))
-    _check("weight", weight, (torch.float32,))
-    cols = x.shape[-1] if x.dim() else 0
-    if x.dim() == 0 or skip.shape != x.shape or tuple(weight.shape) != (cols,):
+    x = _array("x", x, (F32,))
+    skip = _array("skip", skip, (F32,))
+    weight = _array("weight", weight, (F32,))
+    cols = x.shape[-1] if x.ndim else 0
+    if x.ndim == 0 or skip.shape != x.shape or weight.shape != (cols,):
         raise ValueError(
-            f"skip_rmsnorm: x {tuple(x.shape)}, skip {tuple(skip.shape)}, weight "
-            f"{tuple(weight.shape)}; expected x and skip (..., C) alike and weight (C,)"
+            f"skip_rmsnorm: x {x.shape}, skip {skip.shape}, weight "
+            f"{weight.shape}; expected x and skip (..., C) alike and weight (C,)"
         )
-    if out is None:
-        out = torch.empty_like(x)
-    else:
-        _check_out(out, tuple(x.shape))
-    if sum_out is None:
-        sum_out = torch.empty_like(x)
-    else:
-        _check("sum_out", sum_out, (torch.float32,))
-        if sum_out.shape != x.shape:
-            raise ValueError(f"sum_out has shape {tuple(sum_out.shape)}; expected {tuple(x.shape)}")
+    out = np.empty_like(x) if out is None else _out(out, x.shape)
+    sum_out = np.empty_like(x) if sum_out is None else _out(sum_out, x.shape, "sum_out")
     out_span, sum_span = _span(out), _span(sum_out)
     for name, t in (("x", x), ("skip", skip)):
         span = _span(t)
@@ -535,12 +609,12 @@ def skip_rmsnorm(
     if _overlap(out_span, sum_span):
         raise ValueError("out and sum_out share memory; pass two separate buffers")
     _C.skip_rmsnorm(
-        x.data_ptr(),
-        skip.data_ptr(),
-        weight.data_ptr(),
-        out.data_ptr(),
-        sum_out.data_ptr(),
-        x.numel() // max(cols, 1),
+        _ptr(x),
+        _ptr(skip),
+        _ptr(weight),
+        _ptr(out),
+        _ptr(sum_out),
+        x.size // max(cols, 1),
         cols,
         eps,
     )
@@ -555,14 +629,15 @@ def skip_rmsnorm_reference(
     return rmsnorm_reference(total, weight, eps), total
 
 
+@_takes_torch
 def rotary(
-    x: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
+    x: np.ndarray,
+    cos: np.ndarray,
+    sin: np.ndarray,
     interleaved: bool,
     rotary_dim: int | None = None,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
+    out: np.ndarray | None = None,
+) -> np.ndarray:
     """Rotary position embedding of x (S, heads, head_dim) fp32; out may be x (in place).
 
     cos, sin (S, rotary_dim / 2) fp32: cos(p * inv_freq), sin(p * inv_freq) for each token's
@@ -570,33 +645,33 @@ def rotary(
     rotate_half), True pairs (2i, 2i + 1) (GPT-J's rotate_every_two). rotary_dim defaults to
     2 * cos.shape[-1] (and must equal it when given); dims past it pass through.
     """
-    _check("x", x, (torch.float32,))
-    _check("cos", cos, (torch.float32,))
-    _check("sin", sin, (torch.float32,))
-    if x.dim() != 3:
-        raise ValueError(f"rotary: x has shape {tuple(x.shape)}; expected (S, heads, head_dim)")
+    x = _array("x", x, (F32,))
+    cos = _array("cos", cos, (F32,))
+    sin = _array("sin", sin, (F32,))
+    if x.ndim != 3:
+        raise ValueError(f"rotary: x has shape {x.shape}; expected (S, heads, head_dim)")
     tokens, heads, head_dim = x.shape
-    half = cos.shape[-1] if cos.dim() == 2 else -1
+    half = cos.shape[-1] if cos.ndim == 2 else -1
     if rotary_dim is None:
         rotary_dim = 2 * half
-    if cos.shape != sin.shape or tuple(cos.shape) != (tokens, rotary_dim // 2) or rotary_dim % 2:
+    if cos.shape != sin.shape or cos.shape != (tokens, rotary_dim // 2) or rotary_dim % 2:
         raise ValueError(
-            f"rotary: cos {tuple(cos.shape)}, sin {tuple(sin.shape)} for x {tuple(x.shape)} and "
+            f"rotary: cos {cos.shape}, sin {sin.shape} for x {x.shape} and "
             f"rotary_dim {rotary_dim}; expected both ({tokens}, rotary_dim / 2), rotary_dim even"
         )
     if rotary_dim > head_dim:
         raise ValueError(f"rotary: rotary_dim {rotary_dim} exceeds head_dim {head_dim}")
     if out is None:
-        out = torch.empty_like(x)
+        out = np.empty_like(x)
     else:
-        _check_out(out, tuple(x.shape))
+        out = _out(out, x.shape)
         _check_alias(_span(out), "x", _span(x), same_ok=True)
     row = heads * head_dim
     _C.rotary(
-        x.data_ptr(),
-        cos.data_ptr(),
-        sin.data_ptr(),
-        out.data_ptr(),
+        _ptr(x),
+        _ptr(cos),
+        _ptr(sin),
+        _ptr(out),
         tokens,
         heads,
         head_dim,
@@ -617,6 +692,8 @@ def rotary_reference(
 ) -> torch.Tensor:
     """transformers' apply_rotary_pos_emb (Llama, rotate_half) or GPT-J's rotate_every_two, on
     the first rotary_dim dims of x (S, heads, head_dim); cos, sin (S, rotary_dim / 2)."""
+    import torch
+
     rotary_dim = 2 * cos.shape[-1] if rotary_dim is None else rotary_dim
     x = x.float()
     x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
@@ -631,59 +708,61 @@ def rotary_reference(
     return torch.cat((x_rot * cos + rotated * sin, x_pass), dim=-1)
 
 
-def _elementwise_out(out: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    if out is None:
-        return torch.empty_like(like)
-    _check_out(out, tuple(like.shape))
-    return out
+def _elementwise_out(out: np.ndarray | None, like: np.ndarray) -> np.ndarray:
+    return np.empty_like(like) if out is None else _out(out, like.shape)
 
 
-def silu_mul(gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+@_takes_torch
+def silu_mul(gate: np.ndarray, up: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """silu(gate) * up, fp32, any shape (gate and up alike); out may be gate or up."""
-    _check("gate", gate, (torch.float32,))
-    _check("up", up, (torch.float32,))
+    gate = _array("gate", gate, (F32,))
+    up = _array("up", up, (F32,))
     if gate.shape != up.shape:
-        raise ValueError(
-            f"silu_mul: gate {tuple(gate.shape)} and up {tuple(up.shape)} must have one shape"
-        )
+        raise ValueError(f"silu_mul: gate {gate.shape} and up {up.shape} must have one shape")
     out = _elementwise_out(out, gate)
     out_span = _span(out)
     _check_alias(out_span, "gate", _span(gate), same_ok=True)
     _check_alias(out_span, "up", _span(up), same_ok=True)
-    _C.silu_mul(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel())
+    _C.silu_mul(_ptr(gate), _ptr(up), _ptr(out), gate.size)
     return out
 
 
 def silu_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """Llama's MLP activation: act_fn(gate_proj(x)) * up_proj(x), act_fn = SiLU."""
+    import torch
+
     return torch.nn.functional.silu(gate.float()) * up.float()
 
 
-def gelu_tanh(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+@_takes_torch
+def gelu_tanh(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), fp32, any shape; out may be x."""
-    _check("x", x, (torch.float32,))
+    x = _array("x", x, (F32,))
     out = _elementwise_out(out, x)
     _check_alias(_span(out), "x", _span(x), same_ok=True)
-    _C.gelu_tanh(x.data_ptr(), out.data_ptr(), x.numel())
+    _C.gelu_tanh(_ptr(x), _ptr(out), x.size)
     return out
 
 
 def gelu_tanh_reference(x: torch.Tensor) -> torch.Tensor:
     """GPT-J's gelu_new: torch's GELU with the tanh approximation."""
+    import torch
+
     return torch.nn.functional.gelu(x.float(), approximate="tanh")
 
 
+@_takes_torch
 def attention(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
+    q: np.ndarray,
+    k_cache: np.ndarray,
+    v_cache: np.ndarray,
     past: int,
     scale: float,
     window: int = 0,
-    out: torch.Tensor | None = None,
-    slot_of: torch.Tensor | None = None,
+    out: np.ndarray | None = None,
+    slot_of: np.ndarray | None = None,
     softcap: float = 0.0,
-) -> torch.Tensor:
+) -> np.ndarray:
     """Causal grouped-query attention of S new tokens over a preallocated KV cache: q and out
     fp32, the caches both fp32 or both bf16 (widened to fp32 as they are read). softcap > 0:
     each score s = scale * q . k becomes softcap * tanh(s / softcap) before the softmax.
@@ -697,28 +776,28 @@ def attention(
     p - window + 1 .. p when window > 0 (Mistral's sliding_window). Returns out (S, heads, d);
     out may be q (in place).
     """
-    _check("q", q, (torch.float32,))
-    _check("k_cache", k_cache, (torch.float32, torch.bfloat16))
-    _check("v_cache", v_cache, (k_cache.dtype,))
+    q = _array("q", q, (F32,))
+    k_cache = _array("k_cache", k_cache, (F32, BF16))
+    v_cache = _array("v_cache", v_cache, (k_cache.dtype,))
     slot_stride = 0
     if slot_of is not None:
-        _check("slot_of", slot_of, (torch.int32,))
-        if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        slot_of = _array("slot_of", slot_of, (I32,))
+        if k_cache.ndim != 4 or k_cache.shape != v_cache.shape:
             raise ValueError(
                 "attention: with slot_of the caches are (slots, kv_heads, capacity, d)"
             )
-        if slot_of.dim() != 1 or slot_of.numel() < past + q.shape[0]:
+        if slot_of.ndim != 1 or slot_of.size < past + q.shape[0]:
             raise ValueError(f"attention: slot_of needs {past + q.shape[0]} entries")
         used = slot_of[: past + q.shape[0]]
-        if used.numel() and (int(used.min()) < 0 or int(used.max()) >= k_cache.shape[0]):
+        if used.size and (int(used.min()) < 0 or int(used.max()) >= k_cache.shape[0]):
             raise ValueError(f"attention: slot_of names slots outside 0..{k_cache.shape[0] - 1}")
-        slot_stride = k_cache[0].numel()
+        slot_stride = k_cache[0].size
         whole_k, whole_v = k_cache, v_cache
         k_cache, v_cache = k_cache[0], v_cache[0]
-    if q.dim() != 3 or k_cache.dim() != 3 or k_cache.shape != v_cache.shape:
+    if q.ndim != 3 or k_cache.ndim != 3 or k_cache.shape != v_cache.shape:
         raise ValueError(
-            f"attention: q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, v_cache "
-            f"{tuple(v_cache.shape)}; expected q (S, heads, d) and both caches "
+            f"attention: q {q.shape}, k_cache {k_cache.shape}, v_cache "
+            f"{v_cache.shape}; expected q (S, heads, d) and both caches "
             "(kv_heads, capacity, d)"
         )
     tokens, heads, head_dim = q.shape
@@ -734,19 +813,19 @@ def attention(
             f"{capacity}; allocate a larger cache"
         )
     if out is None:
-        out = torch.empty_like(q)
+        out = np.empty_like(q)
     else:
-        _check_out(out, tuple(q.shape))
+        out = _out(out, q.shape)
         out_span = _span(out)
         _check_alias(out_span, "q", _span(q), same_ok=True)
         _check_alias(out_span, "k_cache", _span(whole_k if slot_stride else k_cache), False)
         _check_alias(out_span, "v_cache", _span(whole_v if slot_stride else v_cache), False)
-    kernel = _C.attention if k_cache.dtype == torch.float32 else _C.attention_bf16
+    kernel = _C.attention if k_cache.dtype == F32 else _C.attention_bf16
     kernel(
-        q.data_ptr(),
-        k_cache.data_ptr(),
-        v_cache.data_ptr(),
-        out.data_ptr(),
+        _ptr(q),
+        _ptr(k_cache),
+        _ptr(v_cache),
+        _ptr(out),
         tokens,
         heads,
         kv_heads,
@@ -755,7 +834,7 @@ def attention(
         past,
         window,
         scale,
-        0 if slot_of is None else slot_of.data_ptr(),
+        0 if slot_of is None else _ptr(slot_of),
         slot_stride,
         softcap,
     )
@@ -765,6 +844,8 @@ def attention(
 def gather_slots(cache: torch.Tensor, slot_of: torch.Tensor, total: int) -> torch.Tensor:
     """cache (slots, kv_heads, capacity, d), slot_of (>= total,) -> (kv_heads, total, d): position
     j taken from slot slot_of[j] (a copy: the reference's way to read through the indices)."""
+    import torch
+
     positions = torch.arange(total)
     return cache[slot_of[:total].long(), :, positions].transpose(0, 1)
 
@@ -780,6 +861,8 @@ def attention_reference(
 ) -> torch.Tensor:
     """The same with repeat_interleave of the KV heads, an explicit mask and torch's softmax
     (and the soft-cap as transformers' Gemma 2 writes it)."""
+    import torch
+
     tokens, heads, _ = q.shape
     kv_heads, total = k_cache.shape[0], past + tokens
     k = k_cache[:, :total].float().repeat_interleave(heads // kv_heads, dim=0)  # (heads, T, d)

@@ -1,5 +1,6 @@
-"""The fused ops the passes emit (ONNX Runtime's com.microsoft vocabulary, and ai.xcompile), each
-as a plain torch reference and, where a csrc kernel exists, a fast version beside it.
+"""The fused ops the passes emit (ONNX Runtime's com.microsoft vocabulary, and ai.xcompile): a
+fast version (csrc kernels) for those that have one; their torch references live in
+runtime/reference_ops.py (REFERENCE), their numpy versions in runtime/fallback_ops.py (FALLBACK).
 
     REFERENCE[(domain, op)] / FAST[(domain, op)]: fn(*inputs, **attributes) -> output(s)
 GroupQueryAttention is not here: it is bound to the KV cache by the plan (see `attention_step`).
@@ -8,172 +9,21 @@ Shapes: x (B, S, hidden); the fast versions take B == 1 (one sequence) and fall 
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 
+# re-exported for the fast paths' fallbacks, plan.py and the tests until fused_ops is numpy
+from xcompile.runtime.reference_ops import (  # noqa: F401
+    REFERENCE,
+    _gather_block_quantized_k,
+    attention_reference,
+    rmsnorm_ref,
+    rotary_ref,
+    skip_rmsnorm_ref,
+)
 from xcompile.runtime.replay import Start, emit, emit_at
 
 MS = "com.microsoft"
 XC = "ai.xcompile"
-
-
-# -- references ----------------------------------------------------------------------------------
-
-
-def rmsnorm_ref(x, scale, axis=-1, epsilon=1e-5, stash_type=1):
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + epsilon) * scale
-
-
-def skip_rmsnorm_ref(x, skip, gamma, bias=None, epsilon=1e-5):
-    total = x + skip if bias is None else x + skip + bias
-    return rmsnorm_ref(total, gamma, epsilon=epsilon), None, None, total
-
-
-def skip_layernorm_ref(x, skip, gamma, beta=None, bias=None, epsilon=1e-5):
-    total = x + skip if bias is None else x + skip + bias
-    return F.layer_norm(total, total.shape[-1:], gamma, beta, epsilon), None, None, total
-
-
-def rotate(x, cos, sin, interleaved: bool):
-    """x (..., r) with cos, sin (..., r/2)"""
-    if interleaved:
-        even, odd = x[..., 0::2], x[..., 1::2]
-        return torch.stack((even * cos - odd * sin, odd * cos + even * sin), -1).flatten(-2)
-    half = x.shape[-1] // 2
-    a, b = x[..., :half], x[..., half:]
-    return torch.cat((a * cos - b * sin, b * cos + a * sin), -1)
-
-
-def rotary_ref(
-    x,
-    position_ids,
-    cos_cache,
-    sin_cache,
-    interleaved=0,
-    num_heads=0,
-    rotary_embedding_dim=0,
-    scale=1.0,
-    is_packed_batching=0,
-):
-    """x (B, S, heads*d) or (B, heads, S, d); position_ids (B, S)"""
-    four_d = x.dim() == 4
-    b, s = x.shape[0], x.shape[2] if four_d else x.shape[1]
-    heads = x.shape[1] if four_d else num_heads
-    y = x.transpose(1, 2) if four_d else x.reshape(b, s, heads, -1)  # (B,S,heads,d)
-    r = rotary_embedding_dim or 2 * cos_cache.shape[-1]
-    cos = cos_cache[position_ids][:, :, None, : r // 2]  # (B,S,1,r/2)
-    sin = sin_cache[position_ids][:, :, None, : r // 2]
-    out = torch.cat((rotate(y[..., :r], cos, sin, bool(interleaved)), y[..., r:]), -1)
-    return out.transpose(1, 2) if four_d else out.reshape(x.shape)
-
-
-def gelu_tanh_ref(x, bias=None):
-    x = x if bias is None else x + bias
-    return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x * x * x)))
-
-
-def gelu_ref(x, bias=None):
-    x = x if bias is None else x + bias
-    return F.gelu(x)
-
-
-def silu_mul_ref(g, up):
-    return g * torch.sigmoid(g) * up
-
-
-def gelu_mul_ref(g, up):
-    return gelu_tanh_ref(g) * up
-
-
-def split(x, sizes=None, axis=0, num_outputs=None):
-    if sizes is None:
-        return torch.tensor_split(x, num_outputs, dim=axis)
-    return torch.split(x, [int(s) for s in sizes.tolist()], dim=axis)
-
-
-def matmul_nbits_ref(
-    x,
-    blocks,
-    scales,
-    zero_points=None,
-    g_idx=None,
-    bias=None,
-    *,
-    K,
-    N,
-    bits,
-    block_size,
-    accuracy_level=0,
-):
-    """x (..., K) @ W(N, K)ᵀ with W in MatMulNBits' layout (see passes/quantize_nbits.py; zero
-    points packed uint8, float32 (N, k_blocks) or none)."""
-    from xcompile.runtime.kernels import dequantize_nbits_reference
-
-    scales = scales.reshape(N, -1)
-    if zero_points is not None and zero_points.is_floating_point():
-        zero_points = zero_points.reshape(N, -1)
-    w = dequantize_nbits_reference(
-        blocks.reshape(N, scales.shape[1], -1), scales, zero_points, bits, block_size, K
-    )
-    y = x @ w.T
-    return y if bias is None else y + bias
-
-
-def gather_nbits_ref(blocks, indices, scales, zero_points=None, *, K, bits, block_size):
-    """ai.xcompile GatherNBits: rows `indices` of W (N, K) held as MatMulNBits' B (N, k_blocks,
-    blob), scales and zero points (see passes/quantized_embedding.py) -> (*indices.shape, K)
-    fp32; zero rows for indices outside [-N, N)."""
-    from xcompile.runtime.kernels import gather_nbits_reference
-
-    return gather_nbits_reference(blocks, scales, zero_points, indices, bits, block_size, K)
-
-
-def gather_block_quantized_ref(
-    data,
-    indices,
-    scales,
-    zero_points=None,
-    *,
-    gather_axis=0,
-    quantize_axis=1,
-    block_size=128,
-    bits=4,
-):
-    """com.microsoft GatherBlockQuantized on uint8 data as passes/quantized_embedding.py emits
-    it: data (N, k_blocks * blob), rows gathered (axis 0), blocks along axis 1 -> (*indices.shape,
-    k_blocks * block_size) fp32 (the padded row, as ONNX Runtime gives it)."""
-    k = _gather_block_quantized_k(data, gather_axis, quantize_axis, bits)
-    return gather_nbits_ref(
-        data, indices, scales, zero_points, K=k, bits=bits, block_size=block_size
-    )
-
-
-def _gather_block_quantized_k(data, gather_axis: int, quantize_axis: int, bits: int) -> int:
-    """The (padded) row length of GatherBlockQuantized's uint8 data (N, k_blocks * blob)."""
-    if data.dim() != 2 or gather_axis not in (0, -2) or quantize_axis not in (1, -1):
-        raise NotImplementedError(
-            "GatherBlockQuantized runs here on 2-D uint8 data gathered along axis 0 only"
-        )
-    return data.shape[1] * 8 // bits
-
-
-REFERENCE = {
-    ("", "SimplifiedLayerNormalization"): rmsnorm_ref,
-    (MS, "SimplifiedLayerNormalization"): rmsnorm_ref,
-    (MS, "SkipSimplifiedLayerNormalization"): skip_rmsnorm_ref,
-    (MS, "SkipLayerNormalization"): skip_layernorm_ref,
-    (MS, "RotaryEmbedding"): rotary_ref,
-    (MS, "FastGelu"): gelu_tanh_ref,
-    (MS, "Gelu"): gelu_ref,
-    (XC, "SiluMul"): silu_mul_ref,
-    (XC, "GeluMul"): gelu_mul_ref,
-    ("", "Split"): split,
-    (MS, "MatMulNBits"): matmul_nbits_ref,
-    (MS, "GatherBlockQuantized"): gather_block_quantized_ref,
-    (XC, "GatherNBits"): gather_nbits_ref,
-}
 
 
 # -- fast versions (csrc kernels) ----------------------------------------------------------------
@@ -788,26 +638,3 @@ def _direct(q3, k3, v3, heads: int, kv_heads: int, d: int) -> bool:
         and q3.stride(2) == k3.stride(2) == v3.stride(2) == 1
         and q3.stride(1) == heads * d
     )
-
-
-def attention_reference(
-    q3, keys, values, past: int, heads: int, scale: float, window: int, softcap: float = 0.0
-):
-    """q3 (B,S,heads*d); keys/values (B,kv,T,d) -> (B,S,heads*d); softcap: scores ->
-    softcap * tanh(scores / softcap) before the mask (0: none)"""
-    b, s, _ = q3.shape
-    kv, t, d = keys.shape[1], keys.shape[2], keys.shape[3]
-    q = q3.view(b, s, heads, d).transpose(1, 2)
-    k = keys.repeat_interleave(heads // kv, dim=1)
-    v = values.repeat_interleave(heads // kv, dim=1)
-    qpos = torch.arange(past, past + s)[:, None]
-    kpos = torch.arange(t)[None, :]
-    allowed = kpos <= qpos
-    if window:
-        allowed &= kpos > qpos - window
-    scores = (q @ k.transpose(-1, -2)) * scale
-    if softcap:
-        scores = softcap * torch.tanh(scores / softcap)
-    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-    out = torch.softmax(scores, dim=-1) @ v
-    return out.transpose(1, 2).reshape(b, s, heads * d)

@@ -28,7 +28,7 @@ from xcompile._C import Tape
 from xcompile.errors import UserError
 from xcompile.runtime import fused_ops
 from xcompile.runtime.kv_cache import check_room
-from xcompile.runtime.ops import DTYPES, OPS
+from xcompile.runtime.reference_ops import DTYPES, OPS
 from xcompile.runtime.replay import (
     DYNAMIC,
     NATIVE,

@@ -79,6 +79,15 @@ def div(x, y):
     return np.asarray(np.where((q * y != x) & ((x < 0) != (y < 0)), q + 1, q))
 
 
+def matmul(x, y):
+    """(..., M, K) @ (..., K, N) -> (..., M, N) in the inputs' dtype (ml_dtypes' bf16 matmul gives
+    fp32)"""
+    x, y = np.asarray(x), np.asarray(y)
+    dtype = _result_dtype(x, y)
+    out = np.matmul(x.astype(dtype, copy=False), y.astype(dtype, copy=False))
+    return np.asarray(out).astype(dtype, copy=False)
+
+
 def pow_(x, y):
     """ONNX Pow: the result has x's type whatever y's is."""
     return np.asarray(np.power(x, np.asarray(y).astype(x.dtype, copy=False)))
@@ -223,7 +232,7 @@ OPS = {
     "Gather": gather,
     "Cast": cast,
     "Transpose": transpose,
-    "MatMul": _binary(np.matmul),
+    "MatMul": matmul,
     "Add": _binary(np.add),
     "Sub": _binary(np.subtract),
     "Mul": _binary(np.multiply),

@@ -101,7 +101,7 @@ def layer_norm(x, scale, bias=None, axis=-1, epsilon=1e-5):
 def gather(x, indices, axis=0):
     axis %= x.dim()
     out = torch.index_select(x, axis, indices.reshape(-1))
-    return out.reshape(*x.shape[:axis], *indices.shape, *x.shape[axis + 1 :])
+    return out.reshape((*x.shape[:axis], *indices.shape, *x.shape[axis + 1 :]))  # () for 0-d
 
 
 def expand(x, shape):

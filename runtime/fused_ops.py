@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-# re-exported for the fast paths' fallbacks, plan.py and the tests until fused_ops is numpy
-from xcompile.runtime.reference_ops import (  # noqa: F401
-    REFERENCE,
+# the torch references the fast paths fall back on and the general attention path runs (tests
+# patch attention_reference here), until fused_ops is numpy
+from xcompile.runtime.reference_ops import (
     _gather_block_quantized_k,
     attention_reference,
     rmsnorm_ref,

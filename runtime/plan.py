@@ -28,7 +28,7 @@ from xcompile._C import Tape
 from xcompile.errors import UserError
 from xcompile.runtime import fused_ops
 from xcompile.runtime.kv_cache import check_room
-from xcompile.runtime.reference_ops import DTYPES, OPS
+from xcompile.runtime.reference_ops import DTYPES, OPS, REFERENCE
 from xcompile.runtime.replay import (
     DYNAMIC,
     NATIVE,
@@ -356,8 +356,8 @@ def build_plan(
         fast = fused_ops.fast_op(key) if use_kernels else None
         if fast is not None:
             return fast
-        if key in fused_ops.REFERENCE:
-            return fused_ops.REFERENCE[key]
+        if key in REFERENCE:
+            return REFERENCE[key]
         if domain == "" and node.op_type in OPS:
             return OPS[node.op_type]
         raise UserError(

@@ -238,15 +238,6 @@ def test_views_where_torch_made_views():
         assert np.shares_memory(out, x)
 
 
-def test_erf_kernel_across_threads():
-    """a span large enough to wake the OpenMP pool, against math.erf"""
-    import math
-
-    x = np.linspace(-5, 5, 1 << 17, dtype=np.float32)
-    want = np.array([math.erf(v) for v in x.tolist()], dtype=np.float32)
-    np.testing.assert_allclose(ops.OPS["Erf"](x), want, rtol=1e-6, atol=1e-7)
-
-
 # -- fused ops (FALLBACK) -------------------------------------------------------------------------
 
 

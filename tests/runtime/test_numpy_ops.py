@@ -265,44 +265,42 @@ def _rotary_inputs(four_d: bool):
     return x, position_ids, np.cos(angles), np.sin(angles)
 
 
+def fused(key, inputs, attributes):
+    return pytest.param(key, inputs, attributes, id=f"{key[1]}-{next(_numbers)}")
+
+
 FUSED: list = [
-    pytest.param(("", "SimplifiedLayerNormalization"), (f32(2, 5, 16), f32(16)), {}, id="rms"),
-    pytest.param(
-        (MS, "SimplifiedLayerNormalization"), (f32(5, 16) * 4, f32(16)), {"epsilon": 1e-6}
-    ),
-    pytest.param(
-        (MS, "SkipSimplifiedLayerNormalization"), (f32(2, 5, 16), f32(2, 5, 16), f32(16)), {}
-    ),
-    pytest.param(
+    fused(("", "SimplifiedLayerNormalization"), (f32(2, 5, 16), f32(16)), {}),
+    fused((MS, "SimplifiedLayerNormalization"), (f32(5, 16) * 4, f32(16)), {"epsilon": 1e-6}),
+    fused((MS, "SkipSimplifiedLayerNormalization"), (f32(2, 5, 16), f32(2, 5, 16), f32(16)), {}),
+    fused(
         (MS, "SkipSimplifiedLayerNormalization"),
         (f32(1, 3, 16), f32(1, 3, 16), f32(16), f32(16)),
         {"epsilon": 1e-6},
     ),
-    pytest.param((MS, "SkipLayerNormalization"), (f32(2, 5, 16), f32(2, 5, 16), f32(16)), {}),
-    pytest.param(
+    fused((MS, "SkipLayerNormalization"), (f32(2, 5, 16), f32(2, 5, 16), f32(16)), {}),
+    fused(
         (MS, "SkipLayerNormalization"),
         (f32(1, 3, 16), f32(1, 3, 16), f32(16), f32(16), f32(16)),
         {"epsilon": 1e-6},
     ),
-    pytest.param((MS, "RotaryEmbedding"), _rotary_inputs(False), {"num_heads": 4}),
-    pytest.param(
-        (MS, "RotaryEmbedding"), _rotary_inputs(False), {"num_heads": 4, "interleaved": 1}
-    ),
-    pytest.param(
+    fused((MS, "RotaryEmbedding"), _rotary_inputs(False), {"num_heads": 4}),
+    fused((MS, "RotaryEmbedding"), _rotary_inputs(False), {"num_heads": 4, "interleaved": 1}),
+    fused(
         (MS, "RotaryEmbedding"),
         _rotary_inputs(False),
         {"num_heads": 4, "rotary_embedding_dim": 4},
     ),
-    pytest.param((MS, "RotaryEmbedding"), _rotary_inputs(True), {}),
-    pytest.param((MS, "FastGelu"), (f32(3, 40) * 3,), {}),
-    pytest.param((MS, "FastGelu"), (f32(3, 40), f32(40)), {}),
-    pytest.param((MS, "Gelu"), (f32(3, 40) * 3,), {}),
-    pytest.param((MS, "Gelu"), (f32(3, 40), f32(40)), {}),
-    pytest.param((XC, "SiluMul"), (f32(2, 3, 40) * 3, f32(2, 3, 40)), {}),
-    pytest.param((XC, "GeluMul"), (f32(2, 3, 40) * 3, f32(2, 3, 40)), {}),
-    pytest.param(("", "Split"), (f32(2, 3, 6), i64(2, 3, 1)), {"axis": -1}),
-    pytest.param(("", "Split"), (f32(7, 3),), {"num_outputs": 3}),
-    pytest.param(("", "Split"), (f32(2, 8),), {"num_outputs": 2, "axis": 1}),
+    fused((MS, "RotaryEmbedding"), _rotary_inputs(True), {}),
+    fused((MS, "FastGelu"), (f32(3, 40) * 3,), {}),
+    fused((MS, "FastGelu"), (f32(3, 40), f32(40)), {}),
+    fused((MS, "Gelu"), (f32(3, 40) * 3,), {}),
+    fused((MS, "Gelu"), (f32(3, 40), f32(40)), {}),
+    fused((XC, "SiluMul"), (f32(2, 3, 40) * 3, f32(2, 3, 40)), {}),
+    fused((XC, "GeluMul"), (f32(2, 3, 40) * 3, f32(2, 3, 40)), {}),
+    fused(("", "Split"), (f32(2, 3, 6), i64(2, 3, 1)), {"axis": -1}),
+    fused(("", "Split"), (f32(7, 3),), {"num_outputs": 3}),
+    fused(("", "Split"), (f32(2, 8),), {"num_outputs": 2, "axis": 1}),
 ]
 for bits, zero_points, k in (
     (4, "none", 64),
@@ -314,11 +312,11 @@ for bits, zero_points, k in (
     blocks, scales, zp = _nbits_weights(n, k, bits, block_size, zero_points)
     nbits = {"K": k, "N": n, "bits": bits, "block_size": block_size}
     FUSED += [
-        pytest.param((MS, "MatMulNBits"), (f32(2, 3, k), blocks, scales, zp), nbits),
-        pytest.param(
+        fused((MS, "MatMulNBits"), (f32(2, 3, k), blocks, scales, zp), nbits),
+        fused(
             (MS, "MatMulNBits"), (f32(5, k), blocks, scales.reshape(-1), zp, None, f32(n)), nbits
         ),
-        pytest.param(
+        fused(
             (XC, "GatherNBits"),
             (blocks, i64(0, 11, -1, -12, 12, -13).reshape(2, 3), scales, zp),
             {"K": k, "bits": bits, "block_size": block_size},
@@ -326,7 +324,7 @@ for bits, zero_points, k in (
     ]
     if zero_points != "float":
         FUSED.append(
-            pytest.param(
+            fused(
                 (MS, "GatherBlockQuantized"),
                 (blocks.reshape(n, -1), i64(3, 0, 7), scales, zp),
                 {"bits": bits, "block_size": block_size},

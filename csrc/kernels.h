@@ -42,6 +42,9 @@ void gelu_mul_rows(const float* gate, const float* up, float* out, int64_t rows,
 // x, out (n) fp32: out = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))). out may alias x.
 void gelu_tanh(const float* x, float* out, int64_t n);
 
+// x, out (n) fp32: out = erf(x) (csrc/erf.cpp). out may alias x.
+void erf_f32(const float* x, float* out, int64_t n);
+
 // New K or V into the cache (csrc/kv_write.cpp): src (S, kv_heads, d) fp32 with token stride
 // src_stride (a column slice of a fused QKV output, say) -> cache (slots, kv_heads, capacity, d)
 // at slot `slot`, positions start .. start + S - 1. kv_write_bf16: the cache is bf16 (raw uint16

@@ -286,6 +286,16 @@ NB_MODULE(_C, m) {
       "x"_a, "out"_a, "n"_a, nb::call_guard<nb::gil_scoped_release>(),
       "out (n) = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))); fp32, out may be x.");
 
+  m.def(
+      "erf_f32",
+      tape_def("erf_f32", +[](uintptr_t x, uintptr_t out, int64_t n) {
+        check_sizes("erf_f32", {n});
+        if (n == 0) return;
+        xcompile::erf_f32(as_ptr<const float>(x, "x", true), as_ptr<float>(out, "out", true), n);
+      }),
+      "x"_a, "out"_a, "n"_a, nb::call_guard<nb::gil_scoped_release>(),
+      "out (n) = erf(x); fp32, out may be x.");
+
   m.def("attention", tape_def("attention", &bind_attention<float>), ATTENTION_ARGS,
         nb::call_guard<nb::gil_scoped_release>(),
         "Causal GQA of q (S, heads, d) at positions past.. over k_cache, v_cache (kv_heads, "

@@ -25,6 +25,11 @@ def is_bf16(dtype: Any) -> bool:
     return dtype == BF16 or getattr(dtype, "name", "") == "bfloat16"
 
 
+def dtype_name(dtype: Any) -> str:
+    """numpy's name for a dtype, "bfloat16" for BF16 storage."""
+    return "bfloat16" if dtype == BF16 else np.dtype(dtype).name
+
+
 def widen(a: np.ndarray) -> np.ndarray:
     """BF16 (..., n) -> fp32 (..., n), exactly: the bits shifted into an fp32's high half."""
     return (a.view(np.uint16).astype(np.uint32) << 16).view(np.float32)

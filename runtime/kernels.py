@@ -23,7 +23,7 @@ import numpy as np
 
 from xcompile import _C
 from xcompile._C import isa, num_threads, set_isa, set_num_threads, supported_isas
-from xcompile.runtime.arrays import BF16, widen
+from xcompile.runtime.arrays import BF16, dtype_name, widen
 
 if TYPE_CHECKING:
     import torch
@@ -108,8 +108,9 @@ def _array(name: str, a: np.ndarray | torch.Tensor, dtypes: tuple[np.dtype, ...]
     else:
         raise TypeError(f"{name} must be a numpy array, got {type(a).__name__}")
     if array is None or array.dtype not in dtypes:
-        wanted = " or ".join(d.name for d in dtypes)
-        raise ValueError(f"{name} has dtype {a.dtype}; pass {wanted}")
+        wanted = " or ".join(dtype_name(d) for d in dtypes)
+        shown = dtype_name(a.dtype) if isinstance(a, np.ndarray) else a.dtype
+        raise ValueError(f"{name} has dtype {shown}; pass {wanted}")
     if not array.flags.c_contiguous:
         raise ValueError(f"{name} is not contiguous; pass np.ascontiguousarray({name}) instead")
     return array

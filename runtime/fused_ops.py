@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from xcompile.runtime.arrays import BF16, F32, f32, ptr, round_bf16, stride
+from xcompile.runtime.arrays import BF16, F32, aligned, f32, ptr, round_bf16, stride
 from xcompile.runtime.fallback_ops import FALLBACK
 from xcompile.runtime.replay import Start, emit, emit_at, work
 
@@ -93,7 +93,7 @@ class BufferPool:
     def block(self, key: tuple[int, int], numel: int) -> np.ndarray:
         block = self.blocks.get(key)
         if block is None or block.size < numel:
-            block = self.blocks[key] = np.empty(max(numel, 1), F32)
+            block = self.blocks[key] = aligned(max(numel, 1))
             self.epoch += 1
             _generation[0] += 1
         return block

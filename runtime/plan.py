@@ -27,7 +27,17 @@ import numpy as np
 from xcompile._C import Tape
 from xcompile.errors import UserError
 from xcompile.runtime import fused_ops, ops
-from xcompile.runtime.arrays import BF16, F32, f32, from_torch, ptr, round_bf16, to_torch, widen
+from xcompile.runtime.arrays import (
+    BF16,
+    F32,
+    aligned,
+    f32,
+    from_torch,
+    ptr,
+    round_bf16,
+    to_torch,
+    widen,
+)
 from xcompile.runtime.fallback_ops import FALLBACK
 from xcompile.runtime.kv_cache import check_room
 from xcompile.runtime.onnx_file import attribute_value, proto, to_array
@@ -172,7 +182,7 @@ class Plan:
             if type(value) is np.ndarray and slot >= 0:
                 kept = self._kept.get((index, k))
                 if kept is None or kept.shape != value.shape or kept.dtype != value.dtype:
-                    kept = self._kept[(index, k)] = np.empty(value.shape, value.dtype)
+                    kept = self._kept[(index, k)] = aligned(value.shape, value.dtype)
                     fused_ops.bump_generation()
                 if address(kept) != address(value) or kept.strides != value.strides:
                     np.copyto(kept, value)

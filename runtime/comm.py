@@ -52,6 +52,9 @@ class TorchComm(Communicator):
     def __init__(self, backend: str | None = None):
         import datetime
 
+        from xcompile.runtime.optional import require_torch
+
+        require_torch("--backend torch")
         import torch.distributed as dist
 
         self.dist = dist

@@ -6,11 +6,12 @@ AllGather ops call, and how rank 0 tells the others what to run.
     torch   ranks anywhere: torch.distributed (gloo, or oneCCL's ccl when installed), as
             launched by torchrun
 A peer that dies makes a collective raise PeerLost within seconds instead of hanging.
+Arrays are numpy's; torch is imported only by TorchComm (--backend torch).
 """
 
 from __future__ import annotations
 
-import torch
+import numpy as np
 
 from xcompile.errors import UserError
 
@@ -23,18 +24,19 @@ class Communicator:
     rank = 0
     ranks = 1
 
-    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+    def all_reduce(self, x: np.ndarray) -> np.ndarray:
         """Sum over ranks; returns the (fp32, contiguous) sum, maybe x itself."""
         return x
 
-    def all_gather(self, x: torch.Tensor, axis: int) -> torch.Tensor:
+    def all_gather(self, x: np.ndarray, axis: int) -> np.ndarray:
+        """x (..., n, ...) on each rank -> (..., ranks * n, ...): rank r's slice at r * n."""
         return x
 
     def broadcast_ints(self, values: list[int] | None, length: int) -> list[int]:
-        """Rank 0's `values` (exactly `length` ints < 2**24) on every rank."""
-        buf = torch.zeros(length)
+        """Rank 0's `values` (exactly `length` ints < 2**24: exact in fp32) on every rank."""
+        buf = np.zeros(length, np.float32)
         if self.rank == 0:
-            buf[:] = torch.tensor(values, dtype=torch.float32)
+            buf[:] = values
         return [int(v) for v in self.all_reduce(buf).tolist()]
 
     def close(self) -> None:
@@ -54,7 +56,7 @@ class TorchComm(Communicator):
 
         from xcompile.runtime.optional import require_torch
 
-        require_torch("--backend torch")
+        self.torch = require_torch("--backend torch")
         import torch.distributed as dist
 
         self.dist = dist
@@ -70,9 +72,9 @@ class TorchComm(Communicator):
         self.rank, self.ranks = dist.get_rank(), dist.get_world_size()
 
     def all_reduce(self, x):
-        x = x.contiguous()
+        x = np.ascontiguousarray(x, np.float32)
         try:
-            self.dist.all_reduce(x)
+            self.dist.all_reduce(self.torch.from_numpy(x))  # in place: x holds the sum
         except RuntimeError as e:
             raise PeerLost(
                 f"rank {self.rank}: a peer was lost during all_reduce "
@@ -81,16 +83,18 @@ class TorchComm(Communicator):
         return x
 
     def all_gather(self, x, axis):
-        x = x.contiguous()
-        parts = [torch.empty_like(x) for _ in range(self.ranks)]
+        x = np.ascontiguousarray(x, np.float32)
+        parts = [np.empty_like(x) for _ in range(self.ranks)]
         try:
-            self.dist.all_gather(parts, x)
+            self.dist.all_gather(
+                [self.torch.from_numpy(p) for p in parts], self.torch.from_numpy(x)
+            )
         except RuntimeError as e:
             raise PeerLost(
                 f"rank {self.rank}: a peer was lost during all_gather "
                 f"({str(e).splitlines()[0][:120]})"
             ) from None
-        return torch.cat(parts, dim=axis)
+        return np.concatenate(parts, axis=axis)
 
     def close(self):
         if self.dist.is_initialized():
@@ -117,24 +121,23 @@ class ShmComm(Communicator):
         return f"/xcompile-{secrets.token_hex(16)}"
 
     def all_reduce(self, x):
-        x = x.contiguous()
-        if x.dtype != torch.float32:
-            x = x.float()
+        x = np.ascontiguousarray(x, np.float32)  # x itself when it already is: summed in place
         try:
-            self.shm.all_reduce(x.data_ptr(), x.numel())
+            self.shm.all_reduce(x.__array_interface__["data"][0], x.size)
         except RuntimeError as e:
             raise PeerLost(f"rank {self.rank}: {e}") from None
         return x
 
     def all_gather(self, x, axis):
-        # gather = place my slice in a zero tensor of the full size, then sum over ranks
-        x = x.contiguous().float()
-        axis %= x.dim()
+        # gather = place my slice in a zero array of the full size, then sum over ranks
+        axis %= x.ndim
+        n = x.shape[axis]
         shape = list(x.shape)
-        n = shape[axis]
         shape[axis] = n * self.ranks
-        full = torch.zeros(shape)
-        full.narrow(axis, self.rank * n, n).copy_(x)
+        full = np.zeros(shape, np.float32)
+        mine = [slice(None)] * x.ndim
+        mine[axis] = slice(self.rank * n, (self.rank + 1) * n)
+        full[tuple(mine)] = x
         return self.all_reduce(full)
 
     def abort(self) -> None:

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-import torch
+import numpy as np
 
 from xcompile.runtime.generate import check_prompt
 from xcompile.runtime.kv_cache import Segment
@@ -60,13 +60,26 @@ class BeamResult:
 
 def forward(
     model, cache, segments: list[Segment], ids: list[int], rows: list[int] | None = None
-) -> torch.Tensor:
+) -> np.ndarray:
     """-> logits (len(ids), vocab), or those of `rows`. One beam goes through model.forward,
     which also runs the primitive graph (no slots); several through one forward_batch."""
     if len(segments) == 1 and segments[0].slot == 0:
         logits = model.forward(ids, segments[0].start, cache)
         return logits if rows is None else logits[rows]
     return model.forward_batch(segments, ids, cache, rows)
+
+
+def log_softmax(logits) -> np.ndarray:
+    """logits (rows, V) -> log-probabilities (rows, V) fp32."""
+    x = np.asarray(logits, np.float32)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def top_k(x: np.ndarray, k: int) -> np.ndarray:
+    """Indices of x's k largest values (n,) -> (k,), largest first; equal values by index."""
+    index = np.argpartition(-x, k - 1)[:k] if k < x.size else np.arange(x.size)
+    return index[np.lexsort((index, -x[index]))]
 
 
 def beam_search(
@@ -110,7 +123,7 @@ def beam_search(
     # running beams: their generated ids and summed log-probs (B,), best first. At the start all
     # beams are the prompt; only beam 0 may be continued, or the B beams would all be equal.
     running: list[list[int]] = [[] for _ in range(beams)]
-    scores = torch.full((beams,), NEG)
+    scores = np.full((beams,), NEG, np.float32)
     scores[0] = 0.0
     finished: list[Hypothesis] = []
     improvable = True  # the early-stopping heuristic has not ruled out a better hypothesis
@@ -129,10 +142,11 @@ def beam_search(
         elif step > 0:
             segments = [Segment(s, n + step - 1, 1) for s in range(beams)]
             logits = forward(model, cache, segments, [seq[-1] for seq in running])
-        logprobs = torch.log_softmax(logits.float(), dim=-1).expand(beams, -1)  # (B, V)
+        logprobs = np.broadcast_to(log_softmax(logits), (beams, logits.shape[-1]))  # (B, V)
         vocab = logprobs.shape[-1]
         total = (logprobs + scores[:, None]).reshape(-1)  # (B * V,)
-        top_scores, top_index = torch.topk(total, min(keep, total.numel()))
+        top_index = top_k(total, min(keep, total.size))
+        top_scores = total[top_index]
         parents = (top_index // vocab).tolist()
         tokens = (top_index % vocab).tolist()
         last = step + 1 == budget

@@ -107,12 +107,14 @@ class Score:
 
     def add(self, logits, targets: list[int]) -> None:
         """logits (n, vocab) for n positions; targets (n,): the token that came next at each."""
-        import torch
+        import numpy as np
 
-        logp = torch.log_softmax(logits.to(torch.float64), dim=-1)  # (n, vocab), stable
-        nll = -logp[torch.arange(len(targets)), torch.tensor(targets)]  # (n,)
-        self.nll += nll.sum().item()
-        self.nll2 += (nll * nll).sum().item()
+        x = np.asarray(logits, np.float64)  # (n, vocab)
+        x = x - x.max(axis=-1, keepdims=True)
+        logp = x - np.log(np.exp(x).sum(axis=-1, keepdims=True))  # log-softmax, stable
+        nll = -logp[np.arange(len(targets)), targets]  # (n,)
+        self.nll += float(nll.sum())
+        self.nll2 += float((nll * nll).sum())
         self.count += len(targets)
 
     @property

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -19,26 +19,27 @@ class SamplingParams:
 class Sampler:
     def __init__(self, params: SamplingParams):
         self.params = params
-        self.generator = torch.Generator()
-        if params.seed is not None:
-            self.generator.manual_seed(params.seed)
-        else:
-            self.generator.seed()
+        self.rng = np.random.default_rng(params.seed)  # no seed: fresh entropy from the OS
 
-    def __call__(self, logits: torch.Tensor) -> int:
+    def __call__(self, logits: np.ndarray) -> int:
         """logits (vocab,) fp32 -> token id"""
         p = self.params
+        logits = np.asarray(logits, np.float32)
         if p.temperature <= 0:
-            return int(torch.argmax(logits))
-        logits = logits / p.temperature
-        if 0 < p.top_k < logits.numel():
-            kth = torch.topk(logits, p.top_k).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
+            return int(np.argmax(logits))  # the first of equal maxima
+        logits = logits / np.float32(p.temperature)
+        if 0 < p.top_k < logits.size:
+            kth = np.partition(logits, -p.top_k)[-p.top_k]
+            logits[logits < kth] = -np.inf
         if p.top_p < 1.0:
-            sorted_logits, order = torch.sort(logits, descending=True)
-            probs = torch.softmax(sorted_logits, dim=-1)
+            order = np.argsort(-logits, kind="stable")  # descending
+            probs = softmax(logits[order])
             # drop a token when the tokens before it already cover top_p (the first always stays)
-            drop = (torch.cumsum(probs, dim=-1) - probs) >= p.top_p
-            logits = logits.scatter(0, order[drop], float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+            logits[order[(np.cumsum(probs) - probs) >= p.top_p]] = -np.inf
+        return int(self.rng.choice(logits.size, p=softmax(logits)))
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    """x (n,) -> probabilities (n,) fp64; -inf entries get 0."""
+    e = np.exp(x.astype(np.float64) - x.max())
+    return e / e.sum()

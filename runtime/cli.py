@@ -494,7 +494,7 @@ def _perplexity(model, inputs: _Perplexity, as_json: bool) -> None:
             "seconds": round(seconds, 3),  # the chunks' forwards and scoring, not loading
             "ranks": model.manifest.ranks,
             "isa": _C.isa(),
-            "kv_cache": str(model.kv_dtype).removeprefix("torch."),
+            "kv_cache": _dtype_name(model.kv_dtype),
         }
         print(json.dumps(report))
         return
@@ -619,6 +619,16 @@ def _complete(model, tokenizer, prompt_ids, sampler, max_new_tokens, inputs, as_
     )
 
 
+def _dtype_name(dtype) -> str:
+    """float32 | bfloat16: of a numpy dtype, ml_dtypes' bfloat16 or a torch dtype."""
+    text = str(dtype)
+    if text.startswith("torch."):
+        return text.removeprefix("torch.")
+    import numpy as np
+
+    return np.dtype(dtype).name
+
+
 def _report(model, result) -> dict:
     """--json's object (DESIGN.md, CLI contract)."""
     from xcompile import _C
@@ -633,7 +643,7 @@ def _report(model, result) -> dict:
         "per_token_ms": round(result.per_token_ms, 3),
         "ranks": model.manifest.ranks,
         "isa": _C.isa(),  # the kernels' path on this CPU (XCOMPILE_ISA forces one)
-        "kv_cache": str(model.kv_dtype).removeprefix("torch."),  # float32 | bfloat16
+        "kv_cache": _dtype_name(model.kv_dtype),  # float32 | bfloat16
         **(
             {
                 "profile_ms": {

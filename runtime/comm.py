@@ -6,7 +6,8 @@ AllGather ops call, and how rank 0 tells the others what to run.
     torch   ranks anywhere: torch.distributed (gloo, or oneCCL's ccl when installed), as
             launched by torchrun
 A peer that dies makes a collective raise PeerLost within seconds instead of hanging.
-Arrays are numpy's; torch is imported only by TorchComm (--backend torch).
+Arrays are numpy's, or torch tensors where --reference runs the plan on torch's references
+(each collective returns what it was given); torch is imported only for those and TorchComm.
 """
 
 from __future__ import annotations
@@ -71,30 +72,35 @@ class TorchComm(Communicator):
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=60))
         self.rank, self.ranks = dist.get_rank(), dist.get_world_size()
 
+    def _tensor(self, x):
+        """A contiguous torch tensor of x: an ndarray's own memory where it is contiguous fp32."""
+        if isinstance(x, np.ndarray):
+            return self.torch.from_numpy(np.ascontiguousarray(x, np.float32))
+        return x.contiguous()
+
     def all_reduce(self, x):
-        x = np.ascontiguousarray(x, np.float32)
+        t = self._tensor(x)
         try:
-            self.dist.all_reduce(self.torch.from_numpy(x))  # in place: x holds the sum
+            self.dist.all_reduce(t)  # in place
         except RuntimeError as e:
             raise PeerLost(
                 f"rank {self.rank}: a peer was lost during all_reduce "
                 f"({str(e).splitlines()[0][:120]}); see the other ranks' output"
             ) from None
-        return x
+        return t.numpy() if isinstance(x, np.ndarray) else t
 
     def all_gather(self, x, axis):
-        x = np.ascontiguousarray(x, np.float32)
-        parts = [np.empty_like(x) for _ in range(self.ranks)]
+        t = self._tensor(x)
+        parts = [self.torch.empty_like(t) for _ in range(self.ranks)]
         try:
-            self.dist.all_gather(
-                [self.torch.from_numpy(p) for p in parts], self.torch.from_numpy(x)
-            )
+            self.dist.all_gather(parts, t)
         except RuntimeError as e:
             raise PeerLost(
                 f"rank {self.rank}: a peer was lost during all_gather "
                 f"({str(e).splitlines()[0][:120]})"
             ) from None
-        return np.concatenate(parts, axis=axis)
+        gathered = self.torch.cat(parts, dim=axis)
+        return gathered.numpy() if isinstance(x, np.ndarray) else gathered
 
     def close(self):
         if self.dist.is_initialized():
@@ -121,6 +127,10 @@ class ShmComm(Communicator):
         return f"/xcompile-{secrets.token_hex(16)}"
 
     def all_reduce(self, x):
+        if not isinstance(x, np.ndarray):  # a torch tensor (--reference)
+            t = x.contiguous().float()
+            self.all_reduce(t.numpy())  # summed in place: the tensor's own memory
+            return t
         x = np.ascontiguousarray(x, np.float32)  # x itself when it already is: summed in place
         try:
             self.shm.all_reduce(x.__array_interface__["data"][0], x.size)
@@ -129,6 +139,10 @@ class ShmComm(Communicator):
         return x
 
     def all_gather(self, x, axis):
+        if not isinstance(x, np.ndarray):  # a torch tensor (--reference)
+            import torch
+
+            return torch.from_numpy(self.all_gather(x.contiguous().float().numpy(), axis))
         # gather = place my slice in a zero array of the full size, then sum over ranks
         axis %= x.ndim
         n = x.shape[axis]

@@ -1,5 +1,5 @@
-"""runtime/comm.py's ShmComm on numpy arrays: two ranks in two processes, sums and gathers held
-to numpy's own on the same inputs."""
+"""runtime/comm.py's ShmComm on numpy arrays, and on torch tensors (--reference runs the plan on
+torch): two ranks in two processes, sums and gathers held to numpy's own on the same inputs."""
 
 from __future__ import annotations
 
@@ -29,7 +29,13 @@ def rank_main(name: str, rank: int, queue) -> None:
         gathered = comm.all_gather(part, -1)
         ints = comm.broadcast_ints([7, 0, 2**24 - 1] if rank == 0 else None, 3)
         widened = comm.all_reduce(np.ones((2, 4), np.float64)[:, ::2])  # strided, float64
-        queue.put((rank, summed, in_place, gathered, ints, widened))
+        import torch
+
+        x, part = inputs(rank)
+        tensors = comm.all_reduce(torch.from_numpy(x)), comm.all_gather(torch.from_numpy(part), 1)
+        assert all(isinstance(t, torch.Tensor) for t in tensors)  # what it was given
+        tensors = [t.numpy() for t in tensors]
+        queue.put((rank, summed, in_place, gathered, ints, widened, tensors))
     finally:
         comm.close()
 
@@ -54,7 +60,7 @@ def test_shm_collectives_on_numpy_arrays():
         creator.unlink()
     xs, parts = zip(*(inputs(r) for r in range(RANKS)))
     for rank in range(RANKS):
-        summed, in_place, gathered, ints, widened = results[rank]
+        summed, in_place, gathered, ints, widened, tensors = results[rank]
         assert summed.dtype == np.float32 and in_place
         np.testing.assert_allclose(summed, xs[0] + xs[1], rtol=1e-6)
         assert gathered.dtype == np.float32 and gathered.shape == (2, 3 * RANKS)
@@ -62,3 +68,5 @@ def test_shm_collectives_on_numpy_arrays():
         assert ints == [7, 0, 2**24 - 1]
         assert widened.dtype == np.float32 and widened.flags.c_contiguous
         np.testing.assert_array_equal(widened, np.full((2, 2), 2.0, np.float32))
+        np.testing.assert_array_equal(tensors[0], summed)
+        np.testing.assert_array_equal(tensors[1], gathered)

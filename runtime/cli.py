@@ -310,6 +310,10 @@ def run(
         beam = _beam(beams, length_penalty, early_stopping, temperature, top_k, top_p, serve, chat)
         if beam is not None:
             inputs.beam = beam
+    if reference:  # before any rank starts: the slim install has no torch
+        from xcompile.runtime.optional import require_torch
+
+        require_torch("--reference")
 
     if bind_cores is not False and comm is None and ranks == 1:
         from xcompile.runtime import launch
@@ -400,6 +404,8 @@ def _generate(
     from xcompile.runtime.tensor_parallel import Leader, follow
 
     n_threads = threads or launch.cores()
+    if "torch" in sys.modules:  # --reference's ops, --backend torch's collectives: same cores
+        sys.modules["torch"].set_num_threads(n_threads)
     kernels.set_num_threads(n_threads)
     try:
         model = Model.load(

@@ -12,6 +12,9 @@ import time
 from tests.runtime.test_server import READY
 
 NOT_IMPORTED = ("torch", "transformers", "neural_compressor", "onnxscript", "onnx_ir", "deepspeed")
+# start-up time: onnx's package (~0.12 s) and ml_dtypes (~0.55 s) are read around, not imported
+# (runtime/onnx_file.py, runtime/arrays.py)
+NOT_IMPORTED += ("onnx", "ml_dtypes")
 
 
 def top_level_imports(importtime: str) -> set[str]:
@@ -35,7 +38,7 @@ def test_xrun_imports_no_torch(compiled, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     imported = top_level_imports(proc.stderr)
-    assert {"tokenizers", "numpy", "onnx"} <= imported  # the probe sees real imports
+    assert {"tokenizers", "numpy", "google"} <= imported  # the probe sees real imports (protobuf)
     assert not imported & set(NOT_IMPORTED), sorted(imported & set(NOT_IMPORTED))
 
 

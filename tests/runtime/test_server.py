@@ -348,30 +348,43 @@ def test_more_requests_than_slots_get_429_and_the_running_ones_finish(single):
     assert out.usage.completion_tokens == 4
 
 
-def test_a_client_that_leaves_mid_stream_frees_its_slot(single):
-    # The tiny model streams its whole context in ~0.3 s, so the client leaves as soon as the
-    # first event arrives (a /health round trip in between once outlasted the stream on a loaded
-    # host). Up to 3 tries for a host that stalls the client; a slot never freed fails them all.
-    for _ in range(3):
-        before = single.idle()
-        conn = http.client.HTTPConnection(single.host, single.port, timeout=60)
-        body = {"prompt": PROMPT, "max_tokens": 1000, "temperature": 0, "stream": True}
-        conn.request("POST", COMPLETIONS, body=json.dumps(body).encode())
-        response = conn.getresponse()
-        assert response.status == 200
-        assert response.readline().startswith(b"data: {")  # decoding has begun
-        conn.sock.shutdown(socket.SHUT_RDWR)  # the client goes away
-        response.close()
-        conn.close()
-        left = time.monotonic()
-        after = single.idle(timeout=10)
-        assert time.monotonic() - left < 3.0
-        # cut short: a request runs one forward step per token, and it had many more to go
-        if after["steps"] - before["steps"] < completion_tokens(single) // 2:
-            break
-    else:
-        raise AssertionError(f"three streams ran on after their clients left: {after}")
-    out = single.client().completions.create(model=MODEL, prompt="hi", max_tokens=3)
+LONG_CONTEXT = 4096
+
+
+@pytest.fixture(scope="module")
+def long_single(tmp_path_factory):
+    """A server of the tiny llama with a context of LONG_CONTEXT: a request for all of it
+    decodes for seconds, where the 256-token one ended in ~0.3 s, before the server could see
+    its client leave on a loaded host."""
+    from xcompile.quantize import quantize
+    from xcompile.toy import make_checkpoint
+
+    folder = tmp_path_factory.mktemp("serve-long")
+    ckpt = make_checkpoint("llama", folder / "ckpt", max_position_embeddings=LONG_CONTEXT)
+    quantize(ckpt, folder / "artifacts", "fp32", progress=False)
+    with serving(folder / "artifacts", {}) as server:
+        yield server
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_slot(long_single):
+    server = long_single
+    before = server.idle()
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=60)
+    body = {"prompt": PROMPT, "max_tokens": LONG_CONTEXT, "temperature": 0, "stream": True}
+    conn.request("POST", COMPLETIONS, body=json.dumps(body).encode())
+    response = conn.getresponse()
+    assert response.status == 200
+    assert response.readline().startswith(b"data: {")  # decoding has begun
+    assert server.health()["busy"] == 1
+    conn.sock.shutdown(socket.SHUT_RDWR)  # the client goes away
+    response.close()
+    conn.close()
+    left = time.monotonic()
+    after = server.idle(timeout=10)
+    assert time.monotonic() - left < 3.0
+    # cut short: a request runs one forward step per token, and it had thousands more to go
+    assert after["steps"] - before["steps"] < LONG_CONTEXT // 2
+    out = server.client().completions.create(model=MODEL, prompt="hi", max_tokens=3)
     assert out.usage.completion_tokens == 3
 
 

@@ -446,6 +446,7 @@ def _perplexity(model, inputs: _Perplexity, as_json: bool) -> None:
     import time
 
     from xcompile import _C
+    from xcompile.runtime.arrays import dtype_name
     from xcompile.runtime.kv_cache import Segment
     from xcompile.runtime.perplexity import evaluate
 
@@ -488,7 +489,7 @@ def _perplexity(model, inputs: _Perplexity, as_json: bool) -> None:
             "seconds": round(seconds, 3),  # the chunks' forwards and scoring, not loading
             "ranks": model.manifest.ranks,
             "isa": _C.isa(),
-            "kv_cache": model.kv_dtype.name,
+            "kv_cache": dtype_name(model.kv_dtype),
         }
         print(json.dumps(report))
         return
@@ -616,6 +617,7 @@ def _complete(model, tokenizer, prompt_ids, sampler, max_new_tokens, inputs, as_
 def _report(model, result) -> dict:
     """--json's object (DESIGN.md, CLI contract)."""
     from xcompile import _C
+    from xcompile.runtime.arrays import dtype_name
 
     profile = model.plan.profile
     return {
@@ -627,7 +629,7 @@ def _report(model, result) -> dict:
         "per_token_ms": round(result.per_token_ms, 3),
         "ranks": model.manifest.ranks,
         "isa": _C.isa(),  # the kernels' path on this CPU (XCOMPILE_ISA forces one)
-        "kv_cache": model.kv_dtype.name,  # float32 | bfloat16
+        "kv_cache": dtype_name(model.kv_dtype),  # float32 | bfloat16
         **(
             {
                 "profile_ms": {

@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from xcompile.runtime.ops import erf, layer_norm, sigmoid
+from xcompile.runtime.ops import bf16_arithmetic, erf, layer_norm, sigmoid
 
 MS = "com.microsoft"
 XC = "ai.xcompile"
@@ -243,3 +243,5 @@ FALLBACK = {
     (MS, "GatherBlockQuantized"): gather_block_quantized,
     (XC, "GatherNBits"): gather_nbits,
 }
+# BF16 storage inputs (arrays.py) computed on through ml_dtypes
+FALLBACK = {key: bf16_arithmetic(op) for key, op in FALLBACK.items()}

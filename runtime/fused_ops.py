@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from xcompile.runtime.arrays import BF16, F32, f32, ptr, stride
+from xcompile.runtime.arrays import BF16, F32, aligned, f32, ptr, round_bf16, stride
 from xcompile.runtime.fallback_ops import FALLBACK
 from xcompile.runtime.replay import Start, emit, emit_at, work
 
@@ -93,7 +93,7 @@ class BufferPool:
     def block(self, key: tuple[int, int], numel: int) -> np.ndarray:
         block = self.blocks.get(key)
         if block is None or block.size < numel:
-            block = self.blocks[key] = np.empty(max(numel, 1), F32)
+            block = self.blocks[key] = aligned(max(numel, 1))
             self.epoch += 1
             _generation[0] += 1
         return block
@@ -117,10 +117,11 @@ PANEL_ROWS = 256  # weight rows widened at a time for a prompt's matmul (see pan
 def paneled_linear(x: np.ndarray, n: int, widen, out: OutputBuffers) -> np.ndarray:
     """x (..., K) fp32 @ W (N, K).T -> (..., N) fp32 for many rows of x (a prompt), W held
     narrower than fp32 (BF16, INT8, INT4): widen(n0, n1, panel) writes rows n0 .. n1 - 1 of W as
-    fp32 into panel (n1 - n0, K). PANEL_ROWS rows at a time, each panel multiplied by numpy's GEMM
-    (its BLAS) while it is still in cache. Widening the whole weight first wrote and read back N x K fp32
-    through memory, into a fresh allocation each call: 128 rows of x times 11264 x 2048 (a fused
-    gate/up) went from 85 to 138 GFLOP/s, 2048 x 5632 (down) from 84 to 157.
+    fp32 into panel (n1 - n0, K). PANEL_ROWS rows at a time, each panel multiplied by numpy's
+    GEMM (its BLAS) while it is still in cache. Widening the whole weight first wrote and read
+    back N x K fp32 through memory, into a fresh allocation each call: 128 rows of x times
+    11264 x 2048 (a fused gate/up) went from 85 to 138 GFLOP/s, 2048 x 5632 (down) from 84 to
+    157 (measured with torch's GEMM).
 
     Scratch: out's tags 1 (the panel) and 2 (its columns of the result, then copied into place):
     M x 256 floats, not another M x N."""
@@ -498,6 +499,7 @@ def attention_step(k_cache: np.ndarray, v_cache: np.ndarray, use_kernels: bool, 
 
         return reference(k_cache, v_cache, kv)
     bf16 = k_cache.dtype == BF16
+    to_cache = round_bf16 if bf16 else (lambda x: x)  # new K/V in the cache's dtype
     fast = k_cache.dtype == v_cache.dtype in (F32, BF16)
     kv_write = _C.kv_write_bf16 if bf16 else _C.kv_write
     attention = _C.attention_bf16 if bf16 else _C.attention
@@ -587,8 +589,8 @@ def attention_step(k_cache: np.ndarray, v_cache: np.ndarray, use_kernels: bool, 
         row = 0
         for seg in segments:
             p, s = seg.start, seg.length
-            k_cache[seg.slot, :, p : p + s] = k[:, row : row + s]  # rounded to nearest even
-            v_cache[seg.slot, :, p : p + s] = v[:, row : row + s]
+            k_cache[seg.slot, :, p : p + s] = to_cache(k[:, row : row + s])
+            v_cache[seg.slot, :, p : p + s] = to_cache(v[:, row : row + s])
             q_seg = np.ascontiguousarray(q[row : row + s], dtype=F32)
             if kv is None:
                 out = kernels.attention(

@@ -5,9 +5,10 @@ dtype, contiguity, shape and overlap, each with a ValueError that says what to p
 Each fast path (`rmsnorm`, `linear`, ...) and its reference (`rmsnorm_reference`,
 `linear_reference`, ...) compute the same thing; tests/csrc holds every ISA path to the references.
 
-The fast paths take and return numpy arrays (bf16 as ml_dtypes.bfloat16): the runtime imports no
-torch. They take CPU torch tensors too (tests, the --reference path), viewed as numpy without a
-copy, and then return torch tensors viewing their results (an `out` given is returned itself).
+The fast paths take and return numpy arrays (bf16 as arrays.BF16 bits, or ml_dtypes.bfloat16):
+the runtime imports no torch. They take CPU torch tensors too (tests, the --reference path),
+viewed as numpy without a copy, and then return torch tensors viewing their results (an `out`
+given is returned itself).
 The references are torch, imported when one is called.
 """
 
@@ -18,11 +19,11 @@ import inspect
 import math
 from typing import TYPE_CHECKING
 
-import ml_dtypes
 import numpy as np
 
 from xcompile import _C
 from xcompile._C import isa, num_threads, set_isa, set_num_threads, supported_isas
+from xcompile.runtime.arrays import BF16, dtype_name, widen
 
 if TYPE_CHECKING:
     import torch
@@ -69,7 +70,6 @@ def isa_at_least(level: str) -> bool:
 
 
 F32 = np.dtype(np.float32)
-BF16 = np.dtype(ml_dtypes.bfloat16)
 U8 = np.dtype(np.uint8)
 I32 = np.dtype(np.int32)
 I64 = np.dtype(np.int64)
@@ -90,7 +90,7 @@ def _from_torch(t: torch.Tensor) -> np.ndarray | None:
     t = t.detach()
     try:
         if t.dtype == torch.bfloat16:
-            return t.view(torch.int16).numpy().view(BF16)
+            return t.view(torch.int16).numpy().view(BF16)  # BF16 storage
         return t.numpy()
     except TypeError:
         return None
@@ -104,12 +104,13 @@ def _array(name: str, a: np.ndarray | torch.Tensor, dtypes: tuple[np.dtype, ...]
             raise ValueError(f"{name} is on {a.device}; xcompile kernels run on CPU arrays only")
         array = _from_torch(a)
     elif isinstance(a, np.ndarray):
-        array = a
+        array = a.view(BF16) if a.dtype.name == "bfloat16" else a  # ml_dtypes': its bits
     else:
         raise TypeError(f"{name} must be a numpy array, got {type(a).__name__}")
     if array is None or array.dtype not in dtypes:
-        wanted = " or ".join(d.name for d in dtypes)
-        raise ValueError(f"{name} has dtype {a.dtype}; pass {wanted}")
+        wanted = " or ".join(dtype_name(d) for d in dtypes)
+        shown = dtype_name(a.dtype) if isinstance(a, np.ndarray) else a.dtype
+        raise ValueError(f"{name} has dtype {shown}; pass {wanted}")
     if not array.flags.c_contiguous:
         raise ValueError(f"{name} is not contiguous; pass np.ascontiguousarray({name}) instead")
     return array
@@ -208,7 +209,7 @@ def _bias(bias: np.ndarray | None, n: int) -> np.ndarray | None:
     bias = _array("bias", bias, (F32, BF16))
     if bias.shape != (n,):
         raise ValueError(f"bias has shape {bias.shape}; expected ({n},)")
-    return bias.astype(F32, copy=False)
+    return widen(bias) if bias.dtype == BF16 else bias
 
 
 @_takes_torch

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from xcompile.errors import UserError
-from xcompile.runtime.arrays import BF16, F32
+from xcompile.runtime.arrays import BF16, F32, aligned
 
 
 def check_room(total: int, capacity: int) -> None:
@@ -71,7 +71,7 @@ class KVCache:
         self.buffers = {}
         for i in range(layers):
             for kind in ("key", "value"):
-                self.buffers[f"past_key_values.{i}.{kind}"] = np.zeros(shape, self.dtype)
+                self.buffers[f"past_key_values.{i}.{kind}"] = aligned(shape, self.dtype, zero=True)
         self.rows = np.repeat(np.arange(slots, dtype=np.int32)[:, None], capacity, axis=1)
         self.segments: list[Segment] | None = None  # set by Model.forward_batch while it runs
 

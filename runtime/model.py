@@ -15,14 +15,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import onnx
 
 from xcompile import artifacts
 from xcompile.errors import UserError
 from xcompile.runtime.comm import Communicator, SingleRank
 from xcompile.runtime.kv_cache import KVCache, Segment, cache_dtype
+from xcompile.runtime.onnx_file import load_model
 from xcompile.runtime.plan import Plan, build_plan
 
 
@@ -30,7 +31,7 @@ from xcompile.runtime.plan import Plan, build_plan
 class Model:
     root: Path
     manifest: artifacts.Manifest
-    graph: onnx.ModelProto
+    graph: Any  # onnx.ModelProto (runtime/onnx_file.py)
     weights: dict[str, np.ndarray]
     use_kernels: bool = True
     comm: Communicator | None = None
@@ -56,7 +57,7 @@ class Model:
             "model.onnx" if (root / "model.onnx").is_file() else f"rank{rank}.onnx"
         )
         try:
-            graph = onnx.load(str(graph_file), load_external_data=False)
+            graph = load_model(graph_file)
         except Exception as e:  # protobuf's DecodeError and friends
             raise UserError(
                 f"{graph_file}: not a readable ONNX graph ({e.__class__.__name__}); "

@@ -9,8 +9,9 @@ The torch references these are held to are runtime/reference_ops.py's OPS.
 
 from __future__ import annotations
 
-import ml_dtypes
 import numpy as np
+
+from xcompile.runtime.arrays import BF16, as_ml, from_ml, round_bf16, widen
 
 # ONNX TensorProto.DataType -> numpy dtype
 DTYPES = {
@@ -23,12 +24,12 @@ DTYPES = {
     9: np.dtype(np.bool_),
     10: np.dtype(np.float16),
     11: np.dtype(np.float64),
-    16: np.dtype(ml_dtypes.bfloat16),
+    16: BF16,  # bfloat16's bits (arrays.py)
 }
 
 _WIDE = (np.dtype(np.float32), np.dtype(np.float64))  # float types numpy reduces in place
 
-_CATEGORY = {"b": 0, "u": 1, "i": 1, "f": 2, "V": 2}  # ml_dtypes' bfloat16 has kind "V"
+_CATEGORY = {"b": 0, "u": 1, "i": 1, "f": 2, "V": 2}  # bfloat16 (both kinds) has kind "V"
 
 
 def _category(dtype: np.dtype) -> int:
@@ -159,7 +160,15 @@ def gather(x, indices, axis=0):
 
 
 def cast(x, to):
-    return np.asarray(x).astype(DTYPES[to], copy=False)
+    """BF16 in or out through arrays.widen / round_bf16 (exact, to nearest even)."""
+    x = np.asarray(x)
+    if x.dtype == BF16:
+        if to == 16:
+            return x
+        x = widen(x)
+    if to == 16:
+        return round_bf16(x.astype(np.float32, copy=False))
+    return x.astype(DTYPES[to], copy=False)
 
 
 def transpose(x, perm=None):
@@ -227,6 +236,20 @@ def expand(x, shape):
     return np.broadcast_to(x, np.broadcast_shapes(x.shape, tuple(_axes(shape))))
 
 
+def bf16_arithmetic(op):
+    """op computing on ml_dtypes' bfloat16 where an input is BF16 storage (viewed, ml_dtypes
+    imported then), its BF16 results viewed back as storage."""
+
+    def run(*args, **attrs):
+        if not any(isinstance(a, np.ndarray) and a.dtype == BF16 for a in args):
+            return op(*args, **attrs)
+        args = [as_ml(a) if isinstance(a, np.ndarray) and a.dtype == BF16 else a for a in args]
+        result = op(*args, **attrs)
+        return tuple(map(from_ml, result)) if isinstance(result, tuple) else from_ml(result)
+
+    return run
+
+
 OPS = {
     "Identity": lambda x: x,
     "Gather": gather,
@@ -268,3 +291,9 @@ OPS = {
     "Where": where,
     "Expand": expand,
 }
+
+# data movement (indexing, views, Cast's own conversions) takes BF16 storage as it is; the rest
+# computes on it through ml_dtypes
+_MOVES = {"Identity", "Gather", "Cast", "Transpose", "Reshape", "Unsqueeze", "Squeeze", "Slice"}
+_MOVES |= {"Concat", "Shape", "Expand"}
+OPS = {name: op if name in _MOVES else bf16_arithmetic(op) for name, op in OPS.items()}

@@ -23,15 +23,24 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import onnx
-from onnx import numpy_helper
 
 from xcompile._C import Tape
 from xcompile.errors import UserError
 from xcompile.runtime import fused_ops, ops
-from xcompile.runtime.arrays import BF16, F32, f32, from_torch, ptr, to_torch
+from xcompile.runtime.arrays import (
+    BF16,
+    F32,
+    aligned,
+    f32,
+    from_torch,
+    ptr,
+    round_bf16,
+    to_torch,
+    widen,
+)
 from xcompile.runtime.fallback_ops import FALLBACK
 from xcompile.runtime.kv_cache import check_room
+from xcompile.runtime.onnx_file import attribute_value, proto, to_array
 from xcompile.runtime.replay import (
     DYNAMIC,
     NATIVE,
@@ -173,7 +182,7 @@ class Plan:
             if type(value) is np.ndarray and slot >= 0:
                 kept = self._kept.get((index, k))
                 if kept is None or kept.shape != value.shape or kept.dtype != value.dtype:
-                    kept = self._kept[(index, k)] = np.empty(value.shape, value.dtype)
+                    kept = self._kept[(index, k)] = aligned(value.shape, value.dtype)
                     fused_ops.bump_generation()
                 if address(kept) != address(value) or kept.strides != value.strides:
                     np.copyto(kept, value)
@@ -242,8 +251,8 @@ def _store(env: list, step: Step, result: Any) -> None:
                 env[slot] = value
 
 
-def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
-    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+def _attrs(node) -> dict[str, Any]:
+    return {a.name: attribute_value(a) for a in node.attribute}
 
 
 def linear_step(weight: np.ndarray, use_kernels: bool) -> Callable[[np.ndarray], np.ndarray]:
@@ -275,8 +284,8 @@ def linear_step(weight: np.ndarray, use_kernels: bool) -> Callable[[np.ndarray],
     # prompts too go to the kernel call, which hands them to its GEMM (vdpbf16ps or AMX tiles)
     prompts = weight.dtype == BF16 and kernels.isa_at_least("avx512_bf16")
 
-    def widen(n0: int, n1: int, panel: np.ndarray) -> None:
-        panel[...] = weight[n0:n1]
+    def widen_panel(n0: int, n1: int, panel: np.ndarray) -> None:
+        panel[...] = widen(weight[n0:n1])
 
     def run(x: np.ndarray) -> np.ndarray:
         rows = x.size // k
@@ -286,7 +295,7 @@ def linear_step(weight: np.ndarray, use_kernels: bool) -> Callable[[np.ndarray],
             emit(gemv, ptr(x), w, 0, ptr(out), rows, n, k)
             return out
         if weight.dtype == BF16:
-            return fused_ops.paneled_linear(f32(x), n, widen, buffer)
+            return fused_ops.paneled_linear(f32(x), n, widen_panel, buffer)
         work()
         x = f32(x)
         out = buffer((*x.shape[:-1], n))
@@ -308,15 +317,17 @@ def kv_append(past, new, cache):
     primitive graph's ops compute in fp32. numpy arrays, or torch tensors in the reference plan."""
     p, s = past.shape[2], new.shape[2]
     check_room(p + s, cache.shape[2])
-    cache[:, :, p : p + s] = new
     if isinstance(cache, np.ndarray):
         work()
-        return cache[:, :, : p + s].astype(new.dtype, copy=False)
+        bf16 = cache.dtype == BF16
+        cache[:, :, p : p + s] = round_bf16(new) if bf16 else new
+        return widen(cache[:, :, : p + s]) if bf16 else cache[:, :, : p + s]
+    cache[:, :, p : p + s] = new
     return cache[:, :, : p + s].to(new.dtype)
 
 
 def build_plan(
-    model: onnx.ModelProto,
+    model: Any,
     weights: dict[str, np.ndarray],
     cache: dict[str, np.ndarray],
     use_kernels: bool = True,
@@ -348,7 +359,7 @@ def build_plan(
         return slot[name]
 
     for init in graph.initializer:
-        if init.data_location == onnx.TensorProto.EXTERNAL:
+        if init.data_location == proto().TensorProto.EXTERNAL:
             t = weights.get(init.name)
             if t is None:
                 raise UserError(
@@ -361,7 +372,7 @@ def build_plan(
                     f"expects {expected} {tuple(init.dims)}; rebuild"
                 )
         else:
-            t = numpy_helper.to_array(init).copy()
+            t = to_array(init)
         slots[index(init.name)] = held(t)
         const.add(init.name)
 
@@ -371,7 +382,7 @@ def build_plan(
         for name in node.input:
             consumers[name] = consumers.get(name, 0) + 1
 
-    def weight_chain(name: str) -> tuple[str, list[onnx.NodeProto]] | None:
+    def weight_chain(name: str) -> tuple[str, list] | None:
         """MatMul's B operand -> (weight name, [Transpose, Cast?]) when it is W(N,K)ᵀ."""
         node = producer.get(name)
         if node is None or node.op_type != "Transpose" or _attrs(node).get("perm") != [1, 0]:
@@ -396,7 +407,7 @@ def build_plan(
                     if all(consumers.get(o, 0) <= 1 for o in n.output):
                         absorbed.add(n.name)
 
-    def op_fn(node: onnx.NodeProto):
+    def op_fn(node):
         domain = "" if node.domain in ("", "ai.onnx") else node.domain
         key = (domain, node.op_type)
         if reference:
@@ -455,7 +466,7 @@ def build_plan(
             steps.append(Step(node.name, fn, ins, outs, attrs))
             continue
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-            slots[outs[0]] = held(numpy_helper.to_array(attrs["value"]).copy())
+            slots[outs[0]] = held(to_array(attrs["value"]))
             const.add(node.output[0])
             continue
         if (

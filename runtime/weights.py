@@ -24,6 +24,9 @@ from pathlib import Path
 HUGE = 2 << 20
 MADV_HUGEPAGE = 14
 ALIGN = 64
+# threads reading a shard at once: one read measured 5.4-5.7 GB/s from the page cache into huge
+# pages, two 9.7-9.8 GB/s (1.23 GB: 235 -> 140 ms), three 10.5
+READERS = max(1, min(2, len(os.sched_getaffinity(0))))
 
 
 class _Copy:
@@ -44,7 +47,6 @@ class _Copy:
 
     def _read(self) -> None:
         from xcompile.artifacts import read_safetensors_header
-        from xcompile.errors import UserError
 
         self.header = header = read_safetensors_header(self.path)
         self.layout, total = {}, 0
@@ -63,14 +65,39 @@ class _Copy:
             pass  # no madvise: ordinary pages, still correct
         memory = memoryview(block)
         try:
+            parts = _split(list(header.items()), READERS)
+            helpers = [
+                threading.Thread(target=self._read_part, args=(p, memory)) for p in parts[1:]
+            ]
+            for t in helpers:
+                t.start()
+            try:
+                self._read_part(parts[0], memory)
+            finally:
+                for t in helpers:
+                    t.join()
+            if self.part_error is not None:
+                raise self.part_error
+            if self.cancelled:
+                self.block = None
+        finally:
+            memory.release()
+
+    part_error: BaseException | None = None  # a reader thread's, raised by _read
+
+    def _read_part(self, tensors: list, memory: memoryview) -> None:
+        """Read `tensors` (name, TensorInfo) into their places in the block, on one file handle
+        of their own (reads release the GIL: READERS of them run at once)."""
+        from xcompile.errors import UserError
+
+        try:
             with open(self.path, "rb", buffering=0) as f:
-                for name, info in header.items():
-                    if self.cancelled:
-                        self.block = None
+                for name, info in tensors:
+                    if self.cancelled or self.part_error is not None:
                         return
                     if info.nbytes == 0:
                         continue
-                    at = start + self.layout[name]
+                    at = self.start + self.layout[name]
                     f.seek(info.begin)
                     target, done = memory[at : at + info.nbytes], 0
                     while done < info.nbytes:
@@ -81,8 +108,21 @@ class _Copy:
                             )
                         done += n
                     target.release()
-        finally:
-            memory.release()
+        except BaseException as e:
+            self.part_error = self.part_error or e
+
+
+def _split(tensors: list, parts: int) -> list[list]:
+    """tensors (name, TensorInfo) in file order -> up to `parts` runs of about equal bytes."""
+    total = sum(info.nbytes for _, info in tensors)
+    runs: list[list] = [[]]
+    done = 0
+    for item in tensors:
+        if done >= total * len(runs) / parts and len(runs) < parts:
+            runs.append([])
+        runs[-1].append(item)
+        done += item[1].nbytes
+    return runs
 
 
 _pending: dict[str, _Copy] = {}

@@ -645,16 +645,15 @@ def write_manifest(folder: Path, manifest: Manifest) -> None:
 
 
 def numpy_dtypes() -> dict[str, Any]:
-    """safetensors dtype name -> numpy dtype (BF16 as ml_dtypes.bfloat16; numpy imported only
-    when asked)."""
-    import ml_dtypes
+    """safetensors dtype name -> numpy dtype (BF16 as its bits, the runtime's arrays.BF16: numpy's
+    "V2"; numpy imported only when asked)."""
     import numpy as np
 
     return {
         "F64": np.dtype(np.float64),
         "F32": np.dtype(np.float32),
         "F16": np.dtype(np.float16),
-        "BF16": np.dtype(ml_dtypes.bfloat16),
+        "BF16": np.dtype("V2"),
         "I64": np.dtype(np.int64),
         "I32": np.dtype(np.int32),
         "I16": np.dtype(np.int16),

@@ -8,14 +8,13 @@ import itertools
 import subprocess
 import sys
 
-import ml_dtypes
 import numpy as np
 import pytest
 import torch
 
 from xcompile.runtime import fallback_ops, ops, reference_ops
+from xcompile.runtime.arrays import BF16, round_bf16, widen
 
-BF16 = np.dtype(ml_dtypes.bfloat16)
 NUMPY_OF = {reference_ops.DTYPES[k]: ops.DTYPES[k] for k in reference_ops.DTYPES}
 INT64_MAX, INT64_MIN = 2**63 - 1, -(2**63)
 MS, XC = "com.microsoft", "ai.xcompile"
@@ -27,8 +26,9 @@ def f32(*shape):
     return rng.standard_normal(shape).astype(np.float32)
 
 
-def bf16(*shape):
-    return f32(*shape).astype(BF16)
+def bf16(*shape, plus: float = 0.0):
+    """BF16 bits (the runtime's arrays.BF16) of standard normal values (+ plus)"""
+    return round_bf16(f32(*shape) + plus)
 
 
 def i64(*values):
@@ -67,8 +67,9 @@ def assert_matches(got, want, rtol=1e-5, atol=1e-5):
     if got.dtype.kind in "biu":
         np.testing.assert_array_equal(got, expected)
     else:
-        if got.dtype == BF16:
+        if got.dtype == BF16:  # the runtime's BF16 bits: compared widened
             rtol, atol = max(rtol, 1e-2), max(atol, 1e-2)
+            got, expected = widen(got), widen(expected)
         np.testing.assert_allclose(
             got.astype(np.float64), expected.astype(np.float64), rtol=rtol, atol=atol
         )
@@ -108,7 +109,7 @@ for op in ("Add", "Sub", "Mul", "Div"):
         case(op, f32(5), np.array(2.5, dtype=np.float32)),
         case(op, f32(5), np.array(3)),  # fp32 with a 0-d int64: stays fp32 (NEP 50 would widen)
         case(op, np.array(4.0, dtype=np.float32), np.array(2.0, dtype=np.float32)),
-        case(op, bf16(4, 3), bf16(3) + 3, tol=2e-2),
+        case(op, bf16(4, 3), bf16(3, plus=3), tol=2e-2),
     ]
 for op in ("Add", "Sub", "Mul"):
     CASES += [

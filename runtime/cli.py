@@ -286,8 +286,13 @@ def run(
         raise UserError(f"--weights {weights!r}: choose copy or map")
     if kv_cache not in KV_CACHE_CHOICES:
         raise UserError(f"--kv-cache {kv_cache!r}: choose {', '.join(KV_CACHE_CHOICES)}")
-    manifest = artifacts.read_manifest(artifacts_dir)  # cheap checks before torch loads
+    manifest = artifacts.read_manifest(artifacts_dir)  # cheap checks before the runtime loads
     ranks = manifest.ranks
+    if weights == "copy" and (comm is not None or ranks == 1):  # a process that loads a shard:
+        from xcompile.runtime import weights as resident_weights  # read it into memory from now,
+
+        # while the tokenizer, the runtime and the plan load (_generate takes the copy)
+        resident_weights.start_copy(artifacts_dir / f"rank{rank or 0}.safetensors")
     if perplexity is not None:
         given = {
             "--prompt": prompt is not None,
@@ -310,6 +315,10 @@ def run(
         beam = _beam(beams, length_penalty, early_stopping, temperature, top_k, top_p, serve, chat)
         if beam is not None:
             inputs.beam = beam
+    if reference:  # before any rank starts: the slim install has no torch
+        from xcompile.runtime.optional import require_torch
+
+        require_torch("--reference")
 
     if bind_cores is not False and comm is None and ranks == 1:
         from xcompile.runtime import launch
@@ -392,7 +401,7 @@ def _generate(
 
     rank = communicator.rank if communicator else 0
     shard = Path(root) / f"rank{rank}.safetensors"
-    if weights == "copy":  # read the shard into memory while the runtime loads (runtime/weights.py)
+    if weights == "copy":  # read the shard while the runtime loads (begun in run(), if not here)
         resident_weights.start_copy(shard)
     from xcompile.runtime import kernels, launch
     from xcompile.runtime.comm import PeerLost, ShmComm
@@ -400,6 +409,8 @@ def _generate(
     from xcompile.runtime.tensor_parallel import Leader, follow
 
     n_threads = threads or launch.cores()
+    if "torch" in sys.modules:  # --reference's ops, --backend torch's collectives: same cores
+        sys.modules["torch"].set_num_threads(n_threads)
     kernels.set_num_threads(n_threads)
     try:
         model = Model.load(

@@ -6,6 +6,8 @@ AllGather ops call, and how rank 0 tells the others what to run.
     torch   ranks anywhere: torch.distributed (gloo, or oneCCL's ccl when installed), as
             launched by torchrun
 A peer that dies makes a collective raise PeerLost within seconds instead of hanging.
+Arrays are numpy's, or torch tensors where --reference runs the plan on torch's references
+(each collective returns what it was given); torch is imported only for those and TorchComm.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from __future__ import annotations
 import numpy as np
 
 from xcompile.errors import UserError
-from xcompile.runtime.arrays import F32, ptr
 
 
 class PeerLost(UserError):
@@ -29,11 +30,12 @@ class Communicator:
         return x
 
     def all_gather(self, x: np.ndarray, axis: int) -> np.ndarray:
+        """x (..., n, ...) on each rank -> (..., ranks * n, ...): rank r's slice at r * n."""
         return x
 
     def broadcast_ints(self, values: list[int] | None, length: int) -> list[int]:
-        """Rank 0's `values` (exactly `length` ints < 2**24) on every rank."""
-        buf = np.zeros(length, F32)
+        """Rank 0's `values` (exactly `length` ints < 2**24: exact in fp32) on every rank."""
+        buf = np.zeros(length, np.float32)
         if self.rank == 0:
             buf[:] = values
         return [int(v) for v in self.all_reduce(buf).tolist()]
@@ -48,19 +50,15 @@ class SingleRank(Communicator):
 
 class TorchComm(Communicator):
     """torch.distributed: the cross-machine engine. Launch with torchrun (it sets RANK,
-    WORLD_SIZE, MASTER_ADDR/PORT). The one Communicator that needs torch (imported here); the
-    arrays cross as torch views of the same memory."""
+    WORLD_SIZE, MASTER_ADDR/PORT)."""
 
     def __init__(self, backend: str | None = None):
         import datetime
 
         from xcompile.runtime.optional import require_torch
 
-        require_torch("--backend torch")
-        import torch
+        self.torch = require_torch("--backend torch")
         import torch.distributed as dist
-
-        self.torch = torch
 
         self.dist = dist
         if not dist.is_initialized():
@@ -74,28 +72,35 @@ class TorchComm(Communicator):
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=60))
         self.rank, self.ranks = dist.get_rank(), dist.get_world_size()
 
+    def _tensor(self, x):
+        """A contiguous torch tensor of x: an ndarray's own memory where it is contiguous fp32."""
+        if isinstance(x, np.ndarray):
+            return self.torch.from_numpy(np.ascontiguousarray(x, np.float32))
+        return x.contiguous()
+
     def all_reduce(self, x):
-        x = np.ascontiguousarray(x, dtype=F32)
+        t = self._tensor(x)
         try:
-            self.dist.all_reduce(self.torch.from_numpy(x))
+            self.dist.all_reduce(t)  # in place
         except RuntimeError as e:
             raise PeerLost(
                 f"rank {self.rank}: a peer was lost during all_reduce "
                 f"({str(e).splitlines()[0][:120]}); see the other ranks' output"
             ) from None
-        return x
+        return t.numpy() if isinstance(x, np.ndarray) else t
 
     def all_gather(self, x, axis):
-        x = self.torch.from_numpy(np.ascontiguousarray(x, dtype=F32))
-        parts = [self.torch.empty_like(x) for _ in range(self.ranks)]
+        t = self._tensor(x)
+        parts = [self.torch.empty_like(t) for _ in range(self.ranks)]
         try:
-            self.dist.all_gather(parts, x)
+            self.dist.all_gather(parts, t)
         except RuntimeError as e:
             raise PeerLost(
                 f"rank {self.rank}: a peer was lost during all_gather "
                 f"({str(e).splitlines()[0][:120]})"
             ) from None
-        return self.torch.cat(parts, dim=axis).numpy()
+        gathered = self.torch.cat(parts, dim=axis)
+        return gathered.numpy() if isinstance(x, np.ndarray) else gathered
 
     def close(self):
         if self.dist.is_initialized():
@@ -122,23 +127,31 @@ class ShmComm(Communicator):
         return f"/xcompile-{secrets.token_hex(16)}"
 
     def all_reduce(self, x):
-        x = np.ascontiguousarray(x, dtype=F32)
+        if not isinstance(x, np.ndarray):  # a torch tensor (--reference)
+            t = x.contiguous().float()
+            self.all_reduce(t.numpy())  # summed in place: the tensor's own memory
+            return t
+        x = np.ascontiguousarray(x, np.float32)  # x itself when it already is: summed in place
         try:
-            self.shm.all_reduce(ptr(x), x.size)
+            self.shm.all_reduce(x.__array_interface__["data"][0], x.size)
         except RuntimeError as e:
             raise PeerLost(f"rank {self.rank}: {e}") from None
         return x
 
     def all_gather(self, x, axis):
-        # gather = place my slice in a zero tensor of the full size, then sum over ranks
+        if not isinstance(x, np.ndarray):  # a torch tensor (--reference)
+            import torch
+
+            return torch.from_numpy(self.all_gather(x.contiguous().float().numpy(), axis))
+        # gather = place my slice in a zero array of the full size, then sum over ranks
         axis %= x.ndim
+        n = x.shape[axis]
         shape = list(x.shape)
-        n = shape[axis]
         shape[axis] = n * self.ranks
-        full = np.zeros(shape, F32)
-        index = [slice(None)] * x.ndim
-        index[axis] = slice(self.rank * n, (self.rank + 1) * n)
-        full[tuple(index)] = x
+        full = np.zeros(shape, np.float32)
+        mine = [slice(None)] * x.ndim
+        mine[axis] = slice(self.rank * n, (self.rank + 1) * n)
+        full[tuple(mine)] = x
         return self.all_reduce(full)
 
     def abort(self) -> None:

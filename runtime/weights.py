@@ -133,7 +133,10 @@ def _key(path: str | os.PathLike) -> str:
 
 
 def start_copy(path: str | os.PathLike) -> None:
-    """Begin copying a shard into huge pages on a background thread; resident(path) takes it."""
+    """Begin copying a shard into huge pages on a background thread; resident(path) takes it.
+    A copy of that file already begun is left to run."""
+    if _key(path) in _pending:
+        return
     copy = _Copy(Path(path))
     copy.thread = threading.Thread(target=copy.run, name="xcompile-weights", daemon=True)
     _pending[_key(path)] = copy

@@ -372,6 +372,58 @@ def test_unknown_xrun_flag(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# the base install (`pip install xcompile`, no torch): compiling, --reference and --backend torch
+# say which extra to install. torch is hidden from the child (None in sys.modules: its import
+# fails as if it were not installed); .ci/slim runs the real thing in a venv without it.
+
+WITHOUT_TORCH = (
+    "import sys; sys.modules['torch'] = None; sys.argv[0] = {prog!r}; from {module} import main; "
+    "main()"
+)
+
+
+def run_without_torch(cwd: Path, prog: str, *args: str) -> subprocess.CompletedProcess:
+    module = {"xcompile": "xcompile.cli", "xrun": "xcompile.runtime.cli"}[prog]
+    code = WITHOUT_TORCH.format(prog=prog, module=module)
+    return subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)],
+        cwd=cwd,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("command", ["quantize", "build"])
+def test_compile_without_torch(ckpt, command):
+    work = ckpt.parent / "work"
+    res = run_without_torch(work, "xcompile", command, ckpt, "-o", "out", "--fp32")
+    user_error(res, f"xcompile {command}", "torch", 'pip install "xcompile[compile]"')
+    no_output(work)
+
+
+def test_shard_without_torch(art):
+    work = art.parent / "work"
+    res = run_without_torch(work, "xcompile", "shard", art, "--ranks", "2", "-o", "out")
+    user_error(res, "xcompile shard", "torch", 'pip install "xcompile[compile]"')
+    no_output(work)
+
+
+def test_inspect_without_torch(art):
+    res = run_without_torch(art.parent / "work", "xcompile", "inspect", art)
+    assert res.returncode == 0, res.stderr
+    assert "family      llama" in res.stdout and "parameters" in res.stdout, res.stdout
+
+
+def test_reference_without_torch(art):
+    res = run_without_torch(art.parent / "work", "xrun", art, "--prompt", "hi", "--reference")
+    user_error(res, "--reference needs torch", 'pip install "xcompile[compile]"')
+
+
+# ---------------------------------------------------------------------------------------------
 # --verbose: the traceback is there for whoever asks
 
 

@@ -143,6 +143,13 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
     return tensors
 
 
+def parameter_count(path: str | os.PathLike) -> int:
+    """Elements in a safetensors file, from its header alone."""
+    return sum(
+        info.nbytes // DTYPES[info.dtype][0] for info in read_safetensors_header(path).values()
+    )
+
+
 @dataclass(frozen=True)
 class PlannedTensor:
     name: str

@@ -1,4 +1,6 @@
-"""`xcompile`: compile a Hugging Face checkpoint into artifacts, and look inside them.
+"""`xcompile`: compile a Hugging Face checkpoint into artifacts, and look inside them. Compiling
+needs the compile extra (`pip install "xcompile[compile]"`: torch, transformers, ...); inspect
+runs on the base install.
 
 xcompile quantize MODEL [-o artifacts] (--fp32 | --bf16)
 xcompile inspect ARTIFACTS [--graph]
@@ -25,6 +27,22 @@ app = typer.Typer(
 @app.callback()
 def _main(verbose: bool = typer.Option(False, "--verbose", help="Tracebacks on errors.")):
     pass
+
+
+# what compiling imports: the compile extra's packages (`pip install xcompile` is the runtime)
+COMPILE_PACKAGES = ("torch", "transformers", "onnx_ir", "onnxscript", "neural_compressor")
+
+
+def _require_compile_extra(command: str) -> None:
+    """One line naming what is missing and the install command, before anything imports it."""
+    from importlib.util import find_spec
+
+    missing = [name for name in COMPILE_PACKAGES if find_spec(name) is None]
+    if missing:
+        raise UserError(
+            f"xcompile {command} needs the compile extra ({', '.join(missing)} not installed): "
+            'pip install "xcompile[compile]"'
+        )
 
 
 def _weight_format(fp32: bool, bf16: bool, int8: bool = False, int4: bool = False) -> str:
@@ -82,6 +100,7 @@ def quantize(
     verbose: bool = typer.Option(False, "--verbose", help="Tracebacks on errors."),
 ) -> None:
     """Compile MODEL into artifacts (streamed tensor by tensor), fusing the graph by default."""
+    _require_compile_extra("quantize")
     chosen = [_weight_format(fp32, bf16, int8, int4)]
     scheme = _scheme(
         chosen[0], algo, group_size, sym, calib, quantize_lm_head, zero_points, search, plan
@@ -111,6 +130,7 @@ def shard(
 ) -> None:
     """Split artifacts into RANKS tensor-parallel shards (each rank's file holds only its
     slices). In place when -o is left out; atomic either way."""
+    _require_compile_extra("shard")
     from xcompile.shard import shard as run
 
     manifest = run(artifacts_dir, ranks, out)
@@ -142,6 +162,7 @@ def build(
     verbose: bool = typer.Option(False, "--verbose", help="Tracebacks on errors."),
 ) -> None:
     """quantize, then shard, in one go (the output appears only when both are done)."""
+    _require_compile_extra("build")
     import tempfile
 
     from xcompile.artifacts import AtomicFolder
@@ -185,7 +206,7 @@ def inspect(
     import onnx
 
     from xcompile import artifacts
-    from xcompile.quantize import parameter_count
+    from xcompile.artifacts import parameter_count
 
     m = artifacts.read_manifest(artifacts_dir)
     artifacts.verify(artifacts_dir, m, checksums=False)

@@ -12,7 +12,6 @@ tensors plus the calibration text's hidden states.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -347,10 +346,3 @@ def _progress(items, enabled: bool, label: str):
         for item in items:
             yield item
             bar.advance(task)
-
-
-def parameter_count(path: str | os.PathLike) -> int:
-    total = 0
-    for info in artifacts.read_safetensors_header(path).values():
-        total += info.nbytes // DTYPES[info.dtype][0]
-    return total

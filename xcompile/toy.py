@@ -4,6 +4,7 @@ benchmarks (no weights come from a hub).
     python -m xcompile.toy llama /tmp/toy-llama            # tiny, 3 layers
     python -m xcompile.toy llama /tmp/llama-1b --size 1b   # 1.1B parameters, about 4.4 GB FP32
     python -m xcompile.toy llama /tmp/llama-1b --size 1b --context 4096   # room for long prompts
+    python -m xcompile.toy llama /tmp/peaked --init-std 0.06 --peaked   # for quantized parity
 
 Weights are drawn wider than a trained model's (init_std) so that greedy choices are decisive:
 parity tests compare tokens, and a near-tie would make them flaky rather than wrong.
@@ -215,9 +216,19 @@ def main() -> None:
     parser.add_argument(
         "--context", type=int, default=None, help="max_position_embeddings (room for long prompts)"
     )
+    parser.add_argument("--init-std", type=float, default=None, help="the weights' spread")
+    parser.add_argument(
+        "--peaked",
+        action="store_true",
+        help="lm_head = the embedding table scaled: decisive next tokens, as a trained model's",
+    )
     args = parser.parse_args()
     extra = {} if args.context is None else {"max_position_embeddings": args.context}
-    print(make_checkpoint(args.family, args.out, args.size, args.seed, **extra))
+    print(
+        make_checkpoint(
+            args.family, args.out, args.size, args.seed, args.init_std, args.peaked, **extra
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -5,10 +5,12 @@ never K/V; and `xrun --beams` end to end, TP=2 included."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from tests.conftest import run_xrun
+from xcompile.runtime.arrays import ptr
 from xcompile.runtime.beam import beam_search
 from xcompile.runtime.generate import generate
 from xcompile.runtime.model import Model
@@ -88,7 +90,7 @@ def test_best_sequence_equals_transformers(family, setup):
 
 def sequence_logprob(model, ids, tokens) -> float:
     cache = model.new_cache(len(ids) + len(tokens))
-    logits = model.forward(ids + tokens[:-1], 0, cache)[len(ids) - 1 :]
+    logits = torch.from_numpy(model.forward(ids + tokens[:-1], 0, cache)[len(ids) - 1 :])
     return float(torch.log_softmax(logits, -1).gather(1, torch.tensor(tokens)[:, None]).sum())
 
 
@@ -129,7 +131,7 @@ def test_many_eos_ids_leave_enough_running_beams(family, beams, setup):
     """EOS ids = the B + 1 likeliest first tokens: more than B of the 2B best candidates end at
     once, so the search must look at (1 + len(eos)) * B of them to keep B beams running."""
     model, hf, ids, _ = setup(family)
-    first = model.forward(ids, 0, model.new_cache(len(ids)))[-1]
+    first = torch.from_numpy(model.forward(ids, 0, model.new_cache(len(ids)))[-1])
     eos = set(torch.topk(first, beams + 1).indices.tolist())
     for early_stopping in (False, "never"):
         ours = beam_search(model, ids, beams, 16, eos, early_stopping=early_stopping)
@@ -193,16 +195,16 @@ def test_reorder_copies_no_cache_data(setup):
     original, seen = model.reorder, []
 
     def spy(cache, parents, length):
-        before = {k: v.clone() for k, v in cache.buffers.items()}
-        where = {k: v.data_ptr() for k, v in cache.buffers.items()}
-        rows = cache.rows.clone()
+        before = {k: v.copy() for k, v in cache.buffers.items()}
+        where = {k: ptr(v) for k, v in cache.buffers.items()}
+        rows = cache.rows.copy()
         original(cache, parents, length)
         for name, buf in cache.buffers.items():
-            assert buf.data_ptr() == where[name]
-            assert buf.view(torch.int32).equal(before[name].view(torch.int32)), name
-        assert cache.rows[:, :length].equal(rows[parents, :length])
-        assert cache.rows[:, length:].equal(rows[:, length:])
-        seen.append(not cache.rows.equal(rows))
+            assert ptr(buf) == where[name]
+            assert np.array_equal(buf.view(np.uint8), before[name].view(np.uint8)), name
+        assert np.array_equal(cache.rows[:, :length], rows[parents, :length])
+        assert np.array_equal(cache.rows[:, length:], rows[:, length:])
+        seen.append(not np.array_equal(cache.rows, rows))
 
     model.reorder = spy
     try:
@@ -212,7 +214,7 @@ def test_reorder_copies_no_cache_data(setup):
     assert got.tokens == want.tokens
     assert len(seen) >= 5 and sum(seen) >= 5  # beams did move between parents, many times
     # the prompt stays in slot 0 for every beam: it was prefilled once, never copied
-    assert model._cache.rows[:, : len(ids)].eq(0).all()
+    assert (model._cache.rows[:, : len(ids)] == 0).all()
 
 
 # -- xrun --beams ----------------------------------------------------------------------------

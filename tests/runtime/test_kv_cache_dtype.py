@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,6 +16,7 @@ from tests.conftest import bf16_matmul_atol, run_xrun
 from tests.test_cli_errors import run, user_error
 from xcompile.errors import UserError
 from xcompile.runtime import cli
+from xcompile.runtime.arrays import BF16, F32
 from xcompile.runtime.kv_cache import KV_CACHE_CHOICES, Segment, cache_dtype
 from xcompile.runtime.model import Model
 
@@ -28,11 +30,11 @@ LOGITS_BOUND = {"bf16": 5e-3, "int8-exact": 5e-3, "int8": 3e-2}
 
 
 def test_auto_picks_float32_for_fp32_artifacts_and_bfloat16_for_the_rest():
-    assert cache_dtype("auto", "fp32") == torch.float32
+    assert cache_dtype("auto", "fp32") == F32
     for dtype in ("bf16", "int8", "int4"):
-        assert cache_dtype("auto", dtype) == torch.bfloat16
-        assert cache_dtype("float32", dtype) == torch.float32
-    assert cache_dtype("bfloat16", "fp32") == torch.bfloat16
+        assert cache_dtype("auto", dtype) == BF16
+        assert cache_dtype("float32", dtype) == F32
+    assert cache_dtype("bfloat16", "fp32") == BF16
     with pytest.raises(UserError, match="--kv-cache 'fp16': choose auto, float32, bfloat16"):
         cache_dtype("fp16", "bf16")
     assert cli.KV_CACHE_CHOICES == KV_CACHE_CHOICES  # the CLI's copy, checked before torch loads
@@ -40,14 +42,14 @@ def test_auto_picks_float32_for_fp32_artifacts_and_bfloat16_for_the_rest():
 
 def greedy_logits(model: Model, forced: list[int] | None = None):
     """Prefill PROMPT, then STEPS decode steps: greedy, or feeding `forced` tokens ->
-    (tokens, logits (STEPS + 1, vocab))."""
+    (tokens, logits (STEPS + 1, vocab) as a torch tensor)."""
     cache = model.new_cache(len(PROMPT) + STEPS + 1)
     logits = [model.forward(PROMPT, 0, cache, last_only=True)[-1]]
     tokens = []
     for i in range(STEPS):
         tokens.append(int(logits[-1].argmax()) if forced is None else forced[i])
         logits.append(model.forward([tokens[-1]], len(PROMPT) + i, cache)[-1])
-    return tokens, torch.stack(logits)
+    return tokens, torch.from_numpy(np.stack(logits))
 
 
 @pytest.mark.parametrize("dtype", list(LOGITS_BOUND))
@@ -56,8 +58,8 @@ def test_bf16_cache_gives_the_fp32_cache_tokens_and_logits_within_bound(peaked, 
     _, art = peaked("llama", dtype)
     wide = Model.load(art, use_kernels=kernels, kv_cache="float32")
     narrow = Model.load(art, use_kernels=kernels)  # auto: bfloat16 for these artifacts
-    assert narrow.kv_dtype == torch.bfloat16 and wide.kv_dtype == torch.float32
-    assert all(b.dtype == torch.bfloat16 for b in narrow.new_cache(4).buffers.values())
+    assert narrow.kv_dtype == BF16 and wide.kv_dtype == F32
+    assert all(b.dtype == BF16 for b in narrow.new_cache(4).buffers.values())
     tokens, want = greedy_logits(wide)
     _, got = greedy_logits(narrow, forced=tokens)  # the same inputs at every step
     error = (got - want).abs().max(dim=-1).values  # (STEPS + 1,)
@@ -91,7 +93,7 @@ def test_bf16_cache_kernels_equal_reference_in_batched_slots_and_beams(peaked):
             segs = [Segment(1, at, 1), Segment(3, at, 1)]
             out.append(model.forward_batch(segs, [6 + step, 9 + step], cache))
             model.reorder(cache, [0, 3, 2, 1], at + 1)
-        results.append(torch.cat(out))
+        results.append(torch.from_numpy(np.concatenate(out)))
     atol = bf16_matmul_atol()  # the kernels' BF16 matmuls against torch's, besides the cache
     torch.testing.assert_close(results[0], results[1], rtol=1e-4, atol=atol)
 
@@ -167,7 +169,7 @@ def test_primitive_graph_reads_the_bf16_cache_widened(compiled):
     matmuls' tolerance of the exact products (1e-4; hi + lo's 4e-4 from avx512_bf16 on)."""
     fused = Model.load(compiled("llama", "bf16"))
     primitive = Model.load(compiled("llama", "bf16", passes=[]))
-    assert primitive.kv_dtype == torch.bfloat16
+    assert primitive.kv_dtype == BF16
     tokens, want = greedy_logits(fused)
     _, got = greedy_logits(primitive, forced=tokens)
     bound = 2 * bf16_matmul_atol() * max(1.0, want.abs().max().item())

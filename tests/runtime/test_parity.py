@@ -44,14 +44,14 @@ def test_fp32_prefill_logits_within_1e4(family, graph, kernels, compiled, hf_mod
     model = Model.load(art, use_kernels=kernels)
     ids = TextTokenizer(art).encode(PROMPT)
     cache = model.new_cache(len(ids) + 1)
-    ours = model.forward(ids, 0, cache)
+    ours = torch.from_numpy(model.forward(ids, 0, cache))
     with torch.no_grad():
         theirs = hf_model(family)(torch.tensor([ids])).logits[0]
     assert ours.shape == theirs.shape
     assert (ours - theirs).abs().max().item() <= 1e-4
     # and a decode step on top of the cache
     nxt = int(ours[-1].argmax())
-    step = model.forward([nxt], len(ids), cache)
+    step = torch.from_numpy(model.forward([nxt], len(ids), cache))
     with torch.no_grad():
         full = hf_model(family)(torch.tensor([ids + [nxt]])).logits[0, -1]
     assert (step[-1] - full).abs().max().item() <= 1e-4
@@ -68,7 +68,7 @@ def test_bf16_logits_close_to_transformers_bf16(family, compiled, hf_model):
     art = compiled(family, "bf16")
     model = Model.load(art, kv_cache="float32")  # transformers' FP32 run keeps an FP32 cache
     ids = TextTokenizer(art).encode(PROMPT)
-    ours = model.forward(ids, 0, model.new_cache(len(ids)))
+    ours = torch.from_numpy(model.forward(ids, 0, model.new_cache(len(ids))))
     hf32 = hf_model(family)
     rounded = type(hf32)(hf32.config).eval()
     rounded.load_state_dict(hf32.state_dict())
@@ -113,28 +113,29 @@ def test_fused_artifacts_under_onnxruntime_agree_with_xrun(family, compiled):
     prefill, step = run_ort(art, IDS, steps=1)
     model = Model.load(art)
     cache = model.new_cache(len(IDS) + 1)
-    ours = model.forward(IDS, 0, cache)
+    ours = torch.from_numpy(model.forward(IDS, 0, cache))
     assert (ours - torch.from_numpy(prefill["logits"][0])).abs().max().item() <= 1e-4
-    ours = model.forward([5], len(IDS), cache)
+    ours = torch.from_numpy(model.forward([5], len(IDS), cache))
     assert (ours - torch.from_numpy(step["logits"][0])).abs().max().item() <= 1e-4
 
 
 def test_soft_capped_attention_runs_on_the_kernel(compiled, hf_model, monkeypatch):
     """Gemma 2's soft-capped GroupQueryAttention goes to csrc/attention.cpp (its softcap), never
-    to the torch reference: with the reference made to fail, prefill and a decode step still
-    give transformers' logits."""
-    from xcompile.runtime import fused_ops
+    to a reference (torch's or numpy's): with the references made to fail, prefill and a decode
+    step still give transformers' logits."""
+    from xcompile.runtime import fallback_ops, kernels, reference_attention
 
     def refuse(*_, **__):
         raise AssertionError("soft-capped attention ran on the reference")
 
-    monkeypatch.setattr(fused_ops, "attention_reference", refuse)
+    for module in (fallback_ops, kernels, reference_attention):
+        monkeypatch.setattr(module, "attention_reference", refuse)
     art = compiled("gemma2")
     model = Model.load(art)
     ids = TextTokenizer(art).encode(PROMPT)
     cache = model.new_cache(len(ids) + 1)
-    ours = model.forward(ids, 0, cache)
-    step = model.forward([int(ours[-1].argmax())], len(ids), cache)
+    ours = torch.from_numpy(model.forward(ids, 0, cache))
+    step = torch.from_numpy(model.forward([int(ours[-1].argmax())], len(ids), cache))
     with torch.no_grad():
         full = hf_model("gemma2")(torch.tensor([ids + [int(ours[-1].argmax())]])).logits[0]
     assert (ours - full[:-1]).abs().max().item() <= 1e-4

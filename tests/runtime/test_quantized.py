@@ -69,7 +69,7 @@ def test_logits_equal_transformers_on_the_dequantized_weights(family, dtype, ker
     # an FP32 KV cache, as transformers keeps: the weights' error alone (the BF16 cache's is
     # tests/runtime/test_kv_cache_dtype.py's)
     model = Model.load(art, use_kernels=kernels, kv_cache="float32")
-    ours = model.forward(ids, 0, model.new_cache(len(ids) + 1))
+    ours = torch.from_numpy(model.forward(ids, 0, model.new_cache(len(ids) + 1)))
     with torch.no_grad():
         theirs = hf(torch.tensor([ids])).logits[0]
     assert (ours - theirs).abs().max().item() <= 1e-4 * max(1.0, theirs.abs().max().item())
@@ -85,10 +85,10 @@ def test_onnxruntime_matmulnbits_agrees_with_xrun(dtype, peaked):
     prefill, step = run_ort(art, IDS, steps=1)
     model = Model.load(art, kv_cache="float32")  # onnxruntime's cache is FP32
     cache = model.new_cache(len(IDS) + 1)
-    ours = model.forward(IDS, 0, cache)
+    ours = torch.from_numpy(model.forward(IDS, 0, cache))
     scale = max(1.0, float(abs(prefill["logits"]).max()))
     assert (ours - torch.from_numpy(prefill["logits"][0])).abs().max().item() <= 1e-4 * scale
-    ours = model.forward([5], len(IDS), cache)
+    ours = torch.from_numpy(model.forward([5], len(IDS), cache))
     assert (ours - torch.from_numpy(step["logits"][0])).abs().max().item() <= 1e-4 * scale
 
 
@@ -104,8 +104,8 @@ def test_int8_activations_stay_close_to_exact_and_to_onnxruntime(dtype, peaked):
     _, exact_art = peaked("llama", f"{dtype}-exact")
     # FP32 KV caches: onnxruntime's is FP32, and the activations' rounding alone is measured
     model, exact = Model.load(art, kv_cache="float32"), Model.load(exact_art, kv_cache="float32")
-    ours = model.forward(IDS, 0, model.new_cache(len(IDS)))
-    want = exact.forward(IDS, 0, exact.new_cache(len(IDS)))
+    ours = torch.from_numpy(model.forward(IDS, 0, model.new_cache(len(IDS))))
+    want = torch.from_numpy(exact.forward(IDS, 0, exact.new_cache(len(IDS))))
     scale = float(want.abs().max())
     assert (ours - want).abs().max().item() <= 0.03 * scale
     (prefill,) = run_ort(art, IDS, steps=0)

@@ -111,7 +111,7 @@ def test_variant_matches_transformers(variant, tmp_path):
     ids = TextTokenizer(art).encode(PROMPT)
     with torch.no_grad():
         theirs = hf(torch.tensor([ids])).logits[0]
-    ours = model.forward(ids, 0, model.new_cache(len(ids)))
+    ours = torch.from_numpy(model.forward(ids, 0, model.new_cache(len(ids))))
     assert (ours - theirs).abs().max().item() <= 1e-4
     result = generate(model, ids, 16, Sampler(SamplingParams()), eos_ids=set())
     assert result.tokens == hf_greedy(hf, ids, 16)
@@ -131,7 +131,7 @@ def test_half_precision_sharded_checkpoint(tmp_path):
     quantize(tmp_path / "fp16", tmp_path / "art", "fp32", progress=False)
     model = Model.load(tmp_path / "art")
     ids = TextTokenizer(tmp_path / "art").encode(PROMPT)
-    ours = model.forward(ids, 0, model.new_cache(len(ids)))
+    ours = torch.from_numpy(model.forward(ids, 0, model.new_cache(len(ids))))
     ref = AutoModelForCausalLM.from_pretrained(
         tmp_path / "fp16", dtype=torch.float32, attn_implementation="eager"
     ).eval()

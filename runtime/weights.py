@@ -117,8 +117,8 @@ def _split(tensors: list, parts: int) -> list[list]:
     total = sum(info.nbytes for _, info in tensors)
     runs: list[list] = [[]]
     done = 0
-    for item in tensors:
-        if done >= total * len(runs) / parts and len(runs) < parts:
+    for item in tensors:  # a new run where this tensor's middle passes the next boundary
+        if len(runs) < parts and runs[-1] and done + item[1].nbytes / 2 > total * len(runs) / parts:
             runs.append([])
         runs[-1].append(item)
         done += item[1].nbytes

@@ -14,8 +14,10 @@ from xcompile.runtime import weights
 from xcompile.runtime.arrays import ptr
 
 
+@pytest.mark.parametrize("readers", [1, 2, 5])
 @pytest.mark.parametrize("background", [False, True])
-def test_copied_weights_equal_the_files_tensors(compiled, background):
+def test_copied_weights_equal_the_files_tensors(compiled, background, readers, monkeypatch):
+    monkeypatch.setattr(weights, "READERS", readers)  # threads sharing the file's tensors
     shard = compiled("llama", "int4") / "rank0.safetensors"
     if background:
         weights.start_copy(shard)
@@ -46,3 +48,16 @@ def test_a_truncated_shard_fails_in_the_caller_not_the_thread(compiled, tmp_path
     weights.start_copy(shard)
     with pytest.raises(UserError, match="truncated"):
         weights.resident(shard)
+
+
+def test_readers_split_the_tensors_in_file_order_into_runs_of_about_equal_bytes():
+    class Info:
+        def __init__(self, nbytes):
+            self.nbytes = nbytes
+
+    tensors = [(f"t{i}", Info(n)) for i, n in enumerate([5, 1, 1, 1, 8, 2, 2])]
+    for parts in (1, 2, 3, 7, 10):
+        runs = weights._split(tensors, parts)
+        assert [t for run in runs for t in run] == tensors  # every tensor once, in order
+        assert 1 <= len(runs) <= min(parts, len(tensors)) and all(runs)
+    assert [sum(i.nbytes for _, i in run) for run in weights._split(tensors, 2)] == [8, 12]

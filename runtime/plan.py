@@ -96,6 +96,7 @@ class Plan:
     MAX_REPLAY_ROWS = 16
     _MAX_PROGRAMS = 8  # keys kept ready (a server's batch changes composition often)
     _MAX_TRIES = 4  # recordings of one key that may disagree before it is given up
+    _MAX_SEEN = 64  # keys recorded but not (yet) agreed on, kept: a server would keep all
 
     def run(
         self, feeds: dict[str, np.ndarray], key: Any = None, starts: list[int] = ()
@@ -170,7 +171,12 @@ class Plan:
             self._ready[key] = program
             self._tries.pop(key, None)
         else:
+            # a server's batches keep making new keys, most never met again: keep the latest
+            if len(self._seen) >= self._MAX_SEEN:
+                self._seen.pop(next(iter(self._seen)))
             self._seen[key] = program
+        if len(self._tries) > self._MAX_SEEN:
+            self._tries.pop(next(iter(self._tries)))
         return env[self.fetch]
 
     def _settle(self, env: list, index: int, step: Step, result: Any) -> Any:

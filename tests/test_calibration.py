@@ -211,11 +211,12 @@ def logit_errors(fp32, arts: dict) -> dict[str, float]:
 
     ref = Model.load(fp32)
     ids = [TextTokenizer(fp32).encode(p) for p in PROMPTS]
-    want = [ref.forward(i, 0, ref.new_cache(len(i) + 1)) for i in ids]
+    # logits: numpy fp32 (S, vocab), compared in torch
+    want = [torch.from_numpy(ref.forward(i, 0, ref.new_cache(len(i) + 1))) for i in ids]
     out = {}
     for name, art in arts.items():
         model = Model.load(art)
-        got = [model.forward(i, 0, model.new_cache(len(i) + 1)) for i in ids]
+        got = [torch.from_numpy(model.forward(i, 0, model.new_cache(len(i) + 1))) for i in ids]
         out[name] = sum(((g - w).norm() / w.norm()).item() for g, w in zip(got, want)) / len(ids)
     return out
 

@@ -146,8 +146,10 @@ def test_kv_write_places_rows_at_slot_and_positions():
 def test_attention_step_direct_path_matches_reference():
     # GroupQueryAttention as the plan runs it: two segments (slots 2 and 0, one prefill of 3 and
     # one decode token) with q/k/v column slices of one fused QKV output; the kernels' direct
-    # path against the torch reference, both the outputs and the caches they wrote.
+    # path (numpy in and out) against the torch reference (torch q/k/v in, torch out, writing
+    # the same numpy caches through views), both the outputs and the caches they wrote.
     from xcompile.runtime import fused_ops
+    from xcompile.runtime.arrays import to_torch
     from xcompile.runtime.kv_cache import KVCache, Segment
 
     heads, kv_heads, d, layers = 4, 2, 16, 1
@@ -157,10 +159,16 @@ def test_attention_step_direct_path_matches_reference():
     for use_kernels in (True, False):
         kv = KVCache(layers, kv_heads, d, capacity=16, slots=3)
         for buf in kv.buffers.values():
-            buf.copy_(torch.randn(buf.shape, generator=torch.Generator().manual_seed(1)))
+            buf[...] = torch.randn(buf.shape, generator=torch.Generator().manual_seed(1)).numpy()
         qkv = torch.randn(1, 4, (heads + 2 * kv_heads) * d, generator=gen.manual_seed(3))
-        q3, k3, v3 = qkv.split([heads * d, kv_heads * d, kv_heads * d], -1)
-        q3 = q3.contiguous()
+        if use_kernels:
+            qkv = qkv.numpy()  # the runtime's arrays; k3, v3 stay strided column slices
+        q3, k3, v3 = (
+            qkv[..., : heads * d],
+            qkv[..., heads * d : (heads + kv_heads) * d],
+            qkv[..., (heads + kv_heads) * d :],
+        )
+        q3 = q3.copy() if use_kernels else q3.contiguous()
         k_cache, v_cache = (
             kv.buffers["past_key_values.0.key"],
             kv.buffers["past_key_values.0.value"],
@@ -168,7 +176,7 @@ def test_attention_step_direct_path_matches_reference():
         step = fused_ops.attention_step(k_cache, v_cache, use_kernels, kv=kv)
         kv.segments = segments
         out, _, _ = step(q3, k3, v3, k_cache, v_cache, num_heads=heads, kv_num_heads=kv_heads)
-        results.append((out.clone(), k_cache.clone(), v_cache.clone()))
+        results.append(tuple(to_torch(a).clone() for a in (out, k_cache, v_cache)))
     for got, expected in zip(results[0], results[1]):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 

@@ -108,9 +108,11 @@ def weights(k: int, bits: int, block: int, zp: str):
 
 
 def run_plan(model: onnx.ModelProto, use_kernels: bool) -> torch.Tensor:
+    """The plan's embedded rows (1, S, k), numpy feeds in, as torch."""
     plan = build_plan(model, {}, {}, use_kernels, fetch="embedded")
-    h = torch.zeros(1, IDS.shape[1], model.graph.input[1].type.tensor_type.shape.dim[2].dim_value)
-    return plan.run({"input_ids": torch.from_numpy(IDS), "h": h}).clone()
+    k = model.graph.input[1].type.tensor_type.shape.dim[2].dim_value
+    h = np.zeros((1, IDS.shape[1], k), np.float32)
+    return torch.from_numpy(plan.run({"input_ids": IDS, "h": h}).copy())
 
 
 @pytest.mark.parametrize("stored", ["bf16", "fp32"])

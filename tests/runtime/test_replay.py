@@ -83,3 +83,20 @@ def test_a_step_whose_output_moves_is_not_replayed_stale(compiled, monkeypatch):
     assert count >= 2
     for a, b in zip(replayed, plain):
         assert np.array_equal(a, b)
+
+
+def test_keys_recorded_once_are_not_kept_forever(compiled):
+    # A server's batches keep making keys (slots x lengths) that never come back: their first
+    # recordings wait for a second that never comes. The plan keeps the latest _MAX_SEEN.
+    model = Model.load(compiled("llama"))
+    cache = model.new_cache(64, slots=8)
+    plan = model.plan
+    keys = 0
+    for slot in range(8):
+        for length in range(1, 11):  # 80 keys, each forward recorded once
+            model.forward_batch([Segment(slot, 0, length)], list(range(1, length + 1)), cache)
+            keys += 1
+    assert keys > plan._MAX_SEEN
+    assert len(plan._seen) == plan._MAX_SEEN and len(plan._tries) <= plan._MAX_SEEN + 1
+    assert ((7, 10),) in {key[0] for key in plan._seen}  # the latest kept
+    assert ((0, 1),) not in {key[0] for key in plan._seen}  # the oldest dropped

@@ -8,7 +8,7 @@ GFLOP/s (2 M N K per call), best of --rounds rounds, each round running every va
 (--repeats calls each, the fastest kept) so that the shared host's drift hits them alike.
   BF16  1 widen the whole weight to fp32, torch's GEMM      (the runtime before panels)
         2 xcompile's GEMV kernel on every row, avx512        (the decode kernel, stretched)
-        3 widen 256 rows at a time, torch's GEMM per panel  (fused_ops.paneled_linear: the
+        3 widen 256 rows at a time, numpy's GEMM per panel  (fused_ops.paneled_linear: the
                                                               runtime below avx512_bf16)
         4 AMX tiles, x as hi + lo bf16                        (gemm_bf16_tiles; CPUs with AMX)
         5 vdpbf16ps GEMM, x as hi + lo bf16                   (gemm_bf16_dp; AVX512_BF16: the
@@ -18,7 +18,7 @@ GFLOP/s (2 M N K per call), best of --rounds rounds, each round running every va
         torch bf16   F.linear on bf16 x and W (x rounded once: llama.cpp's accuracy, not ours)
         oneDNN fp32 / bf16   oneDNN's matmul on the same operands (--onednn, benchmarks/onednn.py)
   INT8  1 dequantize the whole weight, torch's GEMM          (no int8 activations)
-        2 dequantize 256 rows at a time, torch's GEMM        (the runtime without VNNI)
+        2 dequantize 256 rows at a time, numpy's GEMM        (the runtime without VNNI)
         3 int8 activations, VNNI                              (accuracy_level 4: the runtime)
         4 int8 activations, AMX tiles                         (gemm_nbits_q8_tiles; CPUs with AMX)
 
@@ -40,6 +40,7 @@ from onednn import OneDnn  # benchmarks/onednn.py, beside this file
 
 from xcompile import _C
 from xcompile.runtime import fused_ops, kernels
+from xcompile.runtime.arrays import from_torch, widen
 
 # (N, K) of TinyLlama-1.1B's projections: q and o, k and v, fused gate/up, down
 SHAPES = [(2048, 2048), (256, 2048), (11264, 2048), (2048, 5632)]
@@ -74,13 +75,14 @@ def bf16_variants(
     n = w.shape[0]
     out, buffers = torch.empty(m, n), fused_ops.OutputBuffers()
     x16, w32 = x.bfloat16(), w.float()
+    xn, wn = from_torch(x), from_torch(w)  # the runtime's arrays: numpy, BF16 as its bits
     variants = {
         "1 widen all + torch": lambda: torch.nn.functional.linear(x, w.float()),
         "2 GEMV kernel": on_isa(
             "avx512", lambda: _C.gemv_bf16(x.data_ptr(), w.data_ptr(), 0, out.data_ptr(), m, n, k)
         ),
-        "3 panels + torch": lambda: fused_ops.paneled_linear(
-            x, n, lambda n0, n1, p: p.copy_(w[n0:n1]), buffers
+        "3 panels + numpy": lambda: fused_ops.paneled_linear(
+            xn, n, lambda n0, n1, p: p.__setitem__(..., widen(wn[n0:n1])), buffers
         ),
     }
     if _C.amx_usable():
@@ -106,13 +108,13 @@ def int8_variants(x: torch.Tensor, n: int) -> dict[str, Callable[[], object]]:
     scales = torch.rand(n, k // block) / (64 * k**0.5)
     out, buffers = torch.empty(m, n), fused_ops.OutputBuffers()
     p = B.data_ptr(), scales.data_ptr()
-    dequantize = fused_ops.dequantize_panels(B, scales, None, n, k, 8, block)
+    dequantize = fused_ops.dequantize_panels(B.numpy(), scales.numpy(), None, n, k, 8, block)
 
     variants = {
         "1 dequantize all + torch": lambda: torch.nn.functional.linear(
             x, kernels.dequantize_nbits(B, scales, None, 8, block, k)
         ),
-        "2 panels + torch": lambda: fused_ops.paneled_linear(x, n, dequantize, buffers),
+        "2 panels + numpy": lambda: fused_ops.paneled_linear(x.numpy(), n, dequantize, buffers),
         "3 int8 x, VNNI": lambda: _C.gemv_nbits_q8(
             x.data_ptr(), *p, 0, False, 0, out.data_ptr(), m, n, k, 8, block
         ),

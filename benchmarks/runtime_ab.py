@@ -18,6 +18,7 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -45,12 +46,13 @@ def prompt_of(tokens: int) -> str:
 
 
 def run(python: str, artifacts: Path, prompt: str, tokens: int) -> dict:
-    out = subprocess.run(
-        [python, "-m", "xcompile.runtime.cli", str(artifacts), "--prompt", prompt]
+    out = subprocess.run(  # outside the source tree: its xcompile/ would shadow an installed one
+        [python, "-m", "xcompile.runtime.cli", str(artifacts.resolve()), "--prompt", prompt]
         + ["--max-new-tokens", str(tokens), "--json"],
         capture_output=True,
         text=True,
         check=True,
+        cwd=tempfile.gettempdir(),
     )
     return json.loads(out.stdout)
 

@@ -32,7 +32,9 @@ def dtype_name(dtype: Any) -> str:
 
 def widen(a: np.ndarray) -> np.ndarray:
     """BF16 (..., n) -> fp32 (..., n), exactly: the bits shifted into an fp32's high half."""
-    return (a.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    wide = a.view(np.uint16).astype(np.uint32)
+    wide <<= 16
+    return wide.view(np.float32)
 
 
 def round_bf16(a: np.ndarray) -> np.ndarray:

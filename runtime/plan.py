@@ -312,9 +312,16 @@ def linear_step(weight: np.ndarray, use_kernels: bool) -> Callable[[np.ndarray],
 
 
 def split_fixed(x, *, sizes: list[int], axis: int) -> tuple:
-    if isinstance(x, np.ndarray):
-        return tuple(np.split(x, np.cumsum(sizes)[:-1], axis))
-    return x.split(sizes, axis)  # torch (the reference plan)
+    """Views of x's consecutive pieces of `sizes` along axis (numpy, or torch in the reference
+    plan)."""
+    if not isinstance(x, np.ndarray):
+        return x.split(sizes, axis)
+    head = (slice(None),) * (axis % x.ndim)
+    pieces, start = [], 0
+    for size in sizes:
+        pieces.append(x[(*head, slice(start, start + size))])
+        start += size
+    return tuple(pieces)
 
 
 def kv_append(past, new, cache):

@@ -492,7 +492,7 @@ def attention_step(k_cache: np.ndarray, v_cache: np.ndarray, use_kernels: bool, 
     """
     from xcompile import _C
     from xcompile.runtime import kernels
-    from xcompile.runtime.kv_cache import Segment, check_room
+    from xcompile.runtime.gqa_call import GqaCall
 
     if not use_kernels:
         from xcompile.runtime.reference_attention import attention_step as reference
@@ -555,30 +555,11 @@ def attention_step(k_cache: np.ndarray, v_cache: np.ndarray, use_kernels: bool, 
             row += s
         return out, k_cache, v_cache
 
-    def run(
-        q3,
-        k3,
-        v3,
-        past_k,
-        past_v,
-        seqlens_k=None,
-        total_len=None,
-        *_,
-        num_heads,
-        kv_num_heads,
-        scale=None,
-        local_window_size=-1,
-        softcap=0.0,
-        **__,
-    ):
-        segments = kv.segments if kv is not None else None
-        if segments is None:
-            segments = [Segment(0, past_k.shape[2], q3.shape[1])]
-            check_room(segments[0].start + segments[0].length, k_cache.shape[2])
-        d = k_cache.shape[-1]
-        scale = scale or d**-0.5
-        window = local_window_size if local_window_size and local_window_size > 0 else 0
-        softcap = float(softcap or 0.0)  # cap * tanh(s / cap) on each scaled score, in the kernel
+    def run(*inputs, **attrs):
+        call = GqaCall.read(inputs, attrs, kv, capacity, k_cache.shape[-1])
+        q3, k3, v3, segments = call.q3, call.k3, call.v3, call.segments
+        num_heads, kv_num_heads, d = call.heads, call.kv_heads, call.d
+        scale, window, softcap = call.scale, call.window, call.softcap
         if fast and kv is not None and _direct(q3, k3, v3, num_heads, kv_num_heads, d):
             return direct(q3, k3, v3, segments, num_heads, kv_num_heads, d, scale, window, softcap)
         work()  # the general path: numpy copies into the cache, then the kernel

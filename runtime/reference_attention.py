@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 
 from xcompile.runtime.arrays import to_torch
+from xcompile.runtime.gqa_call import GqaCall
 from xcompile.runtime.kernels import gather_slots
-from xcompile.runtime.kv_cache import Segment, check_room
 from xcompile.runtime.reference_ops import attention_reference
 
 
@@ -17,29 +17,10 @@ def attention_step(k_cache, v_cache, kv=None):
     the positions each query sees, read through kv.rows when there is a KVCache."""
     k_cache, v_cache = to_torch(k_cache), to_torch(v_cache)
 
-    def run(
-        q3,
-        k3,
-        v3,
-        past_k,
-        past_v,
-        seqlens_k=None,
-        total_len=None,
-        *_,
-        num_heads,
-        kv_num_heads,
-        scale=None,
-        local_window_size=-1,
-        softcap=0.0,
-        **__,
-    ):
-        segments = kv.segments if kv is not None else None
-        if segments is None:
-            segments = [Segment(0, past_k.shape[2], q3.shape[1])]
-            check_room(segments[0].start + segments[0].length, k_cache.shape[2])
-        d = k_cache.shape[-1]
-        scale = scale or d**-0.5
-        window = local_window_size if local_window_size and local_window_size > 0 else 0
+    def run(*inputs, **attrs):
+        call = GqaCall.read(inputs, attrs, kv, k_cache.shape[2], k_cache.shape[-1])
+        q3, k3, v3, num_heads, d = call.q3, call.k3, call.v3, call.heads, call.d
+        kv_num_heads, segments = call.kv_heads, call.segments
         q = q3.reshape(-1, num_heads, d)
         k = k3.reshape(-1, kv_num_heads, d).transpose(0, 1)  # (kv, T, d)
         v = v3.reshape(-1, kv_num_heads, d).transpose(0, 1)
@@ -59,9 +40,9 @@ def attention_step(k_cache, v_cache, kv=None):
                 values[None].float(),
                 p,
                 num_heads,
-                scale,
-                window,
-                float(softcap or 0.0),
+                call.scale,
+                call.window,
+                call.softcap,
             )
             outs.append(out.reshape(s, -1))
             row += s

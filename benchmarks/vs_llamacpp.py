@@ -98,18 +98,16 @@ def worker(artifacts: Path, threads: int, prompt: int, gen: int, depth: int, kv:
     launch.bind(sorted(os.sched_getaffinity(0))[:threads])
     import random
 
-    import torch
-
     from xcompile.runtime import kernels
+    from xcompile.runtime.arrays import dtype_name
     from xcompile.runtime.model import Model
 
-    torch.set_num_threads(threads)
-    kernels.set_num_threads(threads)
+    kernels.set_num_threads(threads)  # the runtime as xrun runs it: no torch
     model = Model.load(artifacts, kv_cache=kv or "auto")
     vocab = int(model.config.get("vocab_size") or 32000)
     rng = random.Random(0)
     ids = [rng.randrange(vocab) for _ in range(max(prompt, depth) + gen + 8)]
-    report: dict = {"isa": kernels.isa(), "kv_cache": str(model.kv_dtype).removeprefix("torch.")}
+    report: dict = {"isa": kernels.isa(), "kv_cache": dtype_name(model.kv_dtype)}
 
     if prompt:
         cache = model.new_cache(prompt + 1)

@@ -120,5 +120,5 @@ def from_torch(t: Any) -> Any:
     import torch
 
     if t.dtype == torch.bfloat16:
-        return t.detach().contiguous().view(torch.int16).numpy().view(BF16)
+        return t.detach().view(torch.int16).numpy().view(BF16)
     return t.detach().numpy()

@@ -23,7 +23,7 @@ import numpy as np
 
 from xcompile import _C
 from xcompile._C import isa, num_threads, set_isa, set_num_threads, supported_isas
-from xcompile.runtime.arrays import BF16, dtype_name, widen
+from xcompile.runtime.arrays import BF16, dtype_name, from_torch, widen
 
 if TYPE_CHECKING:
     import torch
@@ -85,13 +85,8 @@ def _is_torch(a: object) -> bool:
 def _from_torch(t: torch.Tensor) -> np.ndarray | None:
     """A numpy view of a CPU tensor's memory (bf16 through int16), or None for a dtype numpy
     lacks."""
-    import torch
-
-    t = t.detach()
     try:
-        if t.dtype == torch.bfloat16:
-            return t.view(torch.int16).numpy().view(BF16)  # BF16 storage
-        return t.numpy()
+        return from_torch(t)
     except TypeError:
         return None
 

@@ -473,9 +473,8 @@ def build_plan(
         if node.domain == "ai.xcompile" and node.op_type in ("AllReduce", "AllGather"):
             if comm is None:
                 raise UserError(f"{node.name} needs ranks to talk to; run the artifacts with xrun")
+            # numpy arrays, or the reference plan's torch tensors: the Communicator takes either
             fn = comm.all_reduce if node.op_type == "AllReduce" else comm.all_gather
-            if reference:
-                fn = _on_torch(fn)
             steps.append(Step(node.name, fn, ins, outs, attrs))
             continue
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
@@ -580,16 +579,6 @@ def share_buffers(steps: list[Step], fetch: int) -> fused_ops.BufferPool:
         free_after[color] = len(steps) if i in result else last.get(i, i)
         buffers.share(pool, color)
     return pool
-
-
-def _on_torch(collective):
-    """A collective of the Communicator (numpy in, numpy out) for the reference plan's torch
-    tensors: the same memory, viewed both ways."""
-
-    def run(x, **attrs):
-        return to_torch(collective(from_torch(x), **attrs))
-
-    return run
 
 
 def _head_step(steps: list[Step], producer: dict, fetch: str) -> Step | None:

@@ -3,12 +3,13 @@ of fused_ops.attention_step (same contract; torch imported by the caller that as
 
 from __future__ import annotations
 
-import torch
-
 from xcompile.runtime.arrays import to_torch
 from xcompile.runtime.gqa_call import GqaCall
 from xcompile.runtime.kernels import gather_slots
+from xcompile.runtime.optional import require_torch
 from xcompile.runtime.reference_ops import attention_reference
+
+torch = require_torch("--reference")  # only the reference plan imports this module
 
 
 def attention_step(k_cache, v_cache, kv=None):

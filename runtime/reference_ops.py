@@ -7,14 +7,19 @@ frontends and passes emit are here; a graph with another op is refused when the 
 REFERENCE[(domain, op)]: the fused ops the passes emit (ONNX Runtime's com.microsoft vocabulary, and
 ai.xcompile), fn(*inputs, **attributes) -> output(s); attention_reference: GroupQueryAttention's
 arithmetic over gathered keys and values.
+
+Only the reference plan (xrun --reference, Model.load(use_kernels=False)) and the tests import
+this module, and it imports torch then: one line naming --reference if torch is not installed.
 """
 
 from __future__ import annotations
 
 import math
 
-import torch
-import torch.nn.functional as F
+from xcompile.runtime.optional import require_torch
+
+torch = require_torch("--reference")
+F = torch.nn.functional
 
 MS = "com.microsoft"
 XC = "ai.xcompile"

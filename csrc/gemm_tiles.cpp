@@ -46,21 +46,51 @@ struct PackedBf16 {
   std::vector<uint16_t, LineAligned<uint16_t>> hi, lo;
 };
 
+// One (m tile, k step) block of PackedBf16: rows j of x (16 of them, those past M stay zero) as
+// hi / lo pairs, pair r of row j at [r][j] (uint32: k even in the low half). Plain integer code on
+// uint32 lanes that the compiler vectorizes: bf16_round's arithmetic, a NaN kept a NaN.
+inline void pack_bf16_block(const float* x, int64_t rows, int64_t K, uint32_t* hi,
+                            uint32_t* lo) {
+  for (int64_t j = 0; j < rows; ++j) {
+    uint32_t bits[32], h[32], l[32];
+    std::memcpy(bits, x + j * K, sizeof bits);
+    for (int i = 0; i < 32; ++i) {
+      const uint32_t b = bits[i];
+      const bool nan = (b & 0x7FFFFFFFu) > 0x7F800000u;
+      h[i] = nan ? (b >> 16) | 0x40 : (b + 0x7FFFu + ((b >> 16) & 1)) >> 16;
+      float v, hv;
+      std::memcpy(&v, &b, 4);
+      const uint32_t hb = h[i] << 16;
+      std::memcpy(&hv, &hb, 4);
+      const float r = v - hv;
+      uint32_t rb;
+      std::memcpy(&rb, &r, 4);
+      const bool rnan = (rb & 0x7FFFFFFFu) > 0x7F800000u;
+      l[i] = rnan ? (rb >> 16) | 0x40 : (rb + 0x7FFFu + ((rb >> 16) & 1)) >> 16;
+    }
+    for (int r = 0; r < 16; ++r) {
+      hi[r * 16 + j] = h[2 * r] | (h[2 * r + 1] << 16);
+      lo[r * 16 + j] = l[2 * r] | (l[2 * r + 1] << 16);
+    }
+  }
+}
+
 PackedBf16 pack_bf16(const float* x, int64_t M, int64_t K) {
   PackedBf16 p;
   p.m_tiles = (M + kTileRows - 1) / kTileRows;
   p.k_steps = K / 32;
   p.hi.assign(size_t(p.m_tiles * p.k_steps * kTileRows * 32), 0);
   p.lo.assign(p.hi.size(), 0);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) {
-      const int64_t at =
-          ((m / 16 * p.k_steps + k / 32) * kTileRows + k % 32 / 2) * 32 + m % 16 * 2 + k % 2;
-      const float v = x[m * K + k];
-      const uint16_t hi = bf16_round(v);
-      p.hi[at] = hi;
-      p.lo[at] = bf16_round(v - bf16_to_f32(hi));
-    }
+  auto* hi = reinterpret_cast<uint32_t*>(p.hi.data());
+  auto* lo = reinterpret_cast<uint32_t*>(p.lo.data());
+  const int64_t blocks = p.m_tiles * p.k_steps;
+  const int threads = num_threads();
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && M * K >= kTileParallelMinElems)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t mt = b / p.k_steps, ks = b % p.k_steps;
+    const int64_t rows = std::min<int64_t>(kTileRows, M - mt * kTileRows);
+    pack_bf16_block(x + mt * kTileRows * K + ks * 32, rows, K, hi + b * 256, lo + b * 256);
+  }
   return p;
 }
 
@@ -82,11 +112,15 @@ PackedQ8 pack_q8(const QuantizedX& qx, int64_t M) {
   p.q.assign(size_t(p.m_tiles * p.chunks * kTileRows * kTileBytes), 0);
   p.scale.assign(size_t(p.m_tiles * p.units * 16), 0.0f);
   p.c.assign(size_t(p.m_tiles * qx.k_blocks * 16), 0.0f);
+  auto* q = reinterpret_cast<uint32_t*>(p.q.data());  // quads: [m tile][chunk][r][column j]
   for (int64_t m = 0; m < M; ++m) {
     const int64_t mt = m / 16, j = m % 16;
-    for (int64_t k = 0; k < qx.padded; ++k)
-      p.q[((mt * p.chunks + k / 64) * kTileRows + k % 64 / 4) * 64 + j * 4 + k % 4] =
-          qx.q[m * qx.padded + k];
+    for (int64_t ch = 0; ch < p.chunks; ++ch) {
+      uint32_t quads[16];
+      std::memcpy(quads, qx.q.data() + m * qx.padded + ch * kTileBytes, sizeof quads);
+      uint32_t* to = q + (mt * p.chunks + ch) * 256 + j;
+      for (int r = 0; r < 16; ++r) to[r * 16] = quads[r];
+    }
     for (int64_t u = 0; u < p.units; ++u)
       p.scale[(mt * p.units + u) * 16 + j] = qx.scale[m * qx.units + u];
     for (int64_t b = 0; b < qx.k_blocks; ++b)

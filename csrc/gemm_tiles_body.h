@@ -5,63 +5,114 @@
 // them and the packed operands (PackedBf16, PackedQ8) before each inclusion.
 
 // ---- BF16 weights ------------------------------------------------------------------------------
-// Weight rows n0 .. n0 + 15 (the A operand: 32 bf16 of each per k step, read in place from w,
-// stride 2K) times MT tiles of x (hi and lo, B operands) -> ct[t] (16 n x 16 m fp32).
-// Tiles: 0, 1 accumulators; 2 weights; 4, 5 hi and lo of x's first tile; 6, 7 of its second.
-template <int MT>
-inline void bf16_block(const PackedBf16& xp, const uint16_t* w, int64_t n0, int64_t mt0,
-                       int64_t K, float (*ct)[kTileRows][16]) {
+// NB weight tiles (rows n0 .. n0 + 16 NB - 1, the A operands: 32 bf16 of each row per k step, read
+// in place from w, stride 2K) times one tile of x (hi and lo, the B operands) over k steps
+// ks0 .. ks1 - 1, added to c[0 .. NB - 1] (16 n x 16 m fp32 each; zeros when `first`).
+// Tiles: 0 .. 2 accumulators; 3 .. 5 weights; 6, 7 hi and lo of x: 2 NB dot products for NB + 2
+// loads a step (the tile unit, not the loads, sets the pace from NB = 3).
+template <int NB>
+inline void bf16_block(const PackedBf16& xp, const uint16_t* w, int64_t n0, int64_t mt,
+                       int64_t K, int64_t ks0, int64_t ks1, bool first, float (*c)[16][16]) {
   constexpr int64_t kStepElems = kTileRows * 32;  // one B tile: 16 pairs x 16 columns x 2
-  Tiles::template zero<0>();
-  if constexpr (MT == 2) Tiles::template zero<1>();
-  const uint16_t* hi = xp.hi.data() + mt0 * xp.k_steps * kStepElems;
-  const uint16_t* lo = xp.lo.data() + mt0 * xp.k_steps * kStepElems;
-  const int64_t next = xp.k_steps * kStepElems;  // the next tile of x
-  for (int64_t ks = 0; ks < xp.k_steps; ++ks) {
-    Tiles::template load<2>(w + n0 * K + ks * 32, 2 * K);
-    Tiles::template load<4>(hi + ks * kStepElems, kTileBytes);
-    Tiles::template load<5>(lo + ks * kStepElems, kTileBytes);
-    Tiles::template dpbf16ps<0, 2, 4>();
-    Tiles::template dpbf16ps<0, 2, 5>();
-    if constexpr (MT == 2) {
-      Tiles::template load<6>(hi + next + ks * kStepElems, kTileBytes);
-      Tiles::template load<7>(lo + next + ks * kStepElems, kTileBytes);
-      Tiles::template dpbf16ps<1, 2, 6>();
-      Tiles::template dpbf16ps<1, 2, 7>();
+  if (first) {
+    Tiles::template zero<0>();
+    if constexpr (NB > 1) Tiles::template zero<1>();
+    if constexpr (NB > 2) Tiles::template zero<2>();
+  } else {
+    Tiles::template load<0>(c[0], kTileBytes);
+    if constexpr (NB > 1) Tiles::template load<1>(c[1], kTileBytes);
+    if constexpr (NB > 2) Tiles::template load<2>(c[2], kTileBytes);
+  }
+  const uint16_t* hi = xp.hi.data() + mt * xp.k_steps * kStepElems;
+  const uint16_t* lo = xp.lo.data() + mt * xp.k_steps * kStepElems;
+  const uint16_t* wk = w + n0 * K;
+  for (int64_t ks = ks0; ks < ks1; ++ks) {
+    Tiles::template load<6>(hi + ks * kStepElems, kTileBytes);
+    Tiles::template load<7>(lo + ks * kStepElems, kTileBytes);
+    Tiles::template load<3>(wk + ks * 32, 2 * K);
+    Tiles::template dpbf16ps<0, 3, 6>();
+    Tiles::template dpbf16ps<0, 3, 7>();
+    if constexpr (NB > 1) {
+      Tiles::template load<4>(wk + 16 * K + ks * 32, 2 * K);
+      Tiles::template dpbf16ps<1, 4, 6>();
+      Tiles::template dpbf16ps<1, 4, 7>();
+    }
+    if constexpr (NB > 2) {
+      Tiles::template load<5>(wk + 32 * K + ks * 32, 2 * K);
+      Tiles::template dpbf16ps<2, 5, 6>();
+      Tiles::template dpbf16ps<2, 5, 7>();
     }
   }
-  Tiles::template store<0>(ct[0], kTileBytes);
-  if constexpr (MT == 2) Tiles::template store<1>(ct[1], kTileBytes);
+  Tiles::template store<0>(c[0], kTileBytes);
+  if constexpr (NB > 1) Tiles::template store<1>(c[1], kTileBytes);
+  if constexpr (NB > 2) Tiles::template store<2>(c[2], kTileBytes);
 }
 
-// out rows m of the tiles mt0 .. mt0 + MT - 1 that exist (< M), columns n0 .. n0 + 15
-inline void write_tiles(float (*ct)[kTileRows][16], int mt_count, int64_t mt0, int64_t n0,
-                        const float* bias, float* out, int64_t M, int64_t N) {
-  for (int t = 0; t < mt_count; ++t)
-    for (int64_t j = 0, m = (mt0 + t) * 16; j < 16 && m < M; ++j, ++m)
-      for (int i = 0; i < kTileRows; ++i)
-        out[m * N + n0 + i] = ct[t][i][j] + (bias ? bias[n0 + i] : 0.0f);
+// out rows m of tile mt that exist (< M), columns n0 .. n0 + 15, from c (16 n x 16 m)
+inline void write_tile(const float (*c)[16], int64_t mt, int64_t n0, const float* bias, float* out,
+                       int64_t M, int64_t N) {
+  for (int64_t j = 0, m = mt * 16; j < 16 && m < M; ++j, ++m)
+    for (int i = 0; i < kTileRows; ++i) out[m * N + n0 + i] = c[i][j] + (bias ? bias[n0 + i] : 0.0f);
 }
+
+// Blocking (x packed once, pack_bf16): each thread takes a contiguous range of n blocks (3 weight
+// tiles, 48 rows) and walks, per group of up to 8 x tiles (128 rows), K in pieces of kChunk steps
+// (48 rows x 256 k of weights = 24 KiB: they stay in L1 while every x tile of the group passes),
+// inside spans of K whose x (hi + lo) fits L2 (kSpanBytes): the accumulators of a thread's n blocks
+// wait in its scratch between spans, so x comes from L2 and each weight from memory once per group.
+constexpr int64_t kChunkSteps = 8;             // k steps (of 32) per L1-resident weight piece
+constexpr int64_t kGroupTiles = 8;              // x tiles (of 16 rows) per pass over the weights
+constexpr int64_t kSpanBytes = int64_t(1) << 20;  // x (hi + lo) per span, for L2
 
 void gemm_bf16(const float* x, const uint16_t* w, const float* bias, float* out, int64_t M,
                int64_t N, int64_t K) {
   const PackedBf16 xp = pack_bf16(x, M, K);
-  const int64_t n_tiles = N / kTileRows;
+  const int64_t n_tiles = N / kTileRows, n_blocks = (n_tiles + 2) / 3;
   const int threads = num_threads();
-  const bool pool = threads > 1 && n_tiles > 1 && N * K >= kTileParallelMinElems;
+  const bool pool = threads > 1 && n_blocks > 1 && N * K >= kTileParallelMinElems;
+  const int64_t group_tiles = std::min(kGroupTiles, xp.m_tiles);
+  const int64_t step_bytes = group_tiles * kTileRows * 32 * 2 * 2;  // x hi + lo, one k step
+  const int64_t span = std::max<int64_t>(kChunkSteps, kSpanBytes / step_bytes / kChunkSteps *
+                                                          kChunkSteps);
 #pragma omp parallel num_threads(threads) if (pool)
   {
+    const int t = omp_get_thread_num(), nt_ = omp_get_num_threads();
+    const int64_t b0 = n_blocks * t / nt_, b1 = n_blocks * (t + 1) / nt_;
     Tiles::begin();
-    alignas(64) float ct[2][kTileRows][16];
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t nt = 0; nt < n_tiles; ++nt) {
-      for (int64_t mt = 0; mt < xp.m_tiles; mt += 2) {
-        const int mt_count = mt + 2 <= xp.m_tiles ? 2 : 1;
-        if (mt_count == 2) bf16_block<2>(xp, w, nt * kTileRows, mt, K, ct);
-        else bf16_block<1>(xp, w, nt * kTileRows, mt, K, ct);
-        write_tiles(ct, mt_count, mt, nt * kTileRows, bias, out, M, N);
+    // accumulators for one group of x tiles: [n block][x tile][3][16][16], every block of the
+    // thread's while K takes several spans, one block's otherwise (written out at once)
+    const bool spans = span < xp.k_steps;
+    LineAligned<float> allocator;
+    const size_t floats = size_t((spans ? b1 - b0 : 1) * group_tiles * 768);
+    float* scratch = allocator.allocate(floats);
+    auto acc = [&](int64_t b, int64_t g) {
+      return reinterpret_cast<float(*)[16][16]>(scratch +
+                                                 ((spans ? b - b0 : 0) * group_tiles + g) * 768);
+    };
+    for (int64_t mg = 0; mg < xp.m_tiles; mg += group_tiles) {
+      const int64_t g_end = std::min(xp.m_tiles, mg + group_tiles);
+      for (int64_t s0 = 0; s0 < xp.k_steps; s0 += span) {
+        const int64_t s1 = std::min(xp.k_steps, s0 + span);
+        for (int64_t b = b0; b < b1; ++b) {
+          const int64_t n0 = b * 3 * kTileRows;
+          const int nb = int(std::min<int64_t>(3, n_tiles - b * 3));
+          for (int64_t k0 = s0; k0 < s1; k0 += kChunkSteps) {
+            const int64_t k1 = std::min(s1, k0 + kChunkSteps);
+            for (int64_t mt = mg; mt < g_end; ++mt) {
+              float(*c)[16][16] = acc(b, mt - mg);
+              if (nb == 3) bf16_block<3>(xp, w, n0, mt, K, k0, k1, k0 == 0, c);
+              else if (nb == 2) bf16_block<2>(xp, w, n0, mt, K, k0, k1, k0 == 0, c);
+              else bf16_block<1>(xp, w, n0, mt, K, k0, k1, k0 == 0, c);
+            }
+          }
+          if (s1 == xp.k_steps)  // the block's sums are whole: out
+            for (int64_t mt = mg; mt < g_end; ++mt)
+              for (int i = 0; i < nb; ++i)
+                write_tile(acc(b, mt - mg)[i], mt, n0 + i * kTileRows, bias, out, M, N);
+        }
       }
     }
+    allocator.deallocate(scratch, floats);
     Tiles::end();
   }
 }

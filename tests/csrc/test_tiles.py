@@ -66,6 +66,23 @@ def test_bf16_tiles_match_fp32_reference(emulate, k, threads):
 
 
 @pytest.mark.parametrize("emulate", UNITS, ids=lambda e: unit_ids[e])
+def test_bf16_tiles_blocking_edges(emulate, threads):
+    """The blocking's edges: 5 weight tiles (a block of 3 and one of 2), 150 rows (a group of 8 x
+    tiles, then 2 with a tail of 6 rows), K = 2080 (65 steps: a second span of K past the 64 that
+    a group of 8 tiles holds in L2, its sums carried over in the scratch)."""
+    m, n, k = 150, 80, 2080
+    gen = torch.Generator().manual_seed(7)
+    w = (torch.randn(n, k, generator=gen) / k**0.5).to(torch.bfloat16)
+    bias = torch.randn(n, generator=gen)
+    x = torch.randn(m, k, generator=gen) * 3
+    expected = kernels.linear_reference(x, w, bias)
+    for t in (1, 2):
+        _C.set_num_threads(t)
+        error = (_bf16_tiles(x, w, bias, emulate) - expected).abs().max().item()
+        assert error <= 2e-4, f"threads={t}: {error:.3g}"
+
+
+@pytest.mark.parametrize("emulate", UNITS, ids=lambda e: unit_ids[e])
 @pytest.mark.parametrize("zp_kind", ZPS)
 @pytest.mark.parametrize("bits,block", [(8, 64), (8, 256), (8, 512), (4, 128), (4, 256), (4, 512)])
 def test_q8_tiles_match_reference(emulate, bits, block, zp_kind, threads):

@@ -5,14 +5,14 @@
 // them and the packed operands (PackedBf16, PackedQ8) before each inclusion.
 
 // ---- BF16 weights ------------------------------------------------------------------------------
-// NB weight tiles (rows n0 .. n0 + 16 NB - 1, the A operands: 32 bf16 of each row per k step, read
-// in place from w, stride 2K) times one tile of x (hi and lo, the B operands) over k steps
-// ks0 .. ks1 - 1, added to c[0 .. NB - 1] (16 n x 16 m fp32 each; zeros when `first`).
+// NB weight tiles (the A operands, from wp: a piece of weights packed by pack_piece, step by step)
+// times one tile of x (hi and lo, the B operands) over k steps ks0 .. ks1 - 1, added to
+// c[0 .. NB - 1] (16 n x 16 m fp32 each; zeros when `first`).
 // Tiles: 0 .. 2 accumulators; 3 .. 5 weights; 6, 7 hi and lo of x: 2 NB dot products for NB + 2
 // loads a step (the tile unit, not the loads, sets the pace from NB = 3).
 template <int NB>
-inline void bf16_block(const PackedBf16& xp, const uint16_t* w, int64_t n0, int64_t mt,
-                       int64_t K, int64_t ks0, int64_t ks1, bool first, float (*c)[16][16]) {
+inline void bf16_block(const PackedBf16& xp, const uint16_t* wp, int64_t mt, int64_t ks0,
+                       int64_t ks1, bool first, float (*c)[16][16]) {
   constexpr int64_t kStepElems = kTileRows * 32;  // one B tile: 16 pairs x 16 columns x 2
   if (first) {
     Tiles::template zero<0>();
@@ -25,20 +25,19 @@ inline void bf16_block(const PackedBf16& xp, const uint16_t* w, int64_t n0, int6
   }
   const uint16_t* hi = xp.hi.data() + mt * xp.k_steps * kStepElems;
   const uint16_t* lo = xp.lo.data() + mt * xp.k_steps * kStepElems;
-  const uint16_t* wk = w + n0 * K;
-  for (int64_t ks = ks0; ks < ks1; ++ks) {
+  for (int64_t ks = ks0; ks < ks1; ++ks, wp += NB * kStepElems) {
     Tiles::template load<6>(hi + ks * kStepElems, kTileBytes);
     Tiles::template load<7>(lo + ks * kStepElems, kTileBytes);
-    Tiles::template load<3>(wk + ks * 32, 2 * K);
+    Tiles::template load<3>(wp, kTileBytes);
     Tiles::template dpbf16ps<0, 3, 6>();
     Tiles::template dpbf16ps<0, 3, 7>();
     if constexpr (NB > 1) {
-      Tiles::template load<4>(wk + 16 * K + ks * 32, 2 * K);
+      Tiles::template load<4>(wp + kStepElems, kTileBytes);
       Tiles::template dpbf16ps<1, 4, 6>();
       Tiles::template dpbf16ps<1, 4, 7>();
     }
     if constexpr (NB > 2) {
-      Tiles::template load<5>(wk + 32 * K + ks * 32, 2 * K);
+      Tiles::template load<5>(wp + 2 * kStepElems, kTileBytes);
       Tiles::template dpbf16ps<2, 5, 6>();
       Tiles::template dpbf16ps<2, 5, 7>();
     }
@@ -46,6 +45,16 @@ inline void bf16_block(const PackedBf16& xp, const uint16_t* w, int64_t n0, int6
   Tiles::template store<0>(c[0], kTileBytes);
   if constexpr (NB > 1) Tiles::template store<1>(c[1], kTileBytes);
   if constexpr (NB > 2) Tiles::template store<2>(c[2], kTileBytes);
+}
+
+// Weight rows n0 .. n0 + 16 nb - 1, k steps k0 .. k1 - 1, copied to wp as [step][tile][16 rows][32]:
+// read in place, tiles of rows 2K bytes apart alias in L1 when K is a power of two (4 KiB apart:
+// one cache set), and the piece would not stay there while the x tiles pass.
+inline void pack_piece(const uint16_t* w, int64_t K, int64_t n0, int nb, int64_t k0, int64_t k1,
+                       uint16_t* wp) {
+  for (int64_t ks = k0; ks < k1; ++ks)
+    for (int r = 0; r < nb * kTileRows; ++r, wp += 32)
+      std::memcpy(wp, w + (n0 + r) * K + ks * 32, 64);
 }
 
 // out rows m of tile mt that exist (< M), columns n0 .. n0 + 15, from c (16 n x 16 m)
@@ -85,6 +94,7 @@ void gemm_bf16(const float* x, const uint16_t* w, const float* bias, float* out,
     LineAligned<float> allocator;
     const size_t floats = size_t((spans ? b1 - b0 : 1) * group_tiles * 768);
     float* scratch = allocator.allocate(floats);
+    alignas(64) uint16_t piece[kChunkSteps * 3 * kTileRows * 32];  // 24 KiB of weights
     auto acc = [&](int64_t b, int64_t g) {
       return reinterpret_cast<float(*)[16][16]>(scratch +
                                                  ((spans ? b - b0 : 0) * group_tiles + g) * 768);
@@ -98,11 +108,12 @@ void gemm_bf16(const float* x, const uint16_t* w, const float* bias, float* out,
           const int nb = int(std::min<int64_t>(3, n_tiles - b * 3));
           for (int64_t k0 = s0; k0 < s1; k0 += kChunkSteps) {
             const int64_t k1 = std::min(s1, k0 + kChunkSteps);
+            pack_piece(w, K, n0, nb, k0, k1, piece);
             for (int64_t mt = mg; mt < g_end; ++mt) {
               float(*c)[16][16] = acc(b, mt - mg);
-              if (nb == 3) bf16_block<3>(xp, w, n0, mt, K, k0, k1, k0 == 0, c);
-              else if (nb == 2) bf16_block<2>(xp, w, n0, mt, K, k0, k1, k0 == 0, c);
-              else bf16_block<1>(xp, w, n0, mt, K, k0, k1, k0 == 0, c);
+              if (nb == 3) bf16_block<3>(xp, piece, mt, k0, k1, k0 == 0, c);
+              else if (nb == 2) bf16_block<2>(xp, piece, mt, k0, k1, k0 == 0, c);
+              else bf16_block<1>(xp, piece, mt, k0, k1, k0 == 0, c);
             }
           }
           if (s1 == xp.k_steps)  // the block's sums are whole: out

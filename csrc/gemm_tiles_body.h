@@ -129,43 +129,61 @@ void gemm_bf16(const float* x, const uint16_t* w, const float* bias, float* out,
 }
 
 // ---- INT8 / INT4 weights on int8 activations ---------------------------------------------------
-// Weight rows n0 .. n0 + 15 times one tile of x (rows m0 .. m0 + 15), every block:
+// Weight rows n0 .. n0 + 15 times MT tiles of x (rows of tile mt0 + t), every block:
 //   per unit u:  C = sum over its 64-byte chunks of A (16 rows x 64 u8 weights) . B (x, VNNI)
 //                in_block[n][m] += C[n][m] * sx[m, u]
 //   per block b: acc[n][m] += s[n, b] * (in_block[n][m] - zp[n, b] * c[m, b])
-// the scalar reference's formula (gemv_nbits_vnni.cpp), in fp32. A comes from `rows` (stride
-// `stride` bytes: the weights in place for INT8, their nibbles unpacked for INT4).
-// Tiles: 0 accumulator (int32), 2 weights, 4 x.
-template <int BITS>
+// the scalar reference's formula (gemv_nbits_vnni.cpp), in fp32, on rows of 16 lanes (columns m:
+// GCC's vector types, whatever the target). A comes from `rows` (stride `stride` bytes: the
+// weights in place for INT8, their nibbles unpacked for INT4).
+// Tiles: 0, 1 accumulators (int32), 2 weights, 4, 5 x: two independent dot products a unit.
+using Lanes = float __attribute__((vector_size(64)));
+using IntLanes = int32_t __attribute__((vector_size(64)));
+
+inline Lanes load_lanes(const float* p) {
+  Lanes v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+template <int BITS, int MT>
 inline void q8_block(const PackedQ8& xp, const NBits& w, const uint8_t* rows, int64_t stride,
-                     int64_t n0, int64_t mt, float (*acc)[16]) {
+                     const float (*s)[kTileRows], const float (*zp)[kTileRows], int64_t mt0,
+                     Lanes (*acc)[kTileRows]) {
   constexpr int chunks_per_unit = BITS == 8 ? 1 : 2;
   const int64_t per_block = w.block_size / xp.unit;
-  const int8_t* xq = xp.q.data() + mt * xp.chunks * (kTileRows * kTileBytes);
-  alignas(64) int32_t c[kTileRows][16];
-  float in_block[kTileRows][16];
-  for (int i = 0; i < kTileRows; ++i)
-    for (int j = 0; j < 16; ++j) acc[i][j] = 0.0f;
+  const int64_t x_tile = xp.chunks * (kTileRows * kTileBytes);
+  const int8_t* xq = xp.q.data() + mt0 * x_tile;
+  alignas(64) IntLanes c[MT][kTileRows];
+  Lanes in_block[MT][kTileRows];
+  for (int t = 0; t < MT; ++t)
+    for (int i = 0; i < kTileRows; ++i) acc[t][i] = Lanes{};
   for (int64_t b = 0, u = 0; b < w.k_blocks; ++b) {
-    for (int i = 0; i < kTileRows; ++i)
-      for (int j = 0; j < 16; ++j) in_block[i][j] = 0.0f;
+    for (int t = 0; t < MT; ++t)
+      for (int i = 0; i < kTileRows; ++i) in_block[t][i] = Lanes{};
     for (int64_t end = u + per_block; u < end; ++u) {
       Tiles::template zero<0>();
+      if constexpr (MT == 2) Tiles::template zero<1>();
       for (int64_t ch = u * chunks_per_unit; ch < (u + 1) * chunks_per_unit; ++ch) {
         Tiles::template load<2>(rows + ch * kTileBytes, stride);
         Tiles::template load<4>(xq + ch * (kTileRows * kTileBytes), kTileBytes);
         Tiles::template dpbusd<0, 2, 4>();
+        if constexpr (MT == 2) {
+          Tiles::template load<5>(xq + x_tile + ch * (kTileRows * kTileBytes), kTileBytes);
+          Tiles::template dpbusd<1, 2, 5>();
+        }
       }
-      Tiles::template store<0>(c, kTileBytes);
-      const float* sx = xp.scale.data() + (mt * xp.units + u) * 16;
-      for (int i = 0; i < kTileRows; ++i)
-        for (int j = 0; j < 16; ++j) in_block[i][j] += float(c[i][j]) * sx[j];
+      Tiles::template store<0>(c[0], kTileBytes);
+      if constexpr (MT == 2) Tiles::template store<1>(c[1], kTileBytes);
+      for (int t = 0; t < MT; ++t) {
+        const Lanes sx = load_lanes(xp.scale.data() + ((mt0 + t) * xp.units + u) * 16);
+        for (int i = 0; i < kTileRows; ++i)
+          in_block[t][i] += __builtin_convertvector(c[t][i], Lanes) * sx;
+      }
     }
-    const float* cx = xp.c.data() + (mt * w.k_blocks + b) * 16;
-    for (int i = 0; i < kTileRows; ++i) {
-      const Row row = w.row(n0 + i);
-      const float s = row.s[b], zp = zero_point<BITS>(row, b);
-      for (int j = 0; j < 16; ++j) acc[i][j] += s * (in_block[i][j] - zp * cx[j]);
+    for (int t = 0; t < MT; ++t) {
+      const Lanes cx = load_lanes(xp.c.data() + ((mt0 + t) * w.k_blocks + b) * 16);
+      for (int i = 0; i < kTileRows; ++i) acc[t][i] += s[b][i] * (in_block[t][i] - zp[b][i] * cx);
     }
   }
 }
@@ -176,11 +194,11 @@ inline void unpack_int4(const NBits& w, int64_t n0, int64_t padded, uint8_t* row
   for (int i = 0; i < kTileRows; ++i) {
     const uint8_t* q = w.row(n0 + i).q;
     uint8_t* r = rows + i * padded;
-    for (int64_t byte = 0; byte < padded / 2; ++byte) {
-      const int64_t unit = byte / 64, at = byte % 64;
-      r[unit * 128 + at] = q[byte] & 0xF;
-      r[unit * 128 + 64 + at] = q[byte] >> 4;
-    }
+    for (int64_t unit = 0; unit < padded / 128; ++unit, q += 64, r += 128)
+      for (int at = 0; at < 64; ++at) {
+        r[at] = q[at] & 0xF;
+        r[64 + at] = q[at] >> 4;
+      }
   }
 }
 
@@ -195,21 +213,32 @@ void gemm_nbits_q8_bits(const QuantizedX& qx, const NBits& w, const float* bias,
   {
     Tiles::begin();
     std::vector<uint8_t, LineAligned<uint8_t>> unpacked(BITS == 4 ? kTileRows * qx.padded : 0);
-    alignas(64) float acc[kTileRows][16];
+    std::vector<float> s(size_t(w.k_blocks * kTileRows)), zp(s.size());  // [block][row]
+    const auto* s_b = reinterpret_cast<const float(*)[kTileRows]>(s.data());
+    const auto* zp_b = reinterpret_cast<const float(*)[kTileRows]>(zp.data());
+    Lanes acc[2][kTileRows];
 #pragma omp for schedule(dynamic, 1)
     for (int64_t nt = 0; nt < n_tiles; ++nt) {
       const int64_t n0 = nt * kTileRows;
+      for (int i = 0; i < kTileRows; ++i) {
+        const Row row = w.row(n0 + i);
+        for (int64_t b = 0; b < w.k_blocks; ++b) {
+          s[b * kTileRows + i] = row.s[b];
+          zp[b * kTileRows + i] = zero_point<BITS>(row, b);
+        }
+      }
       const uint8_t* rows = w.row(n0).q;  // INT8: the weights in place, rows padded bytes apart
       if constexpr (BITS == 4) {
         unpack_int4(w, n0, qx.padded, unpacked.data());
         asm volatile("" ::: "memory");  // tileloadd's asm names no memory input: stores first
         rows = unpacked.data();
       }
-      for (int64_t mt = 0; mt < xp.m_tiles; ++mt) {
-        q8_block<BITS>(xp, w, rows, qx.padded, n0, mt, acc);
-        for (int64_t j = 0, m = mt * 16; j < 16 && m < M; ++j, ++m)
-          for (int i = 0; i < kTileRows; ++i)
-            out[m * N + n0 + i] = acc[i][j] + (bias ? bias[n0 + i] : 0.0f);
+      for (int64_t mt = 0; mt < xp.m_tiles; mt += 2) {
+        const int mts = mt + 2 <= xp.m_tiles ? 2 : 1;
+        if (mts == 2) q8_block<BITS, 2>(xp, w, rows, qx.padded, s_b, zp_b, mt, acc);
+        else q8_block<BITS, 1>(xp, w, rows, qx.padded, s_b, zp_b, mt, acc);
+        for (int t = 0; t < mts; ++t)
+          write_tile(reinterpret_cast<const float(*)[16]>(acc[t]), mt + t, n0, bias, out, M, N);
       }
     }
     Tiles::end();

@@ -137,6 +137,7 @@ struct EmulatedTiles {
 // the (accumulator, A, B) triples the kernels use
 #define XC_ON_TRIPLE(C, A, B, F)                                                 \
   if constexpr (C == 0 && A == 2 && B == 4) F(0, 2, 4);                          \
+  else if constexpr (C == 1 && A == 2 && B == 5) F(1, 2, 5);                     \
   else if constexpr (C == 0 && A == 3 && B == 6) F(0, 3, 6);                     \
   else if constexpr (C == 0 && A == 3 && B == 7) F(0, 3, 7);                     \
   else if constexpr (C == 1 && A == 4 && B == 6) F(1, 4, 6);                     \

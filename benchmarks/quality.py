@@ -33,6 +33,9 @@ VARIANTS = {
     "fp32": ["--fp32"],
     "bf16": ["--bf16"],
     "int8": ["--int8"],
+    "int8 + lm_head": ["--int8", "--quantize-lm-head"],
+    "int8 g64 + lm_head": ["--int8", "--group-size", "64", "--quantize-lm-head"],
+    "int8 g128 + lm_head": ["--int8", "--group-size", "128", "--quantize-lm-head"],
     "int4 (default recipe)": ["--int4"],
     "int4 g32 float offsets, searched, uniform": ["--int4", "--plan", "uniform"],
     "int4 g128 sym INC RTN (the old default)": [
@@ -45,6 +48,19 @@ VARIANTS = {
     ],
     "int4 g128 sym awq": [
         "--int4", "--group-size", "128", "--sym", "--plan", "uniform", "--algo", "awq"
+    ],
+    "int4 g32 sym searched, mixed": ["--int4", "--sym"],
+    "int4 g64 sym searched, mixed": ["--int4", "--group-size", "64", "--sym"],
+    "int4 g32 sym searched, head8": ["--int4", "--sym", "--plan", "head8"],
+    "int4 g64 sym searched, head8": ["--int4", "--group-size", "64", "--sym", "--plan", "head8"],
+    "int4 g64 float offsets searched, head8": [
+        "--int4", "--group-size", "64", "--plan", "head8"
+    ],
+    "int4 g32 sym searched, uniform, lm_head": [
+        "--int4", "--sym", "--plan", "uniform", "--quantize-lm-head"
+    ],
+    "int4 g64 sym searched, uniform, lm_head": [
+        "--int4", "--group-size", "64", "--sym", "--plan", "uniform", "--quantize-lm-head"
     ],
     "int4 default + gptq": ["--int4", "--algo", "gptq"],
     "int4 default + awq": ["--int4", "--algo", "awq"],

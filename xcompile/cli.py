@@ -65,7 +65,10 @@ def _scheme(fmt: str, algo, group_size, sym, calib, quantize_lm_head, zero_point
 
 ZERO_POINTS_HELP = "--asym offsets: float (default; as llama.cpp's Q4_1/Q4_K mins) or uint8."
 SEARCH_HELP = "Search each block's scale for the least error (default with --int4)."
-PLAN_HELP = "mixed (--int4 default: V, down and lm_head at 8 bits, as Q4_K_M) or uniform."
+PLAN_HELP = (
+    "mixed (--int4 default: V, down and lm_head at 8 bits, as Q4_K_M), uniform, or head8 "
+    "(lm_head alone at 8 bits, as Q4_0)."
+)
 
 
 @app.command()

@@ -13,6 +13,9 @@ is passes/quantize_nbits.py's (ONNX Runtime's MatMulNBits).
 `mixed` is llama.cpp Q4_K_M's plan in this format: the tensors that hurt most when quantized
 (V and the MLP's down projection in the first and last eighth of the layers and every third one
 between) and the lm_head (with a tied embedding table, the table too) at 8 bits per channel.
+`head8` is Q4_0's: every projection in the main layout, the lm_head (and a tied table) at 8 bits
+per channel (llama-quantize gives Q4_0's output tensor 6 bits); `uniform` quantizes the lm_head
+only with --quantize-lm-head, in the main layout.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ class WeightOnly:
     float_zero_points: bool = False  # asymmetric: offsets in float32 (Q4_1 / K-quant mins)
     search: bool = False  # RTN: search each block's scale (and offset), xcompile/rtn_search.py
     mixed: bool = False  # Q4_K_M's plan (module docstring); lm_head at 8 bits
+    head8: bool = False  # every projection in the main layout, lm_head at 8 bits (Q4_0's plan)
 
     @property
     def layout(self) -> Layout:
@@ -66,7 +70,7 @@ class WeightOnly:
 
         def layout_for(node_name: str, weight_name: str) -> Layout | None:
             if node_name.startswith("/lm_head/"):
-                if self.mixed:
+                if self.mixed or self.head8:
                     return wide if main.bits < 8 else main
                 return main if self.quantize_lm_head else None
             if more & set(concat.get(weight_name, [weight_name])):
@@ -84,8 +88,8 @@ class WeightOnly:
             "zero_points": self.layout.zero_points,
             "algo": self.algo,
             "search": self.search,
-            "plan": "mixed" if self.mixed else "uniform",
-            "lm_head": self.quantize_lm_head or self.mixed,
+            "plan": "mixed" if self.mixed else "head8" if self.head8 else "uniform",
+            "lm_head": self.quantize_lm_head or self.mixed or self.head8,
             "accuracy_level": self.accuracy_level,
         }
         if self.algo != "rtn":
@@ -145,11 +149,14 @@ def scheme_from_flags(
         raise UserError("--zero-points is for --asym blocks; drop --sym or --zero-points")
     if sym is None:
         sym = bits == 8 and zero_points is None
-    if plan not in (None, "mixed", "uniform"):
-        raise UserError(f"--plan {plan}: choose mixed or uniform")
+    if plan not in (None, "mixed", "uniform", "head8"):
+        raise UserError(f"--plan {plan}: choose mixed, uniform or head8")
     plan = plan or ("mixed" if bits == 4 else "uniform")
-    if plan == "mixed" and bits == 8:
-        raise UserError("--plan mixed keeps some tensors at 8 bits; it is for --int4")
+    if plan in ("mixed", "head8") and bits == 8:
+        raise UserError(
+            f"--plan {plan} keeps some tensors at 8 bits; it is for --int4 "
+            "(with --int8, --quantize-lm-head quantizes lm_head)"
+        )
     if zero_points == "float" and bits == 8:
         raise UserError("--zero-points float is for --int4 (8-bit blocks take uint8 offsets)")
     search = bits == 4 if search is None else search
@@ -181,6 +188,7 @@ def scheme_from_flags(
         float_zero_points=zero_points == "float",
         search=search,
         mixed=plan == "mixed",
+        head8=plan == "head8",
     )
 
 

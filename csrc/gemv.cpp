@@ -30,10 +30,11 @@ constexpr int R = 4;  // weight rows per task: R independent FMA chains per x ro
 constexpr int64_t kParallelMinElems = int64_t(1) << 16;
 
 // From this many rows of x on, gemv_bf16 hands a BF16 matmul to a prompt's GEMM rather than
-// streaming the weights once per 4 rows: AMX tiles from 16 rows (a tile's height), vdpbf16ps from
-// 8 (2048 x 2048, one thread: at 4 rows the GEMV did 58 GFLOP/s, the GEMM 49; at 8, 52 and 59;
-// at 16, 51 and 76).
-constexpr int64_t kTileRows = 16, kDpPromptRows = 8;
+// streaming the weights once per 4 rows: vdpbf16ps from 8 (2048 x 2048, one thread: at 4 rows
+// the GEMV did 58 GFLOP/s, the GEMM 49; at 8, 52 and 59; at 16, 51 and 76); AMX tiles from 4 (a
+// batched decode step too: the tile unit has the work of 16 rows to spare; 2 threads, 11264 x
+// 2048: 4 rows 1.82 ms on tiles, 1.92 on the GEMV; 8 rows 1.68 and 4.44).
+constexpr int64_t kTileMinRows = 4, kDpPromptRows = 8;
 
 inline float to_f32(float v) { return v; }
 inline float to_f32(uint16_t v) { return bf16_to_f32(v); }
@@ -224,7 +225,7 @@ void gemv_f32(const float* x, const float* w, const float* bias, float* out, int
 void gemv_bf16(const float* x, const uint16_t* w, const float* bias, float* out, int64_t M,
                int64_t N, int64_t K) {
   const Isa isa = current_isa();
-  if (isa == Isa::amx && M >= kTileRows && gemm_bf16_tiles_supported(N, K))
+  if (isa == Isa::amx && M >= kTileMinRows && gemm_bf16_tiles_supported(N, K))
     return gemm_bf16_tiles(x, w, bias, out, M, N, K, /*emulate=*/false);
   if (isa >= Isa::avx512_bf16)  // vdpbf16ps, x as hi + lo bf16 (gemm_dpbf16.cpp)
     return (M >= kDpPromptRows ? gemm_bf16_dp : gemv_bf16_dp)(x, w, bias, out, M, N, K, false);

@@ -56,6 +56,16 @@ VARIANTS = {
     "int4 g64 float offsets searched, head8": [
         "--int4", "--group-size", "64", "--plan", "head8"
     ],
+    "int4 g64 sym gptq, head8": [
+        "--int4", "--group-size", "64", "--sym", "--plan", "head8", "--algo", "gptq"
+    ],
+    "int4 g64 sym awq, head8": [
+        "--int4", "--group-size", "64", "--sym", "--plan", "head8", "--algo", "awq"
+    ],
+    "int4 g64 asym uint8 offsets, head8": [
+        "--int4", "--group-size", "64", "--asym", "--zero-points", "uint8", "--no-search",
+        "--plan", "head8"
+    ],
     "int4 g32 sym searched, uniform, lm_head": [
         "--int4", "--sym", "--plan", "uniform", "--quantize-lm-head"
     ],

@@ -20,6 +20,11 @@ mean of --gen steps after a warm-up of 4 (replays ready), prefill the best of 3 
 --prompt-token prompt from an empty cache (logits of the last row, as generation asks), both on
 random token ids as llama-bench uses. Figures print as min-max over rounds; ratios use the best
 of each side. Print only: nothing is asserted.
+
+--recipe FORMAT="FLAGS" compiles that format with more `xcompile quantize` flags (its artifacts
+named by their digest), e.g. int4="--sym --plan head8" to set Q4_0's layout beside Q4_0 rather
+than the quality recipe. Where llama-bench's default run dies (its AMX path, on weights it
+repacks, crashes on some hosts), that test runs again with `--repack 0` and its cell is starred.
 """
 
 from __future__ import annotations

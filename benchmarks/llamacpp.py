@@ -113,10 +113,18 @@ class LlamaCpp:
         return out
 
     def perplexity(self, gguf: Path, text: Path, ctx: int, chunks: int, threads: int = 2):
-        """llama-perplexity's final estimate -> (ppl, its +/- error)."""
-        done = _run([str(self.bin / "llama-perplexity"), "-m", str(gguf), "-f", str(text),
-                     "-c", str(ctx), "--chunks", str(chunks), "-b", str(ctx),
-                     "-t", str(threads)])  # fmt: skip
+        """llama-perplexity's final estimate -> (ppl, its +/- error). Where it dies on a signal
+        (its AMX path on repacked Q8_0 / Q4_0 weights crashes on some hosts), it runs again with
+        --no-repack: the same arithmetic without AMX."""
+        cmd = [str(self.bin / "llama-perplexity"), "-m", str(gguf), "-f", str(text),
+               "-c", str(ctx), "--chunks", str(chunks), "-b", str(ctx), "-t", str(threads)]  # fmt: skip
+        try:
+            done = _run(cmd)
+        except subprocess.CalledProcessError as e:
+            if e.returncode >= 0:
+                raise
+            print(f"llama-perplexity died on {gguf.name}: again with --no-repack", file=sys.stderr)
+            done = _run([*cmd, "--no-repack"])
         estimate = r"Final estimate: PPL = ([\d.]+) \+/- ([\d.]+)"
         found = re.search(estimate, done.stdout + done.stderr)
         if not found:

@@ -132,7 +132,7 @@ def test_mixed_plan_is_q4_k_m_more_bits_layers():
     assert [i for i in range(30) if more_bits(i, 30)] == more
 
 
-def test_head8_plan_keeps_every_projection_in_the_main_layout_and_lm_head_at_8_bits():
+def test_head8_plan_keeps_the_main_layout_and_lm_head_at_8_bits():
     from types import SimpleNamespace
 
     from xcompile.weight_only import scheme_from_flags
@@ -142,5 +142,24 @@ def test_head8_plan_keeps_every_projection_in_the_main_layout_and_lm_head_at_8_b
     layout_for = scheme.plan(spec, {})
     main = Layout(4, 64, "none")
     assert layout_for("/model/layers.0/mlp/down_proj/MatMul", "model.layers.0.mlp.down_proj.weight") == main
-    assert layout_for("/lm_head/MatMul", "lm_head.weight") == Layout(8, -1)
+    assert layout_for("/lm_head/MatMul", "lm_head.weight") == Layout(8, 32)  # blocks, as Q8_0
     assert scheme.describe()["plan"] == "head8" and scheme.describe()["lm_head"]
+
+
+def test_an_8_bit_lm_head_takes_blocks_of_32_where_the_layers_are_per_channel():
+    """--int8 --quantize-lm-head: the layers per channel, the lm_head (and a tied table) in
+    blocks of 32 as Q8_0 (SmolLM2: PPL +0.57 % over FP32 against +0.97 % per channel); a group
+    size the user gives is kept for both."""
+    from types import SimpleNamespace
+
+    from xcompile.weight_only import scheme_from_flags
+
+    spec = SimpleNamespace(layers=4)
+    per_channel = scheme_from_flags(8, None, None, None, None, True).plan(spec, {})
+    assert per_channel("/lm_head/MatMul", "lm_head.weight") == Layout(8, 32)
+    assert per_channel("/model/layers.0/attn/o_proj/MatMul", "o.weight") == Layout(8, -1)
+    grouped = scheme_from_flags(8, 128, None, None, None, True).plan(spec, {})
+    assert grouped("/lm_head/MatMul", "lm_head.weight") == Layout(8, 128)
+    assert scheme_from_flags(8, None, None, None, None, False).plan(spec, {})(
+        "/lm_head/MatMul", "lm_head.weight"
+    ) is None

@@ -30,6 +30,7 @@ from xcompile.passes.quantize_nbits import Layout, block_size_for
 from xcompile.rtn_search import by_rows
 
 ALGORITHMS = ("rtn", "gptq", "awq")
+LM_HEAD_GROUP = 32
 RTN_SLICE = 1 << 22  # weights quantized at once
 
 
@@ -61,6 +62,7 @@ class WeightOnly:
         """-> layout_for(node name, weight name) for passes/quantize_nbits.py. concat: a fused
         weight's parts (the graph's `xcompile.concat`)."""
         main, wide = self.layout, Layout(8, -1)
+        head = Layout(8, LM_HEAD_GROUP)  # an 8-bit lm_head (and tied table): blocks, as Q8_0
         more = set()
         if self.mixed:
             for i in range(spec.layers):
@@ -71,8 +73,10 @@ class WeightOnly:
         def layout_for(node_name: str, weight_name: str) -> Layout | None:
             if node_name.startswith("/lm_head/"):
                 if self.mixed or self.head8:
-                    return wide if main.bits < 8 else main
-                return main if self.quantize_lm_head else None
+                    return head if main.bits < 8 else main
+                if not self.quantize_lm_head:
+                    return None
+                return head if main == wide else main
             if more & set(concat.get(weight_name, [weight_name])):
                 return wide
             return main

@@ -6,6 +6,7 @@ references, replayed decode steps, xrun), to 1e-4 under onnxruntime, and TP=2 to
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import onnx
@@ -155,11 +156,15 @@ def test_replayed_decode_steps_look_up_each_steps_token(scheme, tied):
 
 def test_xrun_gives_the_references_tokens(tied):
     art = tied("mixed")
-    # an FP32 KV cache: with the BF16 one this random model's 9th token is EOS, where xrun stops
-    # and greedy() does not (the two agree up to there)
+    # this random model may greedily reach EOS, where xrun stops and greedy() does not: the two
+    # agree up to there, and xrun's last token is then the EOS
     args = ["--max-new-tokens", "16", "--temperature", "0", "--kv-cache", "float32"]
-    got = run_xrun([str(art), "--prompt", PROMPT, *args])
-    assert got["tokens"] == greedy(reference(art, kv_cache="float32"))
+    got = run_xrun([str(art), "--prompt", PROMPT, *args])["tokens"]
+    want = greedy(reference(art, kv_cache="float32"))
+    assert len(got) >= 6 and got == want[: len(got)], (got, want)
+    if len(got) < 16:
+        eos = json.loads((art / "generation_config.json").read_text()).get("eos_token_id")
+        assert got[-1] in (eos if isinstance(eos, list) else [eos]), (got, eos)
 
 
 @pytest.mark.parametrize("scheme", ["mixed", "int4-uint8-zp"])

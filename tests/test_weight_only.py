@@ -69,7 +69,7 @@ def test_gptq_and_awq_flags_make_a_scheme(tmp_path):
     """No calibration file: the shipped text; the manifest entry says which."""
     from xcompile.weight_only import scheme_from_flags
 
-    scheme = scheme_from_flags(4, 32, True, "gptq", None, False)
+    scheme = scheme_from_flags(4, 32, True, "gptq", None, None)
     assert (scheme.algo, scheme.calib, scheme.describe()["calib"]) == ("gptq", None, "default")
     text = tmp_path / "lines.txt"
     text.write_text("one line\n")
@@ -86,7 +86,7 @@ def test_gptq_and_awq_flags_make_a_scheme(tmp_path):
         "calib": "lines.txt",
         "accuracy_level": None,
     }
-    assert "calib" not in scheme_from_flags(4, None, True, None, None, False).describe()
+    assert "calib" not in scheme_from_flags(4, None, True, None, None, None).describe()
 
 
 def test_int4_defaults_to_the_measured_recipe():
@@ -95,7 +95,7 @@ def test_int4_defaults_to_the_measured_recipe():
     from xcompile.passes.quantize_nbits import Layout
     from xcompile.weight_only import scheme_from_flags
 
-    int4 = scheme_from_flags(4, None, None, None, None, False)
+    int4 = scheme_from_flags(4, None, None, None, None, None)
     assert (int4.layout, int4.search, int4.mixed) == (Layout(4, 32, "float"), True, True)
     int8 = scheme_from_flags(8, None, None, None, None, False)
     assert (int8.layout, int8.search, int8.mixed) == (Layout(8, -1, "none"), False, False)
@@ -106,14 +106,15 @@ def test_int4_defaults_to_the_measured_recipe():
 @pytest.mark.parametrize(
     "args,says",
     [
-        ((8, None, None, None, None, False, "float"), "--zero-points float is for --int4"),
-        ((4, None, True, None, None, False, "float"), "--zero-points is for --asym"),
-        ((4, None, None, None, None, False, "int"), "choose uint8 or float"),
-        ((8, None, None, None, None, False, None, None, "mixed"), "it is for --int4"),
-        ((8, None, None, None, None, False, None, None, "head8"), "--quantize-lm-head"),
-        ((4, None, None, None, None, False, None, None, "q4"), "mixed, uniform or head8"),
-        ((4, None, False, None, None, False, "uint8", True), "add --no-search"),
-        ((None, None, None, None, None, False, None, None, "mixed"), "add --int8 or --int4"),
+        ((8, None, None, None, None, None, "float"), "--zero-points float is for --int4"),
+        ((4, None, True, None, None, None, "float"), "--zero-points is for --asym"),
+        ((4, None, None, None, None, None, "int"), "choose uint8 or float"),
+        ((8, None, None, None, None, None, None, None, "mixed"), "it is for --int4"),
+        ((8, None, None, None, None, None, None, None, "head8"), "--quantize-lm-head"),
+        ((4, None, None, None, None, None, None, None, "q4"), "mixed, uniform or head8"),
+        ((None, None, None, None, None, False), "--no-quantize-lm-head applies to --int8"),
+        ((4, None, False, None, None, None, "uint8", True), "add --no-search"),
+        ((None, None, None, None, None, None, None, None, "mixed"), "add --int8 or --int4"),
     ],
 )
 def test_recipe_flags_refused_with_the_fix(args, says):
@@ -137,7 +138,7 @@ def test_head8_plan_keeps_the_main_layout_and_lm_head_at_8_bits():
 
     from xcompile.weight_only import scheme_from_flags
 
-    scheme = scheme_from_flags(4, 64, True, None, None, False, None, None, "head8")
+    scheme = scheme_from_flags(4, 64, True, None, None, None, None, None, "head8")
     spec = SimpleNamespace(layers=8)  # head8 names no layer: no names needed
     layout_for = scheme.plan(spec, {})
     main = Layout(4, 64, "none")
@@ -163,3 +164,12 @@ def test_an_8_bit_lm_head_takes_blocks_of_32_where_the_layers_are_per_channel():
     assert scheme_from_flags(8, None, None, None, None, False).plan(spec, {})(
         "/lm_head/MatMul", "lm_head.weight"
     ) is None
+
+
+def test_int8_quantizes_the_lm_head_unless_told_not_to():
+    from xcompile.weight_only import scheme_from_flags
+
+    assert scheme_from_flags(8, None, None, None, None, None).quantize_lm_head
+    assert not scheme_from_flags(8, None, None, None, None, False).quantize_lm_head
+    assert not scheme_from_flags(4, None, None, None, None, None, plan="uniform").quantize_lm_head
+    assert scheme_from_flags(None, None, None, None, None, None) is None

@@ -65,6 +65,10 @@ def _scheme(fmt: str, algo, group_size, sym, calib, quantize_lm_head, zero_point
 
 ZERO_POINTS_HELP = "--asym offsets: float (default; as llama.cpp's Q4_1/Q4_K mins) or uint8."
 SEARCH_HELP = "Search each block's scale for the least error (default with --int4)."
+LM_HEAD_HELP = (
+    "lm_head at 8 bits in blocks of 32 (the --int8 default) or, with --no-quantize-lm-head, in "
+    "BF16; --int4's mixed and head8 plans always quantize it (--plan uniform: in the main layout)."
+)
 PLAN_HELP = (
     "mixed (--int4 default: V, down and lm_head at 8 bits, as Q4_K_M), uniform, or head8 "
     "(lm_head alone at 8 bits, as Q4_0)."
@@ -97,7 +101,9 @@ def quantize(
         None, "--calib", help="Calibration text for gptq/awq, one sample a line."
     ),
     quantize_lm_head: bool = typer.Option(
-        False, "--quantize-lm-head", help="Quantize lm_head too (default: BF16)."
+        None,
+        "--quantize-lm-head/--no-quantize-lm-head",
+        help=LM_HEAD_HELP,
     ),
     no_fuse: bool = typer.Option(False, "--no-fuse", help="Keep the primitive graph (no passes)."),
     verbose: bool = typer.Option(False, "--verbose", help="Tracebacks on errors."),
@@ -160,7 +166,9 @@ def build(
     search: bool = typer.Option(None, "--search/--no-search", help=SEARCH_HELP),
     plan: str = typer.Option(None, "--plan", help=PLAN_HELP),
     calib: Path = typer.Option(None, "--calib", help="Calibration text for gptq/awq."),
-    quantize_lm_head: bool = typer.Option(False, "--quantize-lm-head", help="Quantize lm_head."),
+    quantize_lm_head: bool = typer.Option(
+        None, "--quantize-lm-head/--no-quantize-lm-head", help=LM_HEAD_HELP
+    ),
     ranks: int = typer.Option(1, "--ranks", min=1, help="Tensor-parallel ranks."),
     verbose: bool = typer.Option(False, "--verbose", help="Tracebacks on errors."),
 ) -> None:

@@ -112,13 +112,14 @@ def scheme_from_flags(
     sym: bool | None,
     algo: str | None,
     calib: Path | None,
-    quantize_lm_head: bool,
+    quantize_lm_head: bool | None,
     zero_points: str | None = None,
     search: bool | None = None,
     plan: str | None = None,
 ) -> WeightOnly | None:
     """Validate the CLI's quantization flags (UserError naming the fix) -> scheme or None.
-    Defaults: --int8 per channel, symmetric, INC's RTN, every projection alike; --int4 the
+    Defaults: --int8 per channel, symmetric, INC's RTN, every projection alike, the lm_head too
+    (in blocks of 32, as Q8_0: quantize_lm_head None means on for 8 bits); --int4 the
     best recipe measured (benchmarks/quality.py): groups of 32 with float offsets, searched
     scales, the mixed plan."""
     if bits is None:
@@ -134,8 +135,9 @@ def scheme_from_flags(
         for flag, value in given:
             if value is not None:
                 raise UserError(f"{flag} applies to weight-only quantization; add --int8 or --int4")
-        if quantize_lm_head:
-            raise UserError("--quantize-lm-head applies to --int8 or --int4; add one")
+        if quantize_lm_head is not None:
+            flag = "--quantize-lm-head" if quantize_lm_head else "--no-quantize-lm-head"
+            raise UserError(f"{flag} applies to --int8 or --int4; add one")
         return None
     algo = algo or "rtn"
     if algo not in ALGORITHMS:
@@ -156,6 +158,8 @@ def scheme_from_flags(
     if plan not in (None, "mixed", "uniform", "head8"):
         raise UserError(f"--plan {plan}: choose mixed, uniform or head8")
     plan = plan or ("mixed" if bits == 4 else "uniform")
+    if quantize_lm_head is None:
+        quantize_lm_head = bits == 8
     if plan in ("mixed", "head8") and bits == 8:
         raise UserError(
             f"--plan {plan} keeps some tensors at 8 bits; it is for --int4 "

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -113,25 +114,43 @@ class LlamaCpp:
         return out
 
     def perplexity(self, gguf: Path, text: Path, ctx: int, chunks: int, threads: int = 2):
-        """llama-perplexity's final estimate -> (ppl, its +/- error). Where it dies on a signal
-        (its AMX path on repacked Q8_0 / Q4_0 weights crashes on some hosts), it runs again with
-        --no-repack: the same arithmetic without AMX."""
-        cmd = [str(self.bin / "llama-perplexity"), "-m", str(gguf), "-f", str(text),
-               "-c", str(ctx), "--chunks", str(chunks), "-b", str(ctx), "-t", str(threads)]  # fmt: skip
-        try:
-            done = _run(cmd)
-        except subprocess.CalledProcessError as e:
-            if e.returncode >= 0:
-                raise
-            print(f"llama-perplexity died on {gguf.name}: again with --no-repack", file=sys.stderr)
-            done = _run([*cmd, "--no-repack"])
+        """llama-perplexity's final estimate -> (ppl, its +/- error); --no-repack where its
+        default run dies (_run_or_without_repack)."""
+        done, _ = _run_or_without_repack(
+            [str(self.bin / "llama-perplexity"), "-m", str(gguf), "-f", str(text),
+             "-c", str(ctx), "--chunks", str(chunks), "-b", str(ctx), "-t", str(threads)],
+            "--no-repack",
+        )  # fmt: skip
         estimate = r"Final estimate: PPL = ([\d.]+) \+/- ([\d.]+)"
         found = re.search(estimate, done.stdout + done.stderr)
         if not found:
             raise RuntimeError(f"llama-perplexity printed no estimate:\n{done.stderr[-2000:]}")
         return float(found.group(1)), float(found.group(2))
 
-    def bench(self, gguf: Path, args: list[str]) -> list[dict]:
-        """llama-bench -o json with these arguments -> its records."""
-        done = _run([str(self.bin / "llama-bench"), "-m", str(gguf), "-o", "json", *args])
-        return json.loads(done.stdout)
+    def bench(self, gguf: Path, args: list[str]) -> tuple[list[dict], bool]:
+        """llama-bench -o json with these arguments -> (its records, whether its weights were
+        repacked: False where the default run died and `--repack 0` ran instead)."""
+        done, repacked = _run_or_without_repack(
+            [str(self.bin / "llama-bench"), "-m", str(gguf), "-o", "json", *args],
+            "--repack", "0",
+        )  # fmt: skip
+        return json.loads(done.stdout), repacked
+
+
+def _run_or_without_repack(cmd: list[str], *no_repack: str):
+    """-> (the finished run, True); where the tool dies on a signal (llama.cpp's AMX path, which
+    takes the weights repacked, crashes on some hosts: SIGSEGV / SIGILL on Q8_0 and Q4_0 prompts
+    on a KVM Xeon with AMX), once more with `no_repack`, its flag for the same arithmetic
+    without that path -> (that run, False)."""
+    try:
+        return _run(cmd), True
+    except subprocess.CalledProcessError as e:
+        if e.returncode >= 0:
+            raise
+        try:
+            name = signal.Signals(-e.returncode).name
+        except ValueError:
+            name = f"signal {-e.returncode}"
+        print(f"{Path(cmd[0]).name} died ({name}): again with {' '.join(no_repack)}",
+              file=sys.stderr, flush=True)  # fmt: skip
+        return _run([*cmd, *no_repack]), False

@@ -162,38 +162,22 @@ def xrun(artifacts: Path, args, prompt: int = 0, gen: int = 0, depth: int = 0) -
 # -- llama.cpp -------------------------------------------------------------------------------------
 
 
-NO_REPACK: set[str] = set()  # "gguf test" cells where llama-bench died repacking its weights
+NO_REPACK: set[str] = set()  # "gguf test" cells where llama-bench ran with --repack 0
 
 
 def llama(tools, gguf: Path, args, prompt: int = 0, gen: int = 0, depth: int = 0) -> dict:
     """llama-bench's tokens/s for one test: pp (prompt) or tg (gen), after depth. Where its
-    default run dies on a signal (its AMX path, which takes the weights repacked, crashes on some
-    hosts: SIGSEGV / SIGILL on Q8_0 and Q4_0 prompts on a KVM Xeon with AMX), the test is run
-    again with `--repack 0`, the fastest llama.cpp that runs there, and the cell says so."""
+    default run dies (LlamaCpp.bench runs it again with `--repack 0`), the cell says so, and
+    the later rounds of that test start with `--repack 0`."""
     flags = ["-t", str(args.threads), "-p", str(prompt), "-n", str(gen), "-r", "3"]
     if depth:
         flags += ["-d", str(depth)]
     cell = f"{gguf.name} {prompt}:{gen}:{depth}"
-    try:
-        records = tools.bench(gguf, flags + (["--repack", "0"] if cell in NO_REPACK else []))
-    except subprocess.CalledProcessError as e:
-        if e.returncode >= 0 or cell in NO_REPACK:
-            raise
-        print(f"  llama-bench died ({signal_name(e.returncode)}) on {cell}: again with --repack 0",
-              file=sys.stderr, flush=True)  # fmt: skip
+    records, repacked = tools.bench(gguf, flags + (["--repack", "0"] if cell in NO_REPACK else []))
+    if not repacked:
         NO_REPACK.add(cell)
-        records = tools.bench(gguf, flags + ["--repack", "0"])
     record = next(r for r in records if (r["n_prompt"], r["n_gen"]) == (prompt, gen))
     return {"tps": record["avg_ts"], "info": record, "repack": cell not in NO_REPACK}
-
-
-def signal_name(returncode: int) -> str:
-    import signal
-
-    try:
-        return signal.Signals(-returncode).name
-    except ValueError:
-        return f"signal {-returncode}"
 
 
 # -- the run ---------------------------------------------------------------------------------------

@@ -47,26 +47,23 @@ struct PackedBf16 {
 };
 
 // One (m tile, k step) block of PackedBf16: rows j of x (16 of them, those past M stay zero) as
-// hi / lo pairs, pair r of row j at [r][j] (uint32: k even in the low half). Plain integer code on
-// uint32 lanes that the compiler vectorizes: bf16_round's arithmetic, a NaN kept a NaN.
+// hi / lo pairs, pair r of row j at [r][j] (uint32: k even in the low half), rounded by
+// bf16_round_bits on uint32 lanes that the compiler vectorizes.
 inline void pack_bf16_block(const float* x, int64_t rows, int64_t K, uint32_t* hi,
                             uint32_t* lo) {
   for (int64_t j = 0; j < rows; ++j) {
     uint32_t bits[32], h[32], l[32];
     std::memcpy(bits, x + j * K, sizeof bits);
     for (int i = 0; i < 32; ++i) {
-      const uint32_t b = bits[i];
-      const bool nan = (b & 0x7FFFFFFFu) > 0x7F800000u;
-      h[i] = nan ? (b >> 16) | 0x40 : (b + 0x7FFFu + ((b >> 16) & 1)) >> 16;
-      float v, hv;
-      std::memcpy(&v, &b, 4);
+      h[i] = bf16_round_bits(bits[i]);
       const uint32_t hb = h[i] << 16;
+      float v, hv;
+      std::memcpy(&v, &bits[i], 4);
       std::memcpy(&hv, &hb, 4);
       const float r = v - hv;
       uint32_t rb;
       std::memcpy(&rb, &r, 4);
-      const bool rnan = (rb & 0x7FFFFFFFu) > 0x7F800000u;
-      l[i] = rnan ? (rb >> 16) | 0x40 : (rb + 0x7FFFu + ((rb >> 16) & 1)) >> 16;
+      l[i] = bf16_round_bits(rb);
     }
     for (int r = 0; r < 16; ++r) {
       hi[r * 16 + j] = h[2 * r] | (h[2 * r + 1] << 16);
@@ -85,7 +82,8 @@ PackedBf16 pack_bf16(const float* x, int64_t M, int64_t K) {
   auto* lo = reinterpret_cast<uint32_t*>(p.lo.data());
   const int64_t blocks = p.m_tiles * p.k_steps;
   const int threads = num_threads();
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && M * K >= kTileParallelMinElems)
+  const bool pool = threads > 1 && M * K >= kTileParallelMinElems;
+#pragma omp parallel for schedule(static) num_threads(threads) if (pool)
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t mt = b / p.k_steps, ks = b % p.k_steps;
     const int64_t rows = std::min<int64_t>(kTileRows, M - mt * kTileRows);

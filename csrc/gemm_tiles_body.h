@@ -47,7 +47,8 @@ inline void bf16_block(const PackedBf16& xp, const uint16_t* wp, int64_t mt, int
   if constexpr (NB > 2) Tiles::template store<2>(c[2], kTileBytes);
 }
 
-// Weight rows n0 .. n0 + 16 nb - 1, k steps k0 .. k1 - 1, copied to wp as [step][tile][16 rows][32]:
+// Weight rows n0 .. n0 + 16 nb - 1, k steps k0 .. k1 - 1, copied to wp as
+// [step][tile][16 rows][32]:
 // read in place, tiles of rows 2K bytes apart alias in L1 when K is a power of two (4 KiB apart:
 // one cache set), and the piece would not stay there while the x tiles pass.
 inline void pack_piece(const uint16_t* w, int64_t K, int64_t n0, int nb, int64_t k0, int64_t k1,
@@ -61,7 +62,8 @@ inline void pack_piece(const uint16_t* w, int64_t K, int64_t n0, int nb, int64_t
 inline void write_tile(const float (*c)[16], int64_t mt, int64_t n0, const float* bias, float* out,
                        int64_t M, int64_t N) {
   for (int64_t j = 0, m = mt * 16; j < 16 && m < M; ++j, ++m)
-    for (int i = 0; i < kTileRows; ++i) out[m * N + n0 + i] = c[i][j] + (bias ? bias[n0 + i] : 0.0f);
+    for (int i = 0; i < kTileRows; ++i)
+      out[m * N + n0 + i] = c[i][j] + (bias ? bias[n0 + i] : 0.0f);
 }
 
 // Blocking (x packed once, pack_bf16): each thread takes a contiguous range of n blocks (3 weight

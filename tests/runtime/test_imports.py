@@ -6,10 +6,9 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import threading
 import time
 
-from tests.runtime.test_server import READY
+from tests.runtime.test_server import READY, collect_stderr
 
 NOT_IMPORTED = ("torch", "transformers", "neural_compressor", "onnxscript", "onnx_ir", "deepspeed")
 # start-up time: onnx's package (~0.12 s) and ml_dtypes (~0.55 s) are read around, not imported
@@ -53,16 +52,7 @@ def test_xrun_serve_starts_without_torch(compiled, tmp_path):
         text=True,
         cwd=tmp_path,
     )
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def read_stderr() -> None:  # the ready line comes after every start-up import
-        for line in proc.stderr:
-            lines.append(line)
-            if READY.search(line):
-                ready.set()
-
-    threading.Thread(target=read_stderr, daemon=True).start()
+    lines, ready = collect_stderr(proc)  # the ready line comes after every start-up import
     try:
         deadline = time.monotonic() + 120
         while not ready.wait(0.2) and proc.poll() is None and time.monotonic() < deadline:

@@ -94,6 +94,21 @@ def _segments(pgid: int) -> set[str]:
     return names
 
 
+def collect_stderr(proc: subprocess.Popen) -> tuple[list[str], threading.Event]:
+    """proc's stderr lines as they come (a reader thread); the event is set at xrun's ready line."""
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def read_stderr() -> None:
+        for line in proc.stderr:
+            lines.append(line)
+            if READY.search(line):
+                ready.set()
+
+    threading.Thread(target=read_stderr, daemon=True).start()
+    return lines, ready
+
+
 @contextlib.contextmanager
 def serving(art: Path, expected: dict[str, dict], slots: int = 2):
     segments: set[str] = set()
@@ -106,16 +121,7 @@ def serving(art: Path, expected: dict[str, dict], slots: int = 2):
         text=True,
         start_new_session=True,  # its own process group: Ctrl-C reaches it and its ranks only
     )
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def read_stderr() -> None:
-        for line in proc.stderr:
-            lines.append(line)
-            if READY.search(line):
-                ready.set()
-
-    threading.Thread(target=read_stderr, daemon=True).start()
+    lines, ready = collect_stderr(proc)
     try:
         deadline = time.monotonic() + 180
         while not ready.wait(0.2):

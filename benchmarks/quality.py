@@ -32,10 +32,10 @@ from llamacpp import LlamaCpp  # noqa: E402
 VARIANTS = {
     "fp32": ["--fp32"],
     "bf16": ["--bf16"],
-    "int8": ["--int8"],
-    "int8 + lm_head": ["--int8", "--quantize-lm-head"],
-    "int8 g64 + lm_head": ["--int8", "--group-size", "64", "--quantize-lm-head"],
-    "int8 g128 + lm_head": ["--int8", "--group-size", "128", "--quantize-lm-head"],
+    "int8": ["--int8"],  # the lm_head too, in blocks of 32
+    "int8, BF16 lm_head": ["--int8", "--no-quantize-lm-head"],
+    "int8 g64": ["--int8", "--group-size", "64"],
+    "int8 g128": ["--int8", "--group-size", "128"],
     "int4 (default recipe)": ["--int4"],
     "int4 g32 float offsets, searched, uniform": ["--int4", "--plan", "uniform"],
     "int4 g128 sym INC RTN (the old default)": [

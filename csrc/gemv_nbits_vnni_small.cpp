@@ -77,9 +77,9 @@ XC_TARGET_VNNI __attribute__((always_inline)) inline void group_small(
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i lane_block = _mm512_srli_epi32(lane, __builtin_ctz(lanes));  // chunk's block
-  _mm_prefetch(reinterpret_cast<const char*>(row.s + b + ahead), _MM_HINT_T0);
+  _mm_prefetch(static_cast<const char*>(row.s.address(b + ahead)), _MM_HINT_T0);
   if (row.zf) _mm_prefetch(reinterpret_cast<const char*>(row.zf + b + ahead), _MM_HINT_T0);
-  const __m512 s = _mm512_maskz_loadu_ps(live, row.s + b);
+  const __m512 s = scales16(row.s, b, live);
   const __m512 zs = _mm512_mul_ps(s, zero_points16<BITS>(row, b, live));
   __m512 p[MB];  // s * sx per block, x row m
   for (int m = 0; m < MB; ++m) {

@@ -59,6 +59,12 @@ xcompile::ZeroPoints zero_points_at(uintptr_t address, bool float_zero_points, b
   return zp;
 }
 
+// MatMulNBits scales at `address`: fp32, or fp16 bits with half_scales
+xcompile::Scales scales_at(uintptr_t address, bool half_scales, bool read) {
+  if (half_scales) return xcompile::Scales::half(as_ptr<const uint16_t>(address, "scales", read));
+  return xcompile::Scales(as_ptr<const float>(address, "scales", read));
+}
+
 // gemv_bf16_dp (Prompt false) and gemm_bf16_dp take the same arguments: one binding serves both.
 template <bool Prompt>
 void bf16_dp(uintptr_t x, uintptr_t w, uintptr_t bias, uintptr_t out, int64_t M, int64_t N,
@@ -81,7 +87,7 @@ auto tape_def(const char* name, void (*f)(A...)) {
 template <bool Q8>
 void nbits_gemv(uintptr_t x, uintptr_t B, uintptr_t scales, uintptr_t zero_points,
                 bool float_zero_points, uintptr_t bias, uintptr_t out, int64_t M, int64_t N,
-                int64_t K, int64_t bits, int64_t block_size) {
+                int64_t K, int64_t bits, int64_t block_size, bool half_scales) {
   const char* name = Q8 ? "gemv_nbits_q8" : "gemv_nbits";
   check_sizes(name, {M, N, K});
   check_nbits(name, bits, block_size);
@@ -91,7 +97,7 @@ void nbits_gemv(uintptr_t x, uintptr_t B, uintptr_t scales, uintptr_t zero_point
   if (M == 0 || N == 0) return;
   (Q8 ? xcompile::gemv_nbits_q8 : xcompile::gemv_nbits)(
       as_ptr<const float>(x, "x", K > 0), as_ptr<const uint8_t>(B, "B", K > 0),
-      as_ptr<const float>(scales, "scales", K > 0),
+      scales_at(scales, half_scales, K > 0),
       zero_points_at(zero_points, float_zero_points, K > 0),
       as_ptr<const float>(bias, "bias", false), as_ptr<float>(out, "out", true), M, N, K,
       int(bits), block_size);
@@ -348,12 +354,12 @@ NB_MODULE(_C, m) {
   const auto bind_nbits = [&m](const char* name, auto kernel, const char* doc) {
     m.def(name, tape_def(name, kernel), "x"_a, "B"_a, "scales"_a, "zero_points"_a,
           "float_zero_points"_a, "bias"_a, "out"_a, "M"_a, "N"_a, "K"_a, "bits"_a, "block_size"_a,
-          nb::call_guard<nb::gil_scoped_release>(), doc);
+          "half_scales"_a = false, nb::call_guard<nb::gil_scoped_release>(), doc);
   };
   bind_nbits("gemv_nbits", &nbits_gemv<false>,
              "out (M, N) = x (M, K) @ W.T + bias (0: none), W from MatMulNBits' B, scales, "
              "zero_points (0: 2^(bits-1); packed uint8, or fp32 (N, k_blocks) with "
-             "float_zero_points); fp32 x/out.");
+             "float_zero_points); scales fp32, or fp16 bits with half_scales; fp32 x/out.");
   bind_nbits("gemv_nbits_q8", &nbits_gemv<true>,
              "gemv_nbits on int8-quantized activations (accuracy_level 4): VNNI, or the scalar "
              "reference.");
@@ -415,55 +421,57 @@ NB_MODULE(_C, m) {
       "gemm_nbits_q8_tiles",
       [](uintptr_t x, uintptr_t B, uintptr_t scales, uintptr_t zero_points, bool float_zero_points,
          uintptr_t bias, uintptr_t out, int64_t M, int64_t N, int64_t K, int64_t bits,
-         int64_t block_size, bool emulate) {
+         int64_t block_size, bool emulate, bool half_scales) {
         check_sizes("gemm_nbits_q8_tiles", {M, N, K});
         check_nbits("gemm_nbits_q8_tiles", bits, block_size);
         if (M == 0) return;
         xcompile::gemm_nbits_q8_tiles(
             as_ptr<const float>(x, "x", true), as_ptr<const uint8_t>(B, "B", true),
-            as_ptr<const float>(scales, "scales", true),
+            scales_at(scales, half_scales, true),
             zero_points_at(zero_points, float_zero_points, true),
             as_ptr<const float>(bias, "bias", false), as_ptr<float>(out, "out", true), M, N, K,
             int(bits), block_size, emulate);
       },
       "x"_a, "B"_a, "scales"_a, "zero_points"_a, "float_zero_points"_a, "bias"_a, "out"_a, "M"_a,
-      "N"_a, "K"_a, "bits"_a, "block_size"_a, "emulate"_a, nb::call_guard<nb::gil_scoped_release>(),
+      "N"_a, "K"_a, "bits"_a, "block_size"_a, "emulate"_a, "half_scales"_a = false,
+      nb::call_guard<nb::gil_scoped_release>(),
       "gemv_nbits_q8 on AMX tiles (emulate: on their C++ model); N a multiple of 16.");
 
   m.def(
       "dequantize_nbits",
       tape_def("dequantize_nbits", +[](uintptr_t B, uintptr_t scales, uintptr_t zero_points,
          bool float_zero_points, uintptr_t out, int64_t N, int64_t K, int64_t bits,
-         int64_t block_size) {
+         int64_t block_size, bool half_scales) {
         check_sizes("dequantize_nbits", {N, K});
         check_nbits("dequantize_nbits", bits, block_size);
         if (N == 0 || K == 0) return;
         xcompile::dequantize_nbits(as_ptr<const uint8_t>(B, "B", true),
-                                   as_ptr<const float>(scales, "scales", true),
+                                   scales_at(scales, half_scales, true),
                                    zero_points_at(zero_points, float_zero_points, true),
                                    as_ptr<float>(out, "out", true), N, K, int(bits), block_size);
       }),
       "B"_a, "scales"_a, "zero_points"_a, "float_zero_points"_a, "out"_a, "N"_a, "K"_a, "bits"_a,
-      "block_size"_a, nb::call_guard<nb::gil_scoped_release>(),
+      "block_size"_a, "half_scales"_a = false, nb::call_guard<nb::gil_scoped_release>(),
       "out (N, K) fp32 = W of MatMulNBits' B, scales, zero_points (0: 2^(bits-1); packed uint8, "
-      "or fp32 (N, k_blocks) with float_zero_points).");
+      "or fp32 (N, k_blocks) with float_zero_points); scales fp32, or fp16 bits with half_scales.");
 
   m.def(
       "gather_nbits",
       tape_def("gather_nbits", +[](uintptr_t B, uintptr_t scales, uintptr_t zero_points,
          bool float_zero_points, uintptr_t indices, uintptr_t out, int64_t count, int64_t N,
-         int64_t K, int64_t bits, int64_t block_size) {
+         int64_t K, int64_t bits, int64_t block_size, bool half_scales) {
         check_sizes("gather_nbits", {count, N, K});
         check_nbits("gather_nbits", bits, block_size);
         if (count == 0 || K == 0) return;
         xcompile::gather_nbits(as_ptr<const uint8_t>(B, "B", N > 0),
-                               as_ptr<const float>(scales, "scales", N > 0),
+                               scales_at(scales, half_scales, N > 0),
                                zero_points_at(zero_points, float_zero_points, N > 0),
                                as_ptr<const int64_t>(indices, "indices", true),
                                as_ptr<float>(out, "out", true), count, N, K, int(bits), block_size);
       }),
       "B"_a, "scales"_a, "zero_points"_a, "float_zero_points"_a, "indices"_a, "out"_a, "count"_a,
-      "N"_a, "K"_a, "bits"_a, "block_size"_a, nb::call_guard<nb::gil_scoped_release>(),
+      "N"_a, "K"_a, "bits"_a, "block_size"_a, "half_scales"_a = false,
+      nb::call_guard<nb::gil_scoped_release>(),
       "out (count, K) fp32 = rows indices[i] (int64; negative from N, outside [-N, N): zeros) of "
       "W, MatMulNBits' B, scales, zero_points as in dequantize_nbits.");
 }

@@ -5,8 +5,65 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
+
+#include "dispatch.h"
+
+#if XC_X86
+#include <immintrin.h>
+#endif
 
 namespace xcompile {
+
+// fp16 bits -> fp32, exact for every value (normal, subnormal, zero, inf, NaN), without F16C:
+// the scalar reads of half scales run in plain and AVX2 code alike (the vector kernels widen 16
+// at a time with vcvtph2ps, which gives the same values)
+inline float half_to_float(uint16_t h) {
+  const uint32_t magnitude = h & 0x7FFFu;
+  float value;
+  if (magnitude >= 0x0400u) {  // normal (exponent rebased 15 -> 127), or inf / NaN (31 -> 255)
+    uint32_t bits = (magnitude << 13) + (uint32_t(127 - 15) << 23);
+    if (magnitude >= 0x7C00u) bits += uint32_t(127 - 15) << 23;
+    std::memcpy(&value, &bits, 4);
+  } else {  // subnormal or zero: mantissa * 2^-24, exact in fp32
+    value = float(magnitude) * 0x1p-24f;
+  }
+  return (h & 0x8000u) ? -value : value;
+}
+
+// A weight's block scales (N, k_blocks), fp32 or fp16 (llama.cpp's Q4_0 / Q8_0 keep their block
+// scale in fp16: half the scale bytes a decode step reads, 0.5 bit a weight at blocks of 32).
+// Exactly one of f and h is set; s[b] is block b's scale as fp32 either way.
+struct Scales {
+  const float* f = nullptr;
+  const uint16_t* h = nullptr;
+
+  Scales() = default;
+  Scales(const float* f_) : f(f_) {}  // NOLINT: fp32 scales, as every caller had them
+  static Scales half(const uint16_t* h_) {
+    Scales s;
+    s.h = h_;
+    return s;
+  }
+  static Scales at(const void* address, bool half_scales) {
+    return half_scales ? half(static_cast<const uint16_t*>(address))
+                       : Scales(static_cast<const float*>(address));
+  }
+  float operator[](int64_t b) const { return h ? half_to_float(h[b]) : f[b]; }
+  Scales operator+(int64_t b) const { return h ? half(h + b) : Scales(f + b); }
+  const void* address(int64_t b) const {  // block b's scale (prefetches)
+    return h ? static_cast<const void*>(h + b) : static_cast<const void*>(f + b);
+  }
+};
+
+#if XC_X86
+// Blocks b .. b + 15's scales as 16 fp32 lanes, those past `live` zero (nothing past them read)
+XC_TARGET_AVX512 __attribute__((always_inline)) inline __m512 scales16(const Scales& s, int64_t b,
+                                                                    __mmask16 live = 0xFFFF) {
+  if (s.h) return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(live, s.h + b));
+  return _mm512_maskz_loadu_ps(live, s.f + b);
+}
+#endif
 
 // A weight's zero points, one of three kinds: packed uint8 (INT8 (N, k_blocks); INT4
 // (N, ceil(k_blocks / 2)), block 2j in the low nibble), float (N, k_blocks) like the scales
@@ -20,18 +77,18 @@ struct ZeroPoints {
 // One weight row n: its bytes (k_blocks * blob, blocks back to back), scales, zero points.
 struct Row {
   const uint8_t* q;
-  const float* s;
+  Scales s;
   const uint8_t* z;   // packed zero points, or null
   const float* zf;    // float zero points, or null (both null: 2^(bits-1))
 };
 
 struct NBits {
   const uint8_t* B;
-  const float* scales;
+  Scales scales;
   ZeroPoints zero_points;
   int64_t K, block_size, k_blocks, blob, zp_row;
 
-  NBits(const uint8_t* B_, const float* scales_, ZeroPoints zp_, int64_t K_, int bits,
+  NBits(const uint8_t* B_, Scales scales_, ZeroPoints zp_, int64_t K_, int bits,
         int64_t block_size_)
       : B(B_), scales(scales_), zero_points(zp_), K(K_), block_size(block_size_),
         k_blocks((K_ + block_size_ - 1) / block_size_), blob(block_size_ * bits / 8),

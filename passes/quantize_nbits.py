@@ -6,7 +6,9 @@ Layout (written by the quantize driver, xcompile/quantize.py, from neural-compre
 or our own searched RTN, GPTQ or AWQ):
     B            uint8 (N, k_blocks, block_size * bits / 8); INT4: element 2j of a block in the
                  low nibble of byte j, 2j + 1 in the high nibble; the last block zero-padded
-    scales       float32 (N, k_blocks)
+    scales       float32 (N, k_blocks); or float16 (llama.cpp's Q4_0 / Q8_0 block scale: 0.5 bit a
+                 weight less at blocks of 32), read through Cast(to=FLOAT), since ONNX Runtime's
+                 MatMulNBits takes scales of A's type (xrun's kernels read the float16 as stored)
     zero_points  absent (symmetric: ORT then uses 2^(bits-1));
                  uint8: INT8 (N, k_blocks); INT4 (N, ceil(k_blocks / 2)), two per byte;
                  or float32 (N, k_blocks), not packed (ORT's "same type as A"): a block's offset
@@ -53,13 +55,19 @@ class Layout:
     bits: int  # 8 or 4
     group_size: int  # weights per scale along K; -1: per output channel
     zero_points: str = "none"  # none (symmetric) | uint8 | float
+    scales: str = "float32"  # float32 | float16
 
     @property
     def sym(self) -> bool:
         return self.zero_points == "none"
 
     def describe(self) -> dict:
-        return {"bits": self.bits, "group_size": self.group_size, "zero_points": self.zero_points}
+        return {
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "zero_points": self.zero_points,
+            "scales": self.scales,
+        }
 
 
 def uniform(layout: Layout, quantize_lm_head: bool = False) -> Callable[[str, str], Layout | None]:
@@ -76,6 +84,24 @@ def uniform(layout: Layout, quantize_lm_head: bool = False) -> Callable[[str, st
 def nbits_names(weight: str) -> tuple[str, str, str]:
     stem = weight.removesuffix(".weight")
     return f"{stem}.qweight", f"{stem}.scales", f"{stem}.zero_points"
+
+
+def scales_input(g: ir.Graph, name: str) -> ir.Value:
+    """What a MatMulNBits reads as the scales stored in initializer `name`: the initializer
+    (float32), or the output of the Cast that widens float16 ones."""
+    scales = g.initializers[name]
+    if scales.dtype == ir.DataType.FLOAT:
+        return scales
+    for user, _ in scales.uses():
+        if user.op_type == "Cast":
+            return user.outputs[0]
+    raise ValueError(f"{name} is {scales.dtype} with no Cast to float")
+
+
+def stored_scales(value: ir.Value) -> ir.Value:
+    """scales_input's inverse: the initializer behind a MatMulNBits' (or gather's) scales."""
+    node = value.producer()
+    return node.inputs[0] if node is not None and node.op_type == "Cast" else value
 
 
 class QuantizeNBitsPass(ir.passes.InPlacePass):
@@ -105,6 +131,7 @@ class QuantizeNBitsPass(ir.passes.InPlacePass):
             layout = self.layout_for(node.name, weight.name)
             if layout is None:
                 continue
+            half = layout.scales == "float16"
             bits = layout.bits
             n, k = (int(d) for d in weight.shape)
             block = block_size_for(layout.group_size, k)
@@ -118,12 +145,13 @@ class QuantizeNBitsPass(ir.passes.InPlacePass):
                     "sym": layout.sym,
                     "group_size": layout.group_size,
                     "zero_points": layout.zero_points,
+                    "scales": layout.scales,
                     "N": n,
                     "K": k,
                 }
                 specs = [
                     (qname, ir.DataType.UINT8, (n, k_blocks, blob)),
-                    (sname, ir.DataType.FLOAT, (n, k_blocks)),
+                    (sname, ir.DataType.FLOAT16 if half else ir.DataType.FLOAT, (n, k_blocks)),
                 ]
                 if layout.zero_points == "float":
                     specs.append((zname, ir.DataType.FLOAT, (n, k_blocks)))
@@ -151,10 +179,23 @@ class QuantizeNBitsPass(ir.passes.InPlacePass):
                             const_value=tensor,
                         )
                     )
-            inputs = [node.inputs[0], g.initializers[qname], g.initializers[sname]]
+            scope = node.name.rsplit("/", 1)[0]
+            widen = []
+            if half and not g.initializers[sname].uses():  # the weight's first MatMulNBits
+                widen = [
+                    ir.node(
+                        "Cast",
+                        [g.initializers[sname]],
+                        attributes={"to": ir.DataType.FLOAT},
+                        name=f"{scope}/scales_float",
+                    )
+                ]
+                widen[0].outputs[0].name = f"{sname}_float"
+                widen[0].outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+                g.insert_before(node, widen)
+            inputs = [node.inputs[0], g.initializers[qname], scales_input(g, sname)]
             if not layout.sym:
                 inputs.append(g.initializers[zname])
-            scope = node.name.rsplit("/", 1)[0]
             q = ir.node(
                 "MatMulNBits",
                 inputs,

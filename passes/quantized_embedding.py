@@ -35,7 +35,7 @@ import json
 import numpy as np
 import onnx_ir as ir
 
-from xcompile.passes.quantize_nbits import MS, nbits_names
+from xcompile.passes.quantize_nbits import MS, nbits_names, scales_input
 
 XC = "ai.xcompile"
 
@@ -90,7 +90,7 @@ class QuantizedEmbeddingPass(ir.passes.InPlacePass):
         """The nodes that replace the lookup, the rows (..., K) float32 out of the last."""
         scope = gather.name.rsplit("/", 1)[0] if gather.name else "/model/embed_tokens"
         bits, block, k = int(spec["bits"]), int(spec["block_size"]), int(spec["K"])
-        blocks, scales = g.initializers[qname], g.initializers[sname]
+        blocks, scales = g.initializers[qname], scales_input(g, sname)
         zero_points = g.initializers.get(zname)
         if zero_points is not None and zero_points.dtype == ir.DataType.FLOAT:
             return [

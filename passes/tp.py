@@ -32,6 +32,7 @@ import onnx_ir as ir
 
 from xcompile.errors import UserError
 from xcompile.passes.concat_matmul import weight_chain
+from xcompile.passes.quantize_nbits import stored_scales
 
 DOMAIN = "ai.xcompile"
 
@@ -290,7 +291,7 @@ def shard_graph(
                 continue
             _vocab_parallel_gather(g, node, rank, ranks)
         elif node.op_type in ("GatherBlockQuantized", "GatherNBits"):  # passes/quantized_embedding
-            scales = node.inputs[2]  # (N, k_blocks): its rows are the table's
+            scales = stored_scales(node.inputs[2])  # (N, k_blocks): its rows are the table's
             w = slicing.get(scales.name)
             if w is None or w.kind != "vocab":
                 continue

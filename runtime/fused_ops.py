@@ -144,14 +144,14 @@ def paneled_linear(x: np.ndarray, n: int, widen, out: OutputBuffers) -> np.ndarr
 
 def dequantize_panels(blocks, scales, zero_points, n: int, k: int, bits: int, block_size: int):
     """widen(n0, n1, panel) for paneled_linear on MatMulNBits weights: rows n0 .. n1 - 1 of W
-    dequantized from their own rows of blocks, scales (fp32) and zero points (packed uint8 or
-    fp32)."""
+    dequantized from their own rows of blocks, scales (fp32 or fp16) and zero points (packed
+    uint8 or fp32)."""
     from xcompile import _C
 
-    b_ptr, s_ptr = ptr(blocks), ptr(scales)
+    b_ptr, s_ptr, half_scales = ptr(blocks), ptr(scales), scales.dtype == np.float16
     zp_ptr = 0 if zero_points is None else ptr(zero_points)
     zp_float = zero_points is not None and zero_points.dtype == F32
-    b_row, s_row = blocks.size // n, scales.size // n * 4
+    b_row, s_row = blocks.size // n, scales.nbytes // n
     zp_row = 0 if zero_points is None else zero_points.nbytes // n
 
     def widen(n0: int, n1: int, panel: np.ndarray) -> None:
@@ -166,6 +166,7 @@ def dequantize_panels(blocks, scales, zero_points, n: int, k: int, bits: int, bl
             k,
             bits,
             block_size,
+            half_scales,
         )
 
     return widen
@@ -369,8 +370,9 @@ def _fast_op(key: tuple[str, str], out: OutputBuffers):
                     0 if zero_points is None else ptr(zero_points),
                     zero_points is not None and zero_points.dtype == F32,
                     0 if bias is None else ptr(bias),
+                    scales.dtype == np.float16,
                 )
-            kernel, q8, b_ptr, s_ptr, zp_ptr, zp_float, bias_ptr = bound[1]
+            kernel, q8, b_ptr, s_ptr, zp_ptr, zp_float, bias_ptr, half_scales = bound[1]
             rows = x.size // K
             if g_idx is not None or (rows > 64 and not q8):  # dequantize, then numpy's GEMM
                 widen = dequantize_panels(blocks, scales, zero_points, N, K, bits, block_size)
@@ -392,6 +394,7 @@ def _fast_op(key: tuple[str, str], out: OutputBuffers):
                 K,
                 bits,
                 block_size,
+                half_scales,
             )
             return y
 
@@ -425,8 +428,9 @@ def _fast_op(key: tuple[str, str], out: OutputBuffers):
                     zero_points is not None and zero_points.dtype == F32,
                     scales.shape[0],
                     K,
+                    scales.dtype == np.float16,
                 )
-            b_ptr, s_ptr, zp_ptr, zp_float, n, K = bound[1]
+            b_ptr, s_ptr, zp_ptr, zp_float, n, K, half_scales = bound[1]
             if indices.dtype != np.int64 or not indices.flags.c_contiguous:
                 work()  # a conversion of its own: such a step is re-run at each replay
                 indices = np.ascontiguousarray(indices, dtype=np.int64)
@@ -444,6 +448,7 @@ def _fast_op(key: tuple[str, str], out: OutputBuffers):
                 K,
                 bits,
                 block_size,
+                half_scales,
             )
             return y
 

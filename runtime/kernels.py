@@ -71,6 +71,7 @@ def isa_at_least(level: str) -> bool:
 
 F32 = np.dtype(np.float32)
 U8 = np.dtype(np.uint8)
+F16 = np.dtype(np.float16)
 I32 = np.dtype(np.int32)
 I64 = np.dtype(np.int64)
 
@@ -273,7 +274,7 @@ def _nbits_weight(
     if K < 0:
         raise ValueError(f"K is {K}; pass the number of input features, >= 0")
     B = _array("B", B, (U8,))
-    scales = _array("scales", scales, (F32,))
+    scales = _array("scales", scales, (F32, F16))
     n = B.shape[0] if B.ndim else 0
     k_blocks = -(-K // block_size)
     blob = block_size * bits // 8
@@ -295,6 +296,11 @@ def _nbits_weight(
                 + ("" if packed else " (float zero points: one per block, like scales)")
             )
     return B, scales, zero_points, n
+
+
+def _scales_args(scales: np.ndarray) -> tuple[int, bool]:
+    """(address, half_scales) of checked scales: fp32, or fp16 as the kernels take them."""
+    return _ptr(scales), scales.dtype == F16
 
 
 def _zero_points_args(zero_points: np.ndarray | None) -> tuple[int, bool]:
@@ -325,7 +331,7 @@ def linear_nbits(
     B             uint8 (N, k_blocks, block_size * bits / 8), k_blocks = ceil(K / block_size);
                   INT4: element 2j of a block in the low nibble of byte j, 2j + 1 in the high one;
                   the last block's padding past K is ignored
-    scales        float32 (N, k_blocks)
+    scales        float32 or float16 (N, k_blocks)
     zero_points   uint8: INT8 (N, k_blocks); INT4 (N, ceil(k_blocks / 2)), block 2j in the low
                   nibble; or float32 (N, k_blocks), not packed (ONNX Runtime's zero points of A's
                   type: a block's float offset, llama.cpp Q4_1 / Q4_K's min = -zp * scale);
@@ -347,10 +353,11 @@ def linear_nbits(
     if K == 0:  # an empty sum: only the bias remains
         out[...] = 0 if bias is None else bias
         return out
+    s_ptr, half_scales = _scales_args(scales)
     (_C.gemv_nbits_q8 if int8_activations else _C.gemv_nbits)(
         _ptr(x),
         _ptr(B),
-        _ptr(scales),
+        s_ptr,
         *_zero_points_args(zero_points),
         0 if bias is None else _ptr(bias),
         _ptr(out),
@@ -359,6 +366,7 @@ def linear_nbits(
         K,
         bits,
         block_size,
+        half_scales,
     )
     return out
 
@@ -376,8 +384,10 @@ def dequantize_nbits(
     reference's; prefill multiplies by it with a matmul."""
     B, scales, zero_points, n = _nbits_weight(B, scales, zero_points, bits, block_size, K)
     out = np.empty((n, K), F32)
+    s_ptr, half_scales = _scales_args(scales)
     _C.dequantize_nbits(
-        _ptr(B), _ptr(scales), *_zero_points_args(zero_points), _ptr(out), n, K, bits, block_size
+        _ptr(B), s_ptr, *_zero_points_args(zero_points), _ptr(out), n, K, bits, block_size,
+        half_scales,
     )
     return out
 
@@ -407,7 +417,7 @@ def dequantize_nbits_reference(
         zp = torch.stack((zero_points & 0xF, zero_points >> 4), dim=-1).reshape(n, -1)[:, :k_blocks]
     else:
         zp = zero_points
-    w = (q.float() - zp.float()[..., None]) * scales[..., None]
+    w = (q.float() - zp.float()[..., None]) * scales.float()[..., None]
     return w.reshape(n, k_blocks * block_size)[:, :K]
 
 
@@ -427,9 +437,10 @@ def gather_nbits(
     B, scales, zero_points, n = _nbits_weight(B, scales, zero_points, bits, block_size, K)
     indices = _array("indices", indices, (I64,))
     out = np.empty((*indices.shape, K), F32)
+    s_ptr, half_scales = _scales_args(scales)
     _C.gather_nbits(
         _ptr(B),
-        _ptr(scales),
+        s_ptr,
         *_zero_points_args(zero_points),
         _ptr(indices),
         _ptr(out),
@@ -438,6 +449,7 @@ def gather_nbits(
         K,
         bits,
         block_size,
+        half_scales,
     )
     return out
 

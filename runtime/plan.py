@@ -420,6 +420,32 @@ def build_plan(
                     if all(consumers.get(o, 0) <= 1 for o in n.output):
                         absorbed.add(n.name)
 
+    # fp16 block scales (passes/quantize_nbits.py): MatMulNBits takes scales of A's type, so the
+    # graph widens them with a Cast; the kernels read fp16 scales themselves, so the Cast is not
+    # folded into an fp32 copy (twice the bytes each decode step reads)
+    ms = "com.microsoft"
+    scale_inputs = {
+        (ms, "MatMulNBits"),
+        (ms, "GatherBlockQuantized"),
+        ("ai.xcompile", "GatherNBits"),
+    }
+    scale_uses: dict[str, list[bool]] = {}  # a value -> for each use, whether it is scales
+    for node in graph.node:
+        takes = (node.domain, node.op_type) in scale_inputs
+        for i, name in enumerate(node.input):
+            scale_uses.setdefault(name, []).append(takes and i == 2)
+
+    def half_scales(node) -> bool:
+        return (
+            node.op_type == "Cast"
+            and node.domain in ("", "ai.onnx")
+            and _attrs(node).get("to") == 1
+            and node.input[0] in const
+            and node.input[0] not in producer
+            and getattr(slots[slot[node.input[0]]], "dtype", None) == np.float16
+            and all(scale_uses.get(node.output[0], [False]))
+        )
+
     def op_fn(node):
         domain = "" if node.domain in ("", "ai.onnx") else node.domain
         key = (domain, node.op_type)
@@ -492,6 +518,10 @@ def build_plan(
             axis = int(attrs.get("axis", 0))
             attrs = {"sizes": sizes, "axis": axis}
             steps.append(Step(f"{node.name}/Split", split_fixed, ins[:1], outs, attrs, view=True))
+            continue
+        if half_scales(node):  # the consumers read the fp16 scales as stored
+            slots[outs[0]] = slots[slot[node.input[0]]]
+            const.add(node.output[0])
             continue
         fn = op_fn(node)
         if all(n in const or n == "" for n in node.input):  # fold now, once

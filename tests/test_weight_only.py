@@ -65,6 +65,9 @@ def test_fused_weight_is_its_parts_row_concatenated(bits, group, sym):
             assert torch.equal(t, torch.cat([e[i] for e in each]))
 
 
+HALF = "float16"  # the CLI's block scales (scheme_from_flags' default)
+
+
 def test_gptq_and_awq_flags_make_a_scheme(tmp_path):
     """No calibration file: the shipped text; the manifest entry says which."""
     from xcompile.weight_only import scheme_from_flags
@@ -79,6 +82,7 @@ def test_gptq_and_awq_flags_make_a_scheme(tmp_path):
         "group_size": -1,
         "sym": False,
         "zero_points": "uint8",
+        "scales": "float16",
         "algo": "awq",
         "search": False,
         "plan": "uniform",
@@ -96,11 +100,11 @@ def test_int4_defaults_to_the_measured_recipe():
     from xcompile.weight_only import scheme_from_flags
 
     int4 = scheme_from_flags(4, None, None, None, None, None)
-    assert (int4.layout, int4.search, int4.mixed) == (Layout(4, 32, "float"), True, True)
+    assert (int4.layout, int4.search, int4.mixed) == (Layout(4, 32, "float", HALF), True, True)
     int8 = scheme_from_flags(8, None, None, None, None, False)
-    assert (int8.layout, int8.search, int8.mixed) == (Layout(8, -1, "none"), False, False)
+    assert (int8.layout, int8.search, int8.mixed) == (Layout(8, -1, "none", HALF), False, False)
     plain = scheme_from_flags(4, 128, True, None, None, False, search=False, plan="uniform")
-    assert (plain.layout, plain.search, plain.mixed) == (Layout(4, 128, "none"), False, False)
+    assert (plain.layout, plain.search, plain.mixed) == (Layout(4, 128, "none", HALF), False, False)
 
 
 @pytest.mark.parametrize(
@@ -141,9 +145,9 @@ def test_head8_plan_keeps_the_main_layout_and_lm_head_at_8_bits():
     scheme = scheme_from_flags(4, 64, True, None, None, None, None, None, "head8")
     spec = SimpleNamespace(layers=8)  # head8 names no layer: no names needed
     layout_for = scheme.plan(spec, {})
-    main = Layout(4, 64, "none")
+    main = Layout(4, 64, "none", HALF)
     assert layout_for("/model/layers.0/mlp/down_proj/MatMul", "model.layers.0.mlp.down_proj.weight") == main
-    assert layout_for("/lm_head/MatMul", "lm_head.weight") == Layout(8, 32)  # blocks, as Q8_0
+    assert layout_for("/lm_head/MatMul", "lm_head.weight") == Layout(8, 32, scales=HALF)  # blocks, as Q8_0
     assert scheme.describe()["plan"] == "head8" and scheme.describe()["lm_head"]
 
 
@@ -157,10 +161,10 @@ def test_an_8_bit_lm_head_takes_blocks_of_32_where_the_layers_are_per_channel():
 
     spec = SimpleNamespace(layers=4)
     per_channel = scheme_from_flags(8, None, None, None, None, True).plan(spec, {})
-    assert per_channel("/lm_head/MatMul", "lm_head.weight") == Layout(8, 32)
-    assert per_channel("/model/layers.0/attn/o_proj/MatMul", "o.weight") == Layout(8, -1)
+    assert per_channel("/lm_head/MatMul", "lm_head.weight") == Layout(8, 32, scales=HALF)
+    assert per_channel("/model/layers.0/attn/o_proj/MatMul", "o.weight") == Layout(8, -1, scales=HALF)
     grouped = scheme_from_flags(8, 128, None, None, None, True).plan(spec, {})
-    assert grouped("/lm_head/MatMul", "lm_head.weight") == Layout(8, 128)
+    assert grouped("/lm_head/MatMul", "lm_head.weight") == Layout(8, 128, scales=HALF)
     assert scheme_from_flags(8, None, None, None, None, False).plan(spec, {})(
         "/lm_head/MatMul", "lm_head.weight"
     ) is None

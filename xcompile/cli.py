@@ -54,12 +54,14 @@ def _weight_format(fp32: bool, bf16: bool, int8: bool = False, int4: bool = Fals
     return chosen[0]
 
 
-def _scheme(fmt: str, algo, group_size, sym, calib, quantize_lm_head, zero_points, search, plan):
+def _scheme(
+    fmt: str, algo, group_size, sym, calib, quantize_lm_head, zero_points, search, plan, scales
+):
     from xcompile.weight_only import scheme_from_flags
 
     bits = {"int8": 8, "int4": 4}.get(fmt)
     return scheme_from_flags(
-        bits, group_size, sym, algo, calib, quantize_lm_head, zero_points, search, plan
+        bits, group_size, sym, algo, calib, quantize_lm_head, zero_points, search, plan, scales
     )
 
 
@@ -68,6 +70,10 @@ SEARCH_HELP = "Search each block's scale for the least error (default with --int
 LM_HEAD_HELP = (
     "lm_head at 8 bits in blocks of 32 (the --int8 default) or, with --no-quantize-lm-head, in "
     "BF16; --int4's mixed and head8 plans always quantize it (--plan uniform: in the main layout)."
+)
+SCALES_HELP = (
+    "Block scales in float16 (default; as llama.cpp's Q8_0 / Q4_0: 0.5 bit a weight less at "
+    "groups of 32) or float32."
 )
 PLAN_HELP = (
     "mixed (--int4 default: V, down and lm_head at 8 bits, as Q4_K_M), uniform, or head8 "
@@ -97,6 +103,7 @@ def quantize(
     zero_points: str = typer.Option(None, "--zero-points", help=ZERO_POINTS_HELP),
     search: bool = typer.Option(None, "--search/--no-search", help=SEARCH_HELP),
     plan: str = typer.Option(None, "--plan", help=PLAN_HELP),
+    scales: str = typer.Option(None, "--scales", help=SCALES_HELP),
     calib: Path = typer.Option(
         None, "--calib", help="Calibration text for gptq/awq, one sample a line."
     ),
@@ -112,7 +119,16 @@ def quantize(
     _require_compile_extra("quantize")
     chosen = [_weight_format(fp32, bf16, int8, int4)]
     scheme = _scheme(
-        chosen[0], algo, group_size, sym, calib, quantize_lm_head, zero_points, search, plan
+        chosen[0],
+        algo,
+        group_size,
+        sym,
+        calib,
+        quantize_lm_head,
+        zero_points,
+        search,
+        plan,
+        scales,
     )
     from xcompile.artifacts import AtomicFolder
     from xcompile.frontend.checkpoint import Checkpoint
@@ -165,6 +181,7 @@ def build(
     zero_points: str = typer.Option(None, "--zero-points", help=ZERO_POINTS_HELP),
     search: bool = typer.Option(None, "--search/--no-search", help=SEARCH_HELP),
     plan: str = typer.Option(None, "--plan", help=PLAN_HELP),
+    scales: str = typer.Option(None, "--scales", help=SCALES_HELP),
     calib: Path = typer.Option(None, "--calib", help="Calibration text for gptq/awq."),
     quantize_lm_head: bool = typer.Option(
         None, "--quantize-lm-head/--no-quantize-lm-head", help=LM_HEAD_HELP
@@ -181,7 +198,7 @@ def build(
     AtomicFolder(out).check()
     chosen = _weight_format(fp32, bf16, int8, int4)
     scheme = _scheme(
-        chosen, algo, group_size, sym, calib, quantize_lm_head, zero_points, search, plan
+        chosen, algo, group_size, sym, calib, quantize_lm_head, zero_points, search, plan, scales
     )
     from xcompile.frontend.checkpoint import Checkpoint
     from xcompile.quantize import quantize as compile_single

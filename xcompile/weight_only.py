@@ -48,6 +48,7 @@ class WeightOnly:
     search: bool = False  # RTN: search each block's scale (and offset), xcompile/rtn_search.py
     mixed: bool = False  # Q4_K_M's plan (module docstring); lm_head at 8 bits
     head8: bool = False  # every projection in the main layout, lm_head at 8 bits (Q4_0's plan)
+    scales: str = "float32"  # block scales stored as float32 or float16 (as llama.cpp's)
 
     @property
     def layout(self) -> Layout:
@@ -56,13 +57,14 @@ class WeightOnly:
             zero_points = "none"
         else:
             zero_points = "float" if self.float_zero_points else "uint8"
-        return Layout(self.bits, self.group_size, zero_points)
+        return Layout(self.bits, self.group_size, zero_points, self.scales)
 
     def plan(self, spec, concat: dict[str, list[str]]):
         """-> layout_for(node name, weight name) for passes/quantize_nbits.py. concat: a fused
         weight's parts (the graph's `xcompile.concat`)."""
-        main, wide = self.layout, Layout(8, -1)
-        head = Layout(8, LM_HEAD_GROUP)  # an 8-bit lm_head (and tied table): blocks, as Q8_0
+        main, wide = self.layout, Layout(8, -1, scales=self.scales)
+        # an 8-bit lm_head (and tied table): blocks, as Q8_0
+        head = Layout(8, LM_HEAD_GROUP, scales=self.scales)
         more = set()
         if self.mixed:
             for i in range(spec.layers):
@@ -90,6 +92,7 @@ class WeightOnly:
             "group_size": self.group_size,
             "sym": self.sym,
             "zero_points": self.layout.zero_points,
+            "scales": self.scales,
             "algo": self.algo,
             "search": self.search,
             "plan": "mixed" if self.mixed else "head8" if self.head8 else "uniform",
@@ -116,12 +119,13 @@ def scheme_from_flags(
     zero_points: str | None = None,
     search: bool | None = None,
     plan: str | None = None,
+    scales: str | None = None,
 ) -> WeightOnly | None:
     """Validate the CLI's quantization flags (UserError naming the fix) -> scheme or None.
     Defaults: --int8 per channel, symmetric, INC's RTN, every projection alike, the lm_head too
     (in blocks of 32, as Q8_0: quantize_lm_head None means on for 8 bits); --int4 the
     best recipe measured (benchmarks/quality.py): groups of 32 with float offsets, searched
-    scales, the mixed plan."""
+    scales, the mixed plan. Block scales in float16 for both (as llama.cpp's Q8_0 / Q4_0)."""
     if bits is None:
         given = (
             ("--algo", algo),
@@ -131,6 +135,7 @@ def scheme_from_flags(
             ("--zero-points", zero_points),
             ("--search/--no-search", search),
             ("--plan", plan),
+            ("--scales", scales),
         )
         for flag, value in given:
             if value is not None:
@@ -155,6 +160,8 @@ def scheme_from_flags(
         raise UserError("--zero-points is for --asym blocks; drop --sym or --zero-points")
     if sym is None:
         sym = bits == 8 and zero_points is None
+    if scales not in (None, "float16", "float32"):
+        raise UserError(f"--scales {scales}: choose float16 or float32")
     if plan not in (None, "mixed", "uniform", "head8"):
         raise UserError(f"--plan {plan}: choose mixed, uniform or head8")
     plan = plan or ("mixed" if bits == 4 else "uniform")
@@ -197,6 +204,7 @@ def scheme_from_flags(
         search=search,
         mixed=plan == "mixed",
         head8=plan == "head8",
+        scales=scales or "float16",
     )
 
 
@@ -211,7 +219,7 @@ def _quiet_import_inc():
 def layout_of(entry: dict) -> Layout:
     """A weight's Layout from its `xcompile.nbits` entry (the quantize pass's plan)."""
     zero_points = entry.get("zero_points", "none" if entry["sym"] else "uint8")
-    return Layout(entry["bits"], entry["group_size"], zero_points)
+    return Layout(entry["bits"], entry["group_size"], zero_points, entry.get("scales", "float32"))
 
 
 def as_layout(layout) -> Layout:
@@ -248,7 +256,8 @@ def quantize_rtn(
 def pack(
     w: torch.Tensor, layout: Layout | WeightOnly, search: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """w (N, K) -> MatMulNBits' (B uint8 (N, k_blocks, blob), scales f32 (N, k_blocks),
+    """w (N, K) -> MatMulNBits' (B uint8 (N, k_blocks, blob), scales (N, k_blocks) as the
+    layout stores them (f32 or f16),
     zero_points uint8, f32 or None), by RTN (quantize_rtn); a slice of rows at a time, so
     that no whole-tensor int32 copy is made."""
 
@@ -289,6 +298,8 @@ def pack_quantized(
         zp = None if zp is None else zp.reshape(n, 1).expand(n, k_blocks)
     if scales.shape[1] != k_blocks:
         raise RuntimeError(f"the quantizer returned {scales.shape[1]} groups, expected {k_blocks}")
+    if layout.scales == "float16":
+        scales = to_half_scales(scales)
     if zp is not None and layout.zero_points == "float":
         zp = zp.float().reshape(n, k_blocks).contiguous()
     elif zp is not None:
@@ -299,6 +310,17 @@ def pack_quantized(
             pairs = zp.view(n, -1, 2)
             zp = (pairs[..., 0] | (pairs[..., 1] << 4)).contiguous()
     return blocks.contiguous(), scales.contiguous(), zp
+
+
+def to_half_scales(scales: torch.Tensor) -> torch.Tensor:
+    """Block scales rounded to float16 (to nearest), refused past its range (65504): a block of
+    weights beyond ~4.6e5 at 4 bits, none a trained model has."""
+    big = scales.abs().max().item() if scales.numel() else 0.0
+    if big > torch.finfo(torch.float16).max:
+        raise UserError(
+            f"a block scale of {big:.4g} does not fit float16; quantize with --scales float32"
+        )
+    return scales.to(torch.float16)
 
 
 def unpack(
@@ -324,5 +346,5 @@ def unpack(
         if bits == 4:
             z = torch.stack([zp & 0xF, zp >> 4], dim=-1).reshape(n, -1)
         z = z[:, :k_blocks].float().unsqueeze(-1)
-    w = (q - z) * scales.reshape(n, k_blocks, 1)
+    w = (q - z) * scales.float().reshape(n, k_blocks, 1)
     return w.reshape(n, -1)[:, :k]

@@ -34,9 +34,11 @@ VARIANTS = {
     "bf16": ["--bf16"],
     "int8": ["--int8"],  # the lm_head too, in blocks of 32
     "int8, BF16 lm_head": ["--int8", "--no-quantize-lm-head"],
+    "int8, float32 scales": ["--int8", "--scales", "float32"],  # the default before fp16 scales
     "int8 g64": ["--int8", "--group-size", "64"],
     "int8 g128": ["--int8", "--group-size", "128"],
     "int4 (default recipe)": ["--int4"],
+    "int4 default, float32 scales": ["--int4", "--scales", "float32"],
     "int4 g32 float offsets, searched, uniform": ["--int4", "--plan", "uniform"],
     "int4 g128 sym INC RTN (the old default)": [
         "--int4", "--group-size", "128", "--sym", "--no-search", "--plan", "uniform"
@@ -51,7 +53,10 @@ VARIANTS = {
     ],
     "int4 g32 sym searched, mixed": ["--int4", "--sym"],
     "int4 g64 sym searched, mixed": ["--int4", "--group-size", "64", "--sym"],
-    "int4 g32 sym searched, head8": ["--int4", "--sym", "--plan", "head8"],
+    "int4 g32 sym searched, head8": ["--int4", "--sym", "--plan", "head8"],  # Q4_0's recipe
+    "int4 g32 sym searched, head8, float32 scales": [
+        "--int4", "--sym", "--plan", "head8", "--scales", "float32",
+    ],  # fmt: skip
     "int4 g64 sym searched, head8": ["--int4", "--group-size", "64", "--sym", "--plan", "head8"],
     "int4 g64 float offsets searched, head8": [
         "--int4", "--group-size", "64", "--plan", "head8"

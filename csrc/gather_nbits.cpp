@@ -11,7 +11,7 @@
 
 namespace xcompile {
 
-void gather_nbits(const uint8_t* B, Scales scales, ZeroPoints zero_points,
+void gather_nbits(const uint8_t* B, BlockFloats scales, ZeroPoints zero_points,
                   const int64_t* indices, float* out, int64_t count, int64_t N, int64_t K,
                   int bits, int64_t block_size) {
   const NBits w(B, scales, zero_points, K, bits, block_size);

@@ -188,7 +188,7 @@ bool gemm_nbits_vnni_supported(int bits, int64_t block_size) {
 #endif
 }
 
-void gemm_nbits_vnni(const float* x, const uint8_t* B, Scales scales,
+void gemm_nbits_vnni(const float* x, const uint8_t* B, BlockFloats scales,
                      ZeroPoints zero_points, const float* bias, float* out, int64_t M, int64_t N,
                      int64_t K, int bits, int64_t block_size) {
 #if XC_X86

@@ -170,7 +170,7 @@ void gemm_bf16_tiles(const float* x, const uint16_t* w, const float* bias, float
   emulated::gemm_bf16(x, w, bias, out, M, N, K);
 }
 
-void gemm_nbits_q8_tiles(const float* x, const uint8_t* B, Scales scales,
+void gemm_nbits_q8_tiles(const float* x, const uint8_t* B, BlockFloats scales,
                          ZeroPoints zero_points, const float* bias, float* out, int64_t M,
                          int64_t N, int64_t K, int bits, int64_t block_size, bool emulate) {
   check_unit(emulate);

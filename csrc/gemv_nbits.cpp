@@ -416,7 +416,7 @@ bool use_pool(int threads, int64_t N, int64_t K) {
 
 }  // namespace
 
-void gemv_nbits(const float* x, const uint8_t* B, Scales scales, ZeroPoints zero_points,
+void gemv_nbits(const float* x, const uint8_t* B, BlockFloats scales, ZeroPoints zero_points,
                 const float* bias, float* out, int64_t M, int64_t N, int64_t K, int bits,
                 int64_t block_size) {
   const NBits w(B, scales, zero_points, K, bits, block_size);
@@ -451,7 +451,7 @@ void gemv_nbits(const float* x, const uint8_t* B, Scales scales, ZeroPoints zero
   }
 }
 
-void dequantize_nbits(const uint8_t* B, Scales scales, ZeroPoints zero_points, float* out,
+void dequantize_nbits(const uint8_t* B, BlockFloats scales, ZeroPoints zero_points, float* out,
                       int64_t N, int64_t K, int bits, int64_t block_size) {
   const NBits w(B, scales, zero_points, K, bits, block_size);
   const DequantFn dequant = table_for(bits, block_size).dequant;

@@ -172,7 +172,7 @@ XC_TARGET_VNNI __attribute__((always_inline)) inline __m512i sum_lanes16(const _
 // loaded as they are, packed ones widened
 template <int BITS>
 XC_TARGET_VNNI __attribute__((always_inline)) inline __m512 zero_points16(const Row& row, int64_t b) {
-  if (row.zf) return _mm512_loadu_ps(row.zf + b);
+  if (row.zf) return floats16(row.zf, b);
   if (!row.z) return _mm512_set1_ps(float(1 << (BITS - 1)));
   __m128i z;
   if constexpr (BITS == 8) {
@@ -220,7 +220,7 @@ XC_TARGET_VNNI void row_vnni(const QuantizedX& qx, const NBits& w, int64_t n0, i
           _mm_prefetch(reinterpret_cast<const char*>(wq + (b + j) * kUnitBytes + kPrefetch), _MM_HINT_T0);
           d[j] = unit_dot<BITS>(wq + (b + j) * kUnitBytes, xq + (b + j) * unit, low4);
         }
-        const __m512 s = scales16(row.s, b);
+        const __m512 s = floats16(row.s, b);
         corrections = _mm512_fmadd_ps(_mm512_mul_ps(s, zero_points16<BITS>(row, b)),
                                       _mm512_loadu_ps(cx + b), corrections);
         const __m512 scale = _mm512_mul_ps(_mm512_loadu_ps(sx + b), s);
@@ -422,7 +422,7 @@ bool gemv_nbits_q8_supported(int bits, int64_t block_size) {
   return (bits == 8 || bits == 4) && block_size >= 16;
 }
 
-void gemv_nbits_q8(const float* x, const uint8_t* B, Scales scales,
+void gemv_nbits_q8(const float* x, const uint8_t* B, BlockFloats scales,
                    ZeroPoints zero_points, const float* bias, float* out, int64_t M, int64_t N,
                    int64_t K, int bits, int64_t block_size) {
   // AMX tiles for a prompt, or a batched decode step: from 4 rows for INT8, 5 for INT4 (whose

@@ -39,7 +39,7 @@ constexpr int64_t kPrefetch = 4096;
 template <int BITS>
 XC_TARGET_VNNI __attribute__((always_inline)) inline __m512 zero_points16(const Row& row, int64_t b,
                                                                            __mmask16 live) {
-  if (row.zf) return _mm512_maskz_loadu_ps(live, row.zf + b);
+  if (row.zf) return floats16(row.zf, b, live);
   if (!row.z) return _mm512_set1_ps(float(1 << (BITS - 1)));
   __m128i z;
   if constexpr (BITS == 8) {
@@ -78,8 +78,8 @@ XC_TARGET_VNNI __attribute__((always_inline)) inline void group_small(
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i lane_block = _mm512_srli_epi32(lane, __builtin_ctz(lanes));  // chunk's block
   _mm_prefetch(static_cast<const char*>(row.s.address(b + ahead)), _MM_HINT_T0);
-  if (row.zf) _mm_prefetch(reinterpret_cast<const char*>(row.zf + b + ahead), _MM_HINT_T0);
-  const __m512 s = scales16(row.s, b, live);
+  if (row.zf) _mm_prefetch(static_cast<const char*>(row.zf.address(b + ahead)), _MM_HINT_T0);
+  const __m512 s = floats16(row.s, b, live);
   const __m512 zs = _mm512_mul_ps(s, zero_points16<BITS>(row, b, live));
   __m512 p[MB];  // s * sx per block, x row m
   for (int m = 0; m < MB; ++m) {

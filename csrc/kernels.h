@@ -87,14 +87,14 @@ void gemv_bf16(const float* x, const uint16_t* w, const float* bias, float* out,
 // Weight-only INT8 / INT4 in ONNX Runtime's com.microsoft MatMulNBits layout (csrc/gemv_nbits.cpp):
 //   B (N, k_blocks, block_size * bits / 8) uint8, k_blocks = ceil(K / block_size); INT4 element 2j
 //   of a block in the low nibble of byte j, 2j + 1 in the high one. scales (N, k_blocks) fp32 or
-//   fp16 (nbits.h, Scales).
+//   fp16 (nbits.h, BlockFloats); float zero points likewise.
 //   zero_points (nbits.h): packed uint8, INT8 (N, k_blocks), INT4 (N, ceil(k_blocks / 2)) with
 //   block 2j in the low nibble; or fp32 (N, k_blocks) like scales; or none (2^(bits-1)).
 //   bits 4 or 8; block_size a power of two >= 16.
 //   W[n, k] = (q[n, k] - zp[n, k / block_size]) * scales[n, k / block_size], in fp32:
 //   (float(q) - zp) * scale, exact in the subtraction for integer zero points.
 // gemv_nbits: x (M, K) fp32, bias (N) fp32 or null, out (M, N) = x @ W.T + bias, fp32.
-void gemv_nbits(const float* x, const uint8_t* B, Scales scales, ZeroPoints zero_points,
+void gemv_nbits(const float* x, const uint8_t* B, BlockFloats scales, ZeroPoints zero_points,
                 const float* bias, float* out, int64_t M, int64_t N, int64_t K, int bits,
                 int64_t block_size);
 // gemv_nbits_q8: the same on int8-quantized activations (csrc/gemv_nbits_vnni.cpp; MatMulNBits'
@@ -102,7 +102,7 @@ void gemv_nbits(const float* x, const uint8_t* B, Scales scales, ZeroPoints zero
 // Every block size (>= 16) since the small blocks' kernel (gemv_nbits_vnni_small.cpp):
 // gemv_nbits_q8_supported says so.
 bool gemv_nbits_q8_supported(int bits, int64_t block_size);
-void gemv_nbits_q8(const float* x, const uint8_t* B, Scales scales,
+void gemv_nbits_q8(const float* x, const uint8_t* B, BlockFloats scales,
                    ZeroPoints zero_points, const float* bias, float* out, int64_t M, int64_t N,
                    int64_t K, int bits, int64_t block_size);
 // gemm_nbits_vnni (csrc/gemm_nbits_vnni.cpp): gemv_nbits_q8 for prompts (x of kGemmMinRows rows
@@ -110,16 +110,16 @@ void gemv_nbits_q8(const float* x, const uint8_t* B, Scales scales,
 // it by itself there. gemm_nbits_vnni_supported: this CPU's path has it, for these blocks.
 constexpr int64_t kGemmMinRows = 16;
 bool gemm_nbits_vnni_supported(int bits, int64_t block_size);
-void gemm_nbits_vnni(const float* x, const uint8_t* B, Scales scales,
+void gemm_nbits_vnni(const float* x, const uint8_t* B, BlockFloats scales,
                      ZeroPoints zero_points, const float* bias, float* out, int64_t M, int64_t N,
                      int64_t K, int bits, int64_t block_size);
 // dequantize_nbits: out (N, K) fp32 = W, bit for bit the reference's (float(q) - zp) * scale.
-void dequantize_nbits(const uint8_t* B, Scales scales, ZeroPoints zero_points, float* out,
+void dequantize_nbits(const uint8_t* B, BlockFloats scales, ZeroPoints zero_points, float* out,
                       int64_t N, int64_t K, int bits, int64_t block_size);
 // gather_nbits (csrc/gather_nbits.cpp): out (count, K) fp32 = rows indices[i] of W, an embedding
 // lookup on a quantized table; indices (count) int64, negative ones counted from N, those outside
 // [-N, N) give zero rows.
-void gather_nbits(const uint8_t* B, Scales scales, ZeroPoints zero_points,
+void gather_nbits(const uint8_t* B, BlockFloats scales, ZeroPoints zero_points,
                   const int64_t* indices, float* out, int64_t count, int64_t N, int64_t K,
                   int bits, int64_t block_size);
 
@@ -132,7 +132,7 @@ void gather_nbits(const uint8_t* B, Scales scales, ZeroPoints zero_points,
 bool gemm_bf16_tiles_supported(int64_t N, int64_t K);
 void gemm_bf16_tiles(const float* x, const uint16_t* w, const float* bias, float* out, int64_t M,
                      int64_t N, int64_t K, bool emulate);
-void gemm_nbits_q8_tiles(const float* x, const uint8_t* B, Scales scales,
+void gemm_nbits_q8_tiles(const float* x, const uint8_t* B, BlockFloats scales,
                          ZeroPoints zero_points, const float* bias, float* out, int64_t M,
                          int64_t N, int64_t K, int bits, int64_t block_size, bool emulate);
 

@@ -47,22 +47,24 @@ void check_nbits(const char* kernel, int64_t bits, int64_t block_size) {
 }
 
 // MatMulNBits zero points at `address`: packed uint8 (0: none, 2^(bits-1)), or with
-// float_zero_points fp32 (N, k_blocks), not packed (0 allowed only where nothing is read).
-xcompile::ZeroPoints zero_points_at(uintptr_t address, bool float_zero_points, bool read) {
+// float_zero_points floats (N, k_blocks), not packed (0 allowed only where nothing is read):
+// fp32, or fp16 bits with fp16 (as the scales).
+xcompile::ZeroPoints zero_points_at(uintptr_t address, bool float_zero_points, bool read,
+                                    bool fp16) {
   xcompile::ZeroPoints zp;
   if (float_zero_points && read && address == 0)
     throw std::invalid_argument("float_zero_points is set but zero_points is a null pointer");
   if (float_zero_points)
-    zp.values = reinterpret_cast<const float*>(address);
+    zp.values = xcompile::BlockFloats::at(reinterpret_cast<const void*>(address), fp16);
   else
     zp.packed = reinterpret_cast<const uint8_t*>(address);
   return zp;
 }
 
-// MatMulNBits scales at `address`: fp32, or fp16 bits with half_scales
-xcompile::Scales scales_at(uintptr_t address, bool half_scales, bool read) {
-  if (half_scales) return xcompile::Scales::half(as_ptr<const uint16_t>(address, "scales", read));
-  return xcompile::Scales(as_ptr<const float>(address, "scales", read));
+// MatMulNBits scales at `address`: fp32, or fp16 bits with fp16 (float zero points too)
+xcompile::BlockFloats scales_at(uintptr_t address, bool fp16, bool read) {
+  if (fp16) return xcompile::BlockFloats::half(as_ptr<const uint16_t>(address, "scales", read));
+  return xcompile::BlockFloats(as_ptr<const float>(address, "scales", read));
 }
 
 // gemv_bf16_dp (Prompt false) and gemm_bf16_dp take the same arguments: one binding serves both.
@@ -87,7 +89,7 @@ auto tape_def(const char* name, void (*f)(A...)) {
 template <bool Q8>
 void nbits_gemv(uintptr_t x, uintptr_t B, uintptr_t scales, uintptr_t zero_points,
                 bool float_zero_points, uintptr_t bias, uintptr_t out, int64_t M, int64_t N,
-                int64_t K, int64_t bits, int64_t block_size, bool half_scales) {
+                int64_t K, int64_t bits, int64_t block_size, bool fp16) {
   const char* name = Q8 ? "gemv_nbits_q8" : "gemv_nbits";
   check_sizes(name, {M, N, K});
   check_nbits(name, bits, block_size);
@@ -97,8 +99,8 @@ void nbits_gemv(uintptr_t x, uintptr_t B, uintptr_t scales, uintptr_t zero_point
   if (M == 0 || N == 0) return;
   (Q8 ? xcompile::gemv_nbits_q8 : xcompile::gemv_nbits)(
       as_ptr<const float>(x, "x", K > 0), as_ptr<const uint8_t>(B, "B", K > 0),
-      scales_at(scales, half_scales, K > 0),
-      zero_points_at(zero_points, float_zero_points, K > 0),
+      scales_at(scales, fp16, K > 0),
+      zero_points_at(zero_points, float_zero_points, K > 0, fp16),
       as_ptr<const float>(bias, "bias", false), as_ptr<float>(out, "out", true), M, N, K,
       int(bits), block_size);
 }
@@ -354,12 +356,13 @@ NB_MODULE(_C, m) {
   const auto bind_nbits = [&m](const char* name, auto kernel, const char* doc) {
     m.def(name, tape_def(name, kernel), "x"_a, "B"_a, "scales"_a, "zero_points"_a,
           "float_zero_points"_a, "bias"_a, "out"_a, "M"_a, "N"_a, "K"_a, "bits"_a, "block_size"_a,
-          "half_scales"_a = false, nb::call_guard<nb::gil_scoped_release>(), doc);
+          "fp16"_a = false, nb::call_guard<nb::gil_scoped_release>(), doc);
   };
   bind_nbits("gemv_nbits", &nbits_gemv<false>,
              "out (M, N) = x (M, K) @ W.T + bias (0: none), W from MatMulNBits' B, scales, "
              "zero_points (0: 2^(bits-1); packed uint8, or fp32 (N, k_blocks) with "
-             "float_zero_points); scales fp32, or fp16 bits with half_scales; fp32 x/out.");
+             "float_zero_points); scales (and float zero points) fp32, or fp16 bits with fp16; "
+             "fp32 x/out.");
   bind_nbits("gemv_nbits_q8", &nbits_gemv<true>,
              "gemv_nbits on int8-quantized activations (accuracy_level 4): VNNI, or the scalar "
              "reference.");
@@ -421,19 +424,19 @@ NB_MODULE(_C, m) {
       "gemm_nbits_q8_tiles",
       [](uintptr_t x, uintptr_t B, uintptr_t scales, uintptr_t zero_points, bool float_zero_points,
          uintptr_t bias, uintptr_t out, int64_t M, int64_t N, int64_t K, int64_t bits,
-         int64_t block_size, bool emulate, bool half_scales) {
+         int64_t block_size, bool emulate, bool fp16) {
         check_sizes("gemm_nbits_q8_tiles", {M, N, K});
         check_nbits("gemm_nbits_q8_tiles", bits, block_size);
         if (M == 0) return;
         xcompile::gemm_nbits_q8_tiles(
             as_ptr<const float>(x, "x", true), as_ptr<const uint8_t>(B, "B", true),
-            scales_at(scales, half_scales, true),
-            zero_points_at(zero_points, float_zero_points, true),
+            scales_at(scales, fp16, true),
+            zero_points_at(zero_points, float_zero_points, true, fp16),
             as_ptr<const float>(bias, "bias", false), as_ptr<float>(out, "out", true), M, N, K,
             int(bits), block_size, emulate);
       },
       "x"_a, "B"_a, "scales"_a, "zero_points"_a, "float_zero_points"_a, "bias"_a, "out"_a, "M"_a,
-      "N"_a, "K"_a, "bits"_a, "block_size"_a, "emulate"_a, "half_scales"_a = false,
+      "N"_a, "K"_a, "bits"_a, "block_size"_a, "emulate"_a, "fp16"_a = false,
       nb::call_guard<nb::gil_scoped_release>(),
       "gemv_nbits_q8 on AMX tiles (emulate: on their C++ model); N a multiple of 16.");
 
@@ -441,36 +444,37 @@ NB_MODULE(_C, m) {
       "dequantize_nbits",
       tape_def("dequantize_nbits", +[](uintptr_t B, uintptr_t scales, uintptr_t zero_points,
          bool float_zero_points, uintptr_t out, int64_t N, int64_t K, int64_t bits,
-         int64_t block_size, bool half_scales) {
+         int64_t block_size, bool fp16) {
         check_sizes("dequantize_nbits", {N, K});
         check_nbits("dequantize_nbits", bits, block_size);
         if (N == 0 || K == 0) return;
         xcompile::dequantize_nbits(as_ptr<const uint8_t>(B, "B", true),
-                                   scales_at(scales, half_scales, true),
-                                   zero_points_at(zero_points, float_zero_points, true),
+                                   scales_at(scales, fp16, true),
+                                   zero_points_at(zero_points, float_zero_points, true, fp16),
                                    as_ptr<float>(out, "out", true), N, K, int(bits), block_size);
       }),
       "B"_a, "scales"_a, "zero_points"_a, "float_zero_points"_a, "out"_a, "N"_a, "K"_a, "bits"_a,
-      "block_size"_a, "half_scales"_a = false, nb::call_guard<nb::gil_scoped_release>(),
+      "block_size"_a, "fp16"_a = false, nb::call_guard<nb::gil_scoped_release>(),
       "out (N, K) fp32 = W of MatMulNBits' B, scales, zero_points (0: 2^(bits-1); packed uint8, "
-      "or fp32 (N, k_blocks) with float_zero_points); scales fp32, or fp16 bits with half_scales.");
+      "or fp32 (N, k_blocks) with float_zero_points); scales (and float zero points) fp32, or "
+      "fp16 bits with fp16.");
 
   m.def(
       "gather_nbits",
       tape_def("gather_nbits", +[](uintptr_t B, uintptr_t scales, uintptr_t zero_points,
          bool float_zero_points, uintptr_t indices, uintptr_t out, int64_t count, int64_t N,
-         int64_t K, int64_t bits, int64_t block_size, bool half_scales) {
+         int64_t K, int64_t bits, int64_t block_size, bool fp16) {
         check_sizes("gather_nbits", {count, N, K});
         check_nbits("gather_nbits", bits, block_size);
         if (count == 0 || K == 0) return;
         xcompile::gather_nbits(as_ptr<const uint8_t>(B, "B", N > 0),
-                               scales_at(scales, half_scales, N > 0),
-                               zero_points_at(zero_points, float_zero_points, N > 0),
+                               scales_at(scales, fp16, N > 0),
+                               zero_points_at(zero_points, float_zero_points, N > 0, fp16),
                                as_ptr<const int64_t>(indices, "indices", true),
                                as_ptr<float>(out, "out", true), count, N, K, int(bits), block_size);
       }),
       "B"_a, "scales"_a, "zero_points"_a, "float_zero_points"_a, "indices"_a, "out"_a, "count"_a,
-      "N"_a, "K"_a, "bits"_a, "block_size"_a, "half_scales"_a = false,
+      "N"_a, "K"_a, "bits"_a, "block_size"_a, "fp16"_a = false,
       nb::call_guard<nb::gil_scoped_release>(),
       "out (count, K) fp32 = rows indices[i] (int64; negative from N, outside [-N, N): zeros) of "
       "W, MatMulNBits' B, scales, zero_points as in dequantize_nbits.");

@@ -31,34 +31,37 @@ inline float half_to_float(uint16_t h) {
   return (h & 0x8000u) ? -value : value;
 }
 
-// A weight's block scales (N, k_blocks), fp32 or fp16 (llama.cpp's Q4_0 / Q8_0 keep their block
-// scale in fp16: half the scale bytes a decode step reads, 0.5 bit a weight at blocks of 32).
-// Exactly one of f and h is set; s[b] is block b's scale as fp32 either way.
-struct Scales {
+// One float per block (a weight's scales, or its float zero points: (N, k_blocks)), stored fp32
+// or fp16 (llama.cpp's Q4_0 / Q8_0 keep the block scale in fp16, Q4_1 its min too: half the
+// bytes a decode step reads for them, 0.5 bit a weight each at blocks of 32). At most one of f
+// and h is set (neither: none given); v[b] is block b's value as fp32 either way.
+struct BlockFloats {
   const float* f = nullptr;
   const uint16_t* h = nullptr;
 
-  Scales() = default;
-  Scales(const float* f_) : f(f_) {}  // NOLINT: fp32 scales, as every caller had them
-  static Scales half(const uint16_t* h_) {
-    Scales s;
+  BlockFloats() = default;
+  BlockFloats(const float* f_) : f(f_) {}  // NOLINT: fp32, as every caller had them
+  static BlockFloats half(const uint16_t* h_) {
+    BlockFloats s;
     s.h = h_;
     return s;
   }
-  static Scales at(const void* address, bool half_scales) {
-    return half_scales ? half(static_cast<const uint16_t*>(address))
-                       : Scales(static_cast<const float*>(address));
+  static BlockFloats at(const void* address, bool half_floats) {
+    return half_floats ? half(static_cast<const uint16_t*>(address))
+                       : BlockFloats(static_cast<const float*>(address));
   }
+  explicit operator bool() const { return f || h; }
   float operator[](int64_t b) const { return h ? half_to_float(h[b]) : f[b]; }
-  Scales operator+(int64_t b) const { return h ? half(h + b) : Scales(f + b); }
-  const void* address(int64_t b) const {  // block b's scale (prefetches)
+  BlockFloats operator+(int64_t b) const { return h ? half(h + b) : BlockFloats(f + b); }
+  const void* address(int64_t b) const {  // block b's value (prefetches)
     return h ? static_cast<const void*>(h + b) : static_cast<const void*>(f + b);
   }
 };
 
 #if XC_X86
-// Blocks b .. b + 15's scales as 16 fp32 lanes, those past `live` zero (nothing past them read)
-XC_TARGET_AVX512 __attribute__((always_inline)) inline __m512 scales16(const Scales& s, int64_t b,
+// Blocks b .. b + 15's values as 16 fp32 lanes, those past `live` zero (nothing past them read)
+XC_TARGET_AVX512 __attribute__((always_inline)) inline __m512 floats16(const BlockFloats& s,
+                                                                    int64_t b,
                                                                     __mmask16 live = 0xFFFF) {
   if (s.h) return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(live, s.h + b));
   return _mm512_maskz_loadu_ps(live, s.f + b);
@@ -66,29 +69,29 @@ XC_TARGET_AVX512 __attribute__((always_inline)) inline __m512 scales16(const Sca
 #endif
 
 // A weight's zero points, one of three kinds: packed uint8 (INT8 (N, k_blocks); INT4
-// (N, ceil(k_blocks / 2)), block 2j in the low nibble), float (N, k_blocks) like the scales
-// (ONNX Runtime's zero points of A's type: K-quant style "scale and min", min = -zp * scale), or
-// neither (2^(bits-1)).
+// (N, ceil(k_blocks / 2)), block 2j in the low nibble), float (N, k_blocks; fp32 or fp16) like
+// the scales (ONNX Runtime's zero points of A's type: K-quant style "scale and min",
+// min = -zp * scale), or neither (2^(bits-1)).
 struct ZeroPoints {
   const uint8_t* packed = nullptr;
-  const float* values = nullptr;
+  BlockFloats values;
 };
 
 // One weight row n: its bytes (k_blocks * blob, blocks back to back), scales, zero points.
 struct Row {
   const uint8_t* q;
-  Scales s;
+  BlockFloats s;
   const uint8_t* z;   // packed zero points, or null
-  const float* zf;    // float zero points, or null (both null: 2^(bits-1))
+  BlockFloats zf;     // float zero points, or none (neither: 2^(bits-1))
 };
 
 struct NBits {
   const uint8_t* B;
-  Scales scales;
+  BlockFloats scales;
   ZeroPoints zero_points;
   int64_t K, block_size, k_blocks, blob, zp_row;
 
-  NBits(const uint8_t* B_, Scales scales_, ZeroPoints zp_, int64_t K_, int bits,
+  NBits(const uint8_t* B_, BlockFloats scales_, ZeroPoints zp_, int64_t K_, int bits,
         int64_t block_size_)
       : B(B_), scales(scales_), zero_points(zp_), K(K_), block_size(block_size_),
         k_blocks((K_ + block_size_ - 1) / block_size_), blob(block_size_ * bits / 8),
@@ -97,7 +100,7 @@ struct NBits {
   Row row(int64_t n) const {
     return {B + n * k_blocks * blob, scales + n * k_blocks,
             zero_points.packed ? zero_points.packed + n * zp_row : nullptr,
-            zero_points.values ? zero_points.values + n * k_blocks : nullptr};
+            zero_points.values ? zero_points.values + n * k_blocks : BlockFloats()};
   }
   int64_t block_len(int64_t b) const { return std::min(block_size, K - b * block_size); }
 };

@@ -12,7 +12,8 @@ or our own searched RTN, GPTQ or AWQ):
     zero_points  absent (symmetric: ORT then uses 2^(bits-1));
                  uint8: INT8 (N, k_blocks); INT4 (N, ceil(k_blocks / 2)), two per byte;
                  or float32 (N, k_blocks), not packed (ORT's "same type as A"): a block's offset
-                 need not be a whole level, as llama.cpp's Q4_1 / Q4_K mins
+                 need not be a whole level, as llama.cpp's Q4_1 / Q4_K mins; float16 (behind a
+                 Cast, as the scales) where the scales are
     W[n, k] = (q[n, k] - zp[n, k // block_size]) * scales[n, k // block_size]
 Which weights, and each one's bits / group size / zero points, is the caller's plan (a
 `layout_for(node_name, weight_name) -> Layout | None`): weights can differ, as llama.cpp's
@@ -55,7 +56,7 @@ class Layout:
     bits: int  # 8 or 4
     group_size: int  # weights per scale along K; -1: per output channel
     zero_points: str = "none"  # none (symmetric) | uint8 | float
-    scales: str = "float32"  # float32 | float16
+    scales: str = "float32"  # float32 | float16: the scales', and float zero points', dtype
 
     @property
     def sym(self) -> bool:
@@ -87,15 +88,15 @@ def nbits_names(weight: str) -> tuple[str, str, str]:
 
 
 def scales_input(g: ir.Graph, name: str) -> ir.Value:
-    """What a MatMulNBits reads as the scales stored in initializer `name`: the initializer
-    (float32), or the output of the Cast that widens float16 ones."""
-    scales = g.initializers[name]
-    if scales.dtype == ir.DataType.FLOAT:
-        return scales
-    for user, _ in scales.uses():
+    """What a MatMulNBits reads as the scales (or zero points) stored in initializer `name`: the
+    initializer (float32, uint8), or the output of the Cast that widens float16 ones."""
+    stored = g.initializers[name]
+    if stored.dtype != ir.DataType.FLOAT16:
+        return stored
+    for user, _ in stored.uses():
         if user.op_type == "Cast":
             return user.outputs[0]
-    raise ValueError(f"{name} is {scales.dtype} with no Cast to float")
+    raise ValueError(f"{name} is float16 with no Cast to float")
 
 
 def stored_scales(value: ir.Value) -> ir.Value:
@@ -149,12 +150,13 @@ class QuantizeNBitsPass(ir.passes.InPlacePass):
                     "N": n,
                     "K": k,
                 }
+                floats = ir.DataType.FLOAT16 if half else ir.DataType.FLOAT
                 specs = [
                     (qname, ir.DataType.UINT8, (n, k_blocks, blob)),
-                    (sname, ir.DataType.FLOAT16 if half else ir.DataType.FLOAT, (n, k_blocks)),
+                    (sname, floats, (n, k_blocks)),
                 ]
                 if layout.zero_points == "float":
-                    specs.append((zname, ir.DataType.FLOAT, (n, k_blocks)))
+                    specs.append((zname, floats, (n, k_blocks)))
                 elif layout.zero_points == "uint8":
                     zcols = k_blocks if bits == 8 else -(-k_blocks // 2)
                     specs.append((zname, ir.DataType.UINT8, (n, zcols)))
@@ -180,22 +182,21 @@ class QuantizeNBitsPass(ir.passes.InPlacePass):
                         )
                     )
             scope = node.name.rsplit("/", 1)[0]
-            widen = []
             if half and not g.initializers[sname].uses():  # the weight's first MatMulNBits
-                widen = [
-                    ir.node(
+                floats = [sname] + ([zname] if layout.zero_points == "float" else [])
+                for name in floats:
+                    widen = ir.node(
                         "Cast",
-                        [g.initializers[sname]],
+                        [g.initializers[name]],
                         attributes={"to": ir.DataType.FLOAT},
-                        name=f"{scope}/scales_float",
+                        name=f"{scope}/{name.rsplit('.', 1)[-1]}_float",
                     )
-                ]
-                widen[0].outputs[0].name = f"{sname}_float"
-                widen[0].outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
-                g.insert_before(node, widen)
+                    widen.outputs[0].name = f"{name}_float"
+                    widen.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+                    g.insert_before(node, [widen])
             inputs = [node.inputs[0], g.initializers[qname], scales_input(g, sname)]
             if not layout.sym:
-                inputs.append(g.initializers[zname])
+                inputs.append(scales_input(g, zname))
             q = ir.node(
                 "MatMulNBits",
                 inputs,

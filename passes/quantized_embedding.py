@@ -91,7 +91,7 @@ class QuantizedEmbeddingPass(ir.passes.InPlacePass):
         scope = gather.name.rsplit("/", 1)[0] if gather.name else "/model/embed_tokens"
         bits, block, k = int(spec["bits"]), int(spec["block_size"]), int(spec["K"])
         blocks, scales = g.initializers[qname], scales_input(g, sname)
-        zero_points = g.initializers.get(zname)
+        zero_points = scales_input(g, zname) if zname in g.initializers else None
         if zero_points is not None and zero_points.dtype == ir.DataType.FLOAT:
             return [
                 ir.node(

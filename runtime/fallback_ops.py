@@ -102,6 +102,8 @@ def _zero_points_args(zero_points: np.ndarray | None) -> tuple[np.ndarray | None
     if zero_points is None:
         return None, 0, False
     zp = np.ascontiguousarray(zero_points)
+    if zp.dtype == np.float16:  # float zero points stored as the scales are: widened, as they
+        zp = zp.astype(np.float32)
     return zp, zp.ctypes.data, zp.dtype == np.float32
 
 

@@ -142,19 +142,33 @@ def paneled_linear(x: np.ndarray, n: int, widen, out: OutputBuffers) -> np.ndarr
     return y
 
 
+def nbits_floats(scales: np.ndarray, zero_points: np.ndarray | None) -> tuple:
+    """(scales, zero_points, float_zero_points, fp16) as the nbits kernels read them: fp16 scales
+    and float zero points as stored where both are fp16 (or the zero points are packed uint8, or
+    none), else both as fp32 (a graph mixing the two: widened here, once). The caller keeps the
+    returned arrays alive while their pointers are in use."""
+    float_zp = zero_points is not None and zero_points.dtype != np.uint8
+    fp16 = scales.dtype == np.float16 and (not float_zp or zero_points.dtype == np.float16)
+    if not fp16:
+        scales = np.ascontiguousarray(scales, dtype=F32)
+        if float_zp:
+            zero_points = np.ascontiguousarray(zero_points, dtype=F32)
+    return scales, zero_points, float_zp, fp16
+
+
 def dequantize_panels(blocks, scales, zero_points, n: int, k: int, bits: int, block_size: int):
     """widen(n0, n1, panel) for paneled_linear on MatMulNBits weights: rows n0 .. n1 - 1 of W
     dequantized from their own rows of blocks, scales (fp32 or fp16) and zero points (packed
     uint8 or fp32)."""
     from xcompile import _C
 
-    b_ptr, s_ptr, half_scales = ptr(blocks), ptr(scales), scales.dtype == np.float16
+    scales, zero_points, zp_float, fp16 = nbits_floats(scales, zero_points)
+    b_ptr, s_ptr = ptr(blocks), ptr(scales)
     zp_ptr = 0 if zero_points is None else ptr(zero_points)
-    zp_float = zero_points is not None and zero_points.dtype == F32
     b_row, s_row = blocks.size // n, scales.nbytes // n
     zp_row = 0 if zero_points is None else zero_points.nbytes // n
 
-    def widen(n0: int, n1: int, panel: np.ndarray) -> None:
+    def widen(n0: int, n1: int, panel: np.ndarray, held=(scales, zero_points)) -> None:
         emit(
             _C.dequantize_nbits,
             b_ptr + n0 * b_row,
@@ -166,7 +180,7 @@ def dequantize_panels(blocks, scales, zero_points, n: int, k: int, bits: int, bl
             k,
             bits,
             block_size,
-            half_scales,
+            fp16,
         )
 
     return widen
@@ -361,18 +375,20 @@ def _fast_op(key: tuple[str, str], out: OutputBuffers):
                 # any number of rows (prefill too: 64 multiply-adds an instruction beat
                 # dequantizing the weight for an fp32 GEMM)
                 q8 = accuracy_level == 4 and vnni and _C.gemv_nbits_q8_supported(bits, block_size)
+                s, zp, zp_float, fp16 = nbits_floats(scales, zero_points)
                 bound[0] = blocks
                 bound[1] = (
                     _C.gemv_nbits_q8 if q8 else _C.gemv_nbits,
                     q8,
                     ptr(blocks),
-                    ptr(scales),
-                    0 if zero_points is None else ptr(zero_points),
-                    zero_points is not None and zero_points.dtype == F32,
+                    ptr(s),
+                    0 if zp is None else ptr(zp),
+                    zp_float,
                     0 if bias is None else ptr(bias),
-                    scales.dtype == np.float16,
+                    fp16,
+                    (s, zp),  # kept alive
                 )
-            kernel, q8, b_ptr, s_ptr, zp_ptr, zp_float, bias_ptr, half_scales = bound[1]
+            kernel, q8, b_ptr, s_ptr, zp_ptr, zp_float, bias_ptr, fp16, _ = bound[1]
             rows = x.size // K
             if g_idx is not None or (rows > 64 and not q8):  # dequantize, then numpy's GEMM
                 widen = dequantize_panels(blocks, scales, zero_points, N, K, bits, block_size)
@@ -394,7 +410,7 @@ def _fast_op(key: tuple[str, str], out: OutputBuffers):
                 K,
                 bits,
                 block_size,
-                half_scales,
+                fp16,
             )
             return y
 
@@ -420,17 +436,19 @@ def _fast_op(key: tuple[str, str], out: OutputBuffers):
             if bound[0] is not blocks:  # the weights are constants: resolve them once
                 if op == "GatherBlockQuantized":
                     K = _gather_block_quantized_k(blocks, gather_axis, quantize_axis, bits)
+                s, zp, zp_float, fp16 = nbits_floats(scales, zero_points)
                 bound[0] = blocks
                 bound[1] = (
                     ptr(blocks),
-                    ptr(scales),
-                    0 if zero_points is None else ptr(zero_points),
-                    zero_points is not None and zero_points.dtype == F32,
+                    ptr(s),
+                    0 if zp is None else ptr(zp),
+                    zp_float,
                     scales.shape[0],
                     K,
-                    scales.dtype == np.float16,
+                    fp16,
+                    (s, zp),  # kept alive
                 )
-            b_ptr, s_ptr, zp_ptr, zp_float, n, K, half_scales = bound[1]
+            b_ptr, s_ptr, zp_ptr, zp_float, n, K, fp16, _ = bound[1]
             if indices.dtype != np.int64 or not indices.flags.c_contiguous:
                 work()  # a conversion of its own: such a step is re-run at each replay
                 indices = np.ascontiguousarray(indices, dtype=np.int64)
@@ -448,7 +466,7 @@ def _fast_op(key: tuple[str, str], out: OutputBuffers):
                 K,
                 bits,
                 block_size,
-                half_scales,
+                fp16,
             )
             return y
 

@@ -286,7 +286,12 @@ def _nbits_weight(
     if scales.shape != (n, k_blocks):
         raise ValueError(f"scales has shape {scales.shape}; expected ({n}, {k_blocks})")
     if zero_points is not None:
-        zero_points = _array("zero_points", zero_points, (U8, F32))
+        zero_points = _array("zero_points", zero_points, (U8, F32, F16))
+        if zero_points.dtype != U8 and zero_points.dtype != scales.dtype:
+            raise ValueError(
+                f"zero_points are {zero_points.dtype} and scales {scales.dtype}; "
+                "give float zero points in the scales' dtype"
+            )
         packed = zero_points.dtype == U8
         cols = k_blocks if bits == 8 or not packed else -(-k_blocks // 2)
         if zero_points.shape != (n, cols):
@@ -299,7 +304,7 @@ def _nbits_weight(
 
 
 def _scales_args(scales: np.ndarray) -> tuple[int, bool]:
-    """(address, half_scales) of checked scales: fp32, or fp16 as the kernels take them."""
+    """(address, fp16) of checked scales: fp32, or fp16 (float zero points then too)."""
     return _ptr(scales), scales.dtype == F16
 
 
@@ -307,7 +312,7 @@ def _zero_points_args(zero_points: np.ndarray | None) -> tuple[int, bool]:
     """(address, float_zero_points) of checked zero points, as the nbits kernels take them."""
     if zero_points is None:
         return 0, False
-    return _ptr(zero_points), zero_points.dtype == F32
+    return _ptr(zero_points), zero_points.dtype != U8
 
 
 @_takes_torch
@@ -333,7 +338,7 @@ def linear_nbits(
                   the last block's padding past K is ignored
     scales        float32 or float16 (N, k_blocks)
     zero_points   uint8: INT8 (N, k_blocks); INT4 (N, ceil(k_blocks / 2)), block 2j in the low
-                  nibble; or float32 (N, k_blocks), not packed (ONNX Runtime's zero points of A's
+                  nibble; or float32 / float16 (the scales' dtype) (N, k_blocks), not packed (ONNX Runtime's zero points of A's
                   type: a block's float offset, llama.cpp Q4_1 / Q4_K's min = -zp * scale);
                   or None (then 2^(bits-1))
     W[n, k] = (q[n, k] - zp[n, k // block_size]) * scales[n, k // block_size], in fp32:
@@ -353,7 +358,7 @@ def linear_nbits(
     if K == 0:  # an empty sum: only the bias remains
         out[...] = 0 if bias is None else bias
         return out
-    s_ptr, half_scales = _scales_args(scales)
+    s_ptr, fp16 = _scales_args(scales)
     (_C.gemv_nbits_q8 if int8_activations else _C.gemv_nbits)(
         _ptr(x),
         _ptr(B),
@@ -366,7 +371,7 @@ def linear_nbits(
         K,
         bits,
         block_size,
-        half_scales,
+        fp16,
     )
     return out
 
@@ -384,10 +389,10 @@ def dequantize_nbits(
     reference's; prefill multiplies by it with a matmul."""
     B, scales, zero_points, n = _nbits_weight(B, scales, zero_points, bits, block_size, K)
     out = np.empty((n, K), F32)
-    s_ptr, half_scales = _scales_args(scales)
+    s_ptr, fp16 = _scales_args(scales)
     _C.dequantize_nbits(
         _ptr(B), s_ptr, *_zero_points_args(zero_points), _ptr(out), n, K, bits, block_size,
-        half_scales,
+        fp16,
     )
     return out
 
@@ -437,7 +442,7 @@ def gather_nbits(
     B, scales, zero_points, n = _nbits_weight(B, scales, zero_points, bits, block_size, K)
     indices = _array("indices", indices, (I64,))
     out = np.empty((*indices.shape, K), F32)
-    s_ptr, half_scales = _scales_args(scales)
+    s_ptr, fp16 = _scales_args(scales)
     _C.gather_nbits(
         _ptr(B),
         s_ptr,
@@ -449,7 +454,7 @@ def gather_nbits(
         K,
         bits,
         block_size,
-        half_scales,
+        fp16,
     )
     return out
 

@@ -420,22 +420,22 @@ def build_plan(
                     if all(consumers.get(o, 0) <= 1 for o in n.output):
                         absorbed.add(n.name)
 
-    # fp16 block scales (passes/quantize_nbits.py): MatMulNBits takes scales of A's type, so the
-    # graph widens them with a Cast; the kernels read fp16 scales themselves, so the Cast is not
-    # folded into an fp32 copy (twice the bytes each decode step reads)
+    # fp16 block scales and float zero points (passes/quantize_nbits.py): MatMulNBits takes them
+    # in A's type, so the graph widens them with a Cast; the kernels read fp16 themselves, so the
+    # Cast is not folded into an fp32 copy (twice the bytes each decode step reads)
     ms = "com.microsoft"
     scale_inputs = {
         (ms, "MatMulNBits"),
         (ms, "GatherBlockQuantized"),
         ("ai.xcompile", "GatherNBits"),
     }
-    scale_uses: dict[str, list[bool]] = {}  # a value -> for each use, whether it is scales
+    scale_uses: dict[str, list[bool]] = {}  # value -> per use: scales or zero points or not
     for node in graph.node:
         takes = (node.domain, node.op_type) in scale_inputs
         for i, name in enumerate(node.input):
-            scale_uses.setdefault(name, []).append(takes and i == 2)
+            scale_uses.setdefault(name, []).append(takes and i in (2, 3))
 
-    def half_scales(node) -> bool:
+    def half_floats(node) -> bool:
         return (
             node.op_type == "Cast"
             and node.domain in ("", "ai.onnx")
@@ -519,7 +519,7 @@ def build_plan(
             attrs = {"sizes": sizes, "axis": axis}
             steps.append(Step(f"{node.name}/Split", split_fixed, ins[:1], outs, attrs, view=True))
             continue
-        if half_scales(node):  # the consumers read the fp16 scales as stored
+        if half_floats(node):  # the consumers read the fp16 as stored
             slots[outs[0]] = slots[slot[node.input[0]]]
             const.add(node.output[0])
             continue

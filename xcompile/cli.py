@@ -72,8 +72,8 @@ LM_HEAD_HELP = (
     "BF16; --int4's mixed and head8 plans always quantize it (--plan uniform: in the main layout)."
 )
 SCALES_HELP = (
-    "Block scales in float16 (default; as llama.cpp's Q8_0 / Q4_0: 0.5 bit a weight less at "
-    "groups of 32) or float32."
+    "Block scales (and float offsets) in float16 (default; as llama.cpp's Q8_0 / Q4_0 / Q4_1: "
+    "0.5 bit a weight less each at groups of 32) or float32."
 )
 PLAN_HELP = (
     "mixed (--int4 default: V, down and lm_head at 8 bits, as Q4_K_M), uniform, or head8 "

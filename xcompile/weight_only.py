@@ -302,6 +302,8 @@ def pack_quantized(
         scales = to_half_scales(scales)
     if zp is not None and layout.zero_points == "float":
         zp = zp.float().reshape(n, k_blocks).contiguous()
+        if layout.scales == "float16":  # offsets stored as the scales are (Q4_1's fp16 min)
+            zp = to_half_scales(zp)
     elif zp is not None:
         zp = zp.to(torch.int32).clamp(0, (1 << bits) - 1).to(torch.uint8).reshape(n, k_blocks)
         if bits == 4:
@@ -312,15 +314,16 @@ def pack_quantized(
     return blocks.contiguous(), scales.contiguous(), zp
 
 
-def to_half_scales(scales: torch.Tensor) -> torch.Tensor:
-    """Block scales rounded to float16 (to nearest), refused past its range (65504): a block of
-    weights beyond ~4.6e5 at 4 bits, none a trained model has."""
-    big = scales.abs().max().item() if scales.numel() else 0.0
+def to_half_scales(values: torch.Tensor) -> torch.Tensor:
+    """Block scales (or float offsets, in levels) rounded to float16 (to nearest), refused past
+    its range (65504): a block of weights beyond ~4.6e5 at 4 bits, none a trained model has."""
+    big = values.abs().max().item() if values.numel() else 0.0
     if big > torch.finfo(torch.float16).max:
         raise UserError(
-            f"a block scale of {big:.4g} does not fit float16; quantize with --scales float32"
+            f"a block scale or offset of {big:.4g} does not fit float16; "
+            "quantize with --scales float32"
         )
-    return scales.to(torch.float16)
+    return values.to(torch.float16)
 
 
 def unpack(

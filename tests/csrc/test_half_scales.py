@@ -1,8 +1,8 @@
-"""fp16 block scales (nbits.h's Scales; `xcompile quantize`'s default, as llama.cpp's Q4_0 /
-Q8_0): every nbits kernel, on every ISA path and the tile unit's model, reads them as their exact
-fp32 values, so its result is the same call's on the scales widened to fp32 (bit for bit where
-no multiply-add can be fused differently; the fp32 kernels are held to the references by
-test_gemv_nbits.py, test_tiles.py and test_gather_nbits.py)."""
+"""fp16 block scales and float zero points (nbits.h's BlockFloats; `xcompile quantize`'s default,
+as llama.cpp's Q4_0 / Q8_0 / Q4_1 keep theirs): every nbits kernel, on every ISA path and the tile
+unit's model, reads them as their exact fp32 values, so its result is the same call's on them
+widened to fp32 (bit for bit where no multiply-add can be fused differently; the fp32 kernels are
+held to the references by test_gemv_nbits.py, test_tiles.py and test_gather_nbits.py)."""
 
 import numpy as np
 import pytest
@@ -15,9 +15,12 @@ from .test_gemv_nbits import ZPS, _weights
 from .test_tiles import UNITS, _q8_tiles, unit_ids
 
 
-def _half(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """scales rounded to fp16, and the same values in fp32."""
-    half = scales.half()
+def _half(values: torch.Tensor | None):
+    """scales or zero points: float ones rounded to fp16, and the same values in fp32 (packed
+    uint8 zero points, or none, as they are)."""
+    if values is None or not values.is_floating_point():
+        return values, values
+    half = values.half()
     return half, half.float()
 
 
@@ -44,31 +47,35 @@ def test_kernels_read_half_scales_as_their_fp32_values(isa, bits, block, zp_kind
     scale loads (one unit a block, several blocks a chunk, several units a block), the fp32-x
     kernels' scalar reads, dequantize and the gather, with K off the 16-block groups."""
     for k, n in [(100, 5), (2048 + 3 * block, 67)]:
-        B, scales, zp, _ = _weights(n, k, bits, block, zp_kind)
-        half, widened = _half(scales)
+        B, scales, zp32, _ = _weights(n, k, bits, block, zp_kind)
+        (half, widened), (zp, zp_wide) = _half(scales), _half(zp32)
         gen = torch.Generator().manual_seed(k + n)
         bias = torch.randn(n, generator=gen)
         for m in [1, 2, 4, 5, 17, 33]:
             x = torch.randn(m, k, generator=gen)
             for q8 in (False, True):
                 got = kernels.linear_nbits(x, B, half, zp, bits, block, k, bias, None, q8)
-                same = kernels.linear_nbits(x, B, widened, zp, bits, block, k, bias, None, q8)
+                same = kernels.linear_nbits(x, B, widened, zp_wide, bits, block, k, bias, None, q8)
                 # the same values in the same order; compilers may fuse a multiply-add in one
                 # and not the other (the zero-point terms): one rounding apart at most
                 error = (got - same).abs().max().item()
                 assert torch.allclose(got, same, rtol=1e-6, atol=1e-6), f"K={k} M={m}: {error}"
         assert torch.equal(
             kernels.dequantize_nbits(B, half, zp, bits, block, k),
-            kernels.dequantize_nbits(B, widened, zp, bits, block, k),
+            kernels.dequantize_nbits(B, widened, zp_wide, bits, block, k),
         )
         ids = torch.tensor([0, n - 1, 2, -1, n])  # -1 from the end; n outside: a zero row
         assert torch.equal(
             kernels.gather_nbits(B, half, zp, ids, bits, block, k),
-            kernels.gather_nbits(B, widened, zp, ids, bits, block, k),
+            kernels.gather_nbits(B, widened, zp_wide, ids, bits, block, k),
         )
-        # and the half scales are read, not ignored: other scales give another result
+        # and the half floats are read, not ignored: other scales (zero points) give another result
+        got = kernels.linear_nbits(x, B, half, zp, bits, block, k, bias)
         other = kernels.linear_nbits(x, B, _half(scales * 1.5)[0], zp, bits, block, k, bias)
-        assert not torch.equal(other, kernels.linear_nbits(x, B, half, zp, bits, block, k, bias))
+        assert not torch.equal(other, got)
+        if zp_kind == "float":
+            other = kernels.linear_nbits(x, B, half, _half(zp32 + 0.5)[0], bits, block, k, bias)
+            assert not torch.equal(other, got)
 
 
 def _q8_tiles_half(x, B, half, zp, bits, bs, k, emulate):
@@ -76,8 +83,8 @@ def _q8_tiles_half(x, B, half, zp, bits, bs, k, emulate):
     out = torch.full((m, n), float("nan"))
     _C.gemm_nbits_q8_tiles(
         x.data_ptr(), B.data_ptr(), half.data_ptr(), 0 if zp is None else zp.data_ptr(),
-        zp is not None and zp.dtype == torch.float32, 0, out.data_ptr(), m, n, k, bits, bs,
-        emulate, half_scales=True,
+        zp is not None and zp.is_floating_point(), 0, out.data_ptr(), m, n, k, bits, bs,
+        emulate, fp16=True,
     )  # fmt: skip
     return out
 
@@ -88,11 +95,11 @@ def _q8_tiles_half(x, B, half, zp, bits, bs, k, emulate):
 def test_tiles_read_half_scales_as_their_fp32_values(emulate, bits, zp_kind):
     """The AMX tile GEMM (its unit, or the C++ model on any CPU) on half scales."""
     k, n, m, bs = 2048 + 128, 48, 20, 128
-    B, scales, zp, _ = _weights(n, k, bits, bs, zp_kind)
-    half, widened = _half(scales)
+    B, scales, zp32, _ = _weights(n, k, bits, bs, zp_kind)
+    (half, widened), (zp, zp_wide) = _half(scales), _half(zp32)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(bits))
     got = _q8_tiles_half(x, B, half, zp, bits, bs, k, emulate)
-    assert torch.equal(got, _q8_tiles(x, B, widened, zp, None, bits, bs, k, emulate))
+    assert torch.equal(got, _q8_tiles(x, B, widened, zp_wide, None, bits, bs, k, emulate))
 
 
 def test_the_plan_keeps_half_scales_and_the_graph_runs_on_onnxruntime(tmp_path):

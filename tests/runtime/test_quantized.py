@@ -3,6 +3,7 @@ and onnxruntime's MatMulNBits on the same graph."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -75,9 +76,10 @@ def test_logits_equal_transformers_on_the_dequantized_weights(family, dtype, ker
     assert (ours - theirs).abs().max().item() <= 1e-4 * max(1.0, theirs.abs().max().item())
 
 
-@pytest.mark.parametrize("dtype", ["int8-exact", "int4-exact"])
+@pytest.mark.parametrize("dtype", ["int8-exact", "int4-exact", "int4-recipe-exact"])
 def test_onnxruntime_matmulnbits_agrees_with_xrun(dtype, peaked):
-    """The same artifact under onnxruntime: its MatMulNBits reads our layout as we do. ORT
+    """The same artifact under onnxruntime: its MatMulNBits reads our layout as we do (the --int4
+    recipe's too: fp16 scales and float offsets behind Casts, which xrun reads as stored). ORT
     dequantizes in its own order, so the logits agree to 1e-4 of their scale."""
     from tests.passes.conftest import IDS, run_ort
 
@@ -85,6 +87,16 @@ def test_onnxruntime_matmulnbits_agrees_with_xrun(dtype, peaked):
     prefill, step = run_ort(art, IDS, steps=1)
     model = Model.load(art, kv_cache="float32")  # onnxruntime's cache is FP32
     cache = model.new_cache(len(IDS) + 1)
+    if dtype == "int4-recipe-exact":  # fp16 as stored: the plan holds no fp32 copy of them
+        import onnx
+
+        graph = onnx.load(art / "model.onnx", load_external_data=False).graph
+        stored = [i for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT16]
+        held = {id(s) for s in model.plan.slots if getattr(s, "dtype", None) == np.float16}
+        assert len(stored) > 0 and len(held) == len(stored)
+        shapes = {tuple(i.dims) for i in stored}
+        widened = [s for s in model.plan.slots if getattr(s, "dtype", None) == np.float32]
+        assert not [s.shape for s in widened if s.shape in shapes]  # no Cast folded to fp32
     ours = torch.from_numpy(model.forward(IDS, 0, cache))
     scale = max(1.0, float(abs(prefill["logits"]).max()))
     assert (ours - torch.from_numpy(prefill["logits"][0])).abs().max().item() <= 1e-4 * scale

@@ -21,8 +21,9 @@ With --blocks B (the --int4 default's groups: 32, float zero points), per shape 
 (default: TinyLlama's MLP up and attention, SmolLM2-135M's MLP up and down), the old path (fp32
 activations, gemv_nbits.cpp) beside the VNNI kernel on int8 activations
 (gemv_nbits_vnni_small.cpp below 64 / 128), each at M = 1 and M = 4 (batched decode: 4 clients
-as one forward), for INT4 with float zero points and INT8 without; the read bandwidth measured
-after them:
+as one forward), for INT4 with float zero points (fp32, or fp16 as `xcompile quantize` stores
+them), INT4 symmetric (Q4_0's blocks) and INT8 without zero points (fp16 or fp32 scales); the
+read bandwidth measured after them:
 
     python benchmarks/gemv_nbits.py --blocks 32 [--shapes 5632x2048 2048x2048 1536x576 576x1536]
 """
@@ -87,32 +88,42 @@ def small_blocks(args: argparse.Namespace) -> None:
     """Old path (fp32 x) against the VNNI kernel (int8 x) on blocks of args.blocks, M = 1 and 4."""
     gen = torch.Generator().manual_seed(0)
     bs = args.blocks
-    kinds = {"int4 f32 zp": (4, False, True), "int8 no zp": (8, True, False)}
+    # bits, symmetric, float zero points, fp16 scales (and zero points; xcompile's default)
+    kinds = {
+        "int4 f32 zp": (4, False, True, False),
+        "int4 f16 zp f16": (4, False, True, True),  # the --int4 recipe's blocks
+        "int4 sym f16": (4, True, False, True),  # Q4_0's
+        "int8 no zp f16": (8, True, False, True),  # Q8_0's
+        "int8 no zp": (8, True, False, False),
+    }
     rows, nbytes = {}, {}
     for shape in args.shapes:
         n, k = (int(v) for v in shape.split("x"))
-        for kind, (bits, sym, floating) in kinds.items():
-            ws = copies(
-                lambda n=n, k=k, bits=bits, sym=sym, floating=floating: (
-                    kernels.quantize_nbits_reference(
-                        torch.randn(n, k, generator=gen), bits, bs, sym, floating
-                    )
-                )
-            )
+        for kind, (bits, sym, floating, half) in kinds.items():
+
+            def make(n=n, k=k, bits=bits, sym=sym, floating=floating, half=half):
+                w = torch.randn(n, k, generator=gen)
+                B, scales, zp = kernels.quantize_nbits_reference(w, bits, bs, sym, floating)
+                if half:
+                    scales, zp = scales.half(), zp.half() if floating else zp
+                return B, scales, zp
+
+            ws = copies(make)
             for m in (1, 4):
                 x, out = torch.randn(m, k, generator=gen), torch.empty(m, n)
                 # the kernels called as a replayed decode step calls them: no Python checks
                 # (linear_nbits' cost ~7 us a call, a quarter of a 1536 x 576 INT4 GEMV)
+                sizes = (m, n, k, bits, bs, half)
                 for path, kernel in (("old", _C.gemv_nbits), ("vnni", _C.gemv_nbits_q8)):
                     name = f"{n}x{k} {kind} M={m} {path}"
                     rows[name] = (
                         ws,
-                        lambda w, x=x, out=out, kernel=kernel, args=(m, n, k, bits, bs): kernel(
+                        lambda w, x=x, out=out, kernel=kernel, args=sizes: kernel(
                             x.data_ptr(),
                             w[0].data_ptr(),
                             w[1].data_ptr(),
                             0 if w[2] is None else w[2].data_ptr(),
-                            w[2] is not None and w[2].dtype == torch.float32,
+                            w[2] is not None and w[2].is_floating_point(),
                             0,
                             out.data_ptr(),
                             *args,

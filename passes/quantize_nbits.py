@@ -183,8 +183,8 @@ class QuantizeNBitsPass(ir.passes.InPlacePass):
                     )
             scope = node.name.rsplit("/", 1)[0]
             if half and not g.initializers[sname].uses():  # the weight's first MatMulNBits
-                floats = [sname] + ([zname] if layout.zero_points == "float" else [])
-                for name in floats:
+                halves = [sname] + ([zname] if layout.zero_points == "float" else [])
+                for name in halves:
                     widen = ir.node(
                         "Cast",
                         [g.initializers[name]],

@@ -19,6 +19,7 @@
 
 #include "bf16.h"
 #include "dispatch.h"
+#include "prefetch.h"
 
 #if XC_X86
 #include <immintrin.h>
@@ -120,7 +121,7 @@ struct HardwareDp {
     return _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
   }
   XC_DP_INLINE static void prefetch(const void* p) {
-    _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0);
+    prefetch_stream(static_cast<const char*>(p));
   }
 };
 #undef XC_DP_INLINE

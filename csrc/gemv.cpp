@@ -14,6 +14,7 @@
 
 #include "bf16.h"
 #include "dispatch.h"
+#include "prefetch.h"
 #include "kernels.h"
 #include "threads.h"
 
@@ -128,7 +129,7 @@ XC_TARGET_AVX512 void row_avx512(const float* x, const WT* w, const float* bias,
   int64_t k = 0;
   for (; k + 64 <= K; k += 64) {
     for (size_t line = 0; line < 64 * sizeof(WT); line += 64)  // each 64-byte line of w
-      _mm_prefetch(ahead + k * sizeof(WT) + line, _MM_HINT_T0);
+      prefetch_stream(ahead + k * sizeof(WT) + line);
     for (int j = 0; j < 4; ++j) {
       const __m512 wv = load16(w + k + 16 * j);
       for (int m = 0; m < MB; ++m)

@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "dispatch.h"
+#include "prefetch.h"
 #include "kernels.h"
 #include "nbits.h"
 #include "quantize_x.h"
@@ -145,7 +146,7 @@ XC_TARGET_VNNI __attribute__((always_inline)) inline __m512i unit_dot(const uint
 // unit_dot as fp32 lanes, prefetching the weight stream ahead
 template <int BITS>
 XC_TARGET_VNNI __attribute__((always_inline)) inline __m512 unit_dot_ps(const uint8_t* wq, const int8_t* xq, __m512i low4) {
-  _mm_prefetch(reinterpret_cast<const char*>(wq + kPrefetch), _MM_HINT_T0);
+  prefetch_stream(reinterpret_cast<const char*>(wq + kPrefetch));
   return _mm512_cvtepi32_ps(unit_dot<BITS>(wq, xq, low4));
 }
 
@@ -217,7 +218,7 @@ XC_TARGET_VNNI void row_vnni(const QuantizedX& qx, const NBits& w, int64_t n0, i
       for (; b + 16 <= k_blocks; b += 16) {
         __m512i d[16];
         for (int j = 0; j < 16; ++j) {
-          _mm_prefetch(reinterpret_cast<const char*>(wq + (b + j) * kUnitBytes + kPrefetch), _MM_HINT_T0);
+          prefetch_stream(wq + (b + j) * kUnitBytes + kPrefetch);
           d[j] = unit_dot<BITS>(wq + (b + j) * kUnitBytes, xq + (b + j) * unit, low4);
         }
         const __m512 s = floats16(row.s, b);
@@ -283,7 +284,7 @@ XC_TARGET_VNNI void rows_vnni(const QuantizedX& qx, const NBits& w, int64_t m0, 
       __m512i lo[RB], hi[RB];
       for (int r = 0; r < RB; ++r) {
         const uint8_t* wq = row[r].q + u * kUnitBytes;
-        _mm_prefetch(reinterpret_cast<const char*>(wq + kPrefetch), _MM_HINT_T0);
+        prefetch_stream(reinterpret_cast<const char*>(wq + kPrefetch));
         lo[r] = hi[r] = _mm512_loadu_si512(wq);
         if constexpr (BITS == 4) {
           hi[r] = _mm512_and_si512(_mm512_srli_epi16(lo[r], 4), low4);

@@ -21,6 +21,7 @@
 #include <cstdint>
 
 #include "dispatch.h"
+#include "prefetch.h"
 #include "nbits.h"
 #include "quantize_x.h"
 
@@ -77,8 +78,8 @@ XC_TARGET_VNNI __attribute__((always_inline)) inline void group_small(
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i lane_block = _mm512_srli_epi32(lane, __builtin_ctz(lanes));  // chunk's block
-  _mm_prefetch(static_cast<const char*>(row.s.address(b + ahead)), _MM_HINT_T0);
-  if (row.zf) _mm_prefetch(static_cast<const char*>(row.zf.address(b + ahead)), _MM_HINT_T0);
+  prefetch_stream(row.s.address(b + ahead));
+  if (row.zf) prefetch_stream(row.zf.address(b + ahead));
   const __m512 s = floats16(row.s, b, live);
   const __m512 zs = _mm512_mul_ps(s, zero_points16<BITS>(row, b, live));
   __m512 p[MB];  // s * sx per block, x row m
@@ -96,7 +97,7 @@ XC_TARGET_VNNI __attribute__((always_inline)) inline void group_small(
     if (TAIL && at + kChunk > row_bytes) {  // the row's last chunk, short of G blocks
       packed = _mm512_maskz_loadu_epi8((uint64_t(1) << (row_bytes - at)) - 1, wq);
     } else {
-      _mm_prefetch(reinterpret_cast<const char*>(wq + kPrefetch), _MM_HINT_T0);
+      prefetch_stream(reinterpret_cast<const char*>(wq + kPrefetch));
       packed = _mm512_loadu_si512(wq);
     }
     __m512i lo = packed, hi = packed;

@@ -169,23 +169,6 @@ XC_TARGET_VNNI __attribute__((always_inline)) inline __m512i sum_lanes16(const _
                           _mm512_shuffle_i32x4(w01, w23, 0xDD));
 }
 
-// The zero points of blocks b .. b+15 of a row (b a multiple of 16) as 16 fp32 lanes: float ones
-// loaded as they are, packed ones widened
-template <int BITS>
-XC_TARGET_VNNI __attribute__((always_inline)) inline __m512 zero_points16(const Row& row, int64_t b) {
-  if (row.zf) return floats16(row.zf, b);
-  if (!row.z) return _mm512_set1_ps(float(1 << (BITS - 1)));
-  __m128i z;
-  if constexpr (BITS == 8) {
-    z = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row.z + b));
-  } else {  // 8 bytes, two blocks each: low nibble first
-    const __m128i packed = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row.z + b / 2));
-    const __m128i low4 = _mm_set1_epi8(0x0F);
-    z = _mm_unpacklo_epi8(_mm_and_si128(packed, low4), _mm_and_si128(_mm_srli_epi16(packed, 4), low4));
-  }
-  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(z));
-}
-
 // One row of x (decode) times weight rows n0 .. n0 + rows - 1, each row on its own (one linear
 // stream). The unit is a compile-time constant (task_for: here blocks hold whole
 // units), so x's units sit at fixed offsets; the per-row work outside the unit loop is the
@@ -230,12 +213,22 @@ XC_TARGET_VNNI void row_vnni(const QuantizedX& qx, const NBits& w, int64_t n0, i
         else
           acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum_lanes16(d)), scale, acc0);
       }
-      scalar_from = b;
-      for (; b + 2 <= k_blocks; b += 2) {
-        acc0 = _mm512_fmadd_ps(dot(b), _mm512_set1_ps(sx[b] * row.s[b]), acc0);
-        acc1 = _mm512_fmadd_ps(dot(b + 1), _mm512_set1_ps(sx[b + 1] * row.s[b + 1]), acc1);
+      scalar_from = k_blocks;
+      if (b < k_blocks) {  // the last, fewer than 16, blocks (all of a 576-column row's 9): their
+        // scale products and zero-point terms on masked vectors (read one by one, fp16 scales
+        // took a conversion each), the products then broadcast from a stack copy
+        const __mmask16 live = __mmask16((1u << (k_blocks - b)) - 1);
+        const __m512 s = floats16(row.s, b, live);
+        corrections = _mm512_fmadd_ps(_mm512_mul_ps(s, zero_points16<BITS>(row, b, live)),
+                                      _mm512_maskz_loadu_ps(live, cx + b), corrections);
+        alignas(64) float p[16];
+        _mm512_store_ps(p, _mm512_mul_ps(_mm512_maskz_loadu_ps(live, sx + b), s));
+        for (int64_t j = 0, b0 = b; b0 + j < k_blocks; j += 2) {  // p[j]: block b0 + j's product
+          acc0 = _mm512_fmadd_ps(dot(b0 + j), _mm512_set1_ps(p[j]), acc0);
+          if (b0 + j + 1 < k_blocks)
+            acc1 = _mm512_fmadd_ps(dot(b0 + j + 1), _mm512_set1_ps(p[j + 1]), acc1);
+        }
       }
-      if (b < k_blocks) acc0 = _mm512_fmadd_ps(dot(b), _mm512_set1_ps(sx[b] * row.s[b]), acc0);
     } else {  // per_block is a power of two >= 2
       for (int64_t b = 0; b < k_blocks; ++b) {
         __m512 in0 = _mm512_setzero_ps(), in1 = _mm512_setzero_ps();

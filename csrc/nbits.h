@@ -118,4 +118,26 @@ inline float zero_point(const Row& row, int64_t b) {
   }
 }
 
+#if XC_X86
+// Blocks b .. b + 15's zero points (b a multiple of 16) as 16 fp32 lanes, those past `live`
+// zero (nothing past them read): float ones as floats16 reads them, packed ones widened
+template <int BITS>
+XC_TARGET_AVX512 __attribute__((always_inline)) inline __m512 zero_points16(
+    const Row& row, int64_t b, __mmask16 live = 0xFFFF) {
+  if (row.zf) return floats16(row.zf, b, live);
+  if (!row.z) return _mm512_set1_ps(float(1 << (BITS - 1)));
+  __m128i z;
+  if constexpr (BITS == 8) {
+    z = _mm_maskz_loadu_epi8(live, row.z + b);
+  } else {  // two blocks a byte, the low nibble first: ceil(live blocks / 2) bytes
+    const __mmask16 bytes = __mmask16((1u << ((__builtin_popcount(live) + 1) / 2)) - 1);
+    const __m128i packed = _mm_maskz_loadu_epi8(bytes, row.z + b / 2);
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    z = _mm_unpacklo_epi8(_mm_and_si128(packed, low4),
+                          _mm_and_si128(_mm_srli_epi16(packed, 4), low4));
+  }
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(z));
+}
+#endif
+
 }  // namespace xcompile

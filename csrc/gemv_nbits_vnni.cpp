@@ -419,11 +419,13 @@ bool gemv_nbits_q8_supported(int bits, int64_t block_size) {
 void gemv_nbits_q8(const float* x, const uint8_t* B, BlockFloats scales,
                    ZeroPoints zero_points, const float* bias, float* out, int64_t M, int64_t N,
                    int64_t K, int bits, int64_t block_size) {
-  // AMX tiles for a prompt, or a batched decode step: from 4 rows for INT8, 5 for INT4 (whose
-  // tiles unpack the nibbles of every weight tile). 2 threads, 5632 x 2048, cache-resident: INT8
-  // blocks of 64 / 2048, 4 rows: tiles 502 / 268 us, VNNI 530 / 278; 8 rows 531 / 275 against
-  // 1243 / 726. INT4 blocks of 128: 4 rows 371 on tiles, 328 VNNI; 8 rows 392 against 684.
-  const int64_t tile_rows = bits == 8 ? 4 : 5;
+  // AMX tiles for a prompt, or a batched decode step of 5 rows and more; up to 4 rows the VNNI
+  // kernel streams one weight row at a time, prefetched into L2 (the tiles read 16 rows at once).
+  // 2 threads, weights from DRAM, 4 rows: INT8 per channel 11264 x 2048 tiles 1239 us, VNNI 981
+  // (one row: 893); 2048 x 5632 525 / 520. Cache-resident (session 9) INT8 blocks of 64 / 2048,
+  // 8 rows: tiles 531 / 275 us against VNNI 1243 / 726; INT4 blocks of 128, 4 rows 371 on tiles,
+  // 328 VNNI; 8 rows 392 against 684.
+  constexpr int64_t tile_rows = 5;
   if (current_isa() == Isa::amx && M >= tile_rows && N % 16 == 0 && block_size >= unit_for(bits))
     return gemm_nbits_q8_tiles(x, B, scales, zero_points, bias, out, M, N, K, bits, block_size,
                                /*emulate=*/false);

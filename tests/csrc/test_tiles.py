@@ -128,9 +128,9 @@ def test_amx_unit_equals_its_model():
 
 @needs_amx
 def test_amx_isa_takes_tiles_for_prompts():
-    """Under the amx ISA, gemv_bf16 and gemv_nbits_q8 hand 4 rows and more (a prompt, or a
-    batched decode step) to the tiles (their results equal the tile kernels' own) and leave
-    fewer rows to the avx512_bf16 kernels (vdpbf16ps for BF16, VNNI for INT8)."""
+    """Under the amx ISA, gemv_bf16 hands 4 rows and more (a prompt, or a batched decode step)
+    to the tiles, gemv_nbits_q8 5 and more (their results equal the tile kernels' own), and
+    fewer rows go to the avx512_bf16 kernels (vdpbf16ps for BF16, VNNI for INT8)."""
     before = _C.isa()
     k, n = 256, 32
     gen = torch.Generator().manual_seed(1)
@@ -147,15 +147,18 @@ def test_amx_isa_takes_tiles_for_prompts():
         finally:
             _C.set_isa(before)
 
-    for m in (1, 3, 4, 16, 20):
+    for m in (1, 3, 4, 5, 16, 20):
         x = torch.randn(m, k, generator=gen)
         bf16, q8 = both(x, "amx")
+        below = both(x, "avx512_bf16")
         if m >= 4:
             assert torch.equal(bf16, _bf16_tiles(x, w, None, False))
+        else:
+            assert torch.equal(bf16, below[0])
+        if m >= 5:
             assert torch.equal(q8, _q8_tiles(x, B, scales, zp, None, 8, 128, k, False))
         else:
-            below = both(x, "avx512_bf16")
-            assert torch.equal(bf16, below[0]) and torch.equal(q8, below[1])
+            assert torch.equal(q8, below[1])
 
 
 def test_tiles_say_which_shapes_they_take():

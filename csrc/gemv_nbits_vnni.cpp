@@ -189,10 +189,9 @@ XC_TARGET_VNNI void row_vnni(const QuantizedX& qx, const NBits& w, int64_t n0, i
     const uint8_t* wq = row.q;
     // two accumulators, named (an array indexed by b & 1 went through the stack)
     __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-    // zero-point terms s * zp * c of whole groups of 16 blocks, lane by lane; `correction` takes
-    // the blocks after them (a scalar loop over every block cost ~30 % of an INT4 row of K=2048)
+    // zero-point terms s * zp * c, lane by lane where a block is a unit (a scalar loop over every
+    // block cost ~30 % of an INT4 row of K=2048); `correction` takes them for larger blocks
     __m512 corrections = _mm512_setzero_ps();
-    int64_t scalar_from = 0;
     float correction = 0.0f;
     if (per_block == 1) {  // a block is a unit: one scale product per unit
       int64_t b = 0;
@@ -213,7 +212,6 @@ XC_TARGET_VNNI void row_vnni(const QuantizedX& qx, const NBits& w, int64_t n0, i
         else
           acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum_lanes16(d)), scale, acc0);
       }
-      scalar_from = k_blocks;
       if (b < k_blocks) {  // the last, fewer than 16, blocks (all of a 576-column row's 9): their
         // scale products and zero-point terms on masked vectors (read one by one, fp16 scales
         // took a conversion each), the products then broadcast from a stack copy
@@ -240,10 +238,9 @@ XC_TARGET_VNNI void row_vnni(const QuantizedX& qx, const NBits& w, int64_t n0, i
           acc1 = _mm512_fmadd_ps(_mm512_add_ps(in0, in1), _mm512_set1_ps(row.s[b]), acc1);
         else
           acc0 = _mm512_fmadd_ps(_mm512_add_ps(in0, in1), _mm512_set1_ps(row.s[b]), acc0);
+        correction += row.s[b] * zero_point<BITS>(row, b) * cx[b];
       }
     }
-    for (int64_t b = scalar_from; b < k_blocks; ++b)
-      correction += row.s[b] * zero_point<BITS>(row, b) * cx[b];
     const __m512 sum = _mm512_sub_ps(_mm512_add_ps(acc0, acc1), corrections);
     out[n] = _mm512_reduce_add_ps(sum) - correction + (bias ? bias[n] : 0.0f);
   }

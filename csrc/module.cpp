@@ -55,7 +55,7 @@ xcompile::ZeroPoints zero_points_at(uintptr_t address, bool float_zero_points, b
   if (float_zero_points && read && address == 0)
     throw std::invalid_argument("float_zero_points is set but zero_points is a null pointer");
   if (float_zero_points)
-    zp.values = xcompile::BlockFloats::at(reinterpret_cast<const void*>(address), fp16);
+    zp.values = xcompile::BlockFloats::at(as_ptr<const void>(address, "zero_points", false), fp16);
   else
     zp.packed = reinterpret_cast<const uint8_t*>(address);
   return zp;
@@ -63,8 +63,7 @@ xcompile::ZeroPoints zero_points_at(uintptr_t address, bool float_zero_points, b
 
 // MatMulNBits scales at `address`: fp32, or fp16 bits with fp16 (float zero points too)
 xcompile::BlockFloats scales_at(uintptr_t address, bool fp16, bool read) {
-  if (fp16) return xcompile::BlockFloats::half(as_ptr<const uint16_t>(address, "scales", read));
-  return xcompile::BlockFloats(as_ptr<const float>(address, "scales", read));
+  return xcompile::BlockFloats::at(as_ptr<const void>(address, "scales", read), fp16);
 }
 
 // gemv_bf16_dp (Prompt false) and gemm_bf16_dp take the same arguments: one binding serves both.

@@ -97,35 +97,39 @@ def split(x, sizes=None, axis=0, num_outputs=None):
     return tuple(np.split(x, bounds, axis=axis))
 
 
-def _zero_points_args(zero_points: np.ndarray | None) -> tuple[np.ndarray | None, int, bool]:
-    """(the contiguous array kept alive, its address, float_zero_points) as the kernels take them"""
-    if zero_points is None:
-        return None, 0, False
-    zp = np.ascontiguousarray(zero_points)
-    if zp.dtype == np.float16:  # float zero points stored as the scales are: widened, as they
-        zp = zp.astype(np.float32)
-    return zp, zp.ctypes.data, zp.dtype == np.float32
+def nbits_floats(scales: np.ndarray, zero_points: np.ndarray | None) -> tuple:
+    """(scales, zero_points, float_zero_points, fp16) as the nbits kernels read them, contiguous:
+    fp16 scales and float zero points as stored where both are fp16 (or the zero points are
+    packed uint8, or none), else both as fp32 (a graph mixing the two: widened here). The caller
+    keeps the returned arrays alive while their pointers are in use."""
+    float_zp = zero_points is not None and zero_points.dtype != np.uint8
+    fp16 = scales.dtype == np.float16 and (not float_zp or zero_points.dtype == np.float16)
+    floats = np.float16 if fp16 else np.float32
+    scales = np.ascontiguousarray(scales, dtype=floats)
+    if zero_points is not None:
+        zero_points = np.ascontiguousarray(zero_points, dtype=floats if float_zp else np.uint8)
+    return scales, zero_points, float_zp, fp16
 
 
 def dequantize(blocks, scales, zero_points, n: int, k: int, bits: int, block_size: int):
-    """W (N, K) fp32 from MatMulNBits' B (N, k_blocks, blob) uint8, scales (N, k_blocks) fp32 and
-    zero points (packed uint8, fp32 (N, k_blocks) or None), on _C.dequantize_nbits"""
+    """W (N, K) fp32 from MatMulNBits' B (N, k_blocks, blob) uint8, scales (N, k_blocks) fp32 or
+    fp16 and zero points (packed uint8, floats (N, k_blocks) or None), on _C.dequantize_nbits"""
     from xcompile import _C
 
     blocks = np.ascontiguousarray(blocks, dtype=np.uint8)
-    scales = np.ascontiguousarray(scales, dtype=np.float32)
-    zp, zp_ptr, zp_float = _zero_points_args(zero_points)
+    scales, zp, zp_float, fp16 = nbits_floats(scales, zero_points)
     w = np.empty((n, k), dtype=np.float32)
     _C.dequantize_nbits(
         blocks.ctypes.data,
         scales.ctypes.data,
-        zp_ptr,
+        0 if zp is None else zp.ctypes.data,
         zp_float,
         w.ctypes.data,
         n,
         k,
         bits,
         block_size,
+        fp16,
     )
     return w
 
@@ -158,14 +162,13 @@ def gather_nbits(blocks, indices, scales, zero_points=None, *, K, bits, block_si
 
     n = scales.shape[0]
     blocks = np.ascontiguousarray(blocks, dtype=np.uint8)
-    scales = np.ascontiguousarray(scales, dtype=np.float32)
-    zp, zp_ptr, zp_float = _zero_points_args(zero_points)
+    scales, zp, zp_float, fp16 = nbits_floats(scales, zero_points)
     indices = np.ascontiguousarray(indices, dtype=np.int64)
     out = np.empty((*indices.shape, K), dtype=np.float32)
     _C.gather_nbits(
         blocks.ctypes.data,
         scales.ctypes.data,
-        zp_ptr,
+        0 if zp is None else zp.ctypes.data,
         zp_float,
         indices.ctypes.data,
         out.ctypes.data,
@@ -174,6 +177,7 @@ def gather_nbits(blocks, indices, scales, zero_points=None, *, K, bits, block_si
         K,
         bits,
         block_size,
+        fp16,
     )
     return out
 

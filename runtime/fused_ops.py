@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from xcompile.runtime.arrays import BF16, F32, aligned, f32, ptr, round_bf16, stride
-from xcompile.runtime.fallback_ops import FALLBACK
+from xcompile.runtime.fallback_ops import FALLBACK, nbits_floats
 from xcompile.runtime.replay import Start, emit, emit_at, work
 
 MS = "com.microsoft"
@@ -140,20 +140,6 @@ def paneled_linear(x: np.ndarray, n: int, widen, out: OutputBuffers) -> np.ndarr
         np.matmul(x2, rows.T, out=columns)
         y2[:, n0:n1] = columns
     return y
-
-
-def nbits_floats(scales: np.ndarray, zero_points: np.ndarray | None) -> tuple:
-    """(scales, zero_points, float_zero_points, fp16) as the nbits kernels read them: fp16 scales
-    and float zero points as stored where both are fp16 (or the zero points are packed uint8, or
-    none), else both as fp32 (a graph mixing the two: widened here, once). The caller keeps the
-    returned arrays alive while their pointers are in use."""
-    float_zp = zero_points is not None and zero_points.dtype != np.uint8
-    fp16 = scales.dtype == np.float16 and (not float_zp or zero_points.dtype == np.float16)
-    if not fp16:
-        scales = np.ascontiguousarray(scales, dtype=F32)
-        if float_zp:
-            zero_points = np.ascontiguousarray(zero_points, dtype=F32)
-    return scales, zero_points, float_zp, fp16
 
 
 def dequantize_panels(blocks, scales, zero_points, n: int, k: int, bits: int, block_size: int):
@@ -388,10 +374,10 @@ def _fast_op(key: tuple[str, str], out: OutputBuffers):
                     fp16,
                     (s, zp),  # kept alive
                 )
-            kernel, q8, b_ptr, s_ptr, zp_ptr, zp_float, bias_ptr, fp16, _ = bound[1]
+            kernel, q8, b_ptr, s_ptr, zp_ptr, zp_float, bias_ptr, fp16, floats = bound[1]
             rows = x.size // K
             if g_idx is not None or (rows > 64 and not q8):  # dequantize, then numpy's GEMM
-                widen = dequantize_panels(blocks, scales, zero_points, N, K, bits, block_size)
+                widen = dequantize_panels(blocks, *floats, N, K, bits, block_size)
                 y = paneled_linear(f32(x), N, widen, out)
                 return y if bias is None else np.add(y, bias, out=y)
             x = f32(x)

@@ -338,9 +338,9 @@ def linear_nbits(
                   the last block's padding past K is ignored
     scales        float32 or float16 (N, k_blocks)
     zero_points   uint8: INT8 (N, k_blocks); INT4 (N, ceil(k_blocks / 2)), block 2j in the low
-                  nibble; or float32 / float16 (the scales' dtype) (N, k_blocks), not packed (ONNX Runtime's zero points of A's
-                  type: a block's float offset, llama.cpp Q4_1 / Q4_K's min = -zp * scale);
-                  or None (then 2^(bits-1))
+                  nibble; or float32 / float16 (the scales' dtype) (N, k_blocks), not packed
+                  (ONNX Runtime's zero points of A's type: a block's float offset, llama.cpp
+                  Q4_1 / Q4_K's min = -zp * scale); or None (then 2^(bits-1))
     W[n, k] = (q[n, k] - zp[n, k // block_size]) * scales[n, k // block_size], in fp32:
               (float(q) - zp) * scale, the subtraction exact for integer zero points
     """

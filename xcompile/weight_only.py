@@ -299,11 +299,11 @@ def pack_quantized(
     if scales.shape[1] != k_blocks:
         raise RuntimeError(f"the quantizer returned {scales.shape[1]} groups, expected {k_blocks}")
     if layout.scales == "float16":
-        scales = to_half_scales(scales)
+        scales = to_half(scales)
     if zp is not None and layout.zero_points == "float":
         zp = zp.float().reshape(n, k_blocks).contiguous()
         if layout.scales == "float16":  # offsets stored as the scales are (Q4_1's fp16 min)
-            zp = to_half_scales(zp)
+            zp = to_half(zp)
     elif zp is not None:
         zp = zp.to(torch.int32).clamp(0, (1 << bits) - 1).to(torch.uint8).reshape(n, k_blocks)
         if bits == 4:
@@ -314,7 +314,7 @@ def pack_quantized(
     return blocks.contiguous(), scales.contiguous(), zp
 
 
-def to_half_scales(values: torch.Tensor) -> torch.Tensor:
+def to_half(values: torch.Tensor) -> torch.Tensor:
     """Block scales (or float offsets, in levels) rounded to float16 (to nearest), refused past
     its range (65504): a block of weights beyond ~4.6e5 at 4 bits, none a trained model has."""
     big = values.abs().max().item() if values.numel() else 0.0

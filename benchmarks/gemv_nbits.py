@@ -30,6 +30,12 @@ read bandwidth measured after them:
 
 from __future__ import annotations
 
+import os
+
+# The copies on huge pages, as xrun keeps a model's weights (runtime/weights.py): on 4 KiB pages
+# every page boundary of a stream costs a TLB miss, ~25 % of a decode GEMV's bandwidth here.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # read by torch's allocator at import
+
 from pathlib import Path
 
 import argparse

@@ -57,23 +57,24 @@ inline void gemv(const XHiLo& x, const uint16_t* w, const float* bias, float* ou
   const int threads = num_threads();
   const int64_t blocks = (N + kDpRows - 1) / kDpRows;
   const bool parallel = threads > 1 && N > kDpRows && N * K >= kDpParallelMinElems;
-  // chunks of 2^18 weights (threads.h), but at least 4 a thread: SmolLM2's 576 x 576 is 1.3 such
-  // chunks, which left one thread nearly all the work
-  const int64_t chunk =
+  // runs (threads.h) taken in grains of 2^18 weights, but at least 4 a thread: SmolLM2's 576 x 576
+  // is 1.3 such grains
+  const int64_t grain =
       std::max<int64_t>(1, std::min<int64_t>(chunk_tasks(kDpRows * K), blocks / (4 * threads)));
-#pragma omp parallel for schedule(dynamic, chunk) num_threads(threads) if (parallel)
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t n1 = std::min<int64_t>(N, (b + 1) * kDpRows);
-    // equal chunks of x rows (M = 5 is 3 + 2, not 4 + 1), as gemv.cpp takes them
-    const int64_t chunks = (M + 3) / 4;
-    for (int64_t c = 0, m0 = 0; c < chunks; ++c) {
-      const int mb = int((M - m0 + (chunks - c) - 1) / (chunks - c));
-      for (int64_t n = b * kDpRows; n < n1; ++n)
-        rows[mb - 1](x.hi.data() + m0 * x.Kp, x.lo.data() + m0 * x.Kp, x.Kp, w + n * K, K,
-                     bias ? bias + n : nullptr, out + m0 * N + n, N);
-      m0 += mb;
+  for_runs(blocks, threads, grain, parallel, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n1 = std::min<int64_t>(N, (b + 1) * kDpRows);
+      // equal chunks of x rows (M = 5 is 3 + 2, not 4 + 1), as gemv.cpp takes them
+      const int64_t chunks = (M + 3) / 4;
+      for (int64_t c = 0, m0 = 0; c < chunks; ++c) {
+        const int mb = int((M - m0 + (chunks - c) - 1) / (chunks - c));
+        for (int64_t n = b * kDpRows; n < n1; ++n)
+          rows[mb - 1](x.hi.data() + m0 * x.Kp, x.lo.data() + m0 * x.Kp, x.Kp, w + n * K, K,
+                       bias ? bias + n : nullptr, out + m0 * N + n, N);
+        m0 += mb;
+      }
     }
-  }
+  });
 }
 
 // ---- prompt: many rows of x, a register-blocked GEMM --------------------------------------------

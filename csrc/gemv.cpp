@@ -1,10 +1,10 @@
 // Decode matmul for a few rows (M small), weights in nn.Linear layout:
 //   x (M, K) fp32, w (N, K) fp32 or bf16, bias (N) fp32 or null, out (M, N) fp32
 //   out[m, n] = sum_k x[m, k] * w[n, k] + bias[n]
-// Decode is memory-bound: the whole point is to stream w from DRAM once. Threads take chunks of
-// contiguous rows (dynamic schedule, see chunk_tasks); each task takes R weight rows and, for them, every row of x,
-// so a weight row is read from memory once for all M (for M > MB the R-row block is re-read from
-// cache, not DRAM). Accumulation is fp32 in the vector paths (bf16 weights widened in registers),
+// Decode is memory-bound: the whole point is to stream w from DRAM once. Each thread streams a
+// contiguous run of rows (threads.h Runs); each task takes R weight rows and, for them, every row
+// of x, so a weight row is read from memory once for all M (for M > MB the R-row block is re-read
+// from cache, not DRAM). Accumulation is fp32 in the vector paths (bf16 weights widened in registers),
 // double in the scalar reference path.
 #include <omp.h>
 
@@ -193,27 +193,28 @@ void gemv(const float* x, const WT* w, const float* bias, float* out, int64_t M,
   const int threads = num_threads();
   const bool parallel = threads > 1 && N > R && N * K >= kParallelMinElems;
   const int64_t blocks = (N + R - 1) / R;
-  const int64_t chunk = chunk_tasks(R * K, blocks, threads);
-#pragma omp parallel for schedule(dynamic, chunk) num_threads(threads) if (parallel)
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t n0 = b * R;
-    const int64_t rows = std::min<int64_t>(R, N - n0);
-    // Equal chunks of x rows (M = 5 on AVX-512 is 3 + 2, not 4 + 1): each chunk re-converts the
-    // weight block, so a 1-row chunk would cost nearly as much as a full one.
-    const int64_t chunks = (M + table.max_mb - 1) / table.max_mb;
-    for (int64_t c = 0, m0 = 0; c < chunks; ++c) {
-      const int mb = int((M - m0 + (chunks - c) - 1) / (chunks - c));
-      const float* xm = x + m0 * K;
-      float* om = out + m0 * N;
-      if (rows == R) {
-        table.full[mb - 1](xm, w + n0 * K, bias ? bias + n0 : nullptr, om + n0, N, K);
-      } else {
-        for (int64_t n = n0; n < n0 + rows; ++n)
-          table.one[mb - 1](xm, w + n * K, bias ? bias + n : nullptr, om + n, N, K);
+  const int64_t grain = chunk_tasks(R * K, blocks, threads);
+  for_runs(blocks, threads, grain, parallel, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * R;
+      const int64_t rows = std::min<int64_t>(R, N - n0);
+      // Equal chunks of x rows (M = 5 on AVX-512 is 3 + 2, not 4 + 1): each chunk re-converts the
+      // weight block, so a 1-row chunk would cost nearly as much as a full one.
+      const int64_t chunks = (M + table.max_mb - 1) / table.max_mb;
+      for (int64_t c = 0, m0 = 0; c < chunks; ++c) {
+        const int mb = int((M - m0 + (chunks - c) - 1) / (chunks - c));
+        const float* xm = x + m0 * K;
+        float* om = out + m0 * N;
+        if (rows == R) {
+          table.full[mb - 1](xm, w + n0 * K, bias ? bias + n0 : nullptr, om + n0, N, K);
+        } else {
+          for (int64_t n = n0; n < n0 + rows; ++n)
+            table.one[mb - 1](xm, w + n * K, bias ? bias + n : nullptr, om + n, N, K);
+        }
+        m0 += mb;
       }
-      m0 += mb;
     }
-  }
+  });
 }
 
 }  // namespace

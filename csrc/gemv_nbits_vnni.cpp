@@ -434,12 +434,13 @@ void gemv_nbits_q8(const float* x, const uint8_t* B, BlockFloats scales,
   const int threads = num_threads();
   const int64_t tasks = (N + R - 1) / R;
   const bool pool = threads > 1 && N > R && N * K >= kParallelMinElems;
-  const int64_t chunk = chunk_tasks(R * w.k_blocks * w.block_size, tasks, threads);
-#pragma omp parallel for schedule(dynamic, chunk) num_threads(threads) if (pool)
-  for (int64_t t = 0; t < tasks; ++t) {
-    const int64_t n0 = t * R;
-    task(qx, w, M, n0, std::min<int64_t>(R, N - n0), bias, out, N);
-  }
+  const int64_t grain = chunk_tasks(R * w.k_blocks * w.block_size, tasks, threads);
+  for_runs(tasks, threads, grain, pool, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * R;
+      task(qx, w, M, n0, std::min<int64_t>(R, N - n0), bias, out, N);
+    }
+  });
 }
 
 }  // namespace xcompile

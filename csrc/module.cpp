@@ -9,9 +9,13 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include <atomic>
+#include <chrono>
 #include <cstdint>
+#include <memory>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -193,6 +197,30 @@ NB_MODULE(_C, m) {
   m.def("set_num_threads", &xcompile::set_num_threads, "n"_a,
         "Threads of the kernels' OpenMP pool.");
   m.def("num_threads", &xcompile::num_threads);
+  m.def(
+      "runs_taken",
+      [](int64_t tasks, int threads, int64_t grain, int64_t slow_us) {
+        // which thread ran each task of a decode GEMV's split (threads.h Runs), -1 none, -2 twice;
+        // thread 0 sleeps slow_us at each grain, so the others steal from it
+        if (tasks < 0 || threads < 1) throw std::invalid_argument("runs_taken: bad sizes");
+        std::unique_ptr<std::atomic<int>[]> owner(new std::atomic<int>[size_t(tasks)]);
+        for (int64_t i = 0; i < tasks; ++i) owner[size_t(i)].store(-1);
+        xcompile::for_runs(tasks, threads, grain, true, [&](int64_t begin, int64_t end) {
+          const int t = omp_get_thread_num();
+          if (t == 0 && slow_us > 0)
+            std::this_thread::sleep_for(std::chrono::microseconds(slow_us));
+          for (int64_t i = begin; i < end; ++i) {
+            int expected = -1;
+            if (!owner[size_t(i)].compare_exchange_strong(expected, t)) owner[size_t(i)].store(-2);
+          }
+        });
+        std::vector<int> out(static_cast<size_t>(tasks));
+        for (int64_t i = 0; i < tasks; ++i) out[size_t(i)] = owner[size_t(i)].load();
+        return out;
+      },
+      "tasks"_a, "threads"_a, "grain"_a, "slow_us"_a = 0,
+      "For tests: the thread that took each task of the decode GEMVs' split (-1: none, -2: "
+      "more than one), thread 0 slowed by slow_us a grain.");
 
   m.def(
       "rmsnorm",

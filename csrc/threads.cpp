@@ -35,7 +35,9 @@ bool Runs::next(int t, int64_t& begin, int64_t& end) {
     uint64_t r = mine.load(std::memory_order_acquire);
     while (int64_t(r >> 32) < int64_t(r & 0xFFFFFFFFu)) {
       const int64_t front = int64_t(r >> 32), back = int64_t(r & 0xFFFFFFFFu);
-      const int64_t to = std::min(front + grain_, back);
+      // a quarter of what is left, at most a grain: the last claims are small, so no thread
+      // holds a large piece of work the others cannot take when they are done
+      const int64_t to = front + std::max<int64_t>(1, std::min(grain_, (back - front) / 4));
       if (mine.compare_exchange_weak(r, pack(to, back), std::memory_order_acq_rel)) {
         begin = front;
         end = to;

@@ -47,8 +47,8 @@ void row(const uint16_t* hi, const uint16_t* lo, int64_t Kp, const uint16_t* w, 
   }
 }
 
-// out (M, N) = x w^T + bias for M of a few rows: threads take chunks of kDpRows-row blocks of w
-// (dynamic schedule), and each block meets every row of x, up to 4 at a time.
+// out (M, N) = x w^T + bias for M of a few rows: each thread streams a run of kDpRows-row blocks
+// of w (threads.h Runs), and each block meets every row of x, up to 4 at a time.
 inline void gemv(const XHiLo& x, const uint16_t* w, const float* bias, float* out, int64_t M,
                  int64_t N, int64_t K) {
   using RowFn = void (*)(const uint16_t*, const uint16_t*, int64_t, const uint16_t*, int64_t,

@@ -34,8 +34,8 @@ inline long long chunk_tasks(long long task_weights, long long tasks, int thread
 
 // How a decode GEMV's tasks (runs of weight rows, in memory order) go to threads: each thread owns
 // one contiguous run of them, a single linear weight stream whose prefetches run on into its next
-// rows, and takes `grain` tasks at a time from its front; a thread whose run is spent takes the
-// back half of the largest run left (the host's cores do not run alike, so equal runs alone left
+// rows, and claims a quarter of what is left of it at a time (at most `grain` tasks) from its
+// front; a thread whose run is spent takes the back half of the largest run left (the host's cores do not run alike, so equal runs alone left
 // one waiting). OpenMP's dynamic schedule handed out chunks in turn instead, so every chunk
 // (2^18 weights: 128 KiB of INT4) began a new stream and waited for its first lines. 2 threads,
 // weights from DRAM on huge pages (benchmarks/gemv_nbits.py --blocks 32): INT8 5632 x 2048 27.2

@@ -325,35 +325,6 @@ def test_openai_client_raises_its_own_error_types(single):
     assert single.health()["status"] == "ok"
 
 
-def test_more_requests_than_slots_get_429_and_the_running_ones_finish(single):
-    single.idle()
-    client = single.client()
-    held = [  # headers come back once the engine has the request: both slots are now taken
-        client.completions.create(
-            model=MODEL,
-            prompt=PROMPT,
-            max_tokens=1000,  # clipped to the context: a couple of seconds of decoding
-            temperature=0,
-            stream=True,
-            stream_options={"include_usage": True},
-        )
-        for _ in range(single.slots)
-    ]
-    assert single.health()["busy"] == 2
-    status, answer = single.request("POST", COMPLETIONS, {"prompt": PROMPT, "max_tokens": 4})
-    assert status == 429, answer
-    assert answer["error"]["type"] == "rate_limit_error" and answer["error"]["code"] == "slots_full"
-    with pytest.raises(openai.RateLimitError):
-        client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4)
-    finished = [read_stream(stream) for stream in held]
-    for text, finish, usage, _ in finished:
-        assert finish == "length" and usage.completion_tokens == completion_tokens(single)
-        assert text == finished[0][0]  # the same greedy text, decoded side by side
-    assert single.idle()["busy"] == 0
-    out = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0)
-    assert out.usage.completion_tokens == 4
-
-
 LONG_CONTEXT = 4096
 
 
@@ -370,6 +341,42 @@ def long_single(tmp_path_factory):
     quantize(ckpt, folder / "artifacts", "fp32", progress=False)
     with serving(folder / "artifacts", {}) as server:
         yield server
+
+
+def test_more_requests_than_slots_get_429_and_the_running_ones_finish(long_single):
+    """Both slots held by long requests (the long context's: ~1000 tokens before the greedy text
+    ends; the 256-token context's ~60 ms had run out before the check on a fast step), a third
+    request gets 429, and the two finish alike."""
+    server = long_single
+    server.idle()
+    client = server.client()
+    held = [  # headers come back once the engine has the request: both slots are now taken
+        client.completions.create(
+            model=MODEL,
+            prompt=PROMPT,
+            max_tokens=LONG_CONTEXT,  # clipped to the context
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        for _ in range(server.slots)
+    ]
+    assert server.health()["busy"] == 2
+    status, answer = server.request("POST", COMPLETIONS, {"prompt": PROMPT, "max_tokens": 4})
+    assert status == 429, answer
+    assert answer["error"]["type"] == "rate_limit_error" and answer["error"]["code"] == "slots_full"
+    with pytest.raises(openai.RateLimitError):
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4)
+    finished = [read_stream(stream) for stream in held]
+    for text, finish, usage, _ in finished:  # the tiny model's greedy text ends (EOS) in ~1000
+        assert finish in ("stop", "length") and usage.completion_tokens > CONTEXT
+        # the same greedy text, decoded side by side
+        assert (text, finish, usage.completion_tokens) == finished[0][:2] + (
+            finished[0][2].completion_tokens,
+        )
+    assert server.idle()["busy"] == 0
+    out = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0)
+    assert out.usage.completion_tokens == 4
 
 
 def test_a_client_that_leaves_mid_stream_frees_its_slot(long_single):

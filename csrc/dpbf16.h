@@ -121,7 +121,7 @@ struct HardwareDp {
     return _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
   }
   XC_DP_INLINE static void prefetch(const void* p) {
-    prefetch_stream(static_cast<const char*>(p));
+    prefetch_stream(p);
   }
 };
 #undef XC_DP_INLINE

@@ -25,6 +25,7 @@
 #include "dispatch.h"
 #include "dpbf16.h"
 #include "kernels.h"
+#include "x_row_chunks.h"
 #include "quantize_x.h"  // LineAligned
 #include "threads.h"
 

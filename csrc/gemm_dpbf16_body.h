@@ -64,15 +64,11 @@ inline void gemv(const XHiLo& x, const uint16_t* w, const float* bias, float* ou
   for_runs(blocks, threads, grain, parallel, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n1 = std::min<int64_t>(N, (b + 1) * kDpRows);
-      // equal chunks of x rows (M = 5 is 3 + 2, not 4 + 1), as gemv.cpp takes them
-      const int64_t chunks = (M + 3) / 4;
-      for (int64_t c = 0, m0 = 0; c < chunks; ++c) {
-        const int mb = int((M - m0 + (chunks - c) - 1) / (chunks - c));
+      x_row_chunks(M, 4, [&](int64_t m0, int mb) {
         for (int64_t n = b * kDpRows; n < n1; ++n)
           rows[mb - 1](x.hi.data() + m0 * x.Kp, x.lo.data() + m0 * x.Kp, x.Kp, w + n * K, K,
                        bias ? bias + n : nullptr, out + m0 * N + n, N);
-        m0 += mb;
-      }
+      });
     }
   });
 }

@@ -17,6 +17,7 @@
 #include "prefetch.h"
 #include "kernels.h"
 #include "threads.h"
+#include "x_row_chunks.h"
 
 #if XC_X86
 #include <immintrin.h>
@@ -198,11 +199,7 @@ void gemv(const float* x, const WT* w, const float* bias, float* out, int64_t M,
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * R;
       const int64_t rows = std::min<int64_t>(R, N - n0);
-      // Equal chunks of x rows (M = 5 on AVX-512 is 3 + 2, not 4 + 1): each chunk re-converts the
-      // weight block, so a 1-row chunk would cost nearly as much as a full one.
-      const int64_t chunks = (M + table.max_mb - 1) / table.max_mb;
-      for (int64_t c = 0, m0 = 0; c < chunks; ++c) {
-        const int mb = int((M - m0 + (chunks - c) - 1) / (chunks - c));
+      x_row_chunks(M, table.max_mb, [&](int64_t m0, int mb) {
         const float* xm = x + m0 * K;
         float* om = out + m0 * N;
         if (rows == R) {
@@ -211,8 +208,7 @@ void gemv(const float* x, const WT* w, const float* bias, float* out, int64_t M,
           for (int64_t n = n0; n < n0 + rows; ++n)
             table.one[mb - 1](xm, w + n * K, bias ? bias + n : nullptr, om + n, N, K);
         }
-        m0 += mb;
-      }
+      });
     }
   });
 }

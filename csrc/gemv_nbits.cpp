@@ -29,6 +29,7 @@
 #include "kernels.h"
 #include "nbits.h"
 #include "threads.h"
+#include "x_row_chunks.h"
 
 #if XC_X86
 #include <immintrin.h>
@@ -434,10 +435,7 @@ void gemv_nbits(const float* x, const uint8_t* B, BlockFloats scales, ZeroPoints
   for (int64_t t = 0; t < tasks; ++t) {
     const int64_t n0 = t * R;
     const int64_t rows = std::min<int64_t>(R, N - n0);
-    // Equal chunks of x rows, as in gemv.cpp: each chunk re-dequantizes the rows (from cache).
-    const int64_t chunks = (M + table.max_mb - 1) / table.max_mb;
-    for (int64_t c = 0, m0 = 0; c < chunks; ++c) {
-      const int mb = int((M - m0 + (chunks - c) - 1) / (chunks - c));
+    x_row_chunks(M, table.max_mb, [&](int64_t m0, int mb) {  // each re-dequantizes the rows
       const float* xm = x + m0 * x_stride;
       float* om = out + m0 * N;
       if (rows == R) {
@@ -446,8 +444,7 @@ void gemv_nbits(const float* x, const uint8_t* B, BlockFloats scales, ZeroPoints
         for (int64_t n = n0; n < n0 + rows; ++n)
           table.one[mb - 1](xm, w, n, bias ? bias + n : nullptr, om + n, N);
       }
-      m0 += mb;
-    }
+    });
   }
 }
 

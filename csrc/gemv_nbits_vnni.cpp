@@ -146,7 +146,7 @@ XC_TARGET_VNNI __attribute__((always_inline)) inline __m512i unit_dot(const uint
 // unit_dot as fp32 lanes, prefetching the weight stream ahead
 template <int BITS>
 XC_TARGET_VNNI __attribute__((always_inline)) inline __m512 unit_dot_ps(const uint8_t* wq, const int8_t* xq, __m512i low4) {
-  prefetch_stream(reinterpret_cast<const char*>(wq + kPrefetch));
+  prefetch_stream(wq + kPrefetch);
   return _mm512_cvtepi32_ps(unit_dot<BITS>(wq, xq, low4));
 }
 
@@ -274,7 +274,7 @@ XC_TARGET_VNNI void rows_vnni(const QuantizedX& qx, const NBits& w, int64_t m0, 
       __m512i lo[RB], hi[RB];
       for (int r = 0; r < RB; ++r) {
         const uint8_t* wq = row[r].q + u * kUnitBytes;
-        prefetch_stream(reinterpret_cast<const char*>(wq + kPrefetch));
+        prefetch_stream(wq + kPrefetch);
         lo[r] = hi[r] = _mm512_loadu_si512(wq);
         if constexpr (BITS == 4) {
           hi[r] = _mm512_and_si512(_mm512_srli_epi16(lo[r], 4), low4);
